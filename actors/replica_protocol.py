@@ -1,0 +1,55 @@
+"""Messages between the ingress and the replicas: replicas speak tokens, never OpenAI.
+
+A replica streams `ReplicaChunk`s for one request. The choices are vLLM's own token-out protocol type
+(`GenerateTokensStreamChoice`), so the ingress hands them to vLLM's derenderer unchanged. A chunk with
+`handoff` set ends the stream on this replica: the request moved (live migration) and the ingress
+re-attaches to `handoff.replica` for the rest, under the same request id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """What the ingress asks a replica to run: rendered tokens and vLLM sampling params."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: Any  # vllm.SamplingParams (picklable)
+    priority: int = 0
+    workflow_id: str | None = None
+    predicted_output_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """The request left this replica; its remaining tokens come from `replica_id`."""
+
+    replica_id: str
+    replica: Any  # the destination's Ray actor handle
+    all_token_ids: tuple[int, ...]  # prompt + every output token the source committed
+    prompt_len: int
+
+
+@dataclass(frozen=True)
+class ReplicaChunk:
+    choices: list[GenerateTokensStreamChoice] = field(default_factory=list)
+    num_cached_tokens: int | None = None
+    handoff: Handoff | None = None
+
+
+class ReplicaError(RuntimeError):
+    """Base of the errors a replica raises at its boundary."""
+
+
+class ReplicaNotAccepting(ReplicaError):
+    """The replica is draining, stopping or not started; route the request elsewhere."""
+
+
+class UnknownRequest(ReplicaError):
+    """No request with this id is (still) on this replica."""

@@ -1,0 +1,269 @@
+"""`rayfleet`: bring a fleet up, look at it, scale it, migrate requests, take it down.
+
+Every command talks to a Ray cluster: `--address` (or RAY_ADDRESS) names one; without it `up` and `demo`
+start a local one (`ray start --head`) so that the fleet outlives the command, and the other commands
+attach to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+
+logger = logging.getLogger("rayfleet.cli")
+
+DEMO_SPEC = files("rayfleet.control_plane") / "demo_fleet.yaml"
+DEFAULT_DEMO_MODELS = ".demo-models"
+# Each replica actor reserves whole logical CPUs; a 2-core machine still needs room for several replicas,
+# the controller and Serve (ENVIRONMENT.md: deployments hang with too few logical CPUs).
+LOCAL_LOGICAL_CPUS = 16
+
+
+def connect(address: str | None, start_local: bool) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace="rayfleet", log_to_driver=False)
+        return
+    try:
+        ray.init(address="auto", namespace="rayfleet", log_to_driver=False)
+        return
+    except ConnectionError:
+        if not start_local:
+            raise SystemExit("no Ray cluster is running; start one with `rayfleet up` (or pass --address)")
+    logger.info("starting a local Ray cluster (%d logical CPUs)", LOCAL_LOGICAL_CPUS)
+    subprocess.run(["ray", "start", "--head", f"--num-cpus={LOCAL_LOGICAL_CPUS}", "--disable-usage-stats",
+                    "--include-dashboard=false"], check=True, stdout=subprocess.DEVNULL)
+    ray.init(address="auto", namespace="rayfleet", log_to_driver=False)
+
+
+def controller():
+    import ray
+
+    from rayfleet.control_plane.controller import CONTROLLER_NAME, NAMESPACE
+
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise SystemExit("no fleet is running on this Ray cluster; start one with `rayfleet up`") from None
+
+
+def deploy(spec, wait_s: float) -> str:
+    """Deploy the controller and the ingress for `spec`; returns the endpoint URL once replicas are ready."""
+    import ray
+    from ray import serve
+
+    from rayfleet.control_plane.serve_app import build_app
+
+    serve.start(http_options={"host": spec.ingress.host, "port": spec.ingress.port})
+    serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)
+    url = f"http://{spec.ingress.host}:{spec.ingress.port}/v1"
+    ready = _wait_with_progress(controller(), spec, wait_s)
+    logger.info("fleet ready: %s", ready)
+    return url
+
+
+def _wait_with_progress(handle, spec, wait_s: float) -> dict:
+    import ray
+    from tqdm import tqdm
+
+    total = sum(p.start_replicas for p in spec.pools)
+    deadline = time.monotonic() + wait_s
+    with tqdm(total=total, desc="replicas ready", unit="replica") as bar:
+        while time.monotonic() < deadline:
+            status = ray.get(handle.status.remote())
+            ready = sum(p["ready"] for p in status["pools"].values())
+            bar.n = min(ready, total)
+            bar.refresh()
+            if ready >= total:
+                return {name: p["ready"] for name, p in status["pools"].items()}
+            time.sleep(1.0)
+    raise SystemExit(f"fleet not ready after {wait_s:.0f} s; see `rayfleet status`")
+
+
+def load_any_spec(path: str | None):
+    from rayfleet.control_plane.spec import SpecError, load_spec
+
+    os.environ.setdefault("RAYFLEET_DEMO_MODELS", str(Path(DEFAULT_DEMO_MODELS).resolve()))
+    try:
+        return load_spec(path or str(DEMO_SPEC))
+    except SpecError as error:
+        raise SystemExit(str(error)) from None
+
+
+def ensure_demo_models(spec) -> None:
+    """Build the tiny demo models when the spec points at the demo models folder and they are missing."""
+    from rayfleet.control_plane.demo_models import DEMO_MODELS, build_demo_models
+
+    demo_dir = Path(os.environ["RAYFLEET_DEMO_MODELS"])
+    if any(Path(p.model).parent == demo_dir and not Path(p.model).exists() for p in spec.pools):
+        logger.info("building demo models in %s", demo_dir)
+        build_demo_models(demo_dir, DEMO_MODELS)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_up(args) -> None:
+    spec = load_any_spec(args.spec)
+    ensure_demo_models(spec)
+    connect(args.address, start_local=True)
+    url = deploy(spec, args.wait)
+    print(f"rayfleet '{spec.name}' is up: OpenAI endpoint {url} (models: "
+          f"{', '.join(['auto'] + [p.name for p in spec.pools])})")
+
+
+def cmd_status(args) -> None:
+    import ray
+
+    connect(args.address, start_local=False)
+    status = ray.get(controller().status.remote())
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return
+    print(render_status(status))
+
+
+def render_status(status: dict) -> str:
+    lines = [f"fleet {status['fleet']}"]
+    for name, pool in status["pools"].items():
+        lines.append(f"  pool {name}: {pool['ready']}/{pool['desired']} ready (min {pool['min']}, max {pool['max']}), "
+                     f"{pool['restarts']} replaced")
+    header = f"  {'replica':<22}{'state':<10}{'run':>5}{'wait':>6}{'kv%':>7}{'tokens':>8}{'tok/s':>8}"
+    lines.append(header)
+    for r in status["replicas"]:
+        lines.append(f"  {r['replica_id']:<22}{r['state']:<10}{r['running']:>5}{r['waiting']:>6}"
+                     f"{100 * r['kv_cache_usage']:>6.1f}%{r['tokens_in_flight']:>8}{r['decode_tokens_per_s']:>8.1f}")
+    if status.get("migrations"):
+        lines.append("  recent migrations:")
+        for m in status["migrations"][-10:]:
+            lines.append(f"    {m['migration_id']} {m['request_id']} {m['src']} -> {m['dst']} {m['mode']} "
+                         f"{m['outcome']}: downtime {1e3 * m['downtime_s']:.1f} ms, {m['stages']} stages, "
+                         f"{m['blocks_moved']} blocks, {m['bytes_moved'] / 2**20:.2f} MiB")
+    return "\n".join(lines)
+
+
+def cmd_scale(args) -> None:
+    import ray
+
+    connect(args.address, start_local=False)
+    try:
+        print(ray.get(controller().scale.remote(args.pool, args.replicas)))
+    except ray.exceptions.RayTaskError as error:
+        raise SystemExit(str(error.cause)) from None
+
+
+def cmd_drain(args) -> None:
+    import ray
+
+    connect(args.address, start_local=False)
+    try:
+        print(ray.get(controller().drain.remote(args.replica)))
+    except ray.exceptions.RayTaskError as error:
+        raise SystemExit(str(error.cause)) from None
+
+
+def cmd_migrate(args) -> None:
+    import ray
+
+    connect(args.address, start_local=False)
+    try:
+        print(json.dumps(ray.get(controller().migrate.remote(args.request_id, args.src, args.dst, args.mode)),
+                         indent=2))
+    except ray.exceptions.RayTaskError as error:
+        raise SystemExit(str(error.cause)) from None
+
+
+def cmd_down(args) -> None:
+    import ray
+    from ray import serve
+
+    connect(args.address, start_local=False)
+    handle = controller()
+    serve.delete("rayfleet")
+    ray.get(handle.shutdown.remote())
+    ray.kill(handle)
+    print("fleet stopped")
+    if args.stop_ray:
+        ray.shutdown()
+        subprocess.run(["ray", "stop", "--force"], check=False, stdout=subprocess.DEVNULL)
+        print("local Ray cluster stopped")
+
+
+def cmd_make_demo_models(args) -> None:
+    from rayfleet.control_plane.demo_models import build_demo_models
+
+    for path in build_demo_models(args.dir):
+        print(path)
+
+
+def cmd_demo(args) -> None:
+    from rayfleet.control_plane.demo import run_demo
+
+    run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayfleet", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, then a local cluster)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="deploy a fleet from a spec (default: the CPU demo fleet)")
+    up.add_argument("spec", nargs="?", help="fleet spec YAML (default: the embedded CPU demo)")
+    up.add_argument("--wait", type=float, default=600, help="seconds to wait for replicas (default 600)")
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="pools, replicas, load, recent migrations")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    scale = sub.add_parser("scale", help="set a pool's replica count (drains replicas on scale-down)")
+    scale.add_argument("pool")
+    scale.add_argument("replicas", type=int)
+    scale.set_defaults(func=cmd_scale)
+
+    drain = sub.add_parser("drain", help="drain and remove one replica (its pool shrinks by one)")
+    drain.add_argument("replica")
+    drain.set_defaults(func=cmd_drain)
+
+    migrate = sub.add_parser("migrate", help="live-migrate a running request to another replica")
+    migrate.add_argument("request_id")
+    migrate.add_argument("src")
+    migrate.add_argument("dst")
+    migrate.add_argument("--mode", choices=["precopy", "stop_and_copy"], default="precopy")
+    migrate.set_defaults(func=cmd_migrate)
+
+    down = sub.add_parser("down", help="stop the fleet (and with --stop-ray the local Ray cluster)")
+    down.add_argument("--stop-ray", action="store_true")
+    down.set_defaults(func=cmd_down)
+
+    models = sub.add_parser("make-demo-models", help="write tiny random-weight Llama models (no hub needed)")
+    models.add_argument("dir")
+    models.set_defaults(func=cmd_make_demo_models)
+
+    demo = sub.add_parser("demo", help="the quick start: demo fleet + sample workload, then results")
+    demo.add_argument("--spec", help="fleet spec (default: the embedded CPU demo)")
+    demo.add_argument("--requests", type=int, default=24, help="sample workload size (default 24)")
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--keep-serving", action="store_true", help="stay up after the workload (Ctrl-C stops)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

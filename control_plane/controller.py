@@ -1,0 +1,422 @@
+"""FleetController: one named, detached Ray actor that turns a FleetSpec into running replicas.
+
+It reconciles the spec (desired replicas per pool) into LLMReplica actors, health-checks them every
+`health.check_period_s`, replaces dead ones, scales pools at runtime, drains replicas before removing them
+(no new requests; in-flight ones finish, or move out when a migration policy is active), and runs the
+policies on a periodic tick over a FleetSnapshot. Durable state goes to the state store so a restarted
+controller re-adopts its replicas (they are named, detached actors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+
+from rayfleet.control_plane.spec import FleetSpec, PoolSpec, parse_spec
+from rayfleet.control_plane.state_store import open_state_store
+from rayfleet.control_plane.telemetry import FleetMetrics
+from rayfleet.policies import registry
+from rayfleet.policies.base import (
+    FleetSnapshot,
+    MigrationDecision,
+    MigrationRecord,
+    PoolSnapshot,
+    ReplicaSnapshot,
+    ReplicaState,
+)
+
+logger = logging.getLogger("rayfleet.controller")
+
+CONTROLLER_NAME = "rayfleet-controller"
+NAMESPACE = "rayfleet"
+
+
+class FleetError(RuntimeError):
+    """A control request that cannot be carried out (unknown pool, out-of-bounds scale...)."""
+
+
+@dataclass
+class ReplicaRecord:
+    replica_id: str
+    pool: str
+    handle: Any
+    state: ReplicaState = ReplicaState.STARTING
+    created_at: float = field(default_factory=time.time)
+    facts: dict[str, Any] = field(default_factory=dict)
+    load: Any = None  # the replica's last ReplicaLoad
+    last_error: str = ""
+    failed_checks: int = 0
+    drain_started: float | None = None
+    start_task: asyncio.Task | None = None
+
+    def snapshot(self, pool: PoolSpec) -> ReplicaSnapshot:
+        load = self.load
+        return ReplicaSnapshot(
+            replica_id=self.replica_id,
+            pool=self.pool,
+            model=pool.model,
+            state=self.state,
+            num_running=load.num_running if load else 0,
+            num_waiting=load.num_waiting if load else 0,
+            kv_cache_usage=load.kv_cache_usage if load else 0.0,
+            kv_blocks_total=load.kv_blocks_total if load else 0,
+            kv_block_size=load.kv_block_size if load else 0,
+            tokens_in_flight=load.tokens_in_flight if load else 0,
+            predicted_remaining_tokens=load.predicted_remaining_tokens if load else 0,
+            decode_tokens_per_s=load.decode_tokens_per_s if load else 0.0,
+            requests=load.requests if load else (),
+            node_id=self.facts.get("node_id", ""),
+            accelerator=pool.resources.accelerator_type or ("GPU" if pool.resources.num_gpus else "CPU"),
+            last_error=self.last_error,
+            updated_at=time.time(),
+        )
+
+
+class FleetController:
+    def __init__(self, spec: dict[str, Any]):
+        self.spec: FleetSpec = parse_spec(spec)
+        logging.basicConfig(level=self.spec.log_level)
+        self.store = open_state_store(self.spec.state_store, self.spec.name)
+        self.replicas: dict[str, ReplicaRecord] = {}
+        self.desired: dict[str, int] = {p.name: p.start_replicas for p in self.spec.pools}
+        self.desired.update({k: v for k, v in self.store.get("desired", {}).items() if k in self.desired})
+        self.restarts: dict[str, int] = {}
+        self.migrations: list[MigrationRecord] = []
+        self.metrics = FleetMetrics()
+        self._build_policies()
+        self._loop_task: asyncio.Task | None = None
+        self._readopt()
+
+    def _build_policies(self) -> None:
+        policies = self.spec.policies
+        self.scaler = registry.create("scaler", policies.scaler.name, policies.scaler.params)
+        self.migration_policy = registry.create("migration", policies.migration.name, policies.migration.params)
+
+    # ---------------------------------------------------------------- lifecycle
+    async def run(self) -> None:
+        """Start the reconcile/health/policy loop (idempotent)."""
+        if self._loop_task is None or self._loop_task.done():
+            self.store.put("spec", self.spec.model_dump())
+            self._loop_task = asyncio.create_task(self._loop())
+
+    async def wait_ready(self, timeout_s: float = 600.0) -> dict[str, int]:
+        """Wait until every pool has its desired number of READY replicas."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready = self._count(ReplicaState.READY)
+            if all(ready.get(pool, 0) >= want for pool, want in self.desired.items()):
+                return ready
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"fleet not ready after {timeout_s:.0f} s: {self.status()['replicas']}")
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        await asyncio.gather(*(self._stop(record) for record in list(self.replicas.values())),
+                             return_exceptions=True)
+        self.store.delete("replicas")
+
+    async def _loop(self) -> None:
+        last_policy_tick = 0.0
+        while True:
+            try:
+                await self._check_health()
+                now = time.monotonic()
+                if now - last_policy_tick >= self.spec.policies.tick_s:
+                    last_policy_tick = now
+                    await self._run_policies()
+                self._reconcile()
+                await self._progress_drains()
+                self.metrics.observe(self.snapshot())
+            except Exception:  # the loop must survive any single bad tick
+                logger.exception("controller tick failed")
+            await asyncio.sleep(min(self.spec.health.check_period_s, self.spec.policies.tick_s))
+
+    # ---------------------------------------------------------------- reconcile
+    def _live(self, pool: str) -> list[ReplicaRecord]:
+        return [r for r in self.replicas.values()
+                if r.pool == pool and r.state in (ReplicaState.STARTING, ReplicaState.READY)]
+
+    def _count(self, state: ReplicaState) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for record in self.replicas.values():
+            if record.state is state:
+                counts[record.pool] = counts.get(record.pool, 0) + 1
+        return counts
+
+    def _reconcile(self) -> None:
+        for pool in self.spec.pools:
+            live = self._live(pool.name)
+            missing = self.desired[pool.name] - len(live)
+            for _ in range(max(missing, 0)):
+                self._start_replica(pool)
+            if missing < 0:
+                # Remove the least useful first: still starting, then least tokens in flight.
+                def cost(r: ReplicaRecord):
+                    return (r.state is ReplicaState.READY, r.load.tokens_in_flight if r.load else 0)
+                for record in sorted(live, key=cost)[: -missing]:
+                    self._begin_drain(record, reason="scale-down")
+
+    def _start_replica(self, pool: PoolSpec) -> ReplicaRecord:
+        from rayfleet.actors.llm_replica import LLMReplica
+
+        replica_id = f"{pool.name}-{uuid.uuid4().hex[:6]}"
+        resources = pool.resources
+        options: dict[str, Any] = dict(
+            name=f"rayfleet-replica-{replica_id}",
+            namespace=NAMESPACE,
+            lifetime="detached",
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            max_restarts=0,  # the controller replaces dead replicas itself (new id, fresh engine)
+            runtime_env={"env_vars": {"RAYFLEET_LOG_LEVEL": self.spec.log_level, **pool.env}},
+        )
+        if resources.accelerator_type:
+            options["accelerator_type"] = resources.accelerator_type
+        if resources.memory_gb:
+            options["memory"] = int(resources.memory_gb * 2**30)
+        if resources.custom:
+            options["resources"] = dict(resources.custom)
+        handle = ray.remote(LLMReplica).options(**options).remote(
+            replica_id, pool.name, pool.model, pool.engine_args, pool.served_model_name)
+        record = ReplicaRecord(replica_id=replica_id, pool=pool.name, handle=handle)
+        self.replicas[replica_id] = record
+        record.start_task = asyncio.create_task(self._await_start(record))
+        self._persist_registry()
+        logger.info("starting replica %s of pool %s", replica_id, pool.name)
+        return record
+
+    async def _await_start(self, record: ReplicaRecord) -> None:
+        try:
+            record.facts = await asyncio.wait_for(record.handle.start.remote(),
+                                                  timeout=self.spec.health.start_timeout_s)
+            if record.state is ReplicaState.STARTING:
+                record.state = ReplicaState.READY
+                logger.info("replica %s is ready", record.replica_id)
+        except Exception as error:
+            await self._mark_dead(record, f"start failed: {error}")
+
+    async def _check_health(self) -> None:
+        records = [r for r in self.replicas.values() if r.state in (ReplicaState.READY, ReplicaState.DRAINING)]
+        results = await asyncio.gather(*(self._probe(record) for record in records), return_exceptions=True)
+        for record, result in zip(records, results):
+            if isinstance(result, Exception):
+                record.failed_checks += 1
+                if isinstance(result, ray.exceptions.RayActorError) or record.failed_checks >= 3:
+                    await self._mark_dead(record, f"health check failed: {type(result).__name__}: {result}")
+            else:
+                record.failed_checks = 0
+                record.load = result
+
+    async def _probe(self, record: ReplicaRecord):
+        timeout = self.spec.health.check_timeout_s
+        await asyncio.wait_for(record.handle.check_health.remote(), timeout=timeout)
+        return await asyncio.wait_for(record.handle.load.remote(), timeout=timeout)
+
+    async def _mark_dead(self, record: ReplicaRecord, reason: str) -> None:
+        if record.state in (ReplicaState.DEAD, ReplicaState.STOPPED):
+            return
+        was_draining = record.state is ReplicaState.DRAINING
+        record.state = ReplicaState.DEAD
+        record.last_error = reason
+        self.restarts[record.pool] = self.restarts.get(record.pool, 0) + 1
+        self.metrics.replica_failures.inc(tags={"pool": record.pool})
+        logger.error("replica %s is dead (%s)%s", record.replica_id, reason,
+                     "" if was_draining else "; starting a replacement")
+        try:
+            ray.kill(record.handle)
+        except Exception:  # already gone
+            pass
+        self.replicas.pop(record.replica_id, None)
+        self._persist_registry()
+        # The replacement comes from _reconcile: live < desired for this pool now.
+
+    # ---------------------------------------------------------------- scaling and draining
+    def scale(self, pool: str, replicas: int) -> dict[str, Any]:
+        spec = self._pool(pool)
+        if not spec.min_replicas <= replicas <= spec.max_replicas:
+            raise FleetError(f"scale {pool} to {replicas}: outside [min_replicas={spec.min_replicas}, "
+                             f"max_replicas={spec.max_replicas}] of the spec")
+        logger.info("scaling pool %s from %d to %d replicas", pool, self.desired[pool], replicas)
+        self.desired[pool] = replicas
+        self.store.put("desired", self.desired)
+        self._reconcile()
+        return {"pool": pool, "desired": replicas}
+
+    def drain(self, replica_id: str) -> dict[str, Any]:
+        """Drain one replica and lower its pool's desired count by one (the way to remove a *specific* one)."""
+        record = self.replicas.get(replica_id)
+        if record is None:
+            raise FleetError(f"unknown replica '{replica_id}'; known: {', '.join(sorted(self.replicas))}")
+        pool = self._pool(record.pool)
+        self.desired[record.pool] = max(self.desired[record.pool] - 1, pool.min_replicas)
+        self.store.put("desired", self.desired)
+        self._begin_drain(record, reason="drain requested")
+        return {"replica_id": replica_id, "state": record.state.value}
+
+    def _begin_drain(self, record: ReplicaRecord, reason: str) -> None:
+        if record.state is ReplicaState.DRAINING:
+            return
+        logger.info("draining replica %s (%s)", record.replica_id, reason)
+        record.state = ReplicaState.DRAINING
+        record.drain_started = time.monotonic()
+        record.handle.set_accepting.remote(False)
+
+    async def _progress_drains(self) -> None:
+        for record in [r for r in self.replicas.values() if r.state is ReplicaState.DRAINING]:
+            if record.start_task is not None and not record.start_task.done():
+                record.start_task.cancel()
+                await self._stop(record)
+                continue
+            idle = record.load is not None and not record.load.requests
+            expired = time.monotonic() - (record.drain_started or 0) > self.spec.health.drain_timeout_s
+            if idle or expired:
+                if expired and not idle:
+                    logger.warning("drain of %s timed out with %d requests left", record.replica_id,
+                                   len(record.load.requests) if record.load else -1)
+                await self._stop(record)
+
+    async def _stop(self, record: ReplicaRecord) -> None:
+        try:
+            await asyncio.wait_for(record.handle.shutdown.remote(), timeout=30)
+        except Exception:  # dead or stuck: the kill below is what matters
+            pass
+        try:
+            ray.kill(record.handle)
+        except Exception:
+            pass
+        record.state = ReplicaState.STOPPED
+        self.replicas.pop(record.replica_id, None)
+        self._persist_registry()
+        logger.info("replica %s stopped", record.replica_id)
+
+    # ---------------------------------------------------------------- policies and migration
+    async def _run_policies(self) -> None:
+        snapshot = self.snapshot()
+        for pool, want in self.scaler.desired_replicas(snapshot).items():
+            spec = self._pool(pool)
+            clamped = min(max(want, spec.min_replicas), spec.max_replicas)
+            if clamped != self.desired[pool]:
+                logger.info("scaler %s: pool %s %d -> %d", self.spec.policies.scaler.name, pool,
+                            self.desired[pool], clamped)
+                self.desired[pool] = clamped
+                self.store.put("desired", self.desired)
+        draining = frozenset(r.replica_id for r in self.replicas.values() if r.state is ReplicaState.DRAINING)
+        decisions = self.migration_policy.plan(snapshot, draining)
+        if decisions:
+            await asyncio.gather(*(self._execute_migration(d) for d in decisions), return_exceptions=True)
+
+    async def migrate(self, request_id: str, src: str, dst: str, mode: str = "precopy") -> dict[str, Any]:
+        """Live-migrate one running request from replica `src` to replica `dst`."""
+        record = await self._execute_migration(MigrationDecision(request_id, src, dst, mode, reason="api"))
+        return asdict(record)
+
+    async def _execute_migration(self, decision: MigrationDecision) -> MigrationRecord:
+        src, dst = self.replicas.get(decision.src), self.replicas.get(decision.dst)
+        if src is None or dst is None:
+            missing = decision.src if src is None else decision.dst
+            raise FleetError(f"migrate: unknown replica '{missing}'")
+        if dst.state is not ReplicaState.READY:
+            raise FleetError(f"migrate: destination {decision.dst} is {dst.state.value}, not ready")
+        if decision.mode not in ("precopy", "stop_and_copy"):
+            raise FleetError(f"migrate: mode must be 'precopy' or 'stop_and_copy', got '{decision.mode}'")
+        migration_id = f"mig-{uuid.uuid4().hex[:8]}"
+        result = await src.handle.migrate_out.remote(decision.request_id, dst.handle, decision.dst,
+                                                     migration_id, decision.mode)
+        record = MigrationRecord(**result)
+        self.migrations.append(record)
+        del self.migrations[:-500]
+        self.store.append("migrations", asdict(record))
+        self.metrics.observe_migration(record)
+        logger.info("migration %s of %s %s -> %s: %s (downtime %.1f ms, %d blocks)", migration_id,
+                    decision.request_id, decision.src, decision.dst, record.outcome,
+                    record.downtime_s * 1e3, record.blocks_moved)
+        return record
+
+    # ---------------------------------------------------------------- views
+    def _pool(self, name: str) -> PoolSpec:
+        try:
+            return self.spec.pool(name)
+        except KeyError:
+            raise FleetError(f"unknown pool '{name}'; pools: {', '.join(p.name for p in self.spec.pools)}") from None
+
+    def snapshot(self) -> FleetSnapshot:
+        pools = {}
+        for pool in self.spec.pools:
+            records = [r for r in self.replicas.values() if r.pool == pool.name]
+            max_len = next((r.facts.get("max_model_len", 0) for r in records if r.facts), 0)
+            pools[pool.name] = PoolSnapshot(
+                name=pool.name, model=pool.model, min_replicas=pool.min_replicas,
+                max_replicas=pool.max_replicas, desired_replicas=self.desired[pool.name], tags=dict(pool.tags),
+                replicas=tuple(r.snapshot(pool) for r in records), max_model_len=max_len)
+        return FleetSnapshot(pools=pools, migrations=tuple(self.migrations[-50:]))
+
+    def fleet_view(self) -> tuple[FleetSnapshot, dict[str, Any]]:
+        """What an ingress needs to route: the snapshot and the routable replicas' handles."""
+        handles = {rid: r.handle for rid, r in self.replicas.items() if r.state is ReplicaState.READY}
+        return self.snapshot(), handles
+
+    def get_spec(self) -> dict[str, Any]:
+        return self.spec.model_dump()
+
+    def status(self) -> dict[str, Any]:
+        snapshot = self.snapshot()
+        replicas = []
+        for pool in snapshot.pools.values():
+            for r in pool.replicas:
+                replicas.append({
+                    "replica_id": r.replica_id, "pool": r.pool, "model": r.model, "state": r.state.value,
+                    "running": r.num_running, "waiting": r.num_waiting,
+                    "kv_cache_usage": round(r.kv_cache_usage, 4), "tokens_in_flight": r.tokens_in_flight,
+                    "decode_tokens_per_s": round(r.decode_tokens_per_s, 1), "node_id": r.node_id[:12],
+                    "last_error": r.last_error,
+                })
+        return {
+            "fleet": self.spec.name,
+            "pools": {name: {"desired": p.desired_replicas, "min": p.min_replicas, "max": p.max_replicas,
+                             "ready": len(p.routable_replicas), "restarts": self.restarts.get(name, 0)}
+                      for name, p in snapshot.pools.items()},
+            "replicas": replicas,
+            "migrations": [asdict(m) for m in self.migrations[-20:]],
+        }
+
+    # ---------------------------------------------------------------- durability
+    def _persist_registry(self) -> None:
+        self.store.put("replicas", {rid: {"pool": r.pool, "state": r.state.value}
+                                    for rid, r in self.replicas.items()})
+
+    def _readopt(self) -> None:
+        """After a controller restart, take back the replicas the store says are ours and still live."""
+        for replica_id, info in (self.store.get("replicas") or {}).items():
+            if info["pool"] not in self.desired:
+                continue
+            try:
+                handle = ray.get_actor(f"rayfleet-replica-{replica_id}", namespace=NAMESPACE)
+            except ValueError:
+                continue
+            record = ReplicaRecord(replica_id=replica_id, pool=info["pool"], handle=handle,
+                                   state=ReplicaState(info["state"]))
+            if record.state is ReplicaState.STARTING:
+                record.state = ReplicaState.READY  # the health loop demotes it if its engine is not up
+            self.replicas[replica_id] = record
+            logger.info("re-adopted replica %s (%s)", replica_id, info["state"])
+
+
+def get_or_create_controller(spec: FleetSpec):
+    """The fleet's controller actor: found by name, or created detached and started."""
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        pass
+    handle = ray.remote(FleetController).options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+        max_restarts=-1, max_task_retries=0, get_if_exists=True,
+    ).remote(spec.model_dump())
+    ray.get(handle.run.remote())
+    return handle

@@ -1,0 +1,164 @@
+"""OpenAI <-> tokens for one pool, with vLLM's own renderer and derenderer, in the ingress process.
+
+vLLM's "disaggregated everything" setup renders a request into token ids and sampling params on a
+GPU-less front end (`ServingRender`) and turns token chunks back into OpenAI responses
+(`ServingDerender`), carrying a `DerenderStreamState` between chunks. rayfleet uses the same classes
+in-process, built the way `vllm launch render` builds them, so chat templates, validation, error
+messages, stop handling and logprob formatting are vLLM's and not a copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.datastructures import State
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
+    DerenderChatRequest,
+    DerenderChatStreamRequest,
+    DerenderCompletionRequest,
+    DerenderCompletionStreamRequest,
+    DerenderStreamState,
+    GenerateRequest,
+    GenerateTokensChoice,
+    GenerateTokensResponse,
+    GenerateTokensStreamChoice,
+    GenerateTokensStreamResponse,
+)
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+logger = logging.getLogger("rayfleet.rendering")
+
+# Engine args that change how a prompt is tokenized or bounded; the rest only matter to the engine.
+RENDER_ARGS = ("tokenizer", "tokenizer_mode", "max_model_len", "trust_remote_code", "revision",
+               "tokenizer_revision", "dtype", "generation_config", "hf_overrides")
+
+
+class RenderError(Exception):
+    """A request vLLM's renderer or derenderer rejected; carries vLLM's OpenAI error body."""
+
+    def __init__(self, response: ErrorResponse):
+        super().__init__(response.error.message)
+        self.response = response
+
+    @property
+    def status_code(self) -> int:
+        return int(self.response.error.code)
+
+
+@dataclass
+class RenderedRequest:
+    """One engine request of an OpenAI call: tokens, params, and what derendering needs back."""
+
+    kind: str  # "chat" or "completion"
+    pool: str
+    generate: GenerateRequest
+    openai_request: ChatCompletionRequest | CompletionRequest
+    stream_states: dict[int, DerenderStreamState | None] = field(default_factory=dict)
+
+    @property
+    def request_id(self) -> str:
+        return self.generate.request_id
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.generate.token_ids
+
+
+def _ok(result):
+    if isinstance(result, ErrorResponse):
+        raise RenderError(result)
+    return result
+
+
+class PoolRenderer:
+    """Renders and derenders for one pool's model; cheap to build (no engine, no weights)."""
+
+    def __init__(self, pool: str, model: str, engine_args: dict[str, Any]):
+        self.pool = pool
+        self.model = model
+        self.engine_args = engine_args
+        self.state = State()
+        self.max_model_len = 0
+
+    async def start(self) -> None:
+        import vllm.envs as envs
+        from vllm.config import VllmConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.entrypoints.launchers.render.app_state import init_render_app_state
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+            ["--model", self.model, "--served-model-name", self.pool]
+        )
+        for name in RENDER_ARGS:
+            if name in self.engine_args:
+                setattr(args, name, self.engine_args[name])
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        model_config = engine_args.create_model_config()
+        # A render front end needs no quantized kernels and no KV cache (as `vllm launch render`).
+        model_config.quantization = None
+        envs.VLLM_CPU_KVCACHE_SPACE = 0
+        vllm_config = VllmConfig(
+            model_config=model_config,
+            logging_config=engine_args.create_logging_config(),
+            structured_outputs_config=engine_args.create_structured_outputs_config(),
+        )
+        await init_render_app_state(vllm_config, self.state, args)
+        self.max_model_len = model_config.max_model_len
+        logger.info("renderer for pool %s ready (max_model_len %d)", self.pool, self.max_model_len)
+
+    # ---------------------------------------------------------------- render
+    async def render(self, kind: str, body: dict[str, Any]) -> list[RenderedRequest]:
+        body = {**body, "model": self.pool}
+        if kind == "chat":
+            request = ChatCompletionRequest.model_validate(body)
+            generates = [_ok(await self.state.serving_render.render_chat_request(request))]
+        else:
+            request = CompletionRequest.model_validate(body)
+            generates = _ok(await self.state.serving_render.render_completion_request(request))
+        return [RenderedRequest(kind=kind, pool=self.pool, generate=g, openai_request=request) for g in generates]
+
+    # ---------------------------------------------------------------- derender
+    async def derender_stream_choice(self, rendered: RenderedRequest, choice: GenerateTokensStreamChoice):
+        """One streamed choice delta -> one OpenAI stream chunk (the per-choice state is carried here)."""
+        chunk = GenerateTokensStreamResponse(request_id=rendered.request_id, choices=[choice])
+        common = dict(
+            stream=True,
+            model=self.pool,
+            generate_chunk=chunk,
+            stream_state=rendered.stream_states.get(choice.index),
+            prompt_tokens=len(rendered.prompt_token_ids),
+            prompt_token_ids=rendered.prompt_token_ids,
+        )
+        if rendered.kind == "chat":
+            result = await self.state.serving_derender.derender_chat_stream_response(
+                DerenderChatStreamRequest(**common, chat_request=rendered.openai_request))
+        else:
+            result = await self.state.serving_derender.derender_completion_stream_response(
+                DerenderCompletionStreamRequest(**common, completion_request=rendered.openai_request))
+        out, rendered.stream_states[choice.index] = _ok(result)
+        return out
+
+    async def derender_full(self, rendered: list[RenderedRequest], choices: list[list[GenerateTokensChoice]]):
+        """Whole outputs -> one OpenAI response (completions may carry several prompts)."""
+        responses = [
+            GenerateTokensResponse(request_id=r.request_id, choices=c, prompt_token_ids=r.prompt_token_ids)
+            for r, c in zip(rendered, choices)
+        ]
+        first = rendered[0]
+        if first.kind == "chat":
+            result = await self.state.serving_derender.derender_chat_response(DerenderChatRequest(
+                model=self.pool, generate_response=responses[0], prompt_tokens=len(first.prompt_token_ids),
+                prompt_token_ids=first.prompt_token_ids, chat_request=first.openai_request))
+        else:
+            result = await self.state.serving_derender.derender_completion_response(DerenderCompletionRequest(
+                model=self.pool, generate_responses=responses,
+                prompt_tokens=[len(r.prompt_token_ids) for r in rendered],
+                prompt_token_ids=[r.prompt_token_ids for r in rendered],
+                completion_request=first.openai_request))
+        return _ok(result)

@@ -1,0 +1,33 @@
+"""The Ray Serve application: `rayfleet.control_plane.serve_app:build_app`.
+
+Used the same way everywhere: `rayfleet up` calls it, a KubeRay RayService names it as its import path
+with `args: {spec_path: ...}`, and `serve run rayfleet.control_plane.serve_app:build_app spec_path=...`
+works too. It makes sure the fleet's controller exists (named, detached) and binds the OpenAI ingress.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rayfleet.control_plane.controller import get_or_create_controller
+from rayfleet.control_plane.ingress import OpenAIIngress
+from rayfleet.control_plane.spec import FleetSpec, load_spec, parse_spec
+
+
+def resolve_spec(args: dict[str, Any]) -> FleetSpec:
+    if "spec" in args:
+        spec = parse_spec(args["spec"])
+    else:
+        spec = load_spec(args.get("spec_path") or os.environ.get("RAYFLEET_SPEC", "/etc/rayfleet/fleet.yaml"))
+    # Deployment-time overrides (Helm sets these from its values and Secrets).
+    store = os.environ.get("RAYFLEET_STATE_STORE")
+    if store:
+        spec = spec.model_copy(update={"state_store": store})
+    return spec
+
+
+def build_app(args: dict[str, Any]):
+    spec = resolve_spec(args)
+    get_or_create_controller(spec)
+    return OpenAIIngress.options(num_replicas=spec.ingress.num_replicas).bind(spec.model_dump())

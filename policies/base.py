@@ -1,0 +1,204 @@
+"""What policies see and what they decide: the fleet snapshot, request descriptions, and the four protocols.
+
+Policies are pure decision code (DESIGN.md): they get immutable data and return a decision; the ingress or
+the controller carries it out. The types here are shaped for the policies to come as well as the built-ins:
+- Llumnix migration needs per-replica KV capacity and usage and per-request progress and priority
+  (`ReplicaSnapshot.kv_*`, `RequestProgress`).
+- Chimera routing needs the prompt (text and tokens), the workflow id and stage, and per-replica predicted
+  load (`RequestInfo`, `ReplicaSnapshot.predicted_remaining_tokens`), plus pool tags (quality, cost).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class ReplicaState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"  # takes no new requests; in-flight ones finish or migrate out
+    DEAD = "dead"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class RequestProgress:
+    """One unfinished request on a replica, as seen from the fleet."""
+
+    request_id: str
+    prompt_tokens: int
+    output_tokens: int
+    max_tokens: int
+    priority: int = 0
+    arrival_time: float = 0.0
+    running: bool = True  # False: still waiting in the engine's queue
+    workflow_id: str | None = None
+    predicted_output_tokens: int | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+    @property
+    def remaining_tokens(self) -> int:
+        expected = self.predicted_output_tokens or self.max_tokens
+        return max(expected - self.output_tokens, 0)
+
+
+@dataclass(frozen=True)
+class MigrationRecord:
+    """One finished or failed live migration (observability, and history for policies)."""
+
+    migration_id: str
+    request_id: str
+    src: str
+    dst: str
+    mode: str
+    outcome: str  # "migrated", "refused", "aborted", "finished_on_source", "failed"
+    reason: str = ""
+    stages: int = 0
+    blocks_moved: int = 0
+    bytes_moved: int = 0
+    downtime_s: float = 0.0
+    total_s: float = 0.0
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReplicaSnapshot:
+    replica_id: str
+    pool: str
+    model: str
+    state: ReplicaState
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of the engine's KV blocks in use
+    kv_blocks_total: int = 0
+    kv_block_size: int = 0
+    tokens_in_flight: int = 0  # prompt + generated tokens of unfinished requests (their KV footprint)
+    predicted_remaining_tokens: int = 0  # decode work still expected (predicted length, else max_tokens)
+    decode_tokens_per_s: float = 0.0  # recent decode throughput
+    requests: tuple[RequestProgress, ...] = ()
+    node_id: str = ""
+    accelerator: str = ""
+    restarts: int = 0
+    last_error: str = ""
+    updated_at: float = 0.0
+
+    @property
+    def routable(self) -> bool:
+        return self.state is ReplicaState.READY
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return int(round(self.kv_blocks_total * (1.0 - self.kv_cache_usage)))
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    name: str
+    model: str
+    min_replicas: int
+    max_replicas: int
+    desired_replicas: int
+    tags: dict[str, str] = field(default_factory=dict)
+    replicas: tuple[ReplicaSnapshot, ...] = ()
+    max_model_len: int = 0
+
+    @property
+    def routable_replicas(self) -> tuple[ReplicaSnapshot, ...]:
+        return tuple(replica for replica in self.replicas if replica.routable)
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    pools: dict[str, PoolSnapshot]
+    taken_at: float = field(default_factory=time.time)
+    migrations: tuple[MigrationRecord, ...] = ()
+
+    def replica(self, replica_id: str) -> ReplicaSnapshot | None:
+        for pool in self.pools.values():
+            for replica in pool.replicas:
+                if replica.replica_id == replica_id:
+                    return replica
+        return None
+
+    def routable_replicas(self, pool: str | None = None) -> tuple[ReplicaSnapshot, ...]:
+        pools = self.pools.values() if pool is None else [self.pools[pool]] if pool in self.pools else []
+        return tuple(replica for p in pools for replica in p.routable_replicas)
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """A request as a router or admission policy sees it, before it runs anywhere."""
+
+    request_id: str
+    pool: str | None  # the pool the client named; None when it asked for model="auto"
+    prompt_tokens: int
+    max_tokens: int
+    prompt_text: str = ""
+    prompt_token_ids: tuple[int, ...] = ()
+    priority: int = 0
+    workflow_id: str | None = None
+    workflow_stage: str | None = None
+    arrival_time: float = field(default_factory=time.time)
+    exclude_replicas: frozenset[str] = frozenset()  # e.g. the replica that just failed this request
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    pool: str
+    replica_id: str
+    reason: str = ""
+
+
+class NoReplicaAvailable(RuntimeError):
+    """No routable replica fits the request (all draining, dead or excluded)."""
+
+
+class AdmissionVerdict(str, enum.Enum):
+    ADMIT = "admit"
+    QUEUE = "queue"  # wait and ask again (backpressure inside the ingress)
+    REJECT = "reject"  # 429 to the client, with Retry-After
+
+
+@dataclass(frozen=True)
+class AdmissionDecision:
+    verdict: AdmissionVerdict
+    retry_after_s: float = 1.0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class MigrationDecision:
+    request_id: str
+    src: str
+    dst: str
+    mode: str = "precopy"  # or "stop_and_copy"
+    reason: str = ""
+
+
+@runtime_checkable
+class Router(Protocol):
+    def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
+        """Pick a pool and a routable replica; raise NoReplicaAvailable when none fits."""
+
+
+@runtime_checkable
+class AdmissionPolicy(Protocol):
+    def admit(self, request: RequestInfo, snapshot: FleetSnapshot) -> AdmissionDecision: ...
+
+
+@runtime_checkable
+class Scaler(Protocol):
+    def desired_replicas(self, snapshot: FleetSnapshot) -> dict[str, int]:
+        """Desired replica count per pool; the controller clamps it to the pool's bounds."""
+
+
+@runtime_checkable
+class MigrationPolicy(Protocol):
+    def plan(self, snapshot: FleetSnapshot, draining: frozenset[str]) -> list[MigrationDecision]:
+        """Migrations to start now; `draining` names replicas whose requests must move out."""

@@ -1,0 +1,64 @@
+"""Policy plugins by name, discovered through Python entry points.
+
+A third-party package registers a policy in its own pyproject (group `rayfleet.routers`,
+`rayfleet.admission`, `rayfleet.scalers` or `rayfleet.migration`) and a fleet spec selects it by name with
+parameters. The built-ins are registered the same way by rayfleet's pyproject, and also listed here so that
+a source checkout without installed metadata still finds them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from rayfleet.policies.base import AdmissionPolicy, MigrationPolicy, Router, Scaler
+
+GROUPS: dict[str, tuple[str, type]] = {
+    "router": ("rayfleet.routers", Router),
+    "admission": ("rayfleet.admission", AdmissionPolicy),
+    "scaler": ("rayfleet.scalers", Scaler),
+    "migration": ("rayfleet.migration", MigrationPolicy),
+}
+
+BUILTINS: dict[str, dict[str, str]] = {
+    "router": {"round_robin": "rayfleet.policies.routing:RoundRobinRouter",
+               "least_load": "rayfleet.policies.routing:LeastLoadRouter"},
+    "admission": {"queue_limit": "rayfleet.policies.admission:QueueLimitAdmission"},
+    "scaler": {"static": "rayfleet.policies.scaling:StaticScaler",
+               "tokens_in_flight": "rayfleet.policies.scaling:TokensInFlightScaler"},
+    "migration": {"none": "rayfleet.policies.migration:NoMigration"},
+}
+
+
+class UnknownPolicy(ValueError):
+    pass
+
+
+def available(kind: str) -> dict[str, str]:
+    """Policy name -> 'module:attr' for one kind (entry points override nothing built in)."""
+    group, _ = GROUPS[kind]
+    found = {ep.name: ep.value for ep in entry_points(group=group)}
+    return {**found, **BUILTINS[kind]}
+
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def create(kind: str, name: str, params: dict[str, Any] | None = None):
+    """Instantiate the policy `name` of `kind` with `params`; errors name the allowed choices."""
+    if kind not in GROUPS:
+        raise UnknownPolicy(f"unknown policy kind '{kind}'; allowed: {', '.join(GROUPS)}")
+    choices = available(kind)
+    if name not in choices:
+        raise UnknownPolicy(f"policies.{kind}: unknown {kind} '{name}'; allowed: {', '.join(sorted(choices))}")
+    try:
+        policy = _load(choices[name])(**(params or {}))
+    except TypeError as error:
+        raise UnknownPolicy(f"policies.{kind}.params: invalid parameters for '{name}': {error}") from None
+    protocol = GROUPS[kind][1]
+    if not isinstance(policy, protocol):
+        raise UnknownPolicy(f"policies.{kind}: '{name}' does not implement the {protocol.__name__} protocol")
+    return policy

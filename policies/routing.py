@@ -1,0 +1,62 @@
+"""Built-in routers: round robin, and least load by tokens in flight.
+
+A router sees the request and a fleet snapshot and names a pool and a replica. `model=auto` (no pool named)
+lets it choose the pool too; the built-ins then take every pool as a candidate, which Chimera-style routers
+refine with predicted quality and length.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from rayfleet.policies.base import (
+    FleetSnapshot,
+    NoReplicaAvailable,
+    ReplicaSnapshot,
+    RequestInfo,
+    RoutingDecision,
+)
+
+
+def candidates(request: RequestInfo, snapshot: FleetSnapshot) -> list[ReplicaSnapshot]:
+    """Routable replicas of the requested pool (all pools for model=auto), minus excluded ones."""
+    found = [
+        replica
+        for replica in snapshot.routable_replicas(request.pool)
+        if replica.replica_id not in request.exclude_replicas
+    ]
+    if not found:
+        where = f"pool '{request.pool}'" if request.pool else "the fleet"
+        raise NoReplicaAvailable(f"no ready replica in {where}")
+    return found
+
+
+class RoundRobinRouter:
+    """Cycles over the candidates; a baseline that ignores load."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
+        replicas = sorted(candidates(request, snapshot), key=lambda r: r.replica_id)
+        chosen = replicas[next(self._counter) % len(replicas)]
+        return RoutingDecision(pool=chosen.pool, replica_id=chosen.replica_id, reason="round_robin")
+
+
+class LeastLoadRouter:
+    """Fewest tokens in flight (the KV footprint of unfinished requests), then fewest waiting requests.
+
+    `waiting_weight` converts a queued request into token-equivalents so that a replica with a queue is
+    not preferred just because its queued prompts have not been counted by the engine yet.
+    """
+
+    def __init__(self, waiting_weight: int = 256) -> None:
+        self.waiting_weight = waiting_weight
+
+    def load(self, replica: ReplicaSnapshot) -> float:
+        return replica.tokens_in_flight + self.waiting_weight * replica.num_waiting
+
+    def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
+        chosen = min(candidates(request, snapshot), key=lambda r: (self.load(r), r.replica_id))
+        return RoutingDecision(pool=chosen.pool, replica_id=chosen.replica_id,
+                               reason=f"least_load ({self.load(chosen):.0f} tokens)")
