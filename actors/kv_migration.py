@@ -1,0 +1,217 @@
+"""Engine-side migration primitives over one ``AsyncLLM``: what a replica actor calls to move a request.
+
+The engine must be built with :func:`migration_engine_kwargs` (rayfleet's KV connector and its worker
+extension). A migration of request ``rid`` from engine A to engine B, with ``mig`` a fresh id::
+
+    src, dst = EngineKVMigrator(engine_a), EngineKVMigrator(engine_b)
+    # 1. submit on A with src.tag(params, rid); stream its tokens to the client as usual
+    chunk = await src.export_complete_blocks(rid)                  # optional pre-copy rounds, A keeps running
+    await dst.stage(mig, chunk)
+    final = await src.stop_and_export(rid, first_block=chunk.end_block)   # abort on A + the rest of the KV
+    if final is None: ...                                          # it finished on A first: nothing to move
+    await dst.stage(mig, final.chunk)
+    resume = EngineKVMigrator.resume(final, params, num_prompt_tokens, rid, mig)
+    async for out in engine_b.generate({"prompt_token_ids": resume.prompt_token_ids},
+                                       resume.sampling_params, rid): ...
+    # client stream = A's streamed tokens + final.all_token_ids[num_prompt_tokens + len(streamed):] + B's tokens
+
+B claims ``min(final.num_computed_tokens, len(all_token_ids) - 1)`` tokens from the staged KV (minus its
+own prefix-cache hit) and computes one token. Token-exact for greedy (deterministic) sampling; see
+``docs/kv_connector.md`` for what does not carry over (seeded generators, penalties' view of outputs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.config import KVTransferConfig
+from vllm.sampling_params import SamplingParams
+
+from rayfleet.actors.kv_connector import RAYFLEET_PARAMS_KEY, KVLayoutDescriptor
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+__all__ = [
+    "EngineKVMigrator", "FinalKV", "KVChunk", "KVLayoutDescriptor", "KVLayoutMismatchError",
+    "KVMigrationError", "KVRequestNotFoundError", "ResumeRequest", "migration_engine_kwargs",
+]
+
+_POLL_INTERVAL_S = 0.002
+
+
+def migration_engine_kwargs() -> dict[str, Any]:
+    """Engine arguments (``AsyncEngineArgs(**...)``) that install rayfleet's connector and worker RPCs."""
+    return {
+        "kv_transfer_config": KVTransferConfig(
+            kv_connector="RayfleetKVConnector",
+            kv_connector_module_path="rayfleet.actors.kv_connector",
+            kv_role="kv_both",
+        ),
+        "worker_extension_cls": "rayfleet.actors.kv_worker_extension.KVMigrationWorkerExtension",
+    }
+
+
+class KVMigrationError(RuntimeError):
+    """A migration step failed on the engine side."""
+
+
+class KVLayoutMismatchError(KVMigrationError):
+    """The chunk's KV layout differs from the destination engine's: a raw block copy would be wrong."""
+
+
+class KVRequestNotFoundError(KVMigrationError):
+    """The engine does not (or no longer) track a migratable request with this id."""
+
+
+@dataclass(frozen=True)
+class KVChunk:
+    """Whole KV blocks ``[first_block, first_block + num_blocks)`` of one request, all layers.
+
+    ``data`` is ``[layout.num_layers, num_blocks, layout.layer_block_bytes]`` uint8 on the CPU; block
+    ``i`` holds the KV of tokens ``[i * block_size, (i + 1) * block_size)``.
+    """
+
+    first_block: int
+    num_blocks: int
+    data: torch.Tensor
+    layout: KVLayoutDescriptor
+
+    @property
+    def end_block(self) -> int:
+        """First block a following export should start at."""
+        return self.first_block + self.num_blocks
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    @classmethod
+    def _from_wire(cls, wire: dict[str, Any]) -> KVChunk:
+        layout = KVLayoutDescriptor.from_wire(wire["layout"])
+        num_blocks = wire["num_blocks"]
+        data = bytearray(wire["data"])  # writable, owned by the tensor
+        tensor = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return cls(wire["first_block"], num_blocks,
+                   tensor.view(layout.num_layers, num_blocks, layout.layer_block_bytes), layout)
+
+
+@dataclass(frozen=True)
+class FinalKV:
+    """The stopped request: its remaining KV blocks, every token it has, and how many have KV."""
+
+    chunk: KVChunk
+    all_token_ids: list[int]  # prompt + every generated token the engine accepted
+    num_computed_tokens: int  # tokens whose KV the blocks hold (len(all_token_ids) - 1 or len(all_token_ids))
+
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    """What the destination's ``generate`` needs to continue a migrated request."""
+
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+class EngineKVMigrator:
+    """Migration primitives of one ``AsyncLLM`` built with :func:`migration_engine_kwargs` (world size 1)."""
+
+    def __init__(self, engine: AsyncLLM):
+        self._engine = engine
+        self._layout: KVLayoutDescriptor | None = None
+
+    async def _rpc(self, method: str, *args: Any) -> Any:
+        results = await self._engine.collective_rpc(method, args=args)
+        return results[0]
+
+    @staticmethod
+    def tag(sampling_params: SamplingParams, request_id: str, **extra: Any) -> SamplingParams:
+        """A copy of ``sampling_params`` that makes request ``request_id`` migratable."""
+        params = sampling_params.clone()
+        extra_args = dict(params.extra_args or {})
+        kv_transfer_params = dict(extra_args.get("kv_transfer_params") or {})
+        kv_transfer_params[RAYFLEET_PARAMS_KEY] = {"request_id": request_id, **extra}
+        extra_args["kv_transfer_params"] = kv_transfer_params
+        params.extra_args = extra_args
+        return params
+
+    async def layout(self) -> KVLayoutDescriptor:
+        if self._layout is None:
+            self._layout = KVLayoutDescriptor.from_wire(await self._rpc("rayfleet_kv_layout"))
+        return self._layout
+
+    async def export_complete_blocks(self, request_id: str, first_block: int = 0) -> KVChunk:
+        """Pre-copy: the request's complete blocks from ``first_block`` on; the request keeps running.
+
+        Raises :class:`KVRequestNotFoundError` when the engine tracks no such live request (finished,
+        or not yet seen by the engine's first step after submission).
+        """
+        wire = await self._rpc("rayfleet_export_blocks", request_id, first_block)
+        if wire["status"] != "live":
+            raise KVRequestNotFoundError(f"request {request_id!r} is not running on this engine "
+                                         f"({wire['status']})")
+        return KVChunk._from_wire(wire)
+
+    async def stop_and_export(self, request_id: str, first_block: int = 0, timeout_s: float = 10.0) -> FinalKV | None:
+        """Abort the request and export its KV from ``first_block`` on, plus its token list.
+
+        Returns None if the request finished normally before the stop took effect. The engine frees the
+        request's blocks right after the export, or after ``timeout_s`` if this call fails midway.
+        Raises TimeoutError if the engine never reports the request (e.g. an unknown id).
+        """
+        await self._rpc("rayfleet_expect_final", request_id, timeout_s)
+        await self._engine.abort(request_id)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            wire = await self._rpc("rayfleet_export_final", request_id, first_block)
+            status = wire["status"]
+            if status == "ready":
+                return FinalKV(KVChunk._from_wire(wire), list(wire["all_token_ids"]), wire["num_computed_tokens"])
+            if status == "finished":
+                return None
+            if status == "expired" or time.monotonic() > deadline:
+                raise TimeoutError(f"request {request_id!r}: no final KV within {timeout_s} s ({status})")
+            await asyncio.sleep(_POLL_INTERVAL_S)
+
+    async def stage(self, migration_id: str, chunk: KVChunk) -> None:
+        """Hold ``chunk`` on this (destination) engine until a request resumes ``migration_id``."""
+        layout = await self.layout()
+        if chunk.layout != layout:
+            raise KVLayoutMismatchError(f"chunk layout {chunk.layout} != engine layout {layout}")
+        await self._rpc("rayfleet_stage", migration_id, chunk.first_block, chunk.num_blocks,
+                        chunk.data.numpy().tobytes(), chunk.layout.to_wire())
+
+    async def drop_staged(self, migration_id: str) -> bool:
+        """Free staged data that will not be resumed; True if there was any."""
+        return await self._rpc("rayfleet_drop_staged", migration_id)
+
+    @staticmethod
+    def resume(final: FinalKV, sampling_params: SamplingParams, num_prompt_tokens: int, request_id: str,
+               migration_id: str) -> ResumeRequest:
+        """Prompt and params for the destination: the whole token list as prompt, the rest of the budget.
+
+        ``sampling_params`` are the request's original params; ``num_prompt_tokens`` its original prompt
+        length. The result is tagged, so the resumed request is migratable again.
+        """
+        num_generated = len(final.all_token_ids) - num_prompt_tokens
+        params = sampling_params.clone()
+        if params.max_tokens is not None:
+            params.max_tokens -= num_generated
+            if params.max_tokens <= 0:
+                raise ValueError(f"request {request_id!r} has no tokens left to generate")
+        params.min_tokens = max(0, params.min_tokens - num_generated)
+        tagged = EngineKVMigrator.tag(params, request_id, load=migration_id, num_tokens=final.num_computed_tokens)
+        return ResumeRequest(list(final.all_token_ids), tagged)
+
+    async def stats(self) -> dict[str, Any]:
+        """The worker connector's counters (blocks/bytes exported and imported, loads, ...) and
+        ``num_free_blocks``, the scheduler's free KV blocks as of the engine's last step."""
+        return await self._rpc("rayfleet_kv_stats")
+
+    async def free_kv_blocks(self) -> int:
+        """Free KV blocks of the engine (cached-but-unreferenced blocks count as free)."""
+        return (await self.stats())["num_free_blocks"]
