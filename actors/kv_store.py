@@ -1,0 +1,220 @@
+"""The fleet's KV store: shard actors holding KV blocks by content address, and the client that routes to them.
+
+A block is one engine KV block across all layers, as an opaque byte array, addressed by the chained hash
+of its token prefix (`kv_block_hash.block_hashes`). Each `KVStore` actor is one shard (a memory tier over a
+disk tier, `kv_store_tiers.TieredBlockStore`); `KVStoreClient` routes every hash to one shard by jump
+consistent hashing and batches: each call makes at most one round trip per shard involved, in parallel.
+Values travel through Ray's object store, so any replica on any node reads what another wrote.
+
+See docs/kv_store.md for the design and how the KV connector uses it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import numpy as np
+import ray
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from rayfleet.actors.kv_block_hash import BlockHash
+from rayfleet.actors.kv_store_tiers import KVStoreStats, TieredBlockStore
+
+if TYPE_CHECKING:
+    import torch
+
+    # What a caller may store as a block: any contiguous bytes-like object, or a tensor (any dtype, device).
+    BlockValue: TypeAlias = bytes | bytearray | memoryview | np.ndarray | torch.Tensor
+
+
+class KVStoreConfig(BaseModel):
+    """One store: its name (how replicas on any node find it), its shards and each shard's capacities."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Names actors `<name>-shard-<i>` and the shards' disk directories.
+    name: str = Field("rayfleet-kv", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # A fixed Ray namespace, so drivers of other jobs find the named shards.
+    ray_namespace: str = Field("rayfleet", min_length=1)
+    num_shards: int = Field(1, ge=1)
+    memory_bytes: int = Field(1 << 30, gt=0, description="host-memory tier capacity of each shard")
+    # A node-local directory (an SSD) on every node a shard may run on; None: no disk tier.
+    disk_dir: Path | None = None
+    disk_bytes: int = Field(0, ge=0, validate_default=True, description="disk tier capacity of each shard")
+    # Pin the memory tier when CUDA is visible in the shard. Pinning creates a CUDA context on the node's
+    # first GPU in every shard process (hundreds of MiB of device memory): False keeps shards off GPUs.
+    pin_memory: bool = True
+    # Detached shards outlive the driver that created them (a fleet-wide store); others die with it.
+    detached: bool = False
+    # Shards are memory- and I/O-bound: by default they take no CPU slot an engine could use.
+    shard_num_cpus: float = Field(0.0, ge=0)
+
+    @field_validator("disk_dir")
+    @classmethod
+    def _disk_dir_is_absolute(cls, disk_dir: Path | None) -> Path | None:
+        # A relative path would resolve against each Ray worker's own working directory.
+        if disk_dir is not None and not disk_dir.is_absolute():
+            raise ValueError(f"must be an absolute path, got {disk_dir}")
+        return disk_dir
+
+    @field_validator("disk_bytes")
+    @classmethod
+    def _disk_bytes_match_disk_dir(cls, disk_bytes: int, info: ValidationInfo) -> int:
+        if "disk_dir" not in info.data:  # disk_dir failed its own validation, which names it
+            return disk_bytes
+        has_dir = info.data["disk_dir"] is not None
+        if has_dir and disk_bytes == 0:
+            raise ValueError("must be positive when disk_dir is set")
+        if not has_dir and disk_bytes > 0:
+            raise ValueError("needs disk_dir: a disk tier has no directory")
+        return disk_bytes
+
+    def shard_name(self, shard: int) -> str:
+        return f"{self.name}-shard-{shard}"
+
+    def shard_disk_dir(self, shard: int) -> Path | None:
+        if self.disk_dir is None:
+            return None
+        return self.disk_dir / self.ray_namespace / self.name / f"shard-{shard}"
+
+
+class KVStoreConfigMismatch(ValueError):
+    """A store of this name exists with another configuration; sharing it would misroute blocks."""
+
+
+@ray.remote
+class KVStore(TieredBlockStore):
+    """One shard of the store. Method calls run one at a time, so the tiers need no locks."""
+
+    def __init__(self, config: KVStoreConfig, shard: int) -> None:
+        super().__init__(config.memory_bytes, config.shard_disk_dir(shard), config.disk_bytes, config.pin_memory)
+        self._config = config
+
+    def config(self) -> KVStoreConfig:
+        return self._config
+
+
+def shard_of(block_hash: BlockHash, num_shards: int) -> int:
+    """Jump consistent hash (Lamping & Veach, 2014, arXiv:1406.2294) of the hash's first 8 bytes.
+
+    Growing a store from n to n+1 shards moves only 1/(n+1) of the keys (hash mod n would move n/(n+1),
+    turning the whole store cold), with perfect balance and no ring or virtual nodes. Rendezvous hashing
+    would also allow removing a middle shard, but costs one hash per shard per key; shards are numbered
+    and only appended, which is exactly jump hashing's case.
+    """
+    key = int.from_bytes(block_hash[:8], "little")
+    bucket, jump = -1, 0
+    while jump < num_shards:
+        bucket = jump
+        key = (key * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        jump = int((bucket + 1) * ((1 << 31) / ((key >> 33) + 1)))
+    return bucket
+
+
+def as_block_array(block: BlockValue) -> np.ndarray:
+    """A block as the flat uint8 array the store keeps: numpy travels through Ray's object store without
+    a pickle copy. A tensor is reinterpreted byte for byte (bfloat16 too) and copied to the host if needed."""
+    # Only a process that imported torch holds tensors; the shards and clients without torch never load it.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(block, torch.Tensor):
+        return block.detach().contiguous().view(torch.uint8).reshape(-1).cpu().numpy()
+    return np.frombuffer(block, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class KVStoreClient:
+    """Handles to a store's shards. Picklable: pass it to any actor, on any node, to share the store."""
+
+    shards: tuple[Any, ...]  # KVStore actor handles, index = shard number
+
+    def contains_prefix(self, block_hashes: Sequence[BlockHash]) -> int:
+        """How many leading blocks of the chain the store holds: the prefix a replica can load instead
+        of computing. It may shrink before the `get` that follows if another client's puts evict."""
+        present = self._gather(block_hashes, lambda shard, hashes: shard.contains.remote(hashes))
+        return next((i for i, held in enumerate(present) if not held), len(present))
+
+    def put(self, block_hashes: Sequence[BlockHash], blocks: Sequence[BlockValue]) -> None:
+        """Stores blocks (one per hash); returns once every shard holds them, so any replica reads them."""
+        if len(block_hashes) != len(blocks):
+            raise ValueError(f"{len(block_hashes)} block hashes for {len(blocks)} blocks")
+        arrays = [as_block_array(block) for block in blocks]
+        self._call_shards(
+            block_hashes, lambda shard, positions: shard.put.remote(*_pick(positions, block_hashes, arrays))
+        )
+
+    def get(self, block_hashes: Sequence[BlockHash]) -> list[np.ndarray | None]:
+        """The blocks in order as flat uint8 arrays, None where the store has none. The arrays are read-only
+        views of Ray's object store: copy them into the KV cache rather than writing to them."""
+        return self._gather(block_hashes, lambda shard, hashes: shard.get.remote(hashes))
+
+    def stats(self) -> list[KVStoreStats]:
+        """Each shard's statistics, index = shard number."""
+        return ray.get([shard.stats.remote() for shard in self.shards])
+
+    def shutdown(self) -> None:
+        """Kills the shards. Memory tiers are lost; disk tiers stay and a store of the same config adopts them."""
+        for shard in self.shards:
+            ray.kill(shard, no_restart=True)
+
+    def _call_shards(
+        self, block_hashes: Sequence[BlockHash], call: Callable[[Any, list[int]], ray.ObjectRef]
+    ) -> list[tuple[list[int], Any]]:
+        """One call per shard involved, all in flight at once: (positions in `block_hashes`, reply) each."""
+        by_shard: dict[int, list[int]] = {}
+        for position, block_hash in enumerate(block_hashes):
+            by_shard.setdefault(shard_of(block_hash, len(self.shards)), []).append(position)
+        replies = ray.get([call(self.shards[shard], positions) for shard, positions in by_shard.items()])
+        return list(zip(by_shard.values(), replies, strict=True))
+
+    def _gather(
+        self, block_hashes: Sequence[BlockHash], call: Callable[[Any, list[BlockHash]], ray.ObjectRef]
+    ) -> list:
+        """`call` on each shard with its hashes; the per-hash replies back in `block_hashes` order."""
+        results: list = [None] * len(block_hashes)
+        replies = self._call_shards(block_hashes, lambda shard, positions: call(shard, *_pick(positions, block_hashes)))
+        for positions, reply in replies:
+            for position, value in zip(positions, reply, strict=True):
+                results[position] = value
+        return results
+
+
+def _pick(positions: list[int], *columns: Sequence) -> list[list]:
+    """The entries at `positions` of each column."""
+    return [[column[i] for i in positions] for column in columns]
+
+
+def get_or_create_kv_store(config: KVStoreConfig) -> KVStoreClient:
+    """Starts the store's shards, or finds them by name if they exist (from any driver or node).
+
+    Raises KVStoreConfigMismatch if a store of this name runs with another configuration.
+    """
+
+    def shard_actor(shard: int):
+        return KVStore.options(
+            name=config.shard_name(shard),
+            namespace=config.ray_namespace,
+            get_if_exists=True,  # atomic in the GCS: concurrent callers get the same actor
+            lifetime="detached" if config.detached else None,
+            num_cpus=config.shard_num_cpus,
+            # Reserve the memory tier in Ray's memory resource so shards land where it fits.
+            memory=config.memory_bytes,
+            # A store is a cache: restarting a crashed shard (cold memory, disk adopted) beats routing
+            # a share of every prefix to a dead actor.
+            max_restarts=-1,
+            # Spread shards over nodes so the memory tiers add up across the cluster.
+            scheduling_strategy="SPREAD",
+        ).remote(config, shard)
+
+    # Shard 0 is the store's identity: check it before starting any other shard under a wrong config.
+    first = shard_actor(0)
+    existing: KVStoreConfig = ray.get(first.config.remote())
+    if existing != config:
+        differing = sorted(
+            field for field in KVStoreConfig.model_fields if getattr(existing, field) != getattr(config, field)
+        )
+        raise KVStoreConfigMismatch(f"KV store {config.name!r} runs with other values of: {', '.join(differing)}")
+    return KVStoreClient((first, *(shard_actor(shard) for shard in range(1, config.num_shards))))
