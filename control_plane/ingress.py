@@ -66,14 +66,20 @@ async def _internal_error(_: Request, error: Exception) -> JSONResponse:
 def overlay_local_load(snapshot: FleetSnapshot, ledgers: dict[str, TokenLedger]) -> FleetSnapshot:
     """The controller's view is up to one tick old; this ingress knows its own in-flight requests now."""
     tokens: dict[str, int] = {}
+    requests: dict[str, int] = {}
     for ledger in ledgers.values():
         if ledger.placement is not None:
             rid = ledger.placement.replica_id
             tokens[rid] = tokens.get(rid, 0) + len(ledger.call.prompt_token_ids) + ledger.output_tokens
+            requests[rid] = requests.get(rid, 0) + 1
     pools = {}
     for name, pool in snapshot.pools.items():
         replicas = tuple(
-            dataclasses.replace(r, tokens_in_flight=max(r.tokens_in_flight, tokens.get(r.replica_id, 0)))
+            dataclasses.replace(
+                r,
+                tokens_in_flight=max(r.tokens_in_flight, tokens.get(r.replica_id, 0)),
+                num_running=max(r.num_running + r.num_waiting, requests.get(r.replica_id, 0)) - r.num_waiting,
+            )
             for r in pool.replicas
         )
         pools[name] = dataclasses.replace(pool, replicas=replicas)
@@ -196,12 +202,12 @@ class OpenAIIngress:
         if chosen_pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
             renderer = self.renderers[chosen_pool]
             rendered = await renderer.render(kind, body)
-        calls = [self._call(r, info) for r in rendered]
+        # Ledgers open now, not when the stream starts: admission of the next request must count this one.
+        ledgers = [self._open_ledger(self._call(r, info), placement if i == 0 else None)
+                   for i, r in enumerate(rendered)]
         if rendered[0].generate.stream:
-            return StreamingResponse(self._stream(renderer, rendered, calls, placement),
-                                     media_type="text/event-stream")
-        return JSONResponse((await self._complete(renderer, rendered, calls, placement)).model_dump(
-            exclude_none=True))
+            return StreamingResponse(self._stream(renderer, rendered, ledgers), media_type="text/event-stream")
+        return JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True))
 
     def _request_info(self, rendered: RenderedRequest, pool: str | None, request: Request,
                       body: dict[str, Any]) -> RequestInfo:
@@ -261,27 +267,31 @@ class OpenAIIngress:
             return placement
         return place
 
-    async def _follow(self, call: GenerateCall, placement: Placement | None, info: RequestInfo):
+    def _open_ledger(self, call: GenerateCall, placement: Placement | None) -> TokenLedger:
         ledger = TokenLedger(call=call, placement=placement)
         self.ledgers[call.request_id] = ledger
+        return ledger
+
+    async def _follow(self, ledger: TokenLedger, pool: str):
+        info = RequestInfo(request_id=ledger.request_id, pool=pool, prompt_tokens=len(ledger.call.prompt_token_ids),
+                           max_tokens=ledger.call.sampling_params.max_tokens or 0, priority=ledger.call.priority,
+                           workflow_id=ledger.call.workflow_id)
         try:
             async for choice in follow(ledger, self._placer(info)):
                 yield choice
         finally:
-            self.ledgers.pop(call.request_id, None)
+            self.ledgers.pop(ledger.request_id, None)
             if ledger.migrations or ledger.replays:
                 logger.info("request %s finished after %d migrations and %d replays over %s",
-                            call.request_id, ledger.migrations, ledger.replays, " -> ".join(ledger.hops))
+                            ledger.request_id, ledger.migrations, ledger.replays, " -> ".join(ledger.hops))
 
-    async def _stream(self, renderer: PoolRenderer, rendered: list[RenderedRequest], calls: list[GenerateCall],
-                      placement: Placement) -> AsyncIterator[str]:
-        n = calls[0].sampling_params.n
-        info = None
+    async def _stream(self, renderer: PoolRenderer, rendered: list[RenderedRequest],
+                      ledgers: list[TokenLedger]) -> AsyncIterator[str]:
+        n = ledgers[0].call.sampling_params.n
         completion_tokens = 0
         try:
-            for position, (r, call) in enumerate(zip(rendered, calls)):
-                info = info or self._info_from_call(call, renderer.pool)
-                async for choice in self._follow(call, placement if position == 0 else None, info):
+            for position, (r, ledger) in enumerate(zip(rendered, ledgers)):
+                async for choice in self._follow(ledger, renderer.pool):
                     completion_tokens += len(choice.token_ids or [])
                     chunk = await renderer.derender_stream_choice(r, choice)
                     for c in chunk.choices:
@@ -296,12 +306,10 @@ class OpenAIIngress:
             logger.exception("stream of %s failed", rendered[0].request_id)
             failure = OpenAIHTTPError(500, f"generation failed ({type(error).__name__}); the request was aborted")
             yield f"data: {failure.body().model_dump_json()}\n\n"
+        finally:
+            for ledger in ledgers:
+                self.ledgers.pop(ledger.request_id, None)
         yield "data: [DONE]\n\n"
-
-    def _info_from_call(self, call: GenerateCall, pool: str) -> RequestInfo:
-        return RequestInfo(request_id=call.request_id, pool=pool, prompt_tokens=len(call.prompt_token_ids),
-                           max_tokens=call.sampling_params.max_tokens or 0, priority=call.priority,
-                           workflow_id=call.workflow_id)
 
     @staticmethod
     def _usage_chunk(rendered: list[RenderedRequest], completion: int):
@@ -310,12 +318,10 @@ class OpenAIIngress:
         response_type = ChatCompletionStreamResponse if rendered[0].kind == "chat" else CompletionStreamResponse
         return response_type(id=rendered[0].request_id, model=rendered[0].pool, choices=[], usage=usage)
 
-    async def _complete(self, renderer: PoolRenderer, rendered: list[RenderedRequest],
-                        calls: list[GenerateCall], placement: Placement):
-        async def collect(call: GenerateCall, first: Placement | None) -> list[GenerateTokensChoice]:
+    async def _complete(self, renderer: PoolRenderer, rendered: list[RenderedRequest], ledgers: list[TokenLedger]):
+        async def collect(ledger: TokenLedger) -> list[GenerateTokensChoice]:
             choices: dict[int, GenerateTokensChoice] = {}
-            info = self._info_from_call(call, renderer.pool)
-            async for delta in self._follow(call, first, info):
+            async for delta in self._follow(ledger, renderer.pool):
                 choice = choices.setdefault(delta.index, GenerateTokensChoice(index=delta.index, token_ids=[],
                                                                               finish_reason=None))
                 choice.token_ids.extend(delta.token_ids or [])
@@ -326,6 +332,9 @@ class OpenAIIngress:
                     choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
             return [choices[i] for i in sorted(choices)]
 
-        outputs = await asyncio.gather(*(collect(call, placement if i == 0 else None)
-                                         for i, call in enumerate(calls)))
+        try:
+            outputs = await asyncio.gather(*(collect(ledger) for ledger in ledgers))
+        finally:
+            for ledger in ledgers:
+                self.ledgers.pop(ledger.request_id, None)
         return await renderer.derender_full(rendered, outputs)

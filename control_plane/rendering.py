@@ -58,6 +58,11 @@ class RenderedRequest:
     generate: GenerateRequest
     openai_request: ChatCompletionRequest | CompletionRequest
     stream_states: dict[int, DerenderStreamState | None] = field(default_factory=dict)
+    stop_guard: StopStringGuard | None = None
+
+    def __post_init__(self) -> None:
+        params = self.generate.sampling_params
+        self.stop_guard = StopStringGuard(params.stop, params.include_stop_str_in_output)
 
     @property
     def request_id(self) -> str:
@@ -66,6 +71,43 @@ class RenderedRequest:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.generate.token_ids
+
+
+class StopStringGuard:
+    """Keeps stop strings out of derendered text, as vLLM's coupled server does.
+
+    The engine matches stop strings on its own detokenized text, but the token-out protocol carries token
+    ids, and derendering re-decodes the tokens that contain the stop string (vLLM documents this for its
+    scale-out path). Streams hold back the last `len(longest stop) - 1` characters of each choice until the
+    next chunk shows they are not the start of a stop string; the final chunk is cut at the stop string.
+    """
+
+    def __init__(self, stops: list[str] | None, include_in_output: bool):
+        self.stops = [] if include_in_output else [s for s in (stops or []) if s]
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
+        self.pending: dict[int, str] = {}
+
+    @staticmethod
+    def cut(text: str, stop_reason) -> str:
+        if isinstance(stop_reason, str) and stop_reason:
+            position = text.find(stop_reason)
+            if position >= 0:
+                return text[:position]
+        return text
+
+    def trim_full(self, text: str | None, stop_reason) -> str | None:
+        return text if text is None or not self.stops else self.cut(text, stop_reason)
+
+    def trim_delta(self, index: int, text: str | None, finished: bool, stop_reason) -> str | None:
+        if not self.stops:
+            return text
+        buffered = self.pending.pop(index, "") + (text or "")
+        if finished:
+            return self.cut(buffered, stop_reason)
+        if self.holdback == 0:
+            return buffered
+        emit, self.pending[index] = buffered[: -self.holdback], buffered[-self.holdback:]
+        return emit
 
 
 def _ok(result):
@@ -142,6 +184,12 @@ class PoolRenderer:
             result = await self.state.serving_derender.derender_completion_stream_response(
                 DerenderCompletionStreamRequest(**common, completion_request=rendered.openai_request))
         out, rendered.stream_states[choice.index] = _ok(result)
+        for c in out.choices:
+            finished = choice.finish_reason is not None
+            if rendered.kind == "chat":
+                c.delta.content = rendered.stop_guard.trim_delta(c.index, c.delta.content, finished, choice.stop_reason)
+            else:
+                c.text = rendered.stop_guard.trim_delta(c.index, c.text, finished, choice.stop_reason) or ""
         return out
 
     async def derender_full(self, rendered: list[RenderedRequest], choices: list[list[GenerateTokensChoice]]):
@@ -161,4 +209,11 @@ class PoolRenderer:
                 prompt_tokens=[len(r.prompt_token_ids) for r in rendered],
                 prompt_token_ids=[r.prompt_token_ids for r in rendered],
                 completion_request=first.openai_request))
-        return _ok(result)
+        response = _ok(result)
+        guard = first.stop_guard  # every prompt of one request shares its sampling params
+        for c in response.choices:
+            if first.kind == "chat":
+                c.message.content = guard.trim_full(c.message.content, c.stop_reason)
+            else:
+                c.text = guard.trim_full(c.text, c.stop_reason)
+        return response

@@ -21,25 +21,14 @@ GROUPS: dict[str, tuple[str, type]] = {
     "migration": ("rayfleet.migration", MigrationPolicy),
 }
 
-BUILTINS: dict[str, dict[str, str]] = {
-    "router": {"round_robin": "rayfleet.policies.routing:RoundRobinRouter",
-               "least_load": "rayfleet.policies.routing:LeastLoadRouter"},
-    "admission": {"queue_limit": "rayfleet.policies.admission:QueueLimitAdmission"},
-    "scaler": {"static": "rayfleet.policies.scaling:StaticScaler",
-               "tokens_in_flight": "rayfleet.policies.scaling:TokensInFlightScaler"},
-    "migration": {"none": "rayfleet.policies.migration:NoMigration"},
-}
-
-
 class UnknownPolicy(ValueError):
     pass
 
 
 def available(kind: str) -> dict[str, str]:
-    """Policy name -> 'module:attr' for one kind (entry points override nothing built in)."""
+    """Policy name -> 'module:attr' for one kind, from the installed entry points."""
     group, _ = GROUPS[kind]
-    found = {ep.name: ep.value for ep in entry_points(group=group)}
-    return {**found, **BUILTINS[kind]}
+    return {ep.name: ep.value for ep in entry_points(group=group)}
 
 
 def _load(target: str):

@@ -1,0 +1,90 @@
+"""Fleet spec validation: every error names the field path and, where it applies, the allowed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from rayfleet.control_plane.spec import SpecError, load_spec, parse_spec
+
+POOL = {"name": "small", "model": "/models/small"}
+
+
+def error_of(data) -> str:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    return str(info.value)
+
+
+def test_minimal_spec_gets_defaults():
+    spec = parse_spec({"pools": [POOL]})
+    assert spec.state_store == "memory://"
+    assert spec.policies.router.name == "least_load"
+    assert spec.pool("small").start_replicas == 1
+
+
+def test_error_names_nested_field_path():
+    message = error_of({"pools": [POOL, {**POOL, "name": "big", "max_replicas": 0}]})
+    assert "pools[1].max_replicas" in message
+
+
+def test_unknown_field_is_rejected_by_path():
+    assert "pools[0].replicas: unknown field" in error_of({"pools": [{**POOL, "replicas": 3}]})
+
+
+def test_min_above_max_is_explained():
+    assert "min_replicas (3) exceeds max_replicas (2)" in error_of(
+        {"pools": [{**POOL, "min_replicas": 3, "max_replicas": 2}]})
+
+
+def test_state_store_lists_allowed_values():
+    message = error_of({"pools": [POOL], "state_store": "postgres://x"})
+    assert "state_store" in message and "redis://" in message and "memory://" in message
+
+
+def test_log_level_lists_allowed_values():
+    message = error_of({"pools": [POOL], "log_level": "LOUD"})
+    assert "log_level" in message and "'DEBUG', 'INFO', 'WARNING' or 'ERROR'" in message
+
+
+def test_pool_names_must_be_unique_and_not_auto():
+    assert "repeated: small" in error_of({"pools": [POOL, POOL]})
+    assert "reserved" in error_of({"pools": [{**POOL, "name": "auto"}]})
+
+
+def test_no_pools_is_an_error():
+    assert "pools" in error_of({"pools": []})
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text("pools: [\n")
+    with pytest.raises(SpecError, match="fleet.yaml: not valid YAML"):
+        load_spec(path)
+
+
+def test_model_paths_expand_variables_and_resolve_relative_to_the_spec(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELS", "/opt/models")
+    path = tmp_path / "fleet.yaml"
+    path.write_text("pools:\n  - name: a\n    model: ${MODELS}/a\n  - name: b\n    model: ./b\n")
+    spec = load_spec(path)
+    assert spec.pool("a").model == "/opt/models/a"
+    assert spec.pool("b").model == str(tmp_path / "b")
+
+
+def test_unset_variable_in_model_path_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    path = tmp_path / "fleet.yaml"
+    path.write_text("pools:\n  - name: a\n    model: ${NOT_SET_ANYWHERE}/a\n")
+    with pytest.raises(SpecError, match="environment variable not set"):
+        load_spec(path)
+
+
+def test_shipped_examples_are_valid(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("RAYFLEET_DEMO_MODELS", "/models")
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    specs = [p for p in examples.glob("*.yaml") if not p.name.startswith("values-")]
+    assert len(specs) >= 2
+    for path in specs:
+        assert load_spec(path).pools
