@@ -56,11 +56,11 @@ class BlockMover:
     Calls may be issued back to back; each transfer is ordered after the work already queued on the
     caller's current stream (so a save sees the KV written by the last forward) and transfers run in
     the order they were issued. `staging_bytes` is the device memory used for the staging ring;
-    `max_programs` caps the kernel's grid during transfers.
+    `max_programs` caps the kernel's grid during transfers (None: one program per unit of work).
     """
 
     def __init__(
-        self, cache: KVCacheLayers, staging_bytes: int = STAGING_BYTES, max_programs: int = TRANSFER_PROGRAMS
+        self, cache: KVCacheLayers, staging_bytes: int = STAGING_BYTES, max_programs: int | None = TRANSFER_PROGRAMS
     ) -> None:
         self.cache = cache
         self.max_programs = max_programs

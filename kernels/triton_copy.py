@@ -97,6 +97,7 @@ def copy_blocks(
         layout.segment_stride // word_bytes,
         segment_words,
         ALIGNMENT=alignment,
+        WORD_BYTES=word_bytes,
         BLOCK=block,
         GATHER=gather,
         num_warps=num_warps,

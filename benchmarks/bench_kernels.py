@@ -1,0 +1,275 @@
+"""Bandwidth of the KV block movers against the ceilings measured in the same run (GPU only).
+
+Layout: a 7B-class paged KV cache (default 32 layers, 8 KV heads, head dim 128, 16-token blocks, bf16:
+64 KiB per block and layer), one int8 buffer viewed per layer as vLLM 0.32 does for FlashAttention
+(LBNHC). Each measurement moves `--blocks` random distinct blocks of every layer, fresh ids per repeat.
+
+Device-memory rows count bytes read plus bytes written, for the copy ceiling and the movers alike;
+host-transfer rows count the bytes shipped, against a pinned cudaMemcpy of the same size. The decode
+rows run a stand-in for decode (per layer: the four bf16 GEMMs of a 7B block against a batch of
+`--batch` tokens, which streams ~13 GB of weights per step like a memory-bound decode) alone and
+while back-to-back transfers run beside it on the mover's streams.
+
+    python benchmarks/bench_kernels.py                 # everything, a markdown report on stdout
+    python benchmarks/bench_kernels.py --out report.md --no-sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rayfleet.kernels import BlockMover, KVCacheLayers, gather_blocks, scatter_blocks
+from rayfleet.kernels import torch_copy, triton_copy
+
+
+@dataclass
+class Row:
+    name: str
+    ms: float
+    gbps: float
+    ceiling: str
+    ceiling_gbps: float
+
+    def markdown(self) -> str:
+        return f"| {self.name} | {self.ms:.3f} | {self.gbps:.0f} | {100 * self.gbps / self.ceiling_gbps:.1f}% of {self.ceiling} |"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per block")
+    parser.add_argument("--cache-blocks", type=int, default=4096, help="blocks each layer holds")
+    parser.add_argument("--blocks", type=int, default=256, help="blocks moved per transfer")
+    parser.add_argument("--batch", type=int, default=64, help="tokens per decode step of the stand-in")
+    parser.add_argument("--decode-steps", type=int, default=40)
+    parser.add_argument("--no-sweep", action="store_true", help="skip the kernel tuning sweep")
+    parser.add_argument("--no-decode", action="store_true", help="skip the overlap-with-decode rows")
+    parser.add_argument("--out", help="also write the report here")
+    return parser.parse_args(argv)
+
+
+def bench(fn: Callable[[], object], before: Callable[[], object] = lambda: None, repeats: int = 30) -> float:
+    """Median milliseconds of `fn` over `repeats` runs after warm-up; `before` (untimed) refreshes inputs."""
+    times = []
+    for i in range(repeats + 5):
+        before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+class Workload:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        page = args.kv_heads * args.block_size * 2 * args.head_dim * 2
+        shape = (args.layers, args.cache_blocks, args.kv_heads, args.block_size, 2 * args.head_dim)
+        # LBNHC: physical [L, B, N, H, C], logical per-layer view [B, H, N, C], as vLLM's create_kv_cache_views.
+        raw = torch.randint(-128, 128, (args.layers * args.cache_blocks * page,), dtype=torch.int8, device="cuda")
+        strides = (args.cache_blocks * page // 2, page // 2, 2 * args.head_dim, args.kv_heads * 2 * args.head_dim, 1)
+        view = raw.view(torch.bfloat16).as_strided(shape, strides)
+        self.layers = [view[layer] for layer in range(args.layers)]
+        self.cache = KVCacheLayers(self.layers)
+        self.bytes = args.blocks * self.cache.layout.block_bytes
+        self.staging = torch.empty((args.blocks, self.cache.layout.block_bytes), dtype=torch.uint8, device="cuda")
+        self.host = [torch.empty(self.staging.shape, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.ids = self.fresh_ids()
+
+    def fresh_ids(self) -> torch.Tensor:
+        self.ids = torch.randperm(self.args.cache_blocks, device="cuda")[: self.args.blocks]
+        return self.ids
+
+
+def ceilings(work: Workload) -> dict[str, float]:
+    """GB/s of a device copy (read+write) and of pinned D2H / H2D copies, all of `work.bytes`."""
+    source = torch.empty_like(work.staging).random_(0, 255)
+    d2d = bench(lambda: work.staging.copy_(source))
+    d2h = bench(lambda: work.host[0].copy_(work.staging, non_blocking=True))
+    h2d = bench(lambda: work.staging.copy_(work.host[0], non_blocking=True))
+    return {"copy": 2 * work.bytes / d2d / 1e6, "D2H": work.bytes / d2h / 1e6, "H2D": work.bytes / h2d / 1e6,
+            "copy_ms": d2d, "D2H_ms": d2h, "H2D_ms": h2d}
+
+
+def device_rows(work: Workload, ceiling: dict[str, float]) -> list[Row]:
+    moved = 2 * work.bytes
+    cache, staging, alignment = work.cache, work.staging, work.cache.alignment
+    contenders = {
+        "gather, naive per-layer index_select (bf16 views)": lambda: [layer.index_select(0, work.ids) for layer in work.layers],
+        "gather, torch fallback (rayfleet torch_copy)": lambda: torch_copy.copy_blocks(cache, staging, work.ids, True, alignment),
+        "gather, Triton fused kernel (gather_blocks)": lambda: gather_blocks(cache, work.ids, out=staging),
+        "scatter, torch fallback (rayfleet torch_copy)": lambda: torch_copy.copy_blocks(cache, staging, work.ids, False, alignment),
+        "scatter, Triton fused kernel (scatter_blocks)": lambda: scatter_blocks(cache, staging, work.ids),
+    }
+    rows = [Row("copy ceiling: torch D2D copy of the same bytes", ceiling["copy_ms"], ceiling["copy"], "copy", ceiling["copy"])]
+    for name, fn in contenders.items():
+        ms = bench(fn, work.fresh_ids)
+        rows.append(Row(name, ms, moved / ms / 1e6, "copy", ceiling["copy"]))
+    return rows
+
+
+def sweep_rows(work: Workload, ceiling: dict[str, float]) -> list[Row]:
+    """The Triton kernel's tuning space: bytes per program unit, warps, grid cap."""
+    rows = []
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    configs = [(unit, warps, None) for unit in (4096, 8192, 16384, 32768, 65536) for warps in (4, 8, 16)]
+    configs += [(triton_copy.UNIT_BYTES, triton_copy.NUM_WARPS, programs) for programs in (num_sms, 4 * num_sms, 16 * num_sms)]
+    for gather in (True, False):
+        for unit, warps, programs in configs:
+            ms = bench(lambda: triton_copy.copy_blocks(
+                work.cache, work.staging, work.ids, gather, work.cache.alignment,
+                max_programs=programs, unit_bytes=unit, num_warps=warps), work.fresh_ids)
+            name = f"{'gather' if gather else 'scatter'} unit={unit // 1024}KiB warps={warps} programs={programs or 'all'}"
+            rows.append(Row(name, ms, 2 * work.bytes / ms / 1e6, "copy", ceiling["copy"]))
+    return rows
+
+
+def host_rows(work: Workload, ceiling: dict[str, float]) -> list[Row]:
+    mover = BlockMover(work.cache)
+    full_grid = BlockMover(work.cache, max_programs=None)
+    rows = [
+        Row("D2H ceiling: pinned cudaMemcpy of the same bytes", ceiling["D2H_ms"], ceiling["D2H"], "D2H", ceiling["D2H"]),
+        Row("H2D ceiling: pinned cudaMemcpy of the same bytes", ceiling["H2D_ms"], ceiling["H2D"], "H2D", ceiling["H2D"]),
+    ]
+    for label, candidate in ((f"{mover.max_programs} programs", mover), ("full grid", full_grid)):
+        ms = bench(lambda: candidate.save(work.ids, work.host[0]).wait_stream(), work.fresh_ids)
+        rows.append(Row(f"save (gather + D2H), BlockMover, {label}", ms, work.bytes / ms / 1e6, "D2H", ceiling["D2H"]))
+        ms = bench(lambda: candidate.load(work.host[0], work.ids).wait_stream(), work.fresh_ids)
+        rows.append(Row(f"load (H2D + scatter), BlockMover, {label}", ms, work.bytes / ms / 1e6, "H2D", ceiling["H2D"]))
+    for programs in (16, 64, None):
+        for gather in (True, False):
+            ms = bench(lambda: triton_copy.copy_blocks(
+                work.cache, work.host[0], work.ids, gather, work.cache.alignment, max_programs=programs), work.fresh_ids)
+            direction = "D2H" if gather else "H2D"
+            rows.append(Row(f"{'gather' if gather else 'scatter'} straight {'to' if gather else 'from'} pinned host "
+                            f"(zero-copy kernel), programs={programs or 'all'}", ms, work.bytes / ms / 1e6,
+                            direction, ceiling[direction]))
+    return rows
+
+
+class Decode:
+    """Stand-in for a decode step: per layer x@Wqkv, x@Wo, x@Wgate_up, x@Wdown in bf16 (7B shapes)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        hidden, inter = 4096, 14336
+        shapes = [(hidden, 3 * hidden // 2), (hidden, hidden), (hidden, 2 * inter), (inter, hidden)]
+        self.weights = [[torch.randn(shape, dtype=torch.bfloat16, device="cuda") for shape in shapes]
+                        for _ in range(args.layers)]
+        self.x = torch.randn(args.batch, hidden, dtype=torch.bfloat16, device="cuda")
+        self.x_inter = torch.randn(args.batch, inter, dtype=torch.bfloat16, device="cuda")
+
+    def step(self) -> None:
+        for w_qkv, w_o, w_up, w_down in self.weights:
+            self.x @ w_qkv
+            self.x @ w_o
+            self.x @ w_up
+            self.x_inter @ w_down
+
+
+def timed_steps(decode: Decode, count: int) -> list[torch.cuda.Event]:
+    """Queue `count` decode steps on the current stream; events bracket each step."""
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
+    marks[0].record()
+    for mark in marks[1:]:
+        decode.step()
+        mark.record()
+    return marks
+
+
+def decode_rows(work: Workload, args: argparse.Namespace) -> list[str]:
+    """Decode step time alone and with back-to-back transfers beside it, and the transfers' rate then."""
+    decode = Decode(args)
+    timed_steps(decode, 3)
+    marks = timed_steps(decode, args.decode_steps)
+    torch.cuda.synchronize()
+    alone = statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
+    lines = [f"| decode stand-in alone | {alone:.3f} | - | - | - |"]
+    mover, full_grid = BlockMover(work.cache), BlockMover(work.cache, max_programs=None)
+    side = torch.cuda.Stream()
+
+    def zero_copy_save(ids: torch.Tensor, host: torch.Tensor) -> Callable[[torch.cuda.Stream], None]:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            triton_copy.copy_blocks(work.cache, host, ids, True, work.cache.alignment, max_programs=16)
+        return lambda stream: stream.wait_stream(side)
+
+    # Each candidate queues one transfer and returns how to make a stream wait for it.
+    candidates: dict[str, Callable[[torch.Tensor, torch.Tensor], Callable[[torch.cuda.Stream], None]]] = {
+        f"save, BlockMover ({mover.max_programs} programs)": lambda ids, host: mover.save(ids, host).wait_stream,
+        f"load, BlockMover ({mover.max_programs} programs)": lambda ids, host: mover.load(host, ids).wait_stream,
+        "save, BlockMover (full grid)": lambda ids, host: full_grid.save(ids, host).wait_stream,
+        "save, zero-copy kernel to pinned host (16 programs)": zero_copy_save,
+    }
+    probe = torch.cuda.Stream()
+    for name, transfer in candidates.items():
+        torch.cuda.synchronize()
+        # Enough transfers to outlast the decode window at the pinned-copy rate; only steps that
+        # finish before the last transfer count.
+        count = int(1.3 * alone * args.decode_steps / (work.bytes / 50e6)) + 1
+        id_sets = [torch.randperm(args.cache_blocks, device="cuda")[: args.blocks] for _ in range(count)]
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for i, ids in enumerate(id_sets):
+            wait_for_transfer = transfer(ids, work.host[i % 2])
+        wait_for_transfer(probe)
+        transfers_end = probe.record_event(torch.cuda.Event(enable_timing=True))
+        marks = timed_steps(decode, args.decode_steps)
+        torch.cuda.synchronize()
+        overlapped = [a.elapsed_time(b) for a, b in zip(marks, marks[1:]) if b.elapsed_time(transfers_end) > 0]
+        rate = count * work.bytes / begin.elapsed_time(transfers_end) / 1e6
+        step = statistics.median(overlapped) if overlapped else float("nan")
+        lines.append(f"| decode with {name} | {step:.3f} | {100 * (step / alone - 1):+.1f}% | "
+                     f"{len(overlapped)} of {args.decode_steps} | {rate:.1f} GB/s ({count} x {work.bytes / 2**20:.0f} MiB) |")
+    return lines
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels needs a CUDA GPU")
+    import triton
+
+    work = Workload(args)
+    ceiling = ceilings(work)
+    layout = work.cache.layout
+    report = [
+        f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
+        f"date {datetime.date.today().isoformat()}",
+        f"command: python benchmarks/bench_kernels.py {' '.join(argv)}",
+        f"layout: {args.layers} layers x {args.kv_heads} KV heads x head dim {args.head_dim} x {args.block_size}-token "
+        f"blocks, bf16, LBNHC; {layout.page_bytes // 1024} KiB per block and layer; {args.blocks} random blocks of "
+        f"{args.cache_blocks} per transfer = {work.bytes / 2**20:.0f} MiB",
+        "",
+        "| contender | ms (median) | GB/s | vs ceiling |",
+        "|---|---|---|---|",
+    ]
+    sections = [device_rows(work, ceiling), host_rows(work, ceiling)]
+    if not args.no_sweep:
+        sections.append(sweep_rows(work, ceiling))
+    for rows in sections:
+        report += [row.markdown() for row in rows]
+        print("\n".join(row.markdown() for row in rows), flush=True)
+    if not args.no_decode:
+        report += ["", "| decode step | ms (median) | slowdown | steps overlapped | transfers meanwhile |",
+                   "|---|---|---|---|---|", *decode_rows(work, args)]
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as out:
+            out.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
