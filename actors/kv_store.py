@@ -127,14 +127,16 @@ def as_block_array(block: BlockValue) -> np.ndarray:
 
 @dataclass(frozen=True)
 class KVStoreClient:
-    """Handles to a store's shards. Picklable: pass it to any actor, on any node, to share the store."""
+    """Handles to a store's shards. Picklable: pass it to any Ray actor or task, on any node, to share the
+    store. A process outside Ray (vLLM's engine-core and worker processes, where the KV connector runs)
+    connects first, `ray.init(address=<the cluster's GCS address>)`, then calls `get_or_create_kv_store`."""
 
     shards: tuple[Any, ...]  # KVStore actor handles, index = shard number
 
     def contains_prefix(self, block_hashes: Sequence[BlockHash]) -> int:
         """How many leading blocks of the chain the store holds: the prefix a replica can load instead
         of computing. It may shrink before the `get` that follows if another client's puts evict."""
-        present = self._gather(block_hashes, lambda shard, hashes: shard.contains.remote(hashes))
+        present = self._gather(block_hashes, lambda shard: shard.contains)
         return next((i for i, held in enumerate(present) if not held), len(present))
 
     def put(self, block_hashes: Sequence[BlockHash], blocks: Sequence[BlockValue]) -> None:
@@ -142,14 +144,16 @@ class KVStoreClient:
         if len(block_hashes) != len(blocks):
             raise ValueError(f"{len(block_hashes)} block hashes for {len(blocks)} blocks")
         arrays = [as_block_array(block) for block in blocks]
-        self._call_shards(
-            block_hashes, lambda shard, positions: shard.put.remote(*_pick(positions, block_hashes, arrays))
-        )
+
+        def put_on(shard: Any, positions: list[int]) -> ray.ObjectRef:
+            return shard.put.remote([block_hashes[i] for i in positions], [arrays[i] for i in positions])
+
+        self._call_shards(block_hashes, put_on)
 
     def get(self, block_hashes: Sequence[BlockHash]) -> list[np.ndarray | None]:
         """The blocks in order as flat uint8 arrays, None where the store has none. The arrays are read-only
         views of Ray's object store: copy them into the KV cache rather than writing to them."""
-        return self._gather(block_hashes, lambda shard, hashes: shard.get.remote(hashes))
+        return self._gather(block_hashes, lambda shard: shard.get)
 
     def stats(self) -> list[KVStoreStats]:
         """Each shard's statistics, index = shard number."""
@@ -170,21 +174,16 @@ class KVStoreClient:
         replies = ray.get([call(self.shards[shard], positions) for shard, positions in by_shard.items()])
         return list(zip(by_shard.values(), replies, strict=True))
 
-    def _gather(
-        self, block_hashes: Sequence[BlockHash], call: Callable[[Any, list[BlockHash]], ray.ObjectRef]
-    ) -> list:
-        """`call` on each shard with its hashes; the per-hash replies back in `block_hashes` order."""
+    def _gather(self, block_hashes: Sequence[BlockHash], method: Callable[[Any], Any]) -> list:
+        """Calls `method(shard)` with each shard's hashes; its per-hash replies back in `block_hashes` order."""
+        replies = self._call_shards(
+            block_hashes, lambda shard, positions: method(shard).remote([block_hashes[i] for i in positions])
+        )
         results: list = [None] * len(block_hashes)
-        replies = self._call_shards(block_hashes, lambda shard, positions: call(shard, *_pick(positions, block_hashes)))
         for positions, reply in replies:
             for position, value in zip(positions, reply, strict=True):
                 results[position] = value
         return results
-
-
-def _pick(positions: list[int], *columns: Sequence) -> list[list]:
-    """The entries at `positions` of each column."""
-    return [[column[i] for i in positions] for column in columns]
 
 
 def get_or_create_kv_store(config: KVStoreConfig) -> KVStoreClient:

@@ -74,7 +74,7 @@ class LRUIndex:
 
 def _torch_if_cuda() -> ModuleType | None:
     """torch, where CUDA is available. Without an NVIDIA driver there is no CUDA, and a shard on a CPU
-    node skips importing torch: ~1 s of start-up and a few hundred MiB resident per shard process."""
+    node skips importing torch: ~1 s of start-up and ~180 MiB resident per shard process."""
     if not Path("/proc/driver/nvidia/version").exists():
         return None
     import torch

@@ -5,6 +5,10 @@ here the same behaviours are checked end to end through the actors, once. Ray is
 local instance (`ray_cluster` in conftest.py).
 """
 
+import hashlib
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -117,6 +121,25 @@ def test_get_or_create_finds_the_running_store_by_name(store):
     store.put(hashes, [block(i) for i in range(4)])
     config = ray.get(store.shards[0].config.remote())
     assert held_bytes(get_or_create_kv_store(config).get(hashes)) == [bytes(block(i)) for i in range(4)]
+
+
+def test_a_process_outside_ray_finds_the_store_by_its_config(store):
+    # vLLM runs a KV connector in its engine-core and worker processes, which are not Ray workers.
+    hashes = chain(2, "outside-ray")
+    store.put(hashes, [block(0), block(1)])
+    config = ray.get(store.shards[0].config.remote())
+    script = f"""
+import hashlib, ray
+from rayfleet.actors.kv_block_hash import block_hashes
+from rayfleet.actors.kv_store import KVStoreConfig, get_or_create_kv_store
+ray.init(log_to_driver=False)  # RAY_ADDRESS names the cluster
+store = get_or_create_kv_store(KVStoreConfig.model_validate_json({config.model_dump_json()!r}))
+print(*(hashlib.sha256(b).hexdigest() for b in store.get(block_hashes(range(8), 4, "outside-ray"))))
+"""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [hashlib.sha256(block(i)).hexdigest() for i in range(2)]
 
 
 def test_get_or_create_rejects_another_configuration_of_a_running_store(store):
