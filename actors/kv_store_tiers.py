@@ -155,11 +155,16 @@ class DiskTier:
         if block_hash not in evicted:
             path = self._path(block_hash)
             partial = path.with_suffix(".tmp")
-            with open(partial, "wb") as f:
-                f.write(memoryview(block))
-            self._last_stamp_ns = max(time.time_ns(), self._last_stamp_ns + 1)
-            os.utime(partial, ns=(self._last_stamp_ns, self._last_stamp_ns))
-            partial.replace(path)
+            try:
+                with open(partial, "wb") as f:
+                    f.write(memoryview(block))
+                self._last_stamp_ns = max(time.time_ns(), self._last_stamp_ns + 1)
+                os.utime(partial, ns=(self._last_stamp_ns, self._last_stamp_ns))
+                partial.replace(path)
+            except OSError:  # a full or failing disk: the index must not list a block it cannot read
+                self._index.remove(block_hash)
+                partial.unlink(missing_ok=True)
+                raise
         return len(evicted)
 
     def take(self, block_hash: BlockHash, into: np.ndarray) -> np.ndarray:
