@@ -24,6 +24,7 @@ from rayfleet.actors.engine_stats import EngineLoad, stat_logger_factory
 from rayfleet.actors.replica_protocol import (
     GenerateCall,
     Handoff,
+    MigrationLimits,
     ReplicaChunk,
     ReplicaNotAccepting,
     UnknownRequest,
@@ -61,6 +62,9 @@ class ActiveRequest:
     output_tokens: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
+    last_token_wall: float | None = None  # wall clock: migration downtime spans two processes
+    first_output: asyncio.Event = field(default_factory=asyncio.Event)
+    num_cached_tokens: int | None = None  # the engine's prefix hit (local cache + KV loaded by the connector)
     arrival_time: float = field(default_factory=time.time)
     task: asyncio.Task | None = None
     # Set while the request is being moved out: the engine's abort output then must not end the
@@ -72,13 +76,17 @@ class LLMReplica:
     """A Ray actor hosting one vLLM AsyncLLM engine (created by the FleetController)."""
 
     def __init__(self, replica_id: str, pool: str, model: str, engine_args: dict[str, Any],
-                 served_model_name: str | None = None):
+                 served_model_name: str | None = None, live_migration: bool = True,
+                 migration_limits: MigrationLimits | None = None):
         self.replica_id = replica_id
         self.pool = pool
         self.model = model
         self.engine_args = dict(engine_args)
         self.served_model_name = served_model_name or pool
+        self.live_migration = live_migration
+        self.migration_limits = migration_limits or MigrationLimits()
         self.engine = None
+        self.migrator = None
         self.accepting = False
         self.load_stats = EngineLoad()
         self.requests: dict[str, ActiveRequest] = {}
@@ -90,9 +98,16 @@ class LLMReplica:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(model=self.model, served_model_name=[self.served_model_name], **self.engine_args)
+        engine_args = dict(self.engine_args)
+        if self.live_migration:
+            from rayfleet.actors.kv_migration import EngineKVMigrator, migration_engine_kwargs
+
+            engine_args.update(migration_engine_kwargs())
+        args = AsyncEngineArgs(model=self.model, served_model_name=[self.served_model_name], **engine_args)
         started = time.monotonic()
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.load_stats)])
+        if self.live_migration:
+            self.migrator = EngineKVMigrator(self.engine)
         self.accepting = True
         facts = self.engine_facts()
         logger.info("replica %s (%s) ready in %.1f s: %s", self.replica_id, self.pool,
@@ -132,7 +147,10 @@ class LLMReplica:
         if call.request_id in self.requests:
             raise ValueError(f"request id {call.request_id} is already running on {self.replica_id}")
         request = self._admit(call)
-        request.task = asyncio.create_task(self._pump(request, call.prompt_token_ids, call.sampling_params))
+        params = call.sampling_params
+        if self.migrator is not None and params.n == 1:
+            params = self.migrator.tag(params, call.request_id)
+        request.task = asyncio.create_task(self._pump(request, call.prompt_token_ids, params))
         async for chunk in self._drain(request):
             yield chunk
 
@@ -202,6 +220,8 @@ class LLMReplica:
         from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 
         now = time.monotonic()
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = output.num_cached_tokens
         choices = []
         for out in output.outputs:
             tokens = list(out.token_ids)
@@ -211,6 +231,8 @@ class LLMReplica:
             if tokens:
                 request.first_token_at = request.first_token_at or now
                 request.last_token_at = now
+                request.last_token_wall = time.time()
+                request.first_output.set()
             choices.append(GenerateTokensStreamChoice(
                 index=out.index,
                 token_ids=tokens,
@@ -219,6 +241,75 @@ class LLMReplica:
                 logprobs=_token_logprobs(tokens, out.logprobs, params.logprobs),
             ))
         return ReplicaChunk(choices=choices, num_cached_tokens=output.num_cached_tokens)
+
+    # ---------------------------------------------------------------- live migration
+    @property
+    def kv_block_size(self) -> int:
+        return int(self.engine.vllm_config.cache_config.block_size)
+
+    async def migrate_out(self, request_id: str, dst, dst_id: str, migration_id: str, mode: str) -> dict[str, Any]:
+        """Move a running request to `dst` (source side; see live_migration.py). Returns the record."""
+        from rayfleet.actors.live_migration import SourceMigration
+
+        request = self.requests.get(request_id)
+        migration = SourceMigration(self, request, dst, dst_id, migration_id, mode, self.migration_limits)
+        if request is None or self.migrator is None or request.leaving:
+            why = ("live migration is off for this pool" if self.migrator is None else
+                   "already moving" if request is not None else f"no request {request_id} on {self.replica_id}")
+            return {**migration.record("failed", why), "request_id": request_id}
+        return await migration.run()
+
+    def hand_off(self, request: ActiveRequest, handoff: Handoff) -> None:
+        """End the client's stream here with a pointer to the replica that continues it."""
+        self.requests.pop(request.call.request_id, None)
+        request.queue.put_nowait(ReplicaChunk(handoff=handoff))
+
+    def resume_request(self, request: ActiveRequest, final, migration_id: str) -> None:
+        """Continue `request` on this engine from KV staged under `migration_id` (one token computed)."""
+        from rayfleet.actors.kv_migration import EngineKVMigrator
+
+        resume = EngineKVMigrator.resume(final, request.call.sampling_params, request.prompt_len,
+                                         request.call.request_id, migration_id)
+        self.requests[request.call.request_id] = request
+        request.task = asyncio.create_task(self._pump(request, resume.prompt_token_ids, resume.sampling_params))
+
+    async def can_accept(self, kv_blocks: int) -> tuple[bool, str]:
+        if not self.accepting or self.migrator is None:
+            return False, f"{self.replica_id} is not accepting migrations"
+        free = await self.migrator.free_kv_blocks()
+        if free < kv_blocks:
+            return False, f"{self.replica_id} has {free} free KV blocks, the request needs {kv_blocks}"
+        return True, ""
+
+    async def stage_kv(self, migration_id: str, chunk) -> None:
+        await self.migrator.stage(migration_id, chunk)
+
+    async def drop_migration(self, migration_id: str) -> bool:
+        return await self.migrator.drop_staged(migration_id)
+
+    async def resume_migrated(self, migration_id: str, call: GenerateCall, final, output_tokens: int,
+                              timeout_s: float) -> tuple[float, int]:
+        """Destination side: take the request over.
+
+        Returns the wall time of its first token here and how many tokens the engine had to compute
+        before it (its prompt minus the KV it loaded): 1 when the moved KV was used in full.
+        """
+        if not self.accepting:
+            raise ReplicaNotAccepting(f"replica {self.replica_id} stopped accepting")
+        request = ActiveRequest(call=call, prompt_len=len(call.prompt_token_ids),
+                                max_tokens=call.sampling_params.max_tokens or 0, output_tokens=output_tokens)
+        self.resume_request(request, final, migration_id)
+        try:
+            await asyncio.wait_for(request.first_output.wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            await self.engine.abort(call.request_id)
+            self.requests.pop(call.request_id, None)
+            raise
+        return request.last_token_wall, len(final.all_token_ids) - (request.num_cached_tokens or 0)
+
+    async def kv_stats(self) -> dict[str, Any]:
+        """The KV connector's counters and the engine's free KV blocks (None without live migration)."""
+        return None if self.migrator is None else await self.migrator.stats()
 
     # ---------------------------------------------------------------- load
     def load(self) -> ReplicaLoad:

@@ -32,8 +32,7 @@ class Handoff:
 
     replica_id: str
     replica: Any  # the destination's Ray actor handle
-    all_token_ids: tuple[int, ...]  # prompt + every output token the source committed
-    prompt_len: int
+    all_token_ids: tuple[int, ...]  # prompt + every output token the source committed (its KV moved)
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,16 @@ class ReplicaError(RuntimeError):
 
 class ReplicaNotAccepting(ReplicaError):
     """The replica is draining, stopping or not started; route the request elsewhere."""
+
+
+@dataclass(frozen=True)
+class MigrationLimits:
+    """Llumnix's knobs for multi-stage pre-copy (its defaults: 3 stages, last stage under 16 blocks)."""
+
+    max_stages: int = 3
+    last_stage_max_blocks: int = 16
+    headroom_blocks: int = 1  # destination blocks kept free beyond what the request needs now
+    resume_timeout_s: float = 30.0
 
 
 class UnknownRequest(ReplicaError):

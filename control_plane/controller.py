@@ -184,7 +184,7 @@ class FleetController:
         if resources.custom:
             options["resources"] = dict(resources.custom)
         handle = ray.remote(LLMReplica).options(**options).remote(
-            replica_id, pool.name, pool.model, pool.engine_args, pool.served_model_name)
+            replica_id, pool.name, pool.model, pool.engine_args, pool.served_model_name, pool.live_migration)
         record = ReplicaRecord(replica_id=replica_id, pool=pool.name, handle=handle)
         self.replicas[replica_id] = record
         record.start_task = asyncio.create_task(self._await_start(record))
@@ -375,6 +375,7 @@ class FleetController:
                     "running": r.num_running, "waiting": r.num_waiting,
                     "kv_cache_usage": round(r.kv_cache_usage, 4), "tokens_in_flight": r.tokens_in_flight,
                     "decode_tokens_per_s": round(r.decode_tokens_per_s, 1), "node_id": r.node_id[:12],
+                    "requests": [q.request_id for q in r.requests],
                     "last_error": r.last_error,
                 })
         return {

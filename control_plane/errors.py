@@ -20,7 +20,8 @@ class OpenAIHTTPError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.err_type = err_type or HTTPStatus(status).phrase.replace(" ", "") + "Error"
+        phrase = HTTPStatus(status).phrase.replace(" ", "")
+        self.err_type = err_type or (phrase if phrase.endswith("Error") else phrase + "Error")
         self.param = param
         self.retry_after_s = retry_after_s
 

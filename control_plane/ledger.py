@@ -74,7 +74,8 @@ class TokenLedger:
 
     def unsent_after_handoff(self, handoff: Handoff) -> GenerateTokensStreamChoice | None:
         """Tokens the source committed (they are in the moved KV) but had not streamed yet."""
-        committed = list(handoff.all_token_ids[handoff.prompt_len:])
+        # Sliced by the ledger's own prompt: after a replay the replica's prompt already holds sent tokens.
+        committed = list(handoff.all_token_ids[len(self.call.prompt_token_ids):])
         sent = self.delivered.get(0, [])
         if committed[: len(sent)] != sent:
             raise RuntimeError(f"request {self.request_id}: source tokens diverge from the ledger at handoff")

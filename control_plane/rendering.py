@@ -28,7 +28,9 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
     GenerateTokensStreamChoice,
     GenerateTokensStreamResponse,
 )
+from pydantic import ValidationError
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
 logger = logging.getLogger("rayfleet.rendering")
 
@@ -157,12 +159,22 @@ class PoolRenderer:
     # ---------------------------------------------------------------- render
     async def render(self, kind: str, body: dict[str, Any]) -> list[RenderedRequest]:
         body = {**body, "model": self.pool}
-        if kind == "chat":
-            request = ChatCompletionRequest.model_validate(body)
-            generates = [_ok(await self.state.serving_render.render_chat_request(request))]
-        else:
-            request = CompletionRequest.model_validate(body)
-            generates = _ok(await self.state.serving_render.render_completion_request(request))
+        try:
+            if kind == "chat":
+                request = ChatCompletionRequest.model_validate(body)
+                generates = [_ok(await self.state.serving_render.render_chat_request(request))]
+            else:
+                request = CompletionRequest.model_validate(body)
+                generates = _ok(await self.state.serving_render.render_completion_request(request))
+        except (RenderError, ValidationError):
+            raise
+        except Exception as error:
+            # vLLM raises its validation errors (e.g. prompt longer than the context) rather than returning
+            # them; its own mapping gives the status and message `vllm serve` would.
+            response = create_error_response(error)
+            if response.error.code >= 500:
+                raise
+            raise RenderError(response) from None
         return [RenderedRequest(kind=kind, pool=self.pool, generate=g, openai_request=request) for g in generates]
 
     # ---------------------------------------------------------------- derender

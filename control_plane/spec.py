@@ -56,6 +56,9 @@ class PoolSpec(Strict):
     tags: dict[str, str] = Field(
         default_factory=dict, description="Free-form labels for policies: cost, latency_class, quality."
     )
+    live_migration: bool = Field(
+        True, description="Install rayfleet's KV connector so requests can move between replicas with their KV."
+    )
 
     @field_validator("name")
     @classmethod

@@ -64,6 +64,7 @@ class MigrationRecord:
     bytes_moved: int = 0
     downtime_s: float = 0.0
     total_s: float = 0.0
+    recomputed_tokens: int = 0  # tokens the destination computed before its first output (1 = no recompute)
     started_at: float = 0.0
 
 

@@ -78,6 +78,10 @@ def fleet_spec_dict(demo_models: Path, redis_url: str, port: int) -> dict:
              "resources": {"num_cpus": 1}, "env": env, "engine_args": engine, "tags": {"cost": "low"}},
             {"name": "tiny-b", "model": str(demo_models / "tiny-llama-b"), "min_replicas": 1, "max_replicas": 2,
              "resources": {"num_cpus": 1}, "env": env, "engine_args": engine},
+            # Two replicas with small KV caches (40 blocks of 32 tokens): the live-migration tests fill them.
+            {"name": "mig", "model": str(demo_models / "tiny-llama-b"), "min_replicas": 1, "max_replicas": 3,
+             "initial_replicas": 2, "resources": {"num_cpus": 1}, "env": env,
+             "engine_args": {**engine, "num_gpu_blocks_override": 40}},
             # Never started: requests to it prove the 503 path.
             {"name": "cold", "model": str(demo_models / "tiny-llama-a"), "min_replicas": 0, "max_replicas": 1,
              "resources": {"num_cpus": 1}, "env": env, "engine_args": engine},
@@ -85,6 +89,9 @@ def fleet_spec_dict(demo_models: Path, redis_url: str, port: int) -> dict:
         "ingress": {"host": "127.0.0.1", "port": port, "api_keys": [API_KEY]},
         "policies": {"router": {"name": "least_load"},
                      "admission": {"name": "queue_limit", "params": {"max_in_flight_per_replica": 48}},
+                     # Drains by migration on the "mig" pool only; a threshold above 1 never rebalances,
+                     # so the tests' explicit migrations are the only others.
+                     "migration": {"name": "llumnix", "params": {"pools": ["mig"], "imbalance_threshold": 2.0}},
                      "tick_s": 0.5},
         "health": {"check_period_s": 0.5, "check_timeout_s": 10},
         "state_store": redis_url,

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.engines
 
 def test_status_reports_load_per_replica(fleet):
     replicas = fleet.status()["replicas"]
-    assert {r["pool"] for r in replicas} == {"tiny-a", "tiny-b"}
+    assert {r["pool"] for r in replicas} == {"tiny-a", "tiny-b", "mig"}
     for r in replicas:
         assert r["state"] == "ready"
         assert {"running", "waiting", "kv_cache_usage", "tokens_in_flight", "decode_tokens_per_s"} <= set(r)

@@ -29,7 +29,7 @@ def stream_text_and_ids(client, **kwargs) -> tuple[str, list[str], str | None]:
 
 def test_models_lists_every_pool_and_auto(client):
     ids = {m.id for m in client.models.list().data}
-    assert ids == {"tiny-a", "tiny-b", "cold", "auto"}
+    assert ids == {"tiny-a", "tiny-b", "mig", "cold", "auto"}
 
 
 def test_streaming_and_non_streaming_greedy_outputs_are_identical(client):
@@ -85,7 +85,7 @@ def test_stop_string_ends_generation(client):
 
 def test_auto_model_is_routed_to_a_pool(client):
     result = client.chat.completions.create(model="auto", messages=MESSAGES, max_tokens=4, **GREEDY)
-    assert result.model in {"tiny-a", "tiny-b"}
+    assert result.model in {"tiny-a", "tiny-b", "mig"}
     assert result.usage.completion_tokens == 4
 
 

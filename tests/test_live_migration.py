@@ -1,0 +1,158 @@
+"""Live migration of running requests between real vLLM CPU engines, seen through the official client.
+
+The "mig" pool has two replicas of the same model with small KV caches (72 blocks of 32 tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import ray
+
+pytestmark = pytest.mark.engines
+PROMPT = [{"role": "user", "content": "Describe live migration of a running request."}]
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def mig_replicas(fleet) -> list[str]:
+    return sorted(r["replica_id"] for r in fleet.replicas("mig"))
+
+
+def where(fleet, request_id: str) -> str | None:
+    for r in fleet.status()["replicas"]:
+        if request_id in r["requests"]:
+            return r["replica_id"]
+    return None
+
+
+def replica_handle(replica_id: str):
+    return ray.get_actor(f"rayfleet-replica-{replica_id}", namespace="rayfleet")
+
+
+def free_blocks(replica_id: str) -> int:
+    return ray.get(replica_handle(replica_id).kv_stats.remote())["num_free_blocks"]
+
+
+@pytest.fixture(scope="module")
+def reference(client):
+    """Greedy output without migration (the same on either replica: same model, same weights)."""
+    result = client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=240, **GREEDY)
+    return result.choices[0].message.content
+
+
+async def stream_with_migrations(fleet, async_client, hops: int, mode: str, max_tokens: int = 240):
+    """Stream a greedy request and migrate it `hops` times mid-stream; returns text, usage, records."""
+    stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=max_tokens,
+                                                        stream=True, stream_options={"include_usage": True},
+                                                        **GREEDY)
+    text, records, usage, chunks, request_id = [], [], None, 0, None
+    async for chunk in stream:
+        request_id = request_id or chunk.id
+        if chunk.choices and chunk.choices[0].delta.content:
+            text.append(chunk.choices[0].delta.content)
+        chunks += 1
+        if chunk.usage:
+            usage = chunk.usage
+        if len(records) < hops and chunks == 20 + 40 * len(records):
+            src = await asyncio.to_thread(where, fleet, request_id)
+            dst = next(r for r in mig_replicas(fleet) if r != src)
+            records.append(await fleet.controller.migrate.remote(request_id, src, dst, mode))
+    return "".join(text), usage, records
+
+
+@pytest.mark.parametrize("mode", ["precopy", "stop_and_copy"])
+@pytest.mark.parametrize("hops", [1, 3])
+async def test_migrated_stream_is_token_identical(fleet, async_client, reference, mode, hops):
+    before = {r: free_blocks(r) for r in mig_replicas(fleet)}
+    text, usage, records = await stream_with_migrations(fleet, async_client, hops, mode)
+    assert [r["outcome"] for r in records] == ["migrated"] * hops, records
+    assert text == reference
+    assert usage.completion_tokens == 240
+    for record in records:
+        assert record["mode"] == mode
+        assert record["recomputed_tokens"] <= 32, "the destination recomputed more than one block"
+        assert record["blocks_moved"] > 0 and record["bytes_moved"] > 0
+        assert record["downtime_s"] > 0
+        if mode == "precopy":
+            assert record["stages"] >= 2
+    await asyncio.sleep(1.5)  # one engine step after the last request for the stats to settle
+    assert {r: free_blocks(r) for r in mig_replicas(fleet)} == before, "KV blocks leaked"
+
+
+def test_destination_computes_exactly_one_token(fleet, client):
+    history = fleet.status()["migrations"]
+    migrated = [m for m in history if m["outcome"] == "migrated"]
+    assert migrated, "run after the migration tests"
+    assert all(m["recomputed_tokens"] == 1 for m in migrated), migrated
+
+
+async def test_migration_onto_a_full_replica_is_refused_and_completes_on_source(fleet, client, async_client):
+    from vllm import SamplingParams
+
+    from rayfleet.actors.replica_protocol import GenerateCall
+
+    long_prompt = [11 + (i * 7) % 480 for i in range(850)]  # 27 blocks of KV to move
+    expected = client.completions.create(model="mig", prompt=long_prompt, max_tokens=60, **GREEDY).choices[0].text
+    _, dst = mig_replicas(fleet)
+    # A long request straight on dst (bypassing the router) keeps more than 13 of its 40 blocks busy.
+    filler = replica_handle(dst).generate.options(num_returns="streaming").remote(GenerateCall(
+        request_id="filler", prompt_token_ids=[12 + i % 400 for i in range(420)],
+        sampling_params=SamplingParams(max_tokens=560, ignore_eos=True)))
+    first = await filler.__anext__()
+    await first
+    await asyncio.sleep(1.5)  # the controller sees dst's load, so the router sends the next request elsewhere
+
+    stream = await async_client.completions.create(model="mig", prompt=long_prompt, max_tokens=60, stream=True,
+                                                   **GREEDY)
+    text, record = [], None
+    async for chunk in stream:
+        text.append(chunk.choices[0].text if chunk.choices else "")
+        if record is None and len(text) == 5:
+            here = where(fleet, chunk.id)
+            assert here != dst, "the router placed the request on the filled replica"
+            record = await fleet.controller.migrate.remote(chunk.id, here, dst, "precopy")
+    ray.get(replica_handle(dst).abort.remote("filler"))
+    assert record["outcome"] == "refused", record
+    assert "free KV blocks" in record["reason"]
+    assert "".join(text) == expected
+
+
+async def test_destination_killed_mid_migration_leaves_request_on_source(fleet, async_client, reference):
+    src, dst = mig_replicas(fleet)
+    stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=240, stream=True,
+                                                        **GREEDY)
+    text, record = [], None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text.append(chunk.choices[0].delta.content)
+        if record is None and len(text) == 20:
+            here = where(fleet, chunk.id)
+            other = next(r for r in mig_replicas(fleet) if r != here)
+            victim = replica_handle(other)
+            os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
+            # Straight to the source replica: the controller would already refuse a dead destination.
+            record = await replica_handle(here).migrate_out.remote(chunk.id, victim, other, "mig-kill", "precopy")
+    assert record["outcome"] == "aborted", record
+    assert "".join(text) == reference
+    fleet.wait_for(lambda: len(mig_replicas(fleet)) == 2, what="the killed replica to be replaced")
+
+
+async def test_draining_a_replica_migrates_its_requests_out_and_they_complete(fleet, async_client):
+    async def one(i):
+        return await async_client.chat.completions.create(
+            model="mig", messages=[{"role": "user", "content": f"drain {i}"}], max_tokens=200, **GREEDY)
+
+    tasks = [asyncio.create_task(one(i)) for i in range(4)]
+    await asyncio.sleep(3)
+    victim = max(fleet.replicas("mig"), key=lambda r: len(r["requests"]))
+    assert victim["requests"], "no request landed on the replica to drain"
+    moved = set(victim["requests"])
+    await fleet.controller.drain.remote(victim["replica_id"])
+    results = await asyncio.gather(*tasks)
+    assert all(r.usage.completion_tokens == 200 for r in results)
+    history = {m["request_id"]: m for m in fleet.status()["migrations"] if m["src"] == victim["replica_id"]}
+    assert moved <= set(history), f"not every request was migrated out: {moved - set(history)}"
+    assert all(history[rid]["outcome"] == "migrated" for rid in moved)
