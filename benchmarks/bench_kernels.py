@@ -20,6 +20,7 @@ import argparse
 import datetime
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def bench(fn: Callable[[], object], before: Callable[[], object] = lambda: None, repeats: int = 30) -> float:
+def bench(fn: Callable[[], object], before: Callable[[], object] = lambda: None, repeats: int = 50) -> float:
     """Median milliseconds of `fn` over `repeats` runs after warm-up; `before` (untimed) refreshes inputs."""
     times = []
     for i in range(repeats + 5):
@@ -93,6 +94,16 @@ class Workload:
         return self.ids
 
 
+def warm_up(work: Workload, seconds: float = 2.0) -> None:
+    """Run copies until clocks and power have settled, so the first contender is not measured cold."""
+    source = torch.empty_like(work.staging)
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for _ in range(50):
+            work.staging.copy_(source)
+        torch.cuda.synchronize()
+
+
 def ceilings(work: Workload) -> dict[str, float]:
     """GB/s of a device copy (read+write) and of pinned D2H / H2D copies, all of `work.bytes`."""
     source = torch.empty_like(work.staging).random_(0, 255)
@@ -121,42 +132,59 @@ def device_rows(work: Workload, ceiling: dict[str, float]) -> list[Row]:
 
 
 def sweep_rows(work: Workload, ceiling: dict[str, float]) -> list[Row]:
-    """The Triton kernel's tuning space: bytes per program unit, warps, grid cap."""
+    """The Triton kernel's tuning space: bytes per program unit, warps, L2 eviction hint, grid cap."""
     rows = []
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    configs = [(unit, warps, None) for unit in (4096, 8192, 16384, 32768, 65536) for warps in (4, 8, 16)]
-    configs += [(triton_copy.UNIT_BYTES, triton_copy.NUM_WARPS, programs) for programs in (num_sms, 4 * num_sms, 16 * num_sms)]
+    configs = [(unit, warps, "", None) for unit in (8192, 16384, 32768, 65536, 131072) for warps in (4, 8, 16)]
+    configs += [(unit, warps, "evict_first", None) for unit, warps in ((16384, 8), (65536, 4), (65536, 8))]
+    configs += [(triton_copy.UNIT_BYTES, triton_copy.NUM_WARPS, "", programs) for programs in (num_sms, 4 * num_sms, 16 * num_sms)]
     for gather in (True, False):
-        for unit, warps, programs in configs:
+        for unit, warps, eviction, programs in configs:
             ms = bench(lambda: triton_copy.copy_blocks(
                 work.cache, work.staging, work.ids, gather, work.cache.alignment,
-                max_programs=programs, unit_bytes=unit, num_warps=warps), work.fresh_ids)
-            name = f"{'gather' if gather else 'scatter'} unit={unit // 1024}KiB warps={warps} programs={programs or 'all'}"
+                max_programs=programs, unit_bytes=unit, num_warps=warps, eviction=eviction), work.fresh_ids)
+            name = (f"{'gather' if gather else 'scatter'} unit={unit // 1024}KiB warps={warps} "
+                    f"programs={programs or 'all'}{' ' + eviction if eviction else ''}")
             rows.append(Row(name, ms, 2 * work.bytes / ms / 1e6, "copy", ceiling["copy"]))
     return rows
 
 
-def host_rows(work: Workload, ceiling: dict[str, float]) -> list[Row]:
-    mover = BlockMover(work.cache)
-    full_grid = BlockMover(work.cache, max_programs=None)
+def movers(work: Workload) -> dict[str, BlockMover]:
+    return {
+        "DMA": BlockMover(work.cache, use_dma=True),
+        "staged, 16 programs": BlockMover(work.cache, use_dma=False, max_programs=16),
+        "staged, full grid": BlockMover(work.cache, use_dma=False, max_programs=None),
+    }
+
+
+def host_rows(work: Workload, ceiling: dict[str, float]) -> tuple[list[Row], list[str]]:
+    """Rows for host transfers, and lines on the host CPU time it takes to issue one."""
     rows = [
         Row("D2H ceiling: pinned cudaMemcpy of the same bytes", ceiling["D2H_ms"], ceiling["D2H"], "D2H", ceiling["D2H"]),
         Row("H2D ceiling: pinned cudaMemcpy of the same bytes", ceiling["H2D_ms"], ceiling["H2D"], "H2D", ceiling["H2D"]),
     ]
-    for label, candidate in ((f"{mover.max_programs} programs", mover), ("full grid", full_grid)):
-        ms = bench(lambda: candidate.save(work.ids, work.host[0]).wait_stream(), work.fresh_ids)
-        rows.append(Row(f"save (gather + D2H), BlockMover, {label}", ms, work.bytes / ms / 1e6, "D2H", ceiling["D2H"]))
-        ms = bench(lambda: candidate.load(work.host[0], work.ids).wait_stream(), work.fresh_ids)
-        rows.append(Row(f"load (H2D + scatter), BlockMover, {label}", ms, work.bytes / ms / 1e6, "H2D", ceiling["H2D"]))
-    for programs in (16, 64, None):
-        for gather in (True, False):
-            ms = bench(lambda: triton_copy.copy_blocks(
-                work.cache, work.host[0], work.ids, gather, work.cache.alignment, max_programs=programs), work.fresh_ids)
-            direction = "D2H" if gather else "H2D"
-            rows.append(Row(f"{'gather' if gather else 'scatter'} straight {'to' if gather else 'from'} pinned host "
-                            f"(zero-copy kernel), programs={programs or 'all'}", ms, work.bytes / ms / 1e6,
-                            direction, ceiling[direction]))
-    return rows
+    issue = []
+    for label, mover in movers(work).items():
+        for save in (True, False):
+            def transfer() -> None:
+                (mover.save(work.ids, work.host[0]) if save else mover.load(work.host[0], work.ids)).wait_stream()
+            ms = bench(transfer, work.fresh_ids)
+            direction = "D2H" if save else "H2D"
+            name = f"{'save (D2H)' if save else 'load (H2D)'}, BlockMover {label}"
+            rows.append(Row(name, ms, work.bytes / ms / 1e6, direction, ceiling[direction]))
+        ids = work.ids.tolist()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        mover.save(ids, work.host[0])
+        issue.append(f"host CPU time to issue one save, BlockMover {label}: {1e3 * (time.perf_counter() - started):.2f} ms")
+        torch.cuda.synchronize()
+    for gather in (True, False):
+        ms = bench(lambda: triton_copy.copy_blocks(
+            work.cache, work.host[0], work.ids, gather, work.cache.alignment, max_programs=16), work.fresh_ids)
+        direction = "D2H" if gather else "H2D"
+        rows.append(Row(f"{'gather straight to' if gather else 'scatter straight from'} pinned host "
+                        "(zero-copy kernel, 16 programs)", ms, work.bytes / ms / 1e6, direction, ceiling[direction]))
+    return rows, issue
 
 
 class Decode:
@@ -196,29 +224,34 @@ def decode_rows(work: Workload, args: argparse.Namespace) -> list[str]:
     torch.cuda.synchronize()
     alone = statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
     lines = [f"| decode stand-in alone | {alone:.3f} | - | - | - |"]
-    mover, full_grid = BlockMover(work.cache), BlockMover(work.cache, max_programs=None)
     side = torch.cuda.Stream()
+    contiguous = torch.empty_like(work.staging)
 
-    def zero_copy_save(ids: torch.Tensor, host: torch.Tensor) -> Callable[[torch.cuda.Stream], None]:
+    def on_side(copy: Callable[[], object]) -> Callable[[torch.cuda.Stream], None]:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            triton_copy.copy_blocks(work.cache, host, ids, True, work.cache.alignment, max_programs=16)
+            copy()
         return lambda stream: stream.wait_stream(side)
 
     # Each candidate queues one transfer and returns how to make a stream wait for it.
     candidates: dict[str, Callable[[torch.Tensor, torch.Tensor], Callable[[torch.cuda.Stream], None]]] = {
-        f"save, BlockMover ({mover.max_programs} programs)": lambda ids, host: mover.save(ids, host).wait_stream,
-        f"load, BlockMover ({mover.max_programs} programs)": lambda ids, host: mover.load(host, ids).wait_stream,
-        "save, BlockMover (full grid)": lambda ids, host: full_grid.save(ids, host).wait_stream,
-        "save, zero-copy kernel to pinned host (16 programs)": zero_copy_save,
+        "plain pinned cudaMemcpy D2H of a contiguous buffer (floor)": lambda ids, host: on_side(
+            lambda: host.copy_(contiguous, non_blocking=True)),
+        "plain pinned cudaMemcpy H2D of a contiguous buffer (floor)": lambda ids, host: on_side(
+            lambda: contiguous.copy_(host, non_blocking=True)),
     }
+    for label, mover in movers(work).items():
+        candidates[f"save, BlockMover {label}"] = lambda ids, host, mover=mover: mover.save(ids, host).wait_stream
+        candidates[f"load, BlockMover {label}"] = lambda ids, host, mover=mover: mover.load(host, ids).wait_stream
+    candidates["save, zero-copy kernel to pinned host (16 programs)"] = lambda ids, host: on_side(
+        lambda: triton_copy.copy_blocks(work.cache, host, ids, True, work.cache.alignment, max_programs=16))
     probe = torch.cuda.Stream()
     for name, transfer in candidates.items():
         torch.cuda.synchronize()
         # Enough transfers to outlast the decode window at the pinned-copy rate; only steps that
         # finish before the last transfer count.
         count = int(1.3 * alone * args.decode_steps / (work.bytes / 50e6)) + 1
-        id_sets = [torch.randperm(args.cache_blocks, device="cuda")[: args.blocks] for _ in range(count)]
+        id_sets = [torch.randperm(args.cache_blocks)[: args.blocks] for _ in range(count)]
         begin = torch.cuda.Event(enable_timing=True)
         begin.record()
         for i, ids in enumerate(id_sets):
@@ -242,6 +275,7 @@ def main(argv: list[str]) -> None:
     import triton
 
     work = Workload(args)
+    warm_up(work)
     ceiling = ceilings(work)
     layout = work.cache.layout
     report = [
@@ -255,12 +289,16 @@ def main(argv: list[str]) -> None:
         "| contender | ms (median) | GB/s | vs ceiling |",
         "|---|---|---|---|",
     ]
-    sections = [device_rows(work, ceiling), host_rows(work, ceiling)]
+    transfers, issue = host_rows(work, ceiling)
+    sections = [device_rows(work, ceiling), transfers]
     if not args.no_sweep:
         sections.append(sweep_rows(work, ceiling))
     for rows in sections:
         report += [row.markdown() for row in rows]
         print("\n".join(row.markdown() for row in rows), flush=True)
+    recheck = bench(lambda: work.staging.copy_(torch.empty_like(work.staging)))
+    report += [f"| copy ceiling re-measured after all rows above | {recheck:.3f} | {2 * work.bytes / recheck / 1e6:.0f} | |",
+               "", *issue]
     if not args.no_decode:
         report += ["", "| decode step | ms (median) | slowdown | steps overlapped | transfers meanwhile |",
                    "|---|---|---|---|---|", *decode_rows(work, args)]

@@ -29,8 +29,8 @@ def _implementation(cache: KVCacheLayers) -> ModuleType:
     return torch_copy
 
 
-def block_ids_on_device(cache: KVCacheLayers, block_ids: BlockIds) -> torch.Tensor:
-    """`block_ids` as an int64 tensor on the cache's device, range-checked unless it is already there.
+def checked_block_ids(cache: KVCacheLayers, block_ids: BlockIds) -> torch.Tensor:
+    """`block_ids` as a one-dimensional int64 tensor, range-checked unless it lives on a GPU.
 
     Checking ids that live on a GPU would synchronize with it, so those are trusted: an id out of
     range there is an out-of-bounds access, not an exception.
@@ -38,11 +38,20 @@ def block_ids_on_device(cache: KVCacheLayers, block_ids: BlockIds) -> torch.Tens
     ids = torch.as_tensor(block_ids, dtype=torch.int64)
     if ids.dim() != 1:
         raise ValueError(f"block_ids must be one-dimensional, got shape {tuple(ids.shape)}")
-    if ids.device != cache.device:
-        if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < cache.layout.num_blocks):
-            raise IndexError(f"block ids must lie in [0, {cache.layout.num_blocks}), got {ids.tolist()}")
-        ids = ids.to(cache.device)
+    if ids.device.type == "cpu" and len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < cache.layout.num_blocks):
+        raise IndexError(f"block ids must lie in [0, {cache.layout.num_blocks}), got {ids.tolist()}")
     return ids
+
+
+def block_ids_on_device(cache: KVCacheLayers, block_ids: BlockIds) -> torch.Tensor:
+    """`checked_block_ids` on the cache's device, copied on the current stream without blocking the
+    host (through pinned memory), so that issuing a copy never waits for the GPU."""
+    ids = checked_block_ids(cache, block_ids)
+    if ids.device == cache.device:
+        return ids
+    if cache.device.type == "cuda":
+        ids = ids.pin_memory()
+    return ids.to(cache.device, non_blocking=True)
 
 
 def _staging_alignment(cache: KVCacheLayers, staging: torch.Tensor, num_rows: int) -> int:

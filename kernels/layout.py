@@ -119,6 +119,15 @@ def alignment_of(*values: int) -> int:
     return alignment
 
 
+def _run_pitch(layout: KVLayout, layer_addresses: Sequence[int]) -> int | None:
+    """Bytes from one run of a block to the next in staging order ([layer][segment]), when that is
+    one constant stride not shorter than a run: then one strided (2D) copy moves a whole block."""
+    runs = [address + segment * layout.segment_stride for address in layer_addresses for segment in range(layout.num_segments)]
+    pitch = runs[1] - runs[0] if len(runs) > 1 else layout.segment_bytes
+    uniform = all(later - earlier == pitch for earlier, later in zip(runs, runs[1:]))
+    return pitch if uniform and pitch >= layout.segment_bytes else None
+
+
 class KVCacheLayers:
     """The per-layer KV tensors of one engine, with the geometry and addresses the movers need.
 
@@ -145,6 +154,7 @@ class KVCacheLayers:
         self.layer_addresses: tuple[int, ...] = tuple(layer.data_ptr() for layer in self.layers)
         strides = (geometry.segment_stride,) if geometry.num_segments > 1 else ()
         self.alignment = alignment_of(geometry.segment_bytes, geometry.block_stride, *strides, *self.layer_addresses)
+        self.run_pitch = _run_pitch(self.layout, self.layer_addresses)
 
     @cached_property
     def address_table(self) -> torch.Tensor:

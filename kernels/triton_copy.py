@@ -38,6 +38,7 @@ def _copy_blocks_kernel(
     WORD_BYTES: tl.constexpr,
     BLOCK: tl.constexpr,
     GATHER: tl.constexpr,
+    EVICTION: tl.constexpr,
 ):
     offsets = tl.arange(0, BLOCK)
     for unit in range(tl.program_id(0), num_units, tl.num_programs(0)):
@@ -54,9 +55,11 @@ def _copy_blocks_kernel(
         cache_words = tl.multiple_of(run.to(staging.dtype), ALIGNMENT) + in_segment
         staging_words = staging + row_layer_segment.to(tl.int64) * segment_words + in_segment
         if GATHER:
-            tl.store(staging_words, tl.load(cache_words, mask=mask), mask=mask)
+            words = tl.load(cache_words, mask=mask, eviction_policy=EVICTION)
+            tl.store(staging_words, words, mask=mask, eviction_policy=EVICTION)
         else:
-            tl.store(cache_words, tl.load(staging_words, mask=mask), mask=mask)
+            words = tl.load(staging_words, mask=mask, eviction_policy=EVICTION)
+            tl.store(cache_words, words, mask=mask, eviction_policy=EVICTION)
 
 
 def copy_blocks(
@@ -68,6 +71,7 @@ def copy_blocks(
     max_programs: int | None = None,
     unit_bytes: int = UNIT_BYTES,
     num_warps: int = NUM_WARPS,
+    eviction: str = "",
 ) -> None:
     """Gather (`gather=True`: cache -> staging) or scatter (staging -> cache) on the current stream.
 
@@ -100,5 +104,6 @@ def copy_blocks(
         WORD_BYTES=word_bytes,
         BLOCK=block,
         GATHER=gather,
+        EVICTION=eviction,
         num_warps=num_warps,
     )
