@@ -4,9 +4,12 @@ Runs under the Helm tools' Python (>= 3.12, `tests/setup_helm_tools.sh` builds i
 Helm v4's Go library, and `kubernetes-validate` holds the Kubernetes OpenAPI schemas.
 
     python helm/tools/chart_check.py [-f values.yaml]... [--set-json '{"key": ...}'] [-o json|yaml]
+    python helm/tools/chart_check.py --batch < cases.json    # {"case": {"values_files": [...], ...}, ...}
 
 prints a JSON report (lint messages, the rendered objects and hooks, NOTES, every validation error) or,
 with `-o yaml`, the rendered manifests like `helm template`; the exit status is 1 when anything failed.
+`--batch` checks many cases in one process (Helm's library and the CRDs load once) and prints
+{case: report}; the chart tests use it.
 
 How it renders. helm-sdkpy exposes no client-side `template` and no dry-run: its `Install` always
 talks to an API server. So `render` runs Helm's real `Install` action against a stand-in API server
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import copy
+import functools
 import json
 import os
 import shutil
@@ -46,16 +51,19 @@ CRDS = REPO / "tests" / "data" / "kuberay"
 # is added at run time. The stand-in API server reports the newest.
 MIN_KUBERNETES = "1.29"
 
-# Helm's Go runtime reads its environment once, when the shared library loads: set it up before that.
-_HELM_HOME = tempfile.mkdtemp(prefix="rayfleet-helm-")
-os.environ.update(
-    HELM_DRIVER="memory",
-    HELM_CACHE_HOME=f"{_HELM_HOME}/cache",
-    HELM_CONFIG_HOME=f"{_HELM_HOME}/config",
-    HELM_DATA_HOME=f"{_HELM_HOME}/data",
-    HOME=_HELM_HOME,
-)
-os.environ.pop("KUBECONFIG", None)
+# Helm's Go runtime sees the environment the process started with, not later changes to os.environ:
+# the settings below must be in place before Python starts, so the script re-executes itself with them.
+_HELM_ENV = {"HELM_DRIVER": "memory"}  # release records stay in memory, never in the stand-in cluster
+if os.environ.get("HELM_DRIVER") != "memory":
+    if __name__ != "__main__":
+        raise RuntimeError("chart_check needs HELM_DRIVER=memory in the environment Python starts with")
+    home = tempfile.mkdtemp(prefix="rayfleet-helm-")
+    env = {**os.environ, **_HELM_ENV, "RAYFLEET_HELM_HOME": home, "HOME": home,
+           "HELM_CACHE_HOME": f"{home}/cache", "HELM_CONFIG_HOME": f"{home}/config", "HELM_DATA_HOME": f"{home}/data"}
+    env.pop("KUBECONFIG", None)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+if "RAYFLEET_HELM_HOME" in os.environ:
+    atexit.register(shutil.rmtree, os.environ["RAYFLEET_HELM_HOME"], ignore_errors=True)
 
 import helm_sdkpy  # noqa: E402  (after the environment above)
 import kubernetes_validate  # noqa: E402
@@ -164,6 +172,9 @@ class DiscoveryServer:
             routes[path] = {"kind": "APIResourceList", "groupVersion": group_version, "resources": items}
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as Go's client expects (HTTP/1.0 costs it a retry)
+            disable_nagle_algorithm = True  # headers and body go out in two writes
+
             def _reply(self, status: int, body: Any) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
@@ -192,7 +203,7 @@ class DiscoveryServer:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def kubeconfig(self, namespace: str) -> str:
         host, port = self._server.server_address
@@ -291,9 +302,19 @@ def _kubernetes_errors(obj: dict[str, Any], versions: list[str]) -> list[str]:
     return errors
 
 
+# kubernetes-validate re-reads its multi-megabyte definitions file on every call; the contents are
+# immutable package data, so one read per process is enough.
+kubernetes_validate.utils.schema_contents = functools.cache(kubernetes_validate.utils.schema_contents)
+
+
+@functools.cache
+def crd_schemas(crd_dir: Path) -> CRDSchemas:
+    return CRDSchemas(sorted(crd_dir.glob("*_*.yaml")))
+
+
 def check(values_files: list[Path], overrides: list[dict[str, Any]], release: str, namespace: str,
           chart: Path = CHART, crd_dir: Path = CRDS) -> dict[str, Any]:
-    crds = CRDSchemas(sorted(crd_dir.glob("*_*.yaml")))
+    crds = crd_schemas(crd_dir)
     versions = [MIN_KUBERNETES, kubernetes_validate.utils.major_minor(kubernetes_validate.utils.latest_version())]
     values = user_values(values_files, overrides)
     report: dict[str, Any] = {"kubernetes_versions": versions, "lint": lint(chart, values)}
@@ -323,7 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chart", type=Path, default=CHART)
     parser.add_argument("--crds", type=Path, default=CRDS, help="CRD YAML files the cluster would have")
     parser.add_argument("-o", "--output", choices=["json", "yaml"], default="json")
+    parser.add_argument("--batch", action="store_true", help="read cases as JSON on stdin, print {case: report}")
     args = parser.parse_args(argv)
+    if args.batch:
+        cases = json.load(sys.stdin)
+        print(json.dumps({
+            name: check([Path(f) for f in case.get("values_files", [])], case.get("set_json", []),
+                        case.get("release", args.release), case.get("namespace", args.namespace),
+                        Path(case.get("chart", args.chart)), args.crds)
+            for name, case in cases.items()
+        }))
+        return 0
     report = check(args.values, args.set_json, args.release, args.namespace, args.chart, args.crds)
     if args.output == "yaml" and "objects" in report:
         hooks = [obj for hook in report["hooks"] for obj in hook["objects"]]
