@@ -74,13 +74,14 @@ def vllm_cache(order: tuple[int, ...], dtype: torch.dtype, device: str, head_siz
 
 
 def legacy_flash_cache(dtype: torch.dtype, device: str, head_size: int = 32) -> Cache:
-    """Separate `[2, num_blocks, block_size, num_kv_heads, head_size]` tensors: K and V of a block
-    are two runs half a layer apart."""
+    """`[2, num_blocks, block_size, num_kv_heads, head_size]` per layer: K and V of a block are two
+    runs half a layer apart. Layers lie at irregular distances, as separate allocations may."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     shape = (2, NUM_BLOCKS, BLOCK_SIZE, NUM_HEADS, head_size)
-    numel = 2 * NUM_BLOCKS * BLOCK_SIZE * NUM_HEADS * head_size
-    layers = [random_bytes(numel * itemsize, device).view(dtype).view(shape) for _ in range(NUM_LAYERS)]
-    return Cache(layers, block_dim=1)
+    layer_bytes = 2 * NUM_BLOCKS * BLOCK_SIZE * NUM_HEADS * head_size * itemsize
+    offsets = [layer * layer_bytes + layer * layer * 256 for layer in range(NUM_LAYERS)]
+    raw = random_bytes(offsets[-1] + layer_bytes, device)
+    return Cache([raw[offset : offset + layer_bytes].view(dtype).view(shape) for offset in offsets], block_dim=1)
 
 
 CACHES: dict[str, Callable[[torch.dtype, str], Cache]] = {
