@@ -123,8 +123,9 @@ class StandInAPIServer:
                     return self._status(404, "NotFound", f'rayclusters.ray.io "{parts[6]}" not found')
                 if self.command == "GET":
                     obj = server.objects[key]
-                    self._reply(200, obj)
-                    return server.after_get(obj)
+                    answer = copy.deepcopy(obj)
+                    server.after_get(obj)  # before the reply, so it precedes any request the reply leads to
+                    return self._reply(200, answer)
                 if self.headers.get("Content-Type") != "application/json-patch+json":
                     return self._status(415, "UnsupportedMediaType", "this stand-in serves JSON Patch only")
                 try:
