@@ -5,16 +5,17 @@ first); this module only carries that decision to Kubernetes, the way the Ray au
 
 Why patching the RayCluster works under a RayService (checked in the KubeRay v1.7.0 source):
 - The RayService controller creates the RayCluster from `spec.rayClusterConfig` and later compares a hash
-  of that spec computed *without* `replicas` and `scaleStrategy.workersToDelete`
-  (`GenerateHashWithoutReplicasAndWorkersToDelete`, `isClusterSpecHashEqual` in
-  `rayservice_controller.go`). Edits of exactly those two fields on the RayCluster are therefore never
-  reverted by the RayService, and never trigger a new cluster.
+  of that spec computed *without* the worker groups' `replicas`, `minReplicas`, `maxReplicas` and
+  `scaleStrategy.workersToDelete` (`GenerateHashWithoutReplicasAndWorkersToDelete` in `utils/util.go`,
+  `isClusterSpecHashEqual` in `rayservice_controller.go`). Edits of those fields on the RayCluster are
+  therefore never reverted by the RayService and never trigger a new cluster (and, conversely, changing
+  them in the RayService does not reach a running cluster).
 - With `enableInTreeAutoscaling: true` the RayCluster controller never deletes random Pods when `replicas`
   drops (`reconcilePods` in `raycluster_controller.go`): it deletes exactly the Pods named in
   `workersToDelete`, then creates Pods while fewer than `replicas` run. A scale-down is thus
   "replicas - n, and these n Pods", nothing else.
 - The Ray autoscaler's KubeRay provider (`ray/autoscaler/v2/instance_manager/cloud_providers/kuberay/`)
-  patches the same two fields with a JSON Patch (RFC 6902) addressed by worker group index. We mirror
+  patches `replicas` and `workersToDelete` with a JSON Patch (RFC 6902) addressed by worker group index. We mirror
   it, and add `test` operations on the group's name and current `replicas`: the autoscaler writes these
   fields too, so a patch computed from a stale read is rejected by the API server instead of
   overwriting the autoscaler's change. Custom resources accept no strategic merge patch, and a JSON
@@ -23,8 +24,10 @@ Why patching the RayCluster works under a RayService (checked in the KubeRay v1.
 
 A RayService's RayCluster gets a generated name (`<rayservice>-<suffix>`, new on every zero-downtime
 upgrade), so the chart passes it to every Ray Pod as `RAYFLEET_RAYCLUSTER_NAME` from the Pod label
-`ray.io/cluster` that KubeRay sets. A worker Pod's name is the hostname its Ray node reports
-(`NodeManagerHostname` in `ray.nodes()`), which is how the controller names the workers to delete.
+`ray.io/cluster` that KubeRay sets. KubeRay also gives every Ray container its Pod's name and worker
+group (env RAY_CLOUD_INSTANCE_ID and RAY_NODE_TYPE_NAME), which Ray records for each node: the
+`instance_id` and `ray_node_type_name` of `ray.autoscaler.v2.sdk.get_cluster_status(...).active_nodes`
+turn the Ray node of a drained replica into the Pod and group of a `WorkerGroupScaleRequest`.
 """
 
 from __future__ import annotations
