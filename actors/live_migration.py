@@ -55,7 +55,7 @@ class SourceMigration:
 
     @property
     def request_id(self) -> str:
-        return self.request.call.request_id
+        return self.request.call.request_id if self.request is not None else ""
 
     def record(self, outcome: str, reason: str = "", downtime_s: float = 0.0,
                recomputed_tokens: int = 0) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 import ray
@@ -21,11 +22,15 @@ def mig_replicas(fleet) -> list[str]:
     return sorted(r["replica_id"] for r in fleet.replicas("mig"))
 
 
-def where(fleet, request_id: str) -> str | None:
-    for r in fleet.status()["replicas"]:
-        if request_id in r["requests"]:
-            return r["replica_id"]
-    return None
+def where(fleet, request_id: str, timeout_s: float = 10.0) -> str:
+    """The replica running `request_id`, as the controller sees it (its view is up to one tick old)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for r in fleet.status()["replicas"]:
+            if request_id in r["requests"]:
+                return r["replica_id"]
+        time.sleep(0.05)
+    raise AssertionError(f"request {request_id} is on no replica: {fleet.status()['replicas']}")
 
 
 def replica_handle(replica_id: str):
@@ -57,7 +62,8 @@ async def stream_with_migrations(fleet, async_client, hops: int, mode: str, max_
         if chunk.usage:
             usage = chunk.usage
         if len(records) < hops and chunks == 20 + 40 * len(records):
-            src = await asyncio.to_thread(where, fleet, request_id)
+            # The first location comes from the controller; after that the request is where we moved it.
+            src = records[-1]["dst"] if records else await asyncio.to_thread(where, fleet, request_id)
             dst = next(r for r in mig_replicas(fleet) if r != src)
             records.append(await fleet.controller.migrate.remote(request_id, src, dst, mode))
     return "".join(text), usage, records
@@ -111,7 +117,7 @@ async def test_migration_onto_a_full_replica_is_refused_and_completes_on_source(
     async for chunk in stream:
         text.append(chunk.choices[0].text if chunk.choices else "")
         if record is None and len(text) == 5:
-            here = where(fleet, chunk.id)
+            here = await asyncio.to_thread(where, fleet, chunk.id)
             assert here != dst, "the router placed the request on the filled replica"
             record = await fleet.controller.migrate.remote(chunk.id, here, dst, "precopy")
     ray.get(replica_handle(dst).abort.remote("filler"))
@@ -129,7 +135,7 @@ async def test_destination_killed_mid_migration_leaves_request_on_source(fleet, 
         if chunk.choices and chunk.choices[0].delta.content:
             text.append(chunk.choices[0].delta.content)
         if record is None and len(text) == 20:
-            here = where(fleet, chunk.id)
+            here = await asyncio.to_thread(where, fleet, chunk.id)
             other = next(r for r in mig_replicas(fleet) if r != here)
             victim = replica_handle(other)
             os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
@@ -143,16 +149,17 @@ async def test_destination_killed_mid_migration_leaves_request_on_source(fleet, 
 async def test_draining_a_replica_migrates_its_requests_out_and_they_complete(fleet, async_client):
     async def one(i):
         return await async_client.chat.completions.create(
-            model="mig", messages=[{"role": "user", "content": f"drain {i}"}], max_tokens=200, **GREEDY)
+            model="mig", messages=[{"role": "user", "content": f"drain {i}"}], max_tokens=500, **GREEDY)
 
-    tasks = [asyncio.create_task(one(i)) for i in range(4)]
-    await asyncio.sleep(3)
+    tasks = [asyncio.create_task(one(i)) for i in range(2)]  # 17 KV blocks each; one replica holds both
+    await asyncio.to_thread(fleet.wait_for, lambda: sum(len(r["requests"]) for r in fleet.replicas("mig")) == 2,
+                            10, "both requests to be running")
     victim = max(fleet.replicas("mig"), key=lambda r: len(r["requests"]))
     assert victim["requests"], "no request landed on the replica to drain"
     moved = set(victim["requests"])
     await fleet.controller.drain.remote(victim["replica_id"])
     results = await asyncio.gather(*tasks)
-    assert all(r.usage.completion_tokens == 200 for r in results)
+    assert all(r.usage.completion_tokens == 500 for r in results)
     history = {m["request_id"]: m for m in fleet.status()["migrations"] if m["src"] == victim["replica_id"]}
     assert moved <= set(history), f"not every request was migrated out: {moved - set(history)}"
     assert all(history[rid]["outcome"] == "migrated" for rid in moved)
