@@ -137,27 +137,24 @@ def device_rows(work: Workload, ceiling: dict[str, float]) -> list[Row]:
 
 
 def sweep_rows(work: Workload, ceiling: dict[str, float]) -> list[Row]:
-    """The Triton kernel's tuning space: bytes per program unit, warps, L2 eviction hint, grid cap."""
+    """The Triton kernel's tuning space: bytes per program unit, warps, grid cap."""
     rows = []
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    configs = [(unit, warps, "", None) for unit in (8192, 16384, 32768, 65536, 131072) for warps in (4, 8, 16)]
-    configs += [(unit, warps, "evict_first", None) for unit, warps in ((16384, 8), (65536, 4), (65536, 8))]
-    configs += [(triton_copy.UNIT_BYTES, triton_copy.NUM_WARPS, "", programs) for programs in (num_sms, 4 * num_sms, 16 * num_sms)]
+    configs = [(unit, warps, None) for unit in (8192, 16384, 65536) for warps in (4, 8, 16)]
+    configs += [(triton_copy.UNIT_BYTES, triton_copy.NUM_WARPS, programs) for programs in (16, num_sms, 4 * num_sms)]
     for gather in (True, False):
-        for unit, warps, eviction, programs in configs:
+        for unit, warps, programs in configs:
             ms = bench(lambda: triton_copy.copy_blocks(
                 work.cache, work.staging, work.ids, gather, work.cache.alignment,
-                max_programs=programs, unit_bytes=unit, num_warps=warps, eviction=eviction), work.fresh_ids)
-            name = (f"{'gather' if gather else 'scatter'} unit={unit // 1024}KiB warps={warps} "
-                    f"programs={programs or 'all'}{' ' + eviction if eviction else ''}")
+                max_programs=programs, unit_bytes=unit, num_warps=warps), work.fresh_ids)
+            name = f"{'gather' if gather else 'scatter'} unit={unit // 1024}KiB warps={warps} programs={programs or 'all'}"
             rows.append(Row(name, ms, 2 * work.bytes / ms / 1e6, "copy", ceiling["copy"]))
     return rows
 
 
 def movers(work: Workload) -> dict[str, BlockMover]:
     return {
-        "DMA, 2 streams": BlockMover(work.cache, use_dma=True, dma_streams=2),
-        "DMA, 1 stream": BlockMover(work.cache, use_dma=True, dma_streams=1),
+        "DMA": BlockMover(work.cache, use_dma=True),
         "staged, 16 programs": BlockMover(work.cache, use_dma=False, max_programs=16),
         "staged, full grid": BlockMover(work.cache, use_dma=False, max_programs=None),
     }
@@ -184,6 +181,12 @@ def host_rows(work: Workload, ceiling: dict[str, float]) -> tuple[list[Row], lis
         mover.save(ids, work.host[0])
         issue.append(f"host CPU time to issue one save, BlockMover {label}: {1e3 * (time.perf_counter() - started):.2f} ms")
         torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(100):
+        gather_blocks(work.cache, work.ids, out=work.staging)
+    issue.append(f"host CPU time to issue one gather_blocks: {1e3 * (time.perf_counter() - started) / 100:.3f} ms")
+    torch.cuda.synchronize()
     for gather in (True, False):
         ms = bench(lambda: triton_copy.copy_blocks(
             work.cache, work.host[0], work.ids, gather, work.cache.alignment, max_programs=16), work.fresh_ids)
@@ -223,14 +226,14 @@ def timed_steps(decode: Decode, count: int) -> list[torch.cuda.Event]:
 
 
 def decode_rows(work: Workload, args: argparse.Namespace) -> list[str]:
-    """Decode step time alone and with back-to-back transfers beside it, and the transfers' rate then."""
+    """Decode step time alone and with transfers issued between its steps, as a connector would."""
     decode = Decode(args)
     timed_steps(decode, 3)
     marks = timed_steps(decode, args.decode_steps)
     torch.cuda.synchronize()
     alone = statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
     lines = [f"| decode stand-in alone | {alone:.3f} | - | - | - |"]
-    side = torch.cuda.Stream()
+    side, probe = torch.cuda.Stream(), torch.cuda.Stream()
     contiguous = torch.empty_like(work.staging)
 
     def on_side(copy: Callable[[], object]) -> Callable[[torch.cuda.Stream], None]:
@@ -239,38 +242,55 @@ def decode_rows(work: Workload, args: argparse.Namespace) -> list[str]:
             copy()
         return lambda stream: stream.wait_stream(side)
 
-    # Each candidate queues one transfer and returns how to make a stream wait for it.
-    candidates: dict[str, Callable[[torch.Tensor, torch.Tensor], Callable[[torch.cuda.Stream], None]]] = {
-        "plain pinned cudaMemcpy D2H of a contiguous buffer (floor)": lambda ids, host: on_side(
-            lambda: host.copy_(contiguous, non_blocking=True)),
-        "plain pinned cudaMemcpy H2D of a contiguous buffer (floor)": lambda ids, host: on_side(
-            lambda: contiguous.copy_(host, non_blocking=True)),
-    }
-    for label, mover in movers(work).items():
-        candidates[f"save, BlockMover {label}"] = lambda ids, host, mover=mover: mover.save(ids, host).wait_stream
-        candidates[f"load, BlockMover {label}"] = lambda ids, host, mover=mover: mover.load(host, ids).wait_stream
-    candidates["save, zero-copy kernel to pinned host (16 programs)"] = lambda ids, host: on_side(
-        lambda: triton_copy.copy_blocks(work.cache, host, ids.cuda(), True, work.cache.alignment, max_programs=16))
-    probe = torch.cuda.Stream()
-    for name, transfer in candidates.items():
+    # A candidate queues one transfer of the given ids and host rows and returns how to make a
+    # stream wait for it.
+    Candidate = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.cuda.Stream], None]]
+    mover, staged = BlockMover(work.cache, use_dma=True), BlockMover(work.cache, use_dma=False, max_programs=16)
+    candidates: list[tuple[str, Candidate, int]] = [
+        ("plain pinned cudaMemcpy D2H of a contiguous buffer (floor)",
+         lambda ids, host: on_side(lambda: host.copy_(contiguous[: len(host)], non_blocking=True)), args.blocks),
+        ("plain pinned cudaMemcpy H2D of a contiguous buffer (floor)",
+         lambda ids, host: on_side(lambda: contiguous[: len(host)].copy_(host, non_blocking=True)), args.blocks),
+        ("save, BlockMover DMA", lambda ids, host: mover.save(ids, host).wait_stream, args.blocks),
+        ("load, BlockMover DMA", lambda ids, host: mover.load(host, ids).wait_stream, args.blocks),
+        ("save, BlockMover staged (16 programs)", lambda ids, host: staged.save(ids, host).wait_stream, args.blocks),
+        ("load, BlockMover staged (16 programs)", lambda ids, host: staged.load(host, ids).wait_stream, args.blocks),
+        ("save, zero-copy kernel to pinned host (16 programs)", lambda ids, host: on_side(
+            lambda: triton_copy.copy_blocks(work.cache, host, ids.cuda(), True, work.cache.alignment, max_programs=16)),
+         args.blocks),
+    ]
+    for paced in (8, 16, 32):
+        candidates.append((f"load, BlockMover DMA, paced: {paced} blocks per step",
+                           lambda ids, host: mover.load(host, ids).wait_stream, paced))
+    window_ms, transfer_ms = alone * args.decode_steps, work.bytes / 50e6  # at about the pinned-copy rate
+    for name, transfer, blocks in candidates:
         torch.cuda.synchronize()
-        # Enough transfers to outlast the decode window at the pinned-copy rate; only steps that
-        # finish before the last transfer count.
-        count = int(1.3 * alone * args.decode_steps / (work.bytes / 50e6)) + 1
-        id_sets = [torch.randperm(args.cache_blocks)[: args.blocks] for _ in range(count)]
         begin = torch.cuda.Event(enable_timing=True)
         begin.record()
-        for i, ids in enumerate(id_sets):
-            wait_for_transfer = transfer(ids, work.host[i % 2])
+        issued, started = 0, time.perf_counter()
+        # Back to back: queue full transfers before decoding, until they outlast the decode window
+        # (issuing them takes host time too). Paced: one transfer of `blocks` blocks before every step.
+        back_to_back = blocks == args.blocks
+        while back_to_back and issued * transfer_ms < 1e3 * (time.perf_counter() - started) + 1.2 * window_ms:
+            wait_for_transfer = transfer(torch.randperm(args.cache_blocks)[:blocks], work.host[issued % 2])
+            issued += 1
+        marks = [torch.cuda.Event(enable_timing=True)]
+        marks[0].record()
+        for step in range(args.decode_steps):
+            if not back_to_back:
+                wait_for_transfer = transfer(torch.randperm(args.cache_blocks)[:blocks], work.host[step % 2][:blocks])
+                issued += 1
+            decode.step()
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
         wait_for_transfer(probe)
         transfers_end = probe.record_event(torch.cuda.Event(enable_timing=True))
-        marks = timed_steps(decode, args.decode_steps)
         torch.cuda.synchronize()
         overlapped = [a.elapsed_time(b) for a, b in zip(marks, marks[1:]) if b.elapsed_time(transfers_end) > 0]
-        rate = count * work.bytes / begin.elapsed_time(transfers_end) / 1e6
-        step = statistics.median(overlapped) if overlapped else float("nan")
-        lines.append(f"| decode with {name} | {step:.3f} | {100 * (step / alone - 1):+.1f}% | "
-                     f"{len(overlapped)} of {args.decode_steps} | {rate:.1f} GB/s ({count} x {work.bytes / 2**20:.0f} MiB) |")
+        rate = issued * blocks * work.cache.layout.block_bytes / begin.elapsed_time(transfers_end) / 1e6
+        step_ms = statistics.median(overlapped) if overlapped else float("nan")
+        lines.append(f"| decode with {name} | {step_ms:.3f} | {100 * (step_ms / alone - 1):+.1f}% | "
+                     f"{len(overlapped)} of {args.decode_steps} | {rate:.1f} GB/s |")
     return lines
 
 

@@ -28,8 +28,6 @@ from .layout import KVCacheLayers
 # Device staging for the two ring slots together; 64 MiB is 32 blocks of the 7B layout
 # (2 MiB per block), enough per chunk to hide the gather behind the copy engine.
 STAGING_BYTES = 64 * 1024 * 1024
-# Copy streams of the DMA path (docs/kernels.md measures one against two).
-DMA_STREAMS = 2
 # Grid cap for the staged path's gather/scatter kernel (docs/kernels.md measures the trade-off).
 TRANSFER_PROGRAMS = 16
 
@@ -64,16 +62,14 @@ class BlockMover:
     """Saves blocks of one engine's KV cache to host memory and loads them back.
 
     Transfers run in the order they are issued. `use_dma` picks the path (None: DMA where the layout
-    allows it) and `dma_streams` is how many copy streams the DMA path deals blocks to, so that one
-    copy's setup overlaps another's data; `staging_bytes` sizes the staged path's device ring and
-    `max_programs` caps its kernel's grid (None: one program per unit of work).
+    allows it); `staging_bytes` sizes the staged path's device ring and `max_programs` caps its
+    kernel's grid (None: one program per unit of work).
     """
 
     def __init__(
         self,
         cache: KVCacheLayers,
         use_dma: bool | None = None,
-        dma_streams: int = DMA_STREAMS,
         staging_bytes: int = STAGING_BYTES,
         max_programs: int | None = TRANSFER_PROGRAMS,
     ) -> None:
@@ -87,8 +83,7 @@ class BlockMover:
         self._in_flight: deque[Transfer] = deque()
         if cache.device.type != "cuda":
             return
-        self._copy_streams = [torch.cuda.Stream(cache.device) for _ in range(dma_streams if self.use_dma else 1)]
-        self._copy_stream = self._copy_streams[0]
+        self._copy_stream = torch.cuda.Stream(cache.device)
         self._kernel_stream = torch.cuda.Stream(cache.device)
         self._rows_per_slot = max(1, staging_bytes // 2 // cache.layout.block_bytes)
         self._slots: list[torch.Tensor] = []
@@ -132,21 +127,17 @@ class BlockMover:
 
     def _dma(self, ids: torch.Tensor, host: torch.Tensor, save: bool, queued: torch.cuda.Event) -> torch.cuda.Event:
         """One 2D copy per block: its runs, `run_pitch` apart in the cache, are back to back in a row."""
-        layout, pitch, streams = self.cache.layout, self.cache.run_pitch, self._copy_streams
+        layout, pitch, stream = self.cache.layout, self.cache.run_pitch, self._copy_stream
         height = layout.num_layers * layout.num_segments
-        for stream in streams:
-            stream.wait_event(queued)
+        stream.wait_event(queued)
         for row, block in enumerate(ids.tolist()):
             device = self.cache.layer_addresses[0] + block * layout.block_stride
             staged = host.data_ptr() + row * layout.block_bytes
-            stream = streams[row % len(streams)]
             if save:
                 dma.copy_2d(staged, layout.segment_bytes, device, pitch, layout.segment_bytes, height, stream)
             else:
                 dma.copy_2d(device, pitch, staged, layout.segment_bytes, layout.segment_bytes, height, stream)
-        for stream in streams[1:]:
-            streams[0].wait_event(stream.record_event())
-        return streams[0].record_event()
+        return stream.record_event()
 
     def _staged(self, ids: torch.Tensor, host: torch.Tensor, save: bool, queued: torch.cuda.Event) -> torch.cuda.Event:
         """Saves fill a ring slot with the kernel and drain it with the copy engine; loads the reverse."""
