@@ -110,7 +110,8 @@ def test_defaults_render_a_rayservice_with_redis_rbac_and_endpoints(reports):
 @pytest.mark.parametrize("case", VALUES_FILES)
 def test_the_fleet_spec_configmap_parses_as_a_fleet_spec(reports, case):
     objects = rendered(reports[case])
-    spec = parse_spec(yaml.safe_load(only(objects, "ConfigMap", f"{only(objects, 'RayService')['metadata']['name']}-fleet")["data"]["fleet.yaml"]))
+    configmap = only(objects, "ConfigMap", f"{only(objects, 'RayService')['metadata']['name']}-fleet")
+    spec = parse_spec(yaml.safe_load(configmap["data"]["fleet.yaml"]))
     assert (spec.ingress.host, spec.ingress.port, spec.ingress.grpc_port) == ("0.0.0.0", 8000, 9000)
     assert spec.state_store.startswith(("redis://", "rediss://")) and "@" not in spec.state_store
 
@@ -119,7 +120,8 @@ def test_the_fleet_spec_configmap_parses_as_a_fleet_spec(reports, case):
 def test_serve_config_is_rayfleets_app_in_ray_serves_schema(reports, case):
     from ray.serve.schema import ServeDeploySchema
 
-    serve = ServeDeploySchema.model_validate(yaml.safe_load(only(rendered(reports[case]), "RayService")["spec"]["serveConfigV2"]))
+    rayservice = only(rendered(reports[case]), "RayService")
+    serve = ServeDeploySchema.model_validate(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
     (app,) = serve.applications
     assert app.import_path == "rayfleet.control_plane.serve_app:build_app"
     assert app.args == {"spec_path": "/etc/rayfleet/fleet.yaml"}
@@ -132,7 +134,8 @@ def test_role_grants_exactly_what_the_scaler_calls_to_the_pods_service_account(r
     role = only(objects, "Role")
     assert [{key: sorted(values) for key, values in rule.items()} for rule in role["rules"]] == list(kuberay.RBAC_RULES)
     binding = only(objects, "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
     (subject,) = binding["subjects"]
     for name, group in ray_groups(only(objects, "RayService")["spec"]["rayClusterConfig"]):
         assert group["template"]["spec"]["serviceAccountName"] == subject["name"], name
@@ -143,7 +146,8 @@ def test_every_ray_container_knows_its_raycluster_and_secrets(reports, case):
     objects = rendered(reports[case])
     for name, group in ray_groups(only(objects, "RayService")["spec"]["rayClusterConfig"]):
         env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
-        assert env[kuberay.CLUSTER_NAME_ENV]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.labels['ray.io/cluster']"}}
+        assert env[kuberay.CLUSTER_NAME_ENV]["valueFrom"] == {
+            "fieldRef": {"fieldPath": "metadata.labels['ray.io/cluster']"}}
         assert "secretKeyRef" in env["RAYFLEET_API_KEYS"]["valueFrom"], name
         assert env["RAYFLEET_STATE_STORE"]["value"].startswith(("redis://", "rediss://")), name
         assert "REDIS_PASSWORD" not in env, "KubeRay rejects REDIS_PASSWORD on the head with GCS fault tolerance"
@@ -263,4 +267,5 @@ def test_grafana_dashboards_come_from_the_dashboards_folder(reports):
 
 
 def test_grafana_dashboards_without_any_dashboard_fail_with_the_reason(reports):
-    assert "grafana.dashboards.enabled: the chart holds no dashboards/grafana/*.json" in reports["grafana-without-dashboards"]["error"]
+    error = reports["grafana-without-dashboards"]["error"]
+    assert "grafana.dashboards.enabled: the chart holds no dashboards/grafana/*.json" in error

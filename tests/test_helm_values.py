@@ -28,46 +28,61 @@ POOL = {"name": "small", "model": "Qwen/Qwen2.5-0.5B-Instruct", "resources": {"n
 # case: (values file content, text the error must contain)
 SCHEMA_REJECTS: dict[str, tuple[dict[str, Any], str]] = {
     "wrong-type-max-replicas": (
-        {"workerGroups": [{**GROUP, "maxReplicas": "four"}]}, "at '/workerGroups/0/maxReplicas': got string, want integer"),
+        {"workerGroups": [{**GROUP, "maxReplicas": "four"}]},
+        "at '/workerGroups/0/maxReplicas': got string, want integer"),
     "wrong-type-gpu-count": (
         {"workerGroups": [{**GROUP, "accelerator": {"type": "L4", "count": 0.5}}]},
         "at '/workerGroups/0/accelerator/count': got number, want integer"),
     "missing-pool-model": (
-        {"fleet": {"pools": [{"name": "small"}]}}, "at '/fleet/pools/0': missing property 'model'"),
+        {"fleet": {"pools": [{"name": "small"}]}},
+        "at '/fleet/pools/0': missing property 'model'"),
     "missing-group-name": (
-        {"workerGroups": [{k: v for k, v in GROUP.items() if k != "name"}]}, "at '/workerGroups/0': missing property 'name'"),
+        {"workerGroups": [{k: v for k, v in GROUP.items() if k != "name"}]},
+        "at '/workerGroups/0': missing property 'name'"),
     "missing-external-redis-host": (
-        {"redis": {"mode": "external"}}, "at '/redis/external/host': minLength: got 0, want 1"),
+        {"redis": {"mode": "external"}},
+        "at '/redis/external/host': minLength: got 0, want 1"),
     "missing-rl-entrypoint": (
-        {"rlJob": {"enabled": True, "workerGroups": [GROUP]}}, "at '/rlJob/entrypoint': minLength: got 0, want 1"),
+        {"rlJob": {"enabled": True, "workerGroups": [GROUP]}},
+        "at '/rlJob/entrypoint': minLength: got 0, want 1"),
     "unknown-top-level-key": (
-        {"workerGroup": [GROUP]}, "at '': additional properties 'workerGroup' not allowed"),
+        {"workerGroup": [GROUP]},
+        "at '': additional properties 'workerGroup' not allowed"),
     "unknown-fleet-key": (
-        {"fleet": {"pools": [{**POOL, "max_replica": 3}]}}, "at '/fleet/pools/0': additional properties 'max_replica' not allowed"),
+        {"fleet": {"pools": [{**POOL, "max_replica": 3}]}},
+        "at '/fleet/pools/0': additional properties 'max_replica' not allowed"),
     "bad-redis-mode": (
-        {"redis": {"mode": "embedded"}}, "at '/redis/mode': value must be one of 'bundled', 'external'"),
+        {"redis": {"mode": "embedded"}},
+        "at '/redis/mode': value must be one of 'bundled', 'external'"),
     "bad-group-name": (
-        {"workerGroups": [{**GROUP, "name": "GPU_Pool"}]}, "at '/workerGroups/0/name': 'GPU_Pool' does not match pattern"),
+        {"workerGroups": [{**GROUP, "name": "GPU_Pool"}]},
+        "at '/workerGroups/0/name': 'GPU_Pool' does not match pattern"),
     "bad-quantity": (
         {"workerGroups": [{**GROUP, "resources": {"limits": {"memory": "lots"}}}]},
         "at '/workerGroups/0/resources/limits/memory'"),
 }
+H100_POOL = {**POOL, "resources": {"num_gpus": 1, "accelerator_type": "H100"}}
+CPU_GROUP = {k: v for k, v in GROUP.items() if k != "accelerator"}
 # Rejected by the templates (relations between fields), with the field path in the message.
 TEMPLATE_REJECTS: dict[str, tuple[dict[str, Any], str]] = {
     "pool-accelerator-without-group": (
-        {"fleet": {"pools": [{**POOL, "resources": {"num_gpus": 1, "accelerator_type": "H100"}}]}, "workerGroups": [GROUP]},
-        'fleet.pools[0].resources.accelerator_type: no worker group offers "H100" (accelerator types of workerGroups: L4)'),
+        {"fleet": {"pools": [H100_POOL]}, "workerGroups": [GROUP]},
+        'fleet.pools[0].resources.accelerator_type: no worker group offers "H100" '
+        "(accelerator types of workerGroups: L4)"),
     "gpu-pool-without-gpu-group": (
         {"fleet": {"pools": [{"name": "small", "model": "m", "resources": {"num_gpus": 1}}]},
-         "workerGroups": [{k: v for k, v in GROUP.items() if k != "accelerator"}]},
-        "fleet.pools[0].resources.num_gpus: the pool needs GPUs but no worker group of workerGroups has an accelerator"),
+         "workerGroups": [CPU_GROUP]},
+        "fleet.pools[0].resources.num_gpus: the pool needs GPUs but no worker group of workerGroups has an "
+        "accelerator"),
     "duplicate-group-names": (
-        {"workerGroups": [GROUP, GROUP]}, 'workerGroups[1].name: "gpu" is used by another worker group'),
+        {"workerGroups": [GROUP, GROUP]},
+        'workerGroups[1].name: "gpu" is used by another worker group'),
     "replicas-outside-bounds": (
-        {"workerGroups": [{**GROUP, "replicas": 5}]}, "workerGroups[0].replicas: 5 is outside [minReplicas 0, maxReplicas 2]"),
+        {"workerGroups": [{**GROUP, "replicas": 5}]},
+        "workerGroups[0].replicas: 5 is outside [minReplicas 0, maxReplicas 2]"),
     "accelerator-without-node-labels": (
-        {"workerGroups": [{**GROUP, "accelerator": {"type": "MI300X", "count": 1}}], "fleet": {"pools": [
-            {**POOL, "resources": {"num_gpus": 1, "accelerator_type": "MI300X"}}]}},
+        {"workerGroups": [{**GROUP, "accelerator": {"type": "MI300X", "count": 1}}],
+         "fleet": {"pools": [{**POOL, "resources": {"num_gpus": 1, "accelerator_type": "MI300X"}}]}},
         'workerGroups[0].accelerator.type: "MI300X" has no node label values in accelerators.products'),
     "ray-resources-twice": (
         {"workerGroups": [{**GROUP, "rayStartParams": {"num-gpus": "1"}}]},

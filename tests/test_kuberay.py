@@ -194,10 +194,11 @@ def test_scale_up_changes_only_the_groups_replicas(server, scaler, raycluster):
 
 
 def test_scale_down_names_the_drained_workers(server, scaler, crds):
-    scaler.scale(WorkerGroupScaleRequest(group="h100", replicas=1, workers_to_delete=("rayfleet-x7k2p-h100-worker-abcde",)))
+    drained = "rayfleet-x7k2p-h100-worker-abcde"
+    scaler.scale(WorkerGroupScaleRequest(group="h100", replicas=1, workers_to_delete=(drained,)))
     after = group(server.cluster(), "h100")
     assert after["replicas"] == 1
-    assert after["scaleStrategy"] == {"workersToDelete": ["rayfleet-x7k2p-h100-worker-abcde"]}
+    assert after["scaleStrategy"] == {"workersToDelete": [drained]}
     assert crds.errors(server.cluster()) == []
 
 
