@@ -38,6 +38,13 @@ VALUES_FILES = {
     **{f"ci-{path.stem}": [str(path)] for path in sorted((CHART / "ci").glob("*-values.yaml"))},
 }
 GRAFANA_ON = {"grafana": {"dashboards": {"enabled": True}}}
+# Every switch the other values files leave on, off.
+SWITCHES_OFF = {
+    "autoscaler": {"enabled": False}, "apiKeys": {"enabled": False}, "rbac": {"create": False},
+    "serviceAccount": {"create": False, "name": "existing"},
+    "redis": {"mode": "external", "gcsFaultTolerance": False, "external": {"host": "redis.example"}},
+}
+CASES = [*VALUES_FILES, "switches-off"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +63,7 @@ def chart_with_a_dashboard(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reports(chart_with_a_dashboard) -> dict[str, dict[str, Any]]:
     cases = {name: {"values_files": files} for name, files in VALUES_FILES.items()}
+    cases["switches-off"] = {"set_json": [SWITCHES_OFF]}
     cases["grafana"] = {"set_json": [GRAFANA_ON], "chart": str(chart_with_a_dashboard)}
     cases["grafana-without-dashboards"] = {"set_json": [GRAFANA_ON]}
     try:
@@ -79,12 +87,12 @@ def ray_groups(cluster: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
 
 
-@pytest.mark.parametrize("case", VALUES_FILES)
+@pytest.mark.parametrize("case", CASES)
 def test_chart_lints_clean(reports, case):
     assert reports[case]["lint"] == []
 
 
-@pytest.mark.parametrize("case", VALUES_FILES)
+@pytest.mark.parametrize("case", CASES)
 def test_every_rendered_object_passes_kubernetes_and_crd_schemas(reports, case):
     rendered(reports[case])
     failures = {name: errors for name, errors in reports[case]["validation"].items() if errors}
@@ -107,7 +115,7 @@ def test_defaults_render_a_rayservice_with_redis_rbac_and_endpoints(reports):
     assert cluster["rayVersion"] == "2.60.0"
 
 
-@pytest.mark.parametrize("case", VALUES_FILES)
+@pytest.mark.parametrize("case", CASES)
 def test_the_fleet_spec_configmap_parses_as_a_fleet_spec(reports, case):
     objects = rendered(reports[case])
     configmap = only(objects, "ConfigMap", f"{only(objects, 'RayService')['metadata']['name']}-fleet")
@@ -116,7 +124,7 @@ def test_the_fleet_spec_configmap_parses_as_a_fleet_spec(reports, case):
     assert spec.state_store.startswith(("redis://", "rediss://")) and "@" not in spec.state_store
 
 
-@pytest.mark.parametrize("case", VALUES_FILES)
+@pytest.mark.parametrize("case", CASES)
 def test_serve_config_is_rayfleets_app_in_ray_serves_schema(reports, case):
     from ray.serve.schema import ServeDeploySchema
 
@@ -269,3 +277,18 @@ def test_grafana_dashboards_come_from_the_dashboards_folder(reports):
 def test_grafana_dashboards_without_any_dashboard_fail_with_the_reason(reports):
     error = reports["grafana-without-dashboards"]["error"]
     assert "grafana.dashboards.enabled: the chart holds no dashboards/grafana/*.json" in error
+
+
+def test_switches_off_leave_out_rbac_api_keys_autoscaling_and_gcs_fault_tolerance(reports):
+    objects = rendered(reports["switches-off"])
+    assert {o["kind"] for o in objects} == {"RayService", "ConfigMap", "Service"}
+    cluster = only(objects, "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in cluster
+    assert "gcsFaultToleranceOptions" not in cluster
+    for name, group in ray_groups(cluster):
+        assert group["template"]["spec"]["serviceAccountName"] == "existing", name
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert "RAYFLEET_API_KEYS" not in env and "RAYFLEET_REDIS_PASSWORD" not in env
+        assert env["RAYFLEET_STATE_STORE"]["value"] == "redis://redis.example:6379/1"
+    spec = parse_spec(yaml.safe_load(only(objects, "ConfigMap")["data"]["fleet.yaml"]))
+    assert spec.ingress.api_keys_env is None
