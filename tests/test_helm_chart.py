@@ -42,7 +42,7 @@ GRAFANA_ON = {"grafana": {"dashboards": {"enabled": True}}}
 SWITCHES_OFF = {
     "autoscaler": {"enabled": False}, "apiKeys": {"enabled": False}, "rbac": {"create": False},
     "serviceAccount": {"create": False, "name": "existing"},
-    "redis": {"mode": "external", "gcsFaultTolerance": False, "external": {"host": "redis.example"}},
+    "redis": {"mode": "external", "gcsFaultTolerance": False, "external": {"url": "redis://redis.example"}},
 }
 CASES = [*VALUES_FILES, "switches-off"]
 

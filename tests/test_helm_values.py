@@ -39,9 +39,12 @@ SCHEMA_REJECTS: dict[str, tuple[dict[str, Any], str]] = {
     "missing-group-name": (
         {"workerGroups": [{k: v for k, v in GROUP.items() if k != "name"}]},
         "at '/workerGroups/0': missing property 'name'"),
-    "missing-external-redis-host": (
+    "missing-external-redis-url": (
         {"redis": {"mode": "external"}},
-        "at '/redis/external/host': minLength: got 0, want 1"),
+        "at '/redis/external/url': minLength: got 0, want 1"),
+    "redis-url-with-credentials": (
+        {"redis": {"mode": "external", "external": {"url": "redis://user:secret@redis.example:6379"}}},
+        "at '/redis/external/url': 'redis://user:secret@redis.example:6379' does not match pattern"),
     "missing-rl-entrypoint": (
         {"rlJob": {"enabled": True, "workerGroups": [GROUP]}},
         "at '/rlJob/entrypoint': minLength: got 0, want 1"),

@@ -57,16 +57,17 @@ app.kubernetes.io/part-of: rayfleet
 {{- if eq .Values.redis.mode "bundled" -}}
 {{- printf "%s-redis.%s.svc" (include "rayfleet.fullname" .) .Release.Namespace -}}
 {{- else -}}
-{{- .Values.redis.external.host -}}
+{{- (urlParse .Values.redis.external.url).hostname -}}
 {{- end -}}
 {{- end -}}
 
 {{- define "rayfleet.redisPort" -}}
-{{- if eq .Values.redis.mode "bundled" -}}6379{{- else -}}{{- .Values.redis.external.port -}}{{- end -}}
+{{- $url := urlParse (default "redis://bundled" .Values.redis.external.url) -}}
+{{- if or (eq .Values.redis.mode "bundled") (eq $url.host $url.hostname) -}}6379{{- else -}}{{- trimPrefix (printf "%s:" $url.hostname) $url.host -}}{{- end -}}
 {{- end -}}
 
 {{- define "rayfleet.redisScheme" -}}
-{{- if and (eq .Values.redis.mode "external") .Values.redis.external.tls -}}rediss{{- else -}}redis{{- end -}}
+{{- if eq .Values.redis.mode "bundled" -}}redis{{- else -}}{{- (urlParse .Values.redis.external.url).scheme -}}{{- end -}}
 {{- end -}}
 
 {{/* The Secret holding the Redis password, or "" for a Redis without one. */}}
