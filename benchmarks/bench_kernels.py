@@ -54,7 +54,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cache-blocks", type=int, default=4096, help="blocks each layer holds")
     parser.add_argument("--blocks", type=int, default=256, help="blocks moved per transfer")
     parser.add_argument("--batch", type=int, default=64, help="tokens per decode step of the stand-in")
-    parser.add_argument("--decode-steps", type=int, default=40)
+    parser.add_argument("--decode-steps", type=int, default=24, help="decode steps per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alone/beside measurement pairs per transfer kind")
     parser.add_argument("--no-sweep", action="store_true", help="skip the kernel tuning sweep")
     parser.add_argument("--no-decode", action="store_true", help="skip the overlap-with-decode rows")
     parser.add_argument("--out", help="also write the report here")
@@ -215,25 +216,64 @@ class Decode:
             self.x_inter @ w_down
 
 
-def timed_steps(decode: Decode, count: int) -> list[torch.cuda.Event]:
-    """Queue `count` decode steps on the current stream; events bracket each step."""
-    marks = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
+IssueTransfer = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.cuda.Stream], None]]
+
+
+@dataclass
+class Overlap:
+    """One round: decode steps that ran beside transfers, and the transfers' rate meanwhile."""
+
+    step_ms: float
+    overlapped: int
+    rate_gbps: float
+
+
+def decode_alone(decode: Decode, steps: int) -> float:
+    """Median step time with nothing beside it."""
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     marks[0].record()
     for mark in marks[1:]:
         decode.step()
         mark.record()
-    return marks
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
+
+
+def decode_beside(work: Workload, decode: Decode, transfer: IssueTransfer, blocks: int, window_ms: float, steps: int) -> Overlap:
+    """Decode steps with transfers of `blocks` random blocks beside them. Back to back (all blocks of
+    the workload): transfers are queued before decoding until they outlast the decode window (issuing
+    takes host time too). Paced (fewer blocks): one transfer is issued before every step."""
+    transfer_ms = work.bytes / 50e6  # about the pinned-copy rate
+    begin = torch.cuda.Event(enable_timing=True)
+    begin.record()
+    issued, started = 0, time.perf_counter()
+    back_to_back = blocks == work.args.blocks
+    while back_to_back and issued * transfer_ms < 1e3 * (time.perf_counter() - started) + 1.2 * window_ms:
+        wait_for_transfer = transfer(torch.randperm(work.args.cache_blocks)[:blocks], work.host[issued % 2])
+        issued += 1
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    marks[0].record()
+    for step, mark in enumerate(marks[1:]):
+        if not back_to_back:
+            wait_for_transfer = transfer(torch.randperm(work.args.cache_blocks)[:blocks], work.host[step % 2][:blocks])
+            issued += 1
+        decode.step()
+        mark.record()
+    probe = torch.cuda.Stream()
+    wait_for_transfer(probe)
+    transfers_end = probe.record_event(torch.cuda.Event(enable_timing=True))
+    torch.cuda.synchronize()
+    overlapped = [a.elapsed_time(b) for a, b in zip(marks, marks[1:]) if b.elapsed_time(transfers_end) > 0]
+    rate = issued * blocks * work.cache.layout.block_bytes / begin.elapsed_time(transfers_end) / 1e6
+    return Overlap(statistics.median(overlapped) if overlapped else float("nan"), len(overlapped), rate)
 
 
 def decode_rows(work: Workload, args: argparse.Namespace) -> list[str]:
-    """Decode step time alone and with transfers issued between its steps, as a connector would."""
+    """Decode slowdown beside each kind of transfer: per round, the steps beside transfers against
+    steps alone measured just before, so that drift in clocks or power cancels; median of rounds."""
     decode = Decode(args)
-    timed_steps(decode, 3)
-    marks = timed_steps(decode, args.decode_steps)
-    torch.cuda.synchronize()
-    alone = statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
-    lines = [f"| decode stand-in alone | {alone:.3f} | - | - | - |"]
-    side, probe = torch.cuda.Stream(), torch.cuda.Stream()
+    decode_alone(decode, 3)
+    side = torch.cuda.Stream()
     contiguous = torch.empty_like(work.staging)
 
     def on_side(copy: Callable[[], object]) -> Callable[[torch.cuda.Stream], None]:
@@ -242,11 +282,8 @@ def decode_rows(work: Workload, args: argparse.Namespace) -> list[str]:
             copy()
         return lambda stream: stream.wait_stream(side)
 
-    # A candidate queues one transfer of the given ids and host rows and returns how to make a
-    # stream wait for it.
-    Candidate = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.cuda.Stream], None]]
     mover, staged = BlockMover(work.cache, use_dma=True), BlockMover(work.cache, use_dma=False, max_programs=16)
-    candidates: list[tuple[str, Candidate, int]] = [
+    candidates: list[tuple[str, IssueTransfer, int]] = [
         ("plain pinned cudaMemcpy D2H of a contiguous buffer (floor)",
          lambda ids, host: on_side(lambda: host.copy_(contiguous[: len(host)], non_blocking=True)), args.blocks),
         ("plain pinned cudaMemcpy H2D of a contiguous buffer (floor)",
@@ -259,38 +296,21 @@ def decode_rows(work: Workload, args: argparse.Namespace) -> list[str]:
             lambda: triton_copy.copy_blocks(work.cache, host, ids.cuda(), True, work.cache.alignment, max_programs=16)),
          args.blocks),
     ]
-    for paced in (8, 16, 32):
+    for paced in (16, 64):
         candidates.append((f"load, BlockMover DMA, paced: {paced} blocks per step",
                            lambda ids, host: mover.load(host, ids).wait_stream, paced))
-    window_ms, transfer_ms = alone * args.decode_steps, work.bytes / 50e6  # at about the pinned-copy rate
+    lines = []
     for name, transfer, blocks in candidates:
-        torch.cuda.synchronize()
-        begin = torch.cuda.Event(enable_timing=True)
-        begin.record()
-        issued, started = 0, time.perf_counter()
-        # Back to back: queue full transfers before decoding, until they outlast the decode window
-        # (issuing them takes host time too). Paced: one transfer of `blocks` blocks before every step.
-        back_to_back = blocks == args.blocks
-        while back_to_back and issued * transfer_ms < 1e3 * (time.perf_counter() - started) + 1.2 * window_ms:
-            wait_for_transfer = transfer(torch.randperm(args.cache_blocks)[:blocks], work.host[issued % 2])
-            issued += 1
-        marks = [torch.cuda.Event(enable_timing=True)]
-        marks[0].record()
-        for step in range(args.decode_steps):
-            if not back_to_back:
-                wait_for_transfer = transfer(torch.randperm(args.cache_blocks)[:blocks], work.host[step % 2][:blocks])
-                issued += 1
-            decode.step()
-            marks.append(torch.cuda.Event(enable_timing=True))
-            marks[-1].record()
-        wait_for_transfer(probe)
-        transfers_end = probe.record_event(torch.cuda.Event(enable_timing=True))
-        torch.cuda.synchronize()
-        overlapped = [a.elapsed_time(b) for a, b in zip(marks, marks[1:]) if b.elapsed_time(transfers_end) > 0]
-        rate = issued * blocks * work.cache.layout.block_bytes / begin.elapsed_time(transfers_end) / 1e6
-        step_ms = statistics.median(overlapped) if overlapped else float("nan")
-        lines.append(f"| decode with {name} | {step_ms:.3f} | {100 * (step_ms / alone - 1):+.1f}% | "
-                     f"{len(overlapped)} of {args.decode_steps} | {rate:.1f} GB/s |")
+        slowdowns, rounds = [], []
+        for _ in range(args.rounds):
+            alone = decode_alone(decode, args.decode_steps)
+            rounds.append(decode_beside(work, decode, transfer, blocks, alone * args.decode_steps, args.decode_steps))
+            slowdowns.append(100 * (rounds[-1].step_ms / alone - 1))
+        line = (f"| {name} | {statistics.median(slowdowns):+.1f}% | {min(slowdowns):+.1f}% .. {max(slowdowns):+.1f}% | "
+                f"{min(r.overlapped for r in rounds)} of {args.decode_steps} | "
+                f"{statistics.median(r.rate_gbps for r in rounds):.1f} GB/s | {alone:.3f} ms |")
+        print(line, flush=True)
+        lines.append(line)
     return lines
 
 
@@ -326,8 +346,8 @@ def main(argv: list[str]) -> None:
     report += [f"| copy ceiling re-measured after all rows above | {recheck:.3f} | {2 * work.bytes / recheck / 1e6:.0f} | |",
                "", *issue]
     if not args.no_decode:
-        report += ["", "| decode step | ms (median) | slowdown | steps overlapped | transfers meanwhile |",
-                   "|---|---|---|---|---|", *decode_rows(work, args)]
+        report += ["", "| beside decode | slowdown (median of rounds) | rounds | steps overlapped (fewest) "
+                   "| transfer rate meanwhile | decode step alone |", "|---|---|---|---|---|---|", *decode_rows(work, args)]
     text = "\n".join(report)
     print(text)
     if args.out:

@@ -34,7 +34,7 @@ def _copy_blocks_kernel(
     block_stride,  # in words, like every size below
     segment_stride,
     segment_words,
-    ALIGNMENT: tl.constexpr,  # bytes that divide every layer address
+    ALIGNMENT: tl.constexpr,  # power of two (<= 16) dividing every run address: the vector-width hint
     WORD_BYTES: tl.constexpr,
     BLOCK: tl.constexpr,
     GATHER: tl.constexpr,
