@@ -49,14 +49,11 @@ CASES = [*VALUES_FILES, "switches-off"]
 
 @pytest.fixture(scope="module")
 def chart_with_a_dashboard(tmp_path_factory) -> Path:
-    """A copy of the chart whose dashboards/ link leads to one Grafana dashboard."""
+    """A copy of the chart with one Grafana dashboard in dashboards/grafana/."""
     chart = tmp_path_factory.mktemp("chart") / "rayfleet"
-    shutil.copytree(CHART, chart, symlinks=True)
-    dashboards = tmp_path_factory.mktemp("dashboards")
-    (dashboards / "grafana").mkdir()
-    (dashboards / "grafana" / "rayfleet-fleet.json").write_text(json.dumps({"title": "rayfleet fleet", "panels": []}))
-    (chart / "dashboards").unlink()
-    (chart / "dashboards").symlink_to(dashboards)
+    shutil.copytree(CHART, chart)
+    dashboard = {"title": "rayfleet fleet", "panels": []}
+    (chart / "dashboards" / "grafana" / "rayfleet-fleet.json").write_text(json.dumps(dashboard))
     return chart
 
 

@@ -21,8 +21,8 @@ Everything else is Helm: values coalescing, values.schema.json validation, the t
 
 How it lints. helm-sdkpy's `Lint` lints a chart directory with the chart's own values.yaml only, and
 returns each message's severity and path but not its text. `lint` therefore copies the chart (following
-the dashboards/ link, as `helm package` does) with values.yaml replaced by the coalesced values, which
-is what `helm lint -f` validates and renders.
+symbolic links, as `helm package` does) with values.yaml replaced by the coalesced values, which is
+what `helm lint -f` validates and renders.
 """
 
 from __future__ import annotations
