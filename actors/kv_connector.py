@@ -94,43 +94,53 @@ class KVLayoutDescriptor:
 
 
 def gather_blocks(layers: list[torch.Tensor], block_ids: list[int]) -> torch.Tensor:
-    """Copy whole blocks out of the paged cache: ``[num_layers, len(block_ids), layer_block_bytes]`` uint8.
+    """Copy whole blocks out of the paged cache into staging rows: ``[len(block_ids), bytes_per_block]`` uint8.
 
-    ``layers`` are per-layer ``[num_blocks, layer_block_bytes]`` uint8 views of the KV cache. This and
-    :func:`scatter_blocks` are the only data movers; ``rayfleet.kernels`` may replace them.
+    Row ``i`` is block ``block_ids[i]`` of every layer, ordered ``[layer][layer_block_bytes]`` (the row
+    format of ``rayfleet.kernels``). ``layers`` are per-layer ``[num_blocks, layer_block_bytes]`` uint8
+    views of the KV cache. This and :func:`scatter_blocks` are the connector's only data movers: plain
+    torch indexing, to be replaced by the fused movers of ``rayfleet.kernels``.
     """
     device = layers[0].device
-    out = torch.empty((len(layers), len(block_ids), layers[0].shape[1]), dtype=torch.uint8, device=device)
+    rows = torch.empty((len(block_ids), len(layers), layers[0].shape[1]), dtype=torch.uint8, device=device)
     if block_ids:
         index = torch.tensor(block_ids, dtype=torch.long, device=device)
-        for layer, dst in zip(layers, out):
-            torch.index_select(layer, 0, index, out=dst)
-    return out
+        for i, layer in enumerate(layers):
+            rows[:, i] = layer.index_select(0, index)
+    return rows.view(len(block_ids), len(layers) * layers[0].shape[1])
 
 
-def scatter_blocks(layers: list[torch.Tensor], block_ids: list[int], data: torch.Tensor) -> None:
-    """Write ``data`` (``[num_layers, len(block_ids), layer_block_bytes]`` uint8) into the given blocks."""
+def scatter_blocks(layers: list[torch.Tensor], block_ids: list[int], rows: torch.Tensor) -> None:
+    """Write staging rows (``[len(block_ids), bytes_per_block]`` uint8) into blocks ``block_ids``."""
     if not block_ids:
         return
-    index = torch.tensor(block_ids, dtype=torch.long, device=layers[0].device)
-    for layer, src in zip(layers, data):
-        layer.index_copy_(0, index, src.to(layer.device))
+    device = layers[0].device
+    index = torch.tensor(block_ids, dtype=torch.long, device=device)
+    per_layer = rows.to(device).view(len(block_ids), len(layers), -1)
+    for i, layer in enumerate(layers):
+        layer.index_copy_(0, index, per_layer[:, i])
 
 
 def _as_block_bytes(kv_layer: torch.Tensor) -> torch.Tensor:
-    """View one layer's cache as ``[num_blocks, layer_block_bytes]`` uint8 (block dimension first).
+    """View one layer's cache as ``[num_blocks, layer_block_bytes]`` uint8 rows (dimension 0 indexes blocks).
 
-    Supported layouts keep each block of a layer contiguous with the block index as the outer dimension:
-    the CPU backend's ``LBHNC`` (per-layer shape ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``).
-    Anything else (e.g. a layout with a leading K/V dimension) is refused here.
+    Supported: block-compact layouts, where one block of one layer is a single contiguous run of bytes,
+    whatever the order of heads and tokens inside it: vLLM 0.32's ``LBHNC`` (the CPU backend's only
+    layout) and ``LBNHC`` (FlashAttention's default). Refused: layouts that split a block into several
+    runs, e.g. a leading K/V dimension or head-outer ``LHBNC``.
     """
-    try:
-        return kv_layer.view(kv_layer.shape[0], -1).view(torch.uint8)
-    except RuntimeError as e:
-        raise NotImplementedError(
-            f"rayfleet KV connector: unsupported per-layer KV cache tensor shape {tuple(kv_layer.shape)} "
-            f"stride {kv_layer.stride()}: each block of a layer must be contiguous with the block index first"
-        ) from e
+    itemsize = kv_layer.element_size()
+    inner = sorted((stride, size) for size, stride in zip(kv_layer.shape[1:], kv_layer.stride()[1:]) if size > 1)
+    run = 1
+    for stride, size in inner:
+        if stride != run:
+            raise NotImplementedError(
+                f"rayfleet KV connector: a block of the KV cache layer with shape {tuple(kv_layer.shape)} and "
+                f"strides {kv_layer.stride()} is not one contiguous run of bytes (unsupported layout)")
+        run *= size
+    storage = torch.empty(0, dtype=torch.uint8, device=kv_layer.device).set_(kv_layer.untyped_storage())
+    return storage.as_strided((kv_layer.shape[0], run * itemsize), (kv_layer.stride(0) * itemsize, 1),
+                              kv_layer.storage_offset() * itemsize)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,7 +328,7 @@ class _LiveRequest:
 @dataclass
 class _StagedMigration:
     layout: KVLayoutDescriptor
-    chunks: dict[int, torch.Tensor] = field(default_factory=dict)  # first block -> [L, n, bytes] uint8
+    chunks: dict[int, torch.Tensor] = field(default_factory=dict)  # first block -> staging rows
 
     @property
     def nbytes(self) -> int:
@@ -330,6 +340,7 @@ class WorkerKVMigrationState:
 
     def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None):
         self._block_size = vllm_config.cache_config.block_size
+        self._num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else -1
         self._kv_layout = (kv_cache_config.kv_cache_layout if kv_cache_config is not None else None) or str(
             vllm_config.cache_config.kv_cache_layout
         )
@@ -404,11 +415,11 @@ class WorkerKVMigrationState:
             covered = [False] * len(job.block_ids)
             for first, data in (staged.chunks.items() if staged is not None else ()):
                 lo = max(first, job.first_block)
-                hi = min(first + data.shape[1], job.first_block + len(job.block_ids))
+                hi = min(first + data.shape[0], job.first_block + len(job.block_ids))
                 if lo >= hi:
                     continue
                 scatter_blocks(self._layers, job.block_ids[lo - job.first_block:hi - job.first_block],
-                               data[:, lo - first:hi - first])
+                               data[lo - first:hi - first])
                 covered[lo - job.first_block:hi - job.first_block] = [True] * (hi - lo)
             missing = [block for block, ok in zip(job.block_ids, covered) if not ok]
             if missing:
@@ -511,7 +522,7 @@ class WorkerKVMigrationState:
             warnings.simplefilter("ignore")  # read-only buffer: only ever a copy source
             tensor = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         staged = self._staged.setdefault(migration_id, _StagedMigration(theirs))
-        staged.chunks[first_block] = tensor.view(theirs.num_layers, num_blocks, theirs.layer_block_bytes)
+        staged.chunks[first_block] = tensor.view(num_blocks, theirs.bytes_per_block)
         self._counters["chunks_staged"] += 1
         self._counters["bytes_staged"] += len(data)
 
@@ -521,6 +532,7 @@ class WorkerKVMigrationState:
     def stats(self) -> dict[str, Any]:
         return {
             **{name: self._counters[name] for name in _COUNTERS},
+            "num_blocks": self._num_blocks,
             "num_free_blocks": self._num_free_blocks,
             "tracked_requests": len(self._live),
             "held_finals": len(self._finals),

@@ -72,8 +72,8 @@ class KVRequestNotFoundError(KVMigrationError):
 class KVChunk:
     """Whole KV blocks ``[first_block, first_block + num_blocks)`` of one request, all layers.
 
-    ``data`` is ``[layout.num_layers, num_blocks, layout.layer_block_bytes]`` uint8 on the CPU; block
-    ``i`` holds the KV of tokens ``[i * block_size, (i + 1) * block_size)``.
+    ``data`` is ``[num_blocks, layout.bytes_per_block]`` uint8 on the CPU, one row per block ordered
+    ``[layer][layer_block_bytes]``; block ``i`` holds the KV of tokens ``[i * block_size, (i + 1) * block_size)``.
     """
 
     first_block: int
@@ -97,7 +97,7 @@ class KVChunk:
         data = bytearray(wire["data"])  # writable, owned by the tensor
         tensor = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         return cls(wire["first_block"], num_blocks,
-                   tensor.view(layout.num_layers, num_blocks, layout.layer_block_bytes), layout)
+                   tensor.view(num_blocks, layout.bytes_per_block), layout)
 
 
 @dataclass(frozen=True)
