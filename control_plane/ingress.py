@@ -184,6 +184,37 @@ class OpenAIIngress:
         self._authenticate(request)
         return JSONResponse(await self.controller.status.remote())
 
+    @app.post("/v1/fleet/scale")
+    async def fleet_scale(self, request: Request) -> JSONResponse:
+        """Admin: {"pool": name, "replicas": n}; same as `rayfleet scale`."""
+        self._authenticate(request)
+        body = await self._body(request)
+        return JSONResponse(await self._control(self.controller.scale, body, ("pool", str), ("replicas", int)))
+
+    @app.post("/v1/fleet/migrate")
+    async def fleet_migrate(self, request: Request) -> JSONResponse:
+        """Admin: {"request_id", "src", "dst", "mode"?}; same as `rayfleet migrate`. Returns the record."""
+        self._authenticate(request)
+        body = await self._body(request)
+        body.setdefault("mode", "precopy")
+        return JSONResponse(await self._control(self.controller.migrate, body, ("request_id", str), ("src", str),
+                                                ("dst", str), ("mode", str)))
+
+    @staticmethod
+    async def _control(method, body: dict[str, Any], *fields: tuple[str, type]):
+        args = []
+        for name, kind in fields:
+            value = body.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise OpenAIHTTPError(400, f"'{name}' must be a {kind.__name__}", "invalid_request_error", name)
+            args.append(value)
+        try:
+            return await method.remote(*args)
+        except ray.exceptions.RayTaskError as error:
+            if type(error.cause).__name__ == "FleetError":
+                raise OpenAIHTTPError(400, str(error.cause), "invalid_request_error") from None
+            raise
+
     # ---------------------------------------------------------------- serving
     async def _serve(self, kind: str, request: Request):
         self._authenticate(request)

@@ -12,7 +12,11 @@ import ray
 pytestmark = pytest.mark.engines
 
 
-def test_status_reports_load_per_replica(fleet):
+def test_status_reports_load_per_replica(fleet, client):
+    client.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "hi"}], max_tokens=64,
+                                   extra_body={"ignore_eos": True})
+    fleet.wait_for(lambda: fleet.replicas("tiny-a")[0]["decode_tokens_per_s"] > 0, timeout_s=5,
+                   what="recent decode throughput to show in the status")
     replicas = fleet.status()["replicas"]
     assert {r["pool"] for r in replicas} == {"tiny-a", "tiny-b", "mig"}
     for r in replicas:

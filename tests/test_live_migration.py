@@ -103,12 +103,12 @@ async def test_migration_onto_a_full_replica_is_refused_and_completes_on_source(
     long_prompt = [11 + (i * 7) % 480 for i in range(850)]  # 27 blocks of KV to move
     expected = client.completions.create(model="mig", prompt=long_prompt, max_tokens=60, **GREEDY).choices[0].text
     _, dst = mig_replicas(fleet)
-    # A long request straight on dst (bypassing the router) keeps more than 13 of its 40 blocks busy.
-    filler = replica_handle(dst).generate.options(num_returns="streaming").remote(GenerateCall(
-        request_id="filler", prompt_token_ids=[12 + i % 400 for i in range(420)],
-        sampling_params=SamplingParams(max_tokens=560, ignore_eos=True)))
-    first = await filler.__anext__()
-    await first
+    # Two long requests straight on dst (bypassing the router) keep at least 28 of its 40 blocks busy.
+    fillers = [replica_handle(dst).generate.options(num_returns="streaming").remote(GenerateCall(
+        request_id=f"filler-{i}", prompt_token_ids=[12 + (i + j) % 400 for j in range(420)],
+        sampling_params=SamplingParams(max_tokens=560, ignore_eos=True))) for i in range(2)]
+    for filler in fillers:
+        await (await filler.__anext__())
     await asyncio.sleep(1.5)  # the controller sees dst's load, so the router sends the next request elsewhere
 
     stream = await async_client.completions.create(model="mig", prompt=long_prompt, max_tokens=60, stream=True,
@@ -120,7 +120,8 @@ async def test_migration_onto_a_full_replica_is_refused_and_completes_on_source(
             here = await asyncio.to_thread(where, fleet, chunk.id)
             assert here != dst, "the router placed the request on the filled replica"
             record = await fleet.controller.migrate.remote(chunk.id, here, dst, "precopy")
-    ray.get(replica_handle(dst).abort.remote("filler"))
+    for i in range(2):
+        await replica_handle(dst).abort.remote(f"filler-{i}")
     assert record["outcome"] == "refused", record
     assert "free KV blocks" in record["reason"]
     assert "".join(text) == expected
@@ -163,3 +164,27 @@ async def test_draining_a_replica_migrates_its_requests_out_and_they_complete(fl
     history = {m["request_id"]: m for m in fleet.status()["migrations"] if m["src"] == victim["replica_id"]}
     assert moved <= set(history), f"not every request was migrated out: {moved - set(history)}"
     assert all(history[rid]["outcome"] == "migrated" for rid in moved)
+
+
+async def test_migrating_a_finished_request_changes_nothing(fleet, client):
+    result = client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=8, **GREEDY)
+    src, dst = mig_replicas(fleet)
+    before = {r: free_blocks(r) for r in (src, dst)}
+    record = await fleet.controller.migrate.remote(result.id, src, dst, "precopy")
+    assert record["outcome"] == "failed" and "no request" in record["reason"]
+    assert {r: free_blocks(r) for r in (src, dst)} == before
+
+
+def test_migrate_through_the_admin_api_validates_input(fleet):
+    import httpx
+
+    from conftest import API_KEY
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    bad = httpx.post(f"{fleet.base_url}/fleet/migrate", json={"request_id": "x", "src": 3, "dst": "y"},
+                     headers=headers, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "src"
+    unknown = httpx.post(f"{fleet.base_url}/fleet/migrate", json={"request_id": "x", "src": "nope", "dst": "y"},
+                         headers=headers, timeout=30)
+    assert unknown.status_code == 400 and "unknown replica" in unknown.json()["error"]["message"]
+    assert httpx.post(f"{fleet.base_url}/fleet/migrate", json={}, timeout=30).status_code == 401
