@@ -48,21 +48,21 @@ CASES = [*VALUES_FILES, "switches-off"]
 
 
 @pytest.fixture(scope="module")
-def chart_with_a_dashboard(tmp_path_factory) -> Path:
-    """A copy of the chart with one Grafana dashboard in dashboards/grafana/."""
+def chart_without_dashboards(tmp_path_factory) -> Path:
+    """A copy of the chart whose dashboards/grafana/ (a link to the repo's dashboards/grafana) is empty."""
     chart = tmp_path_factory.mktemp("chart") / "rayfleet"
     shutil.copytree(CHART, chart)
-    dashboard = {"title": "rayfleet fleet", "panels": []}
-    (chart / "dashboards" / "grafana" / "rayfleet-fleet.json").write_text(json.dumps(dashboard))
+    for dashboard in (chart / "dashboards" / "grafana").glob("*.json"):
+        dashboard.unlink()
     return chart
 
 
 @pytest.fixture(scope="module")
-def reports(chart_with_a_dashboard) -> dict[str, dict[str, Any]]:
+def reports(chart_without_dashboards) -> dict[str, dict[str, Any]]:
     cases = {name: {"values_files": files} for name, files in VALUES_FILES.items()}
     cases["switches-off"] = {"set_json": [SWITCHES_OFF]}
-    cases["grafana"] = {"set_json": [GRAFANA_ON], "chart": str(chart_with_a_dashboard)}
-    cases["grafana-without-dashboards"] = {"set_json": [GRAFANA_ON]}
+    cases["grafana"] = {"set_json": [GRAFANA_ON]}
+    cases["grafana-without-dashboards"] = {"set_json": [GRAFANA_ON], "chart": str(chart_without_dashboards)}
     try:
         return check_cases(cases)
     except HelmToolsMissing as missing:
@@ -268,7 +268,9 @@ def test_rl_job_runs_on_its_own_cluster_with_its_own_fleet_spec(reports):
 def test_grafana_dashboards_come_from_the_dashboards_folder(reports):
     configmap = only(rendered(reports["grafana"]), "ConfigMap", "rayfleet-grafana-dashboards")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(configmap["data"]["rayfleet-fleet.json"])["title"] == "rayfleet fleet"
+    shipped = json.loads((REPO / "dashboards" / "grafana" / "rayfleet-fleet.json").read_text())
+    assert json.loads(configmap["data"]["rayfleet-fleet.json"]) == shipped
+    assert shipped["title"] == "rayfleet: fleet" and shipped["panels"]
 
 
 def test_grafana_dashboards_without_any_dashboard_fail_with_the_reason(reports):
