@@ -123,6 +123,9 @@ class LLMReplica:
             "kv_block_size": int(config.cache_config.block_size),
             "max_model_len": int(config.model_config.max_model_len),
             "pid": os.getpid(),
+            # Set by the Helm chart on KubeRay Pods: which Pod (and worker group) a drained replica frees.
+            "pod": os.environ.get("RAYFLEET_POD_NAME", ""),
+            "worker_group": os.environ.get("RAYFLEET_WORKER_GROUP", ""),
         }
 
     async def check_health(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import ray
 
+from rayfleet.control_plane.kuberay import CLUSTER_NAME_ENV, KubeRayScaler
 from rayfleet.control_plane.spec import FleetSpec, PoolSpec, parse_spec
 from rayfleet.control_plane.state_store import open_state_store
 from rayfleet.control_plane.telemetry import FleetMetrics
@@ -90,6 +92,7 @@ class FleetController:
         self.migrations: list[MigrationRecord] = []
         self.metrics = FleetMetrics()
         self._build_policies()
+        self.kuberay = _kuberay_scaler()
         self._loop_task: asyncio.Task | None = None
         self._readopt()
 
@@ -283,6 +286,7 @@ class FleetController:
                 await self._stop(record)
 
     async def _stop(self, record: ReplicaRecord) -> None:
+        release_pod = record.state is ReplicaState.DRAINING
         try:
             await asyncio.wait_for(record.handle.shutdown.remote(), timeout=30)
         except Exception:  # dead or stuck: the kill below is what matters
@@ -295,6 +299,25 @@ class FleetController:
         self.replicas.pop(record.replica_id, None)
         self._persist_registry()
         logger.info("replica %s stopped", record.replica_id)
+        if release_pod:
+            await self._release_pod(record)
+
+    async def _release_pod(self, record: ReplicaRecord) -> None:
+        """On KubeRay, hand the drained replica's Pod back: its worker group shrinks by exactly that Pod.
+
+        Without this the Ray autoscaler would remove *some* idle worker after its idle timeout; naming the
+        drained Pod in `workersToDelete` removes the one whose requests were already moved or finished.
+        """
+        pod, group = record.facts.get("pod"), record.facts.get("worker_group")
+        if self.kuberay is None or not pod or not group or group == "headgroup":
+            return
+        if any(r.facts.get("pod") == pod for r in self.replicas.values()):
+            return  # another replica still runs on that Pod
+        try:
+            request = await asyncio.to_thread(self.kuberay.release_pod, group, pod)
+            logger.info("released Pod %s: worker group %s down to %d", pod, group, request.replicas)
+        except Exception as error:  # the autoscaler still reclaims the idle Pod later
+            logger.warning("could not release Pod %s of group %s: %s", pod, group, error)
 
     # ---------------------------------------------------------------- policies and migration
     async def _run_policies(self) -> None:
@@ -407,6 +430,18 @@ class FleetController:
                 record.state = ReplicaState.READY  # the health loop demotes it if its engine is not up
             self.replicas[replica_id] = record
             logger.info("re-adopted replica %s (%s)", replica_id, info["state"])
+
+
+def _kuberay_scaler():
+    """The RayCluster's scaler when running in a Pod of the rayfleet chart, else None."""
+    if not os.environ.get(CLUSTER_NAME_ENV):
+        return None
+    try:
+        return KubeRayScaler.in_cluster()
+    except Exception as error:
+        logger.warning("running on KubeRay but cannot reach the Kubernetes API (%s); drained Pods are left "
+                       "to the Ray autoscaler", error)
+        return None
 
 
 def get_or_create_controller(spec: FleetSpec):

@@ -273,3 +273,15 @@ class KubeRayScaler:
             field_validation="Strict",
             _content_type=JSON_PATCH,
         )
+
+    def release_pod(self, group: str, pod: str) -> WorkerGroupScaleRequest:
+        """Shrink `group` by one, deleting exactly `pod` (a worker whose replicas were drained)."""
+        groups = self.worker_groups()
+        if group not in groups:
+            raise KubeRayScaleError(f"RayCluster {self.cluster_name} has no worker group {group!r}")
+        current = groups[group]
+        request = WorkerGroupScaleRequest(group=group, replicas=max(current.replicas - 1, current.min_replicas),
+                                          workers_to_delete=(pod,))
+        self._call("patch_namespaced_custom_object", body=self.patch_body(request, current),
+                   field_validation="Strict", _content_type=JSON_PATCH)
+        return request

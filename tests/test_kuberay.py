@@ -202,6 +202,16 @@ def test_scale_down_names_the_drained_workers(server, scaler, crds):
     assert crds.errors(server.cluster()) == []
 
 
+def test_releasing_a_drained_pod_shrinks_its_group_by_exactly_that_pod(server, scaler, crds):
+    before = group(server.cluster(), "h100")["replicas"]
+    drained = "rayfleet-x7k2p-h100-worker-fghij"
+    request = scaler.release_pod("h100", drained)
+    after = group(server.cluster(), "h100")
+    assert after["replicas"] == request.replicas == max(before - 1, after.get("minReplicas", 0))
+    assert drained in after["scaleStrategy"]["workersToDelete"]
+    assert crds.errors(server.cluster()) == []
+
+
 def test_every_patch_operation_fits_the_raycluster_schema(server, scaler, crds):
     request = WorkerGroupScaleRequest(group="l4", replicas=0, workers_to_delete=("rayfleet-x7k2p-l4-worker-q9z8w",))
     body = scaler.patch_body(request, scaler.worker_groups()["l4"])

@@ -118,6 +118,14 @@ serving (the RayService cluster keeps its state in Redis; the RL job's cluster i
   valueFrom:
     fieldRef:
       fieldPath: metadata.labels['ray.io/cluster']
+- name: RAYFLEET_WORKER_GROUP
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.labels['ray.io/group']
+- name: RAYFLEET_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
 {{- if $root.Values.apiKeys.enabled }}
 - name: RAYFLEET_API_KEYS
   valueFrom:
