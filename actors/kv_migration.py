@@ -44,13 +44,20 @@ __all__ = [
 _POLL_INTERVAL_S = 0.002
 
 
-def migration_engine_kwargs() -> dict[str, Any]:
-    """Engine arguments (``AsyncEngineArgs(**...)``) that install rayfleet's connector and worker RPCs."""
+def migration_engine_kwargs(kv_load_failure_policy: str = "recompute") -> dict[str, Any]:
+    """Engine arguments (``AsyncEngineArgs(**...)``) that install rayfleet's connector and worker RPCs.
+
+    ``kv_load_failure_policy`` is vLLM's answer to a resume whose staged KV is missing or incomplete:
+    "recompute" (default here) recomputes the missing tokens, so the output stays correct, only slower;
+    "fail" (vLLM's default) ends the request with finish reason "error". Either way the connector's
+    ``load_errors`` counter counts it.
+    """
     return {
         "kv_transfer_config": KVTransferConfig(
             kv_connector="RayfleetKVConnector",
             kv_connector_module_path="rayfleet.actors.kv_connector",
             kv_role="kv_both",
+            kv_load_failure_policy=kv_load_failure_policy,
         ),
         "worker_extension_cls": "rayfleet.actors.kv_worker_extension.KVMigrationWorkerExtension",
     }

@@ -319,6 +319,46 @@ def test_drop_staged_frees_the_staging(engines):
     engines.run(check())
 
 
+def test_resume_without_staged_kv_recomputes_and_stays_exact(engines):
+    async def check():
+        prompt = _prompt(10)
+        reference, _ = await _generate(engines.a, prompt, _greedy(40), "ref-10")
+        before = await engines.dst.stats()
+        # A resume whose staging never arrived: the worker reports its blocks as load errors and the
+        # engine (kv_load_failure_policy="recompute") computes them instead.
+        params = engines.dst.tag(_greedy(40), "req-10", load="mig-never-staged", num_tokens=PROMPT_LEN)
+        tokens, _ = await _generate(engines.b, prompt, params, "req-10")
+        assert tokens == reference
+        after = await engines.dst.stats()
+        assert after["load_errors"] - before["load_errors"] == 1
+        assert after["blocks_imported"] == before["blocks_imported"]
+        await _assert_no_leak(engines)
+
+    engines.run(check())
+
+
+def test_staging_covered_by_the_local_prefix_cache_is_dropped(engines):
+    async def check():
+        prompt = _prompt(11)
+        reference, _ = await _generate(engines.a, prompt, _greedy(20), "ref-11")
+        await _generate(engines.b, prompt, _greedy(1), "warm-b-11")  # B caches the prompt's 3 full blocks
+        layout = await engines.dst.layout()
+        from rayfleet.actors.kv_migration import KVChunk
+
+        await engines.dst.stage("mig-11", KVChunk(0, 2, torch.zeros(2, layout.bytes_per_block, dtype=torch.uint8),
+                                                  layout))
+        before = await engines.dst.stats()
+        params = engines.dst.tag(_greedy(20), "req-11", load="mig-11", num_tokens=2 * BLOCK_SIZE)
+        tokens, _ = await _generate(engines.b, prompt, params, "req-11")
+        assert tokens == reference  # the zeroed staging was never loaded
+        after = await engines.dst.stats()
+        assert after["staged_dropped_by_engine"] - before["staged_dropped_by_engine"] == 1
+        assert after["blocks_imported"] == before["blocks_imported"]
+        await _assert_no_leak(engines)
+
+    engines.run(check())
+
+
 def test_request_finished_before_the_stop_exports_nothing(engines):
     async def check():
         stream = _Stream(engines, _prompt(9), "req-9", max_tokens=8)
