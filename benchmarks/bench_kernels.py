@@ -228,47 +228,57 @@ class Overlap:
     rate_gbps: float
 
 
+def timed_steps(decode: Decode, steps: int, before_step: Callable[[int], object] = lambda step: None) -> list[torch.cuda.Event]:
+    """Queue `steps` decode steps, calling `before_step(step)` before each; events bracket the steps.
+
+    The host is kept within two steps of the GPU, so that what it issues between steps lands beside
+    the step it precedes (and a DMA save, which queues one copy per block, never meets the driver's
+    full queue: it blocks the caller once about a thousand copies are queued)."""
+    marks = [torch.cuda.Event(enable_timing=True)]
+    marks[0].record()
+    for step in range(steps):
+        before_step(step)
+        decode.step()
+        marks.append(torch.cuda.Event(enable_timing=True))
+        marks[-1].record()
+        if len(marks) > 3:
+            marks[-3].synchronize()
+    torch.cuda.synchronize()
+    return marks
+
+
 def decode_alone(decode: Decode, steps: int) -> float:
     """Median step time with nothing beside it."""
-    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-    marks[0].record()
-    for mark in marks[1:]:
-        decode.step()
-        mark.record()
-    torch.cuda.synchronize()
+    marks = timed_steps(decode, steps)
     return statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
 
 
-def decode_beside(work: Workload, decode: Decode, transfer: IssueTransfer, blocks: int, window_ms: float, steps: int) -> Overlap:
-    """Decode steps with transfers of `blocks` random blocks beside them. Back to back (all blocks of
-    the workload): transfers are queued before decoding until they outlast the decode window (issuing
-    takes host time too). Paced (fewer blocks): one transfer is issued before every step."""
-    transfer_ms = work.bytes / 50e6  # about the pinned-copy rate
-    begin = torch.cuda.Event(enable_timing=True)
-    begin.record()
-    issued, started = 0, time.perf_counter()
+def decode_beside(
+    work: Workload, decode: Decode, transfer: IssueTransfer, blocks: int, alone_ms: float, steps: int, copy_gbps: float
+) -> Overlap:
+    """Decode steps with transfers of `blocks` random blocks issued between them, as a connector would.
+
+    Back to back (all blocks of the workload): transfers are issued so that about two stay queued
+    ahead of a copy engine moving `copy_gbps`. Paced (fewer blocks): one transfer before every step."""
+    transfer_ms = work.bytes / copy_gbps / 1e6
     back_to_back = blocks == work.args.blocks
-    while back_to_back and issued * transfer_ms < 1e3 * (time.perf_counter() - started) + 1.2 * window_ms:
-        wait_for_transfer = transfer(torch.randperm(work.args.cache_blocks)[:blocks], work.host[issued % 2])
-        issued += 1
-    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-    marks[0].record()
-    for step, mark in enumerate(marks[1:]):
-        if not back_to_back:
-            wait_for_transfer = transfer(torch.randperm(work.args.cache_blocks)[:blocks], work.host[step % 2][:blocks])
-            issued += 1
-        decode.step()
-        mark.record()
-    probe = torch.cuda.Stream()
-    wait_for_transfer(probe)
-    transfers_end = probe.record_event(torch.cuda.Event(enable_timing=True))
-    torch.cuda.synchronize()
-    overlapped = [a.elapsed_time(b) for a, b in zip(marks, marks[1:]) if b.elapsed_time(transfers_end) > 0]
-    rate = issued * blocks * work.cache.layout.block_bytes / begin.elapsed_time(transfers_end) / 1e6
+    # A probe stream waits for each transfer as it is issued, so its events time the transfers' ends.
+    probe, ends = torch.cuda.Stream(), []
+
+    def issue(step: int) -> None:
+        due = int(2 + step * alone_ms / transfer_ms) if back_to_back else step + 1
+        while len(ends) < due:
+            wait = transfer(torch.randperm(work.args.cache_blocks)[:blocks], work.host[len(ends) % 2][:blocks])
+            wait(probe)
+            ends.append(probe.record_event(torch.cuda.Event(enable_timing=True)))
+
+    marks = timed_steps(decode, steps, issue)
+    overlapped = [a.elapsed_time(b) for a, b in zip(marks, marks[1:]) if b.elapsed_time(ends[-1]) > 0]
+    rate = len(ends) * blocks * work.cache.layout.block_bytes / marks[0].elapsed_time(ends[-1]) / 1e6
     return Overlap(statistics.median(overlapped) if overlapped else float("nan"), len(overlapped), rate)
 
 
-def decode_rows(work: Workload, args: argparse.Namespace) -> list[str]:
+def decode_rows(work: Workload, args: argparse.Namespace, ceiling: dict[str, float]) -> list[str]:
     """Decode slowdown beside each kind of transfer: per round, the steps beside transfers against
     steps alone measured just before, so that drift in clocks or power cancels; median of rounds."""
     decode = Decode(args)
@@ -304,7 +314,7 @@ def decode_rows(work: Workload, args: argparse.Namespace) -> list[str]:
         slowdowns, rounds = [], []
         for _ in range(args.rounds):
             alone = decode_alone(decode, args.decode_steps)
-            rounds.append(decode_beside(work, decode, transfer, blocks, alone * args.decode_steps, args.decode_steps))
+            rounds.append(decode_beside(work, decode, transfer, blocks, alone, args.decode_steps, ceiling["D2H"]))
             slowdowns.append(100 * (rounds[-1].step_ms / alone - 1))
         line = (f"| {name} | {statistics.median(slowdowns):+.1f}% | {min(slowdowns):+.1f}% .. {max(slowdowns):+.1f}% | "
                 f"{min(r.overlapped for r in rounds)} of {args.decode_steps} | "
@@ -347,7 +357,7 @@ def main(argv: list[str]) -> None:
                "", *issue]
     if not args.no_decode:
         report += ["", "| beside decode | slowdown (median of rounds) | rounds | steps overlapped (fewest) "
-                   "| transfer rate meanwhile | decode step alone |", "|---|---|---|---|---|---|", *decode_rows(work, args)]
+                   "| transfer rate meanwhile | decode step alone |", "|---|---|---|---|---|---|", *decode_rows(work, args, ceiling)]
     text = "\n".join(report)
     print(text)
     if args.out:
