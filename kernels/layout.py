@@ -132,8 +132,11 @@ class KVCacheLayers:
     """The per-layer KV tensors of one engine, with the geometry and addresses the movers need.
 
     Build it once per engine (e.g. in `register_kv_caches`) and reuse it for every transfer: the
-    layout is derived and, on a GPU, the table of layer addresses is uploaded here, not per call.
-    Layers may be views of one buffer or separate allocations; they must share geometry and device.
+    layout is derived once and, on a GPU, the table of layer addresses is uploaded once. Layers may be
+    views of one buffer or separate allocations; they must share geometry and device.
+
+    `alignment` is the largest power of two (up to 16) dividing every run address and stride;
+    `run_pitch` the constant distance between a block's consecutive runs in staging order, or None.
     """
 
     def __init__(self, layers: Sequence[torch.Tensor], block_dim: int = 0) -> None:
