@@ -7,8 +7,9 @@ Layout: a 7B-class paged KV cache (default 32 layers, 8 KV heads, head dim 128, 
 Device-memory rows count bytes read plus bytes written, for the copy ceiling and the movers alike;
 host-transfer rows count the bytes shipped, against a pinned cudaMemcpy of the same size. The decode
 rows run a stand-in for decode (per layer: the four bf16 GEMMs of a 7B block against a batch of
-`--batch` tokens, which streams ~13 GB of weights per step like a memory-bound decode) alone and
-while back-to-back transfers run beside it on the mover's streams.
+`--batch` tokens, which streams ~14 GB of weights per step like a memory-bound decode) alone and with
+transfers issued between its steps (back to back, or paced), in rounds against adjacent steps alone.
+Timed regions start behind a spin kernel, so host launch latency is reported apart, not as GPU time.
 
     python benchmarks/bench_kernels.py                 # everything, a markdown report on stdout
     python benchmarks/bench_kernels.py --out report.md --no-sweep
