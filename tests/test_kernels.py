@@ -27,7 +27,7 @@ from rayfleet.kernels import (
     scatter_blocks,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8]
 
 NUM_BLOCKS, NUM_LAYERS, NUM_HEADS, BLOCK_SIZE = 32, 3, 2, 16
@@ -221,10 +221,10 @@ def test_staging_of_the_wrong_shape_is_rejected():
 
 
 # On a GPU the mover has two paths: 2D DMA per block, and the staged kernel + copy-engine pipeline.
-MOVER_PATHS = [pytest.param("cpu", None, id="cpu")] + (
-    [pytest.param("cuda", True, id="cuda-dma"), pytest.param("cuda", False, id="cuda-staged")] if torch.cuda.is_available() else []
-)
-GPU_PATHS = [path for path in MOVER_PATHS if path.values[0] == "cuda"]
+# GPU cases carry the `gpu` mark: without a GPU they are deselected (tests/conftest.py), not skipped.
+GPU_PATHS = [pytest.param("cuda", True, id="cuda-dma", marks=pytest.mark.gpu),
+             pytest.param("cuda", False, id="cuda-staged", marks=pytest.mark.gpu)]
+MOVER_PATHS = [pytest.param("cpu", None, id="cpu"), *GPU_PATHS]
 
 
 @pytest.mark.parametrize("device, use_dma", MOVER_PATHS)
@@ -249,7 +249,7 @@ def test_mover_round_trips_blocks_through_host_memory(layout, device, use_dma, g
     assert all(torch.equal(got, want) for got, want in zip(snapshot(target), expected))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_dma_is_refused_for_layers_without_one_pitch():
     with pytest.raises(ValueError, match="pitch"):
         BlockMover(legacy_flash_cache(torch.bfloat16, "cuda").kv(), use_dma=True)
@@ -280,7 +280,7 @@ def test_loaded_blocks_are_visible_to_a_stream_that_waits_for_the_transfer(devic
     assert bool((first_layer == 5.0).all())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_kernel_reads_and_writes_pinned_host_staging_directly(generator):
     source, target = vllm_cache(VLLM_LAYOUTS["LBNHC"], torch.bfloat16, "cuda"), vllm_cache(VLLM_LAYOUTS["LBNHC"], torch.bfloat16, "cuda")
     source_ids, target_ids = distinct_ids(9, generator), distinct_ids(9, generator)
@@ -293,7 +293,7 @@ def test_kernel_reads_and_writes_pinned_host_staging_directly(generator):
     assert torch.equal(reference_rows(target, target_ids), host)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("max_programs", [1, 7, None])
 def test_kernel_covers_every_unit_with_small_units_and_a_capped_grid(max_programs, generator):
     from rayfleet.kernels import triton_copy
