@@ -147,25 +147,6 @@ async def test_destination_killed_mid_migration_leaves_request_on_source(fleet, 
     fleet.wait_for(lambda: len(mig_replicas(fleet)) == 2, what="the killed replica to be replaced")
 
 
-async def test_draining_a_replica_migrates_its_requests_out_and_they_complete(fleet, async_client):
-    async def one(i):
-        return await async_client.chat.completions.create(
-            model="mig", messages=[{"role": "user", "content": f"drain {i}"}], max_tokens=500, **GREEDY)
-
-    tasks = [asyncio.create_task(one(i)) for i in range(2)]  # 17 KV blocks each; one replica holds both
-    await asyncio.to_thread(fleet.wait_for, lambda: sum(len(r["requests"]) for r in fleet.replicas("mig")) == 2,
-                            10, "both requests to be running")
-    victim = max(fleet.replicas("mig"), key=lambda r: len(r["requests"]))
-    assert victim["requests"], "no request landed on the replica to drain"
-    moved = set(victim["requests"])
-    await fleet.controller.drain.remote(victim["replica_id"])
-    results = await asyncio.gather(*tasks)
-    assert all(r.usage.completion_tokens == 500 for r in results)
-    history = {m["request_id"]: m for m in fleet.status()["migrations"] if m["src"] == victim["replica_id"]}
-    assert moved <= set(history), f"not every request was migrated out: {moved - set(history)}"
-    assert all(history[rid]["outcome"] == "migrated" for rid in moved)
-
-
 async def test_migrating_a_finished_request_changes_nothing(fleet, client):
     result = client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=8, **GREEDY)
     src, dst = mig_replicas(fleet)
@@ -188,3 +169,23 @@ def test_migrate_through_the_admin_api_validates_input(fleet):
                          headers=headers, timeout=30)
     assert unknown.status_code == 400 and "unknown replica" in unknown.json()["error"]["message"]
     assert httpx.post(f"{fleet.base_url}/fleet/migrate", json={}, timeout=30).status_code == 401
+
+
+# Last: draining leaves the pool with one replica.
+async def test_draining_a_replica_migrates_its_requests_out_and_they_complete(fleet, async_client):
+    async def one(i):
+        return await async_client.chat.completions.create(
+            model="mig", messages=[{"role": "user", "content": f"drain {i}"}], max_tokens=500, **GREEDY)
+
+    tasks = [asyncio.create_task(one(i)) for i in range(2)]  # 17 KV blocks each; one replica holds both
+    await asyncio.to_thread(fleet.wait_for, lambda: sum(len(r["requests"]) for r in fleet.replicas("mig")) == 2,
+                            10, "both requests to be running")
+    victim = max(fleet.replicas("mig"), key=lambda r: len(r["requests"]))
+    assert victim["requests"], "no request landed on the replica to drain"
+    moved = set(victim["requests"])
+    await fleet.controller.drain.remote(victim["replica_id"])
+    results = await asyncio.gather(*tasks)
+    assert all(r.usage.completion_tokens == 500 for r in results)
+    history = {m["request_id"]: m for m in fleet.status()["migrations"] if m["src"] == victim["replica_id"]}
+    assert moved <= set(history), f"not every request was migrated out: {moved - set(history)}"
+    assert all(history[rid]["outcome"] == "migrated" for rid in moved)
