@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
+    from rayfleet.actors.kv_prefix_store import SchedulerPrefixStore, StoreLoad, StoreSave, WorkerPrefixStore
+
 logger = init_logger(__name__)
 
 # Key of rayfleet's entry inside a request's kv_transfer_params.
@@ -188,6 +190,10 @@ class RayfleetConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadJob] = field(default_factory=list)
     drops: list[str] = field(default_factory=list)  # migration ids whose staged data is no longer needed
     num_free_blocks: int = -1  # scheduler's free KV blocks when this step was scheduled
+    # KV store (prefix reuse and offload, kv_prefix_store.py); empty when the store is off.
+    store_loads: list[StoreLoad] = field(default_factory=list)
+    store_saves: list[StoreSave] = field(default_factory=list)
+    store_counts: dict[str, int] = field(default_factory=dict)  # admission lookups since the last step
 
 
 def rayfleet_params(request: Request) -> dict[str, Any] | None:
@@ -229,6 +235,10 @@ class SchedulerKVMigrationState:
         self._announce.add(request.request_id)
         if params.get("load") is not None:
             self._pending_loads[request.request_id] = (str(params["load"]), int(params["num_tokens"]))
+
+    def is_migration_load(self, request: Request) -> bool:
+        """Whether the request resumes a migration (its KV comes from staging, not the store)."""
+        return request.request_id in self._pending_loads
 
     def _load_target(self, request: Request) -> int:
         """Tokens the staged KV covers, leaving at least one token to compute."""
@@ -355,7 +365,8 @@ class WorkerKVMigrationState:
         self._staged: dict[str, _StagedMigration] = {}
         self._loads: list[LoadJob] = []
         self._load_errors: set[int] = set()
-        self._num_free_blocks = -1
+        # Until the first step reports it: everything but vLLM's reserved null block (no step, no allocation).
+        self._num_free_blocks = self._num_blocks - 1
         self._counters: Counter[str] = Counter()
 
     # -- engine hooks --------------------------------------------------------------------------------
@@ -464,8 +475,7 @@ class WorkerKVMigrationState:
         if live is None:
             return {"status": "finished" if external_id in self._finished else "unknown"}
         end = min(live.num_computed_tokens // self._block_size, len(live.block_ids))
-        first_block = min(first_block, end)
-        chunk = self._export(live.block_ids[first_block:end], first_block)
+        chunk = self._export(live.block_ids[first_block:end], first_block)  # empty if nothing new
         self._counters["precopy_exports"] += 1
         return {"status": "live", "num_computed_tokens": live.num_computed_tokens, **chunk}
 
@@ -483,7 +493,7 @@ class WorkerKVMigrationState:
         final = self._finals.pop(external_id, None)
         if final is not None:
             self._expected.pop(external_id, None)
-            chunk = self._export(final.block_ids[first_block:], min(first_block, len(final.block_ids)))
+            chunk = self._export(final.block_ids[first_block:], first_block)
             self._release.add(final.internal_id)
             self._counters["final_exports"] += 1
             return {"status": "ready", "all_token_ids": final.all_token_ids,
@@ -555,7 +565,9 @@ _COUNTERS = (
 
 
 class RayfleetKVConnector(KVConnectorBase_V1):
-    """KV connector for live migration (synchronous loads, single KV cache group, world size 1)."""
+    """KV connector for live migration and, when ``kv_connector_extra_config`` names a KV store, prefix
+    reuse across replicas and offload (``kv_prefix_store.py``). Synchronous loads, single KV cache
+    group, world size 1."""
 
     _cache_hit_source = CacheHitSource.P2P
 
@@ -564,26 +576,41 @@ class RayfleetKVConnector(KVConnectorBase_V1):
         if vllm_config.parallel_config.world_size > 1:
             raise NotImplementedError("rayfleet KV connector: tensor/pipeline parallelism (world size > 1) "
                                       "is not supported; the RPCs and block exports assume one worker")
+        from rayfleet.actors.kv_prefix_store import SchedulerPrefixStore, WorkerPrefixStore, store_settings
+
         self.scheduler_state: SchedulerKVMigrationState | None = None
         self.worker_state: WorkerKVMigrationState | None = None
+        self.store_scheduler: SchedulerPrefixStore | None = None
+        self.store_worker: WorkerPrefixStore | None = None
+        store = store_settings(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_state = SchedulerKVMigrationState(vllm_config.cache_config.block_size)
+            if store is not None:
+                self.store_scheduler = SchedulerPrefixStore(*store, vllm_config.cache_config.block_size)
         else:
             self.worker_state = WorkerKVMigrationState(vllm_config, kv_cache_config)
+            if store is not None:
+                self.store_worker = WorkerPrefixStore(store[0])
 
     # -- worker side ---------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker_state.register_kv_caches(kv_caches)
+        if self.store_worker is not None:
+            self.store_worker.register([_as_block_bytes(kv) for kv in kv_caches.values()])
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         assert isinstance(connector_metadata, RayfleetConnectorMetadata)
         self.worker_state.bind(connector_metadata)
+        if self.store_worker is not None:
+            self.store_worker.bind(connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         # Loads are synchronous: the scheduler sets has_sync_kv_loads, so this runs before the forward.
         self.worker_state.start_load()
+        if self.store_worker is not None:
+            self.store_worker.load()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -593,33 +620,55 @@ class RayfleetKVConnector(KVConnectorBase_V1):
         return  # exports read the paged cache on demand, between steps
 
     def wait_for_save(self) -> None:
-        return
+        # After the forward, before the scheduler can free or reuse this step's blocks.
+        if self.store_worker is not None:
+            self.store_worker.save()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self.worker_state.take_finished_sending(), None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self.worker_state.take_load_errors()
+        errors = self.worker_state.take_load_errors()
+        if self.store_worker is not None:
+            errors |= self.store_worker.take_load_errors()
+        return errors
 
     # -- scheduler side ------------------------------------------------------------------------------
 
     def bind_kv_cache_manager(self, kv_cache_manager) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)
         self.scheduler_state.bind_kv_cache_manager(kv_cache_manager)
+        if self.store_scheduler is not None:
+            self.store_scheduler.bind_kv_cache_manager(kv_cache_manager)
 
     def on_new_request(self, request: Request) -> None:
         self.scheduler_state.on_new_request(request)
+        if self.store_scheduler is not None:
+            self.store_scheduler.on_new_request(request)
+
+    def _uses_store(self, request: Request) -> bool:
+        return self.store_scheduler is not None and not self.scheduler_state.is_migration_load(request)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self._uses_store(request):
+            return self.store_scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
         return self.scheduler_state.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        self.scheduler_state.update_state_after_alloc(request, blocks, num_external_tokens)
+        if self._uses_store(request):
+            self.store_scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+        else:
+            self.scheduler_state.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self.scheduler_state.build_connector_meta(scheduler_output)
+        meta = self.scheduler_state.build_connector_meta(scheduler_output)
+        if self.store_scheduler is not None:
+            self.store_scheduler.add_to_meta(meta, scheduler_output)
+        return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self.store_scheduler is not None:
+            self.store_scheduler.request_finished(request)
         return self.scheduler_state.request_finished(request, block_ids)
 
     def has_pending_push_work(self) -> bool:

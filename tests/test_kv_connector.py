@@ -35,6 +35,7 @@ class Engines:
     dst: object  # EngineKVMigrator over b
     baseline_a: int
     baseline_b: int
+    free_before_first_step: tuple[int, int]
 
     def run(self, coro, timeout_s: float = 60):
         return self.runner.run(asyncio.wait_for(coro, timeout_s))
@@ -81,9 +82,10 @@ def engines():
         a, b = await asyncio.gather(loop.run_in_executor(None, _engine, model),
                                     loop.run_in_executor(None, _engine, model))
         src, dst = EngineKVMigrator(a), EngineKVMigrator(b)
+        fresh = (await src.free_kv_blocks(), await dst.free_kv_blocks())
         for engine in (a, b):  # warm up: the first step also publishes the free-block count
             await _generate(engine, [1, 2, 3], _greedy(2), "warmup")
-        return Engines(runner, a, b, src, dst, await _settled_free_blocks(src), await _settled_free_blocks(dst))
+        return Engines(runner, a, b, src, dst, await _settled_free_blocks(src), await _settled_free_blocks(dst), fresh)
 
     harness = runner.run(start())
     yield harness
@@ -193,6 +195,8 @@ def test_free_block_count_is_published(engines):
         # Everything is free after warm-up but vLLM's reserved null block.
         assert engines.baseline_a == stats["num_blocks"] - 1 > 0
         assert engines.baseline_b == (await engines.dst.stats())["num_blocks"] - 1
+        # A fresh engine reports the same before its first step (a new replica can take migrations).
+        assert engines.free_before_first_step == (engines.baseline_a, engines.baseline_b)
 
     engines.run(check())
 
