@@ -32,6 +32,7 @@ from vllm.config import KVTransferConfig
 from vllm.sampling_params import SamplingParams
 
 from rayfleet.actors.kv_connector import RAYFLEET_PARAMS_KEY, KVLayoutDescriptor
+from rayfleet.actors.kv_store import KVStoreConfig
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -44,20 +45,29 @@ __all__ = [
 _POLL_INTERVAL_S = 0.002
 
 
-def migration_engine_kwargs(kv_load_failure_policy: str = "recompute") -> dict[str, Any]:
+def migration_engine_kwargs(kv_load_failure_policy: str = "recompute", kv_store: KVStoreConfig | None = None,
+                            kv_store_namespace: str | None = None) -> dict[str, Any]:
     """Engine arguments (``AsyncEngineArgs(**...)``) that install rayfleet's connector and worker RPCs.
 
-    ``kv_load_failure_policy`` is vLLM's answer to a resume whose staged KV is missing or incomplete:
-    "recompute" (default here) recomputes the missing tokens, so the output stays correct, only slower;
-    "fail" (vLLM's default) ends the request with finish reason "error". Either way the connector's
-    ``load_errors`` counter counts it.
+    ``kv_load_failure_policy`` is vLLM's answer to a resume whose staged KV (or a store block) is missing
+    or incomplete: "recompute" (default here) recomputes the missing tokens, so the output stays correct,
+    only slower; "fail" (vLLM's default) ends the request with finish reason "error". Either way the
+    connector's ``load_errors`` / ``store_load_errors`` counter counts it.
+
+    ``kv_store`` turns on prefix reuse across replicas and offload through that store (the engine
+    processes need ``RAY_ADDRESS`` in their environment); ``kv_store_namespace`` overrides the hash
+    namespace derived from the model and KV layout (see ``kv_prefix_store.store_settings``).
     """
+    extra: dict[str, Any] = {}
+    if kv_store is not None:
+        extra = {"kv_store": kv_store.model_dump(mode="json"), "namespace": kv_store_namespace}
     return {
         "kv_transfer_config": KVTransferConfig(
             kv_connector="RayfleetKVConnector",
             kv_connector_module_path="rayfleet.actors.kv_connector",
             kv_role="kv_both",
             kv_load_failure_policy=kv_load_failure_policy,
+            kv_connector_extra_config=extra,
         ),
         "worker_extension_cls": "rayfleet.actors.kv_worker_extension.KVMigrationWorkerExtension",
     }

@@ -21,14 +21,18 @@ from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_
 from rayfleet.actors.kv_connector import RayfleetKVConnector, WorkerKVMigrationState
 
 
-def _state() -> WorkerKVMigrationState:
+def _connector() -> RayfleetKVConnector:
     if not has_kv_transfer_group():
         raise RuntimeError("rayfleet: this engine has no KV connector (kv_transfer_config not set)")
     connector = get_kv_transfer_group()
     if not isinstance(connector, RayfleetKVConnector):
         raise RuntimeError(f"rayfleet: the engine's KV connector is {type(connector).__name__}, "
                            "not RayfleetKVConnector")
-    return connector.worker_state
+    return connector
+
+
+def _state() -> WorkerKVMigrationState:
+    return _connector().worker_state
 
 
 class KVMigrationWorkerExtension:
@@ -52,4 +56,7 @@ class KVMigrationWorkerExtension:
         return _state().drop_staged(migration_id)
 
     def rayfleet_kv_stats(self) -> dict[str, Any]:
-        return _state().stats()
+        """Migration counters, free blocks and, when the KV store is on, its ``store_*`` counters."""
+        connector = _connector()
+        store = connector.store_worker.stats() if connector.store_worker is not None else {}
+        return {**connector.worker_state.stats(), **store}

@@ -1,0 +1,281 @@
+"""The KV store half of rayfleet's KV connector: prefix reuse across replicas and offload.
+
+``RayfleetKVConnector`` (``kv_connector.py``) delegates to these two classes when its
+``kv_transfer_config.kv_connector_extra_config`` carries ``{"kv_store": {KVStoreConfig fields},
+"namespace": "<model and layout id>"}``; without it they do not exist and the connector only migrates.
+
+* Scheduler side (EngineCore process), :class:`SchedulerPrefixStore`:
+  ``get_num_new_matched_tokens`` hashes the request's full blocks (``kv_block_hash.block_hashes``), asks
+  the store how many leading blocks beyond the local prefix-cache hit it holds, and claims them as a
+  synchronous load, leaving at least one token to compute. ``update_state_after_alloc`` turns the claim
+  into a :class:`StoreLoad` (hashes -> freshly allocated block ids). ``build_connector_meta`` adds a
+  :class:`StoreSave` for every full block a request's forward completes this step that the engine did
+  not get from its prefix cache or the store, and that it has not put before.
+* Worker side, :class:`WorkerPrefixStore`: ``load`` (in ``start_load_kv``, before the forward) gets the
+  blocks and scatters them; a block the store lost since the lookup, and every block after it, is
+  reported through ``get_block_ids_with_load_errors``, and vLLM recomputes from there. ``save`` (in
+  ``wait_for_save``, after the forward and before the scheduler can free the blocks) gathers the completed
+  blocks and puts them. So a block an engine later evicts under memory pressure is still in the store
+  (offload), and any replica of the same namespace can load it.
+
+Blocks move in the migration's row format (``gather_blocks`` / ``scatter_blocks``: one row per block, all
+layers). Neither process is a Ray worker: both connect to the cluster named by ``RAY_ADDRESS``, which the
+replica sets to its GCS address before it builds the engine. See docs/kv_connector.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.logger import init_logger
+
+from rayfleet.actors.kv_block_hash import BlockHash, block_hashes
+from rayfleet.actors.kv_store import KVStoreClient, KVStoreConfig, get_or_create_kv_store
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+
+# Hashes this engine put recently: a shared system prompt recomputed after a local eviction is not put
+# again while the store most likely still holds it. Bounded, oldest forgotten first.
+_SEEN_HASHES = 65536
+
+STORE_COUNTERS = (
+    "store_lookup_blocks",  # blocks beyond the local prefix hit that admissions asked the store for
+    "store_hit_blocks",  # of those, blocks the store held and the engine claimed
+    "store_blocks_loaded", "store_bytes_loaded", "store_load_errors",
+    "store_blocks_saved", "store_bytes_saved",
+)
+
+
+@dataclass
+class StoreLoad:
+    """Copy the store's blocks ``hashes`` into ``block_ids`` (same length) of request ``internal_id``."""
+
+    internal_id: str
+    hashes: list[BlockHash]
+    block_ids: list[int]
+
+
+@dataclass
+class StoreSave:
+    """Put blocks ``block_ids`` (complete after this step's forward) under ``hashes``."""
+
+    internal_id: str
+    hashes: list[BlockHash]
+    block_ids: list[int]
+
+
+def store_settings(vllm_config: VllmConfig) -> tuple[KVStoreConfig, str] | None:
+    """(store config, hash namespace) from ``kv_connector_extra_config``; None: the store is off.
+
+    The default namespace names what makes a block's bytes differ for the same tokens within one rayfleet
+    build (model, dtypes, layout, block size, parallelism); a pool may set its own.
+    """
+    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    if extra.get("kv_store") is None:
+        return None
+    config = KVStoreConfig.model_validate(extra["kv_store"])
+    cache = vllm_config.cache_config
+    namespace = extra.get("namespace") or (
+        f"{vllm_config.model_config.model}|{vllm_config.model_config.dtype}|kv={cache.cache_dtype}"
+        f"|{cache.kv_cache_layout or 'default-layout'}|bs{cache.block_size}"
+        f"|tp{vllm_config.parallel_config.world_size}"
+    )
+    return config, namespace
+
+
+def connect_store(config: KVStoreConfig) -> KVStoreClient:
+    """The store's client from an engine process (not a Ray worker): join the cluster at ``RAY_ADDRESS``."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise RuntimeError("rayfleet KV store: RAY_ADDRESS is not set in the engine's environment; the "
+                               "replica must set it to its GCS address before building the engine")
+        ray.init(address=address, namespace=config.ray_namespace, log_to_driver=False,
+                 logging_level="WARNING")
+    return get_or_create_kv_store(config)
+
+
+def _store_eligible(request: Request) -> bool:
+    # LoRA adapters, cache salts and multimodal inputs change a block's KV for the same tokens, and the
+    # namespace does not name them: such requests neither load nor save.
+    return request.lora_request is None and not request.cache_salt and not request.mm_features
+
+
+@dataclass
+class _Lookup:
+    local_blocks: int  # block-aligned local prefix hit
+    asked_blocks: int  # blocks beyond it that the store was asked for
+    hit_blocks: int  # blocks claimed from the store
+
+
+class SchedulerPrefixStore:
+    """Scheduler side: plans loads at admission and saves after every step."""
+
+    def __init__(self, config: KVStoreConfig, namespace: str, block_size: int):
+        self._store = connect_store(config)
+        self._namespace = namespace
+        self._block_size = block_size
+        self._kv_cache_manager = None
+        self._requests: dict[str, Request] = {}  # eligible live requests
+        self._hashes: dict[str, list[BlockHash]] = {}  # chain of each request's full blocks, grown lazily
+        self._lookups: dict[str, _Lookup] = {}  # last answer of get_num_new_matched_tokens
+        self._saved_upto: dict[str, int] = {}  # blocks [0, n) are local, loaded or planned for saving
+        self._seen: OrderedDict[BlockHash, None] = OrderedDict()
+        self._lookup_counts: Counter[str] = Counter()  # sent to the worker in the next metadata
+        self._loads: list[StoreLoad] = []
+
+    def bind_kv_cache_manager(self, kv_cache_manager) -> None:
+        self._kv_cache_manager = kv_cache_manager
+
+    def on_new_request(self, request: Request) -> None:
+        if _store_eligible(request):
+            self._requests[request.request_id] = request
+
+    def _chain(self, request: Request, num_blocks: int) -> list[BlockHash]:
+        chain = self._hashes.get(request.request_id, [])
+        if len(chain) < num_blocks:
+            chain = block_hashes(request.all_token_ids[: num_blocks * self._block_size], self._block_size,
+                                 self._namespace)
+            self._hashes[request.request_id] = chain
+        return chain[:num_blocks]
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
+        """Tokens beyond the (block-aligned) local hit the store holds. Only memoizes: may be called twice."""
+        if request.request_id not in self._requests or request.skip_reading_prefix_cache:
+            return 0
+        local_blocks = num_computed_tokens // self._block_size
+        # Whole blocks only, and at least one token left to compute (vLLM asserts it).
+        claimable = (request.num_tokens - 1) // self._block_size
+        asked = max(0, claimable - local_blocks)
+        hit = self._store.contains_prefix(self._chain(request, claimable)[local_blocks:]) if asked else 0
+        self._lookups[request.request_id] = _Lookup(local_blocks, asked, hit)
+        return hit * self._block_size
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        lookup = self._lookups.pop(request.request_id, None)
+        if lookup is None:
+            return
+        hit = num_external_tokens // self._block_size
+        first = lookup.local_blocks
+        self._lookup_counts["store_lookup_blocks"] += lookup.asked_blocks
+        self._lookup_counts["store_hit_blocks"] += hit
+        if hit:
+            block_ids = blocks.get_block_ids()[0][first:first + hit]
+            self._loads.append(StoreLoad(request.request_id, self._chain(request, first + hit)[first:],
+                                         list(block_ids)))
+        # What the engine did not compute itself is not saved again.
+        self._saved_upto[request.request_id] = max(self._saved_upto.get(request.request_id, 0), first + hit)
+
+    def add_to_meta(self, meta, scheduler_output: SchedulerOutput) -> None:
+        """Fill ``meta.store_loads``, ``meta.store_saves`` and ``meta.store_counts`` for this step."""
+        meta.store_loads, self._loads = self._loads, []
+        meta.store_counts, self._lookup_counts = dict(self._lookup_counts), Counter()
+        for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            request = self._requests.get(req_id)
+            if request is None:
+                continue
+            # Before _update_after_schedule: this step's tokens get their KV in this step's forward.
+            # (Clamped to the known tokens for async scheduling, where sampled ids arrive a step late.)
+            computed = min(request.num_computed_tokens + num_scheduled, len(request.all_token_ids))
+            full = computed // self._block_size
+            start = self._saved_upto.get(req_id, 0)
+            if full <= start:
+                continue
+            self._saved_upto[req_id] = full
+            block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
+            chain = self._chain(request, full)
+            fresh = [i for i in range(start, full) if chain[i] not in self._seen]
+            for i in fresh:
+                self._seen[chain[i]] = None
+            while len(self._seen) > _SEEN_HASHES:
+                self._seen.popitem(last=False)
+            if fresh:
+                meta.store_saves.append(StoreSave(req_id, [chain[i] for i in fresh], [block_ids[i] for i in fresh]))
+
+    def request_finished(self, request: Request) -> None:
+        for table in (self._requests, self._hashes, self._lookups, self._saved_upto):
+            table.pop(request.request_id, None)
+
+
+class WorkerPrefixStore:
+    """Worker side: executes the step's loads before the forward and its saves after it."""
+
+    def __init__(self, config: KVStoreConfig):
+        self._store = connect_store(config)
+        self._layers: list[torch.Tensor] = []
+        self._bytes_per_block = 0
+        self._loads: list[StoreLoad] = []
+        self._saves: list[StoreSave] = []
+        self._failed: set[str] = set()  # requests whose load failed this step: their KV is not saved
+        self._load_errors: set[int] = set()
+        self.counters: Counter[str] = Counter()
+
+    def register(self, layers: list[torch.Tensor]) -> None:
+        """``layers``: per-layer ``[num_blocks, layer_block_bytes]`` uint8 views of the paged cache."""
+        self._layers = layers
+        self._bytes_per_block = sum(layer.shape[1] for layer in layers)
+
+    def bind(self, meta) -> None:
+        self._loads, self._saves = meta.store_loads, meta.store_saves
+        self.counters.update(meta.store_counts)
+
+    def load(self) -> None:
+        from rayfleet.actors.kv_connector import scatter_blocks
+
+        loads, self._loads = self._loads, []
+        self._failed = set()
+        for job in loads:
+            blocks = self._store.get(job.hashes)
+            usable = next((i for i, block in enumerate(blocks)
+                           if block is None or block.size != self._bytes_per_block), len(blocks))
+            if usable:
+                rows = torch.from_numpy(np.stack(blocks[:usable]))
+                scatter_blocks(self._layers, job.block_ids[:usable], rows)
+            if usable < len(blocks):
+                # Evicted (or of another size) since the lookup: vLLM recomputes from the first bad block.
+                logger.warning("rayfleet: KV store lost %d of %d blocks of %s since its lookup; recomputing",
+                               len(blocks) - usable, len(blocks), job.internal_id)
+                self._load_errors.update(job.block_ids[usable:])
+                self._failed.add(job.internal_id)
+                self.counters["store_load_errors"] += 1
+            self.counters["store_blocks_loaded"] += usable
+            self.counters["store_bytes_loaded"] += usable * self._bytes_per_block
+
+    def save(self) -> None:
+        from rayfleet.actors.kv_connector import gather_blocks
+
+        saves, self._saves = self._saves, []
+        hashes: list[BlockHash] = []
+        block_ids: list[int] = []
+        for job in saves:
+            if job.internal_id in self._failed:
+                continue  # this step's forward read KV that vLLM is about to recompute
+            hashes += job.hashes
+            block_ids += job.block_ids
+        if not block_ids:
+            return
+        # gather_blocks copies: the rows stay valid whatever the engine does with the blocks next.
+        rows = gather_blocks(self._layers, block_ids)
+        self._store.put(hashes, list(rows.cpu().numpy()))
+        self.counters["store_blocks_saved"] += len(block_ids)
+        self.counters["store_bytes_saved"] += rows.numel()
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def stats(self) -> dict[str, Any]:
+        return {name: self.counters[name] for name in STORE_COUNTERS}
