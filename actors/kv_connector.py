@@ -176,7 +176,6 @@ class LoadJob:
     """Copy staged blocks [first_block, first_block + len(block_ids)) of a migration into block_ids."""
 
     migration_id: str
-    internal_id: str
     first_block: int
     block_ids: list[int]
     num_tokens: int  # tokens claimed from the connector
@@ -266,7 +265,7 @@ class SchedulerKVMigrationState:
         end_block = math.ceil(target / self._block_size)
         block_ids = blocks.get_block_ids()[0][first_block:end_block]
         self._meta.loads.append(
-            LoadJob(migration_id, request.request_id, first_block, list(block_ids), num_external_tokens)
+            LoadJob(migration_id, first_block, list(block_ids), num_external_tokens)
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> RayfleetConnectorMetadata:
@@ -357,7 +356,6 @@ class WorkerKVMigrationState:
         self._layers: list[torch.Tensor] = []
         self._layout: KVLayoutDescriptor | None = None
         self._live: dict[str, _LiveRequest] = {}  # by external id
-        self._external_of: dict[str, str] = {}  # internal id -> external id, live requests
         self._finals: dict[str, FinalRequest] = {}  # held for a final export, by external id
         self._expected: dict[str, float] = {}  # external id -> monotonic deadline of its final export
         self._finished: OrderedDict[str, None] = OrderedDict()  # recently finished normally
@@ -390,7 +388,7 @@ class WorkerKVMigrationState:
             live = self._live.get(tracked.external_id)
             if live is None or live.internal_id != tracked.internal_id:
                 live = self._live[tracked.external_id] = _LiveRequest(tracked.internal_id, [], 0)
-                self._external_of[tracked.internal_id] = tracked.external_id
+                self._finished.pop(tracked.external_id, None)  # an id reused (e.g. resumed here): live again
             if tracked.block_ids is not None:
                 live.block_ids = tracked.block_ids
             live.num_computed_tokens = tracked.num_computed_tokens
@@ -414,7 +412,6 @@ class WorkerKVMigrationState:
             self._num_free_blocks = meta.num_free_blocks
 
     def _forget_live(self, internal_id: str, external_id: str) -> None:
-        self._external_of.pop(internal_id, None)
         live = self._live.get(external_id)
         if live is not None and live.internal_id == internal_id:
             del self._live[external_id]
