@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from rayfleet.actors.engine_stats import EngineLoad, stat_logger_factory
+from rayfleet.actors.kv_store import KVStoreConfig
 from rayfleet.actors.replica_protocol import (
     GenerateCall,
     Handoff,
@@ -77,7 +78,8 @@ class LLMReplica:
 
     def __init__(self, replica_id: str, pool: str, model: str, engine_args: dict[str, Any],
                  served_model_name: str | None = None, live_migration: bool = True,
-                 migration_limits: MigrationLimits | None = None):
+                 migration_limits: MigrationLimits | None = None, kv_store: KVStoreConfig | None = None,
+                 kv_store_namespace: str | None = None):
         self.replica_id = replica_id
         self.pool = pool
         self.model = model
@@ -85,8 +87,11 @@ class LLMReplica:
         self.served_model_name = served_model_name or pool
         self.live_migration = live_migration
         self.migration_limits = migration_limits or MigrationLimits()
+        self.kv_store = kv_store
+        self.kv_store_namespace = kv_store_namespace
         self.engine = None
-        self.migrator = None
+        self.migrator = None  # set with live migration
+        self.kv_rpc = None  # the connector's worker RPCs, whenever the connector is installed
         self.accepting = False
         self.load_stats = EngineLoad()
         self.requests: dict[str, ActiveRequest] = {}
@@ -98,16 +103,26 @@ class LLMReplica:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        engine_args = dict(self.engine_args)
-        if self.live_migration:
-            from rayfleet.actors.kv_migration import EngineKVMigrator, migration_engine_kwargs
+        from rayfleet.actors.kv_migration import EngineKVMigrator, migration_engine_kwargs
 
-            engine_args.update(migration_engine_kwargs())
+        engine_args = dict(self.engine_args)
+        connector = self.live_migration or self.kv_store is not None
+        if connector:
+            engine_args.update(migration_engine_kwargs(kv_store=self.kv_store,
+                                                       kv_store_namespace=self.kv_store_namespace))
+        if self.kv_store is not None:
+            import ray
+
+            # The engine's processes are not Ray workers: they join this cluster to reach the store. An
+            # explicit address, since "auto" may find another cluster on a shared machine.
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         args = AsyncEngineArgs(model=self.model, served_model_name=[self.served_model_name], **engine_args)
         started = time.monotonic()
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.load_stats)])
+        if connector:
+            self.kv_rpc = EngineKVMigrator(self.engine)
         if self.live_migration:
-            self.migrator = EngineKVMigrator(self.engine)
+            self.migrator = self.kv_rpc
         self.accepting = True
         facts = self.engine_facts()
         logger.info("replica %s (%s) ready in %.1f s: %s", self.replica_id, self.pool,
@@ -311,8 +326,9 @@ class LLMReplica:
         return request.last_token_wall, len(final.all_token_ids) - (request.num_cached_tokens or 0)
 
     async def kv_stats(self) -> dict[str, Any]:
-        """The KV connector's counters and the engine's free KV blocks (None without live migration)."""
-        return None if self.migrator is None else await self.migrator.stats()
+        """The KV connector's counters (migration, and ``store_*`` with a KV store) and the engine's free KV
+        blocks; None without the connector (no live migration and no KV store)."""
+        return None if self.kv_rpc is None else await self.kv_rpc.stats()
 
     # ---------------------------------------------------------------- load
     def load(self) -> ReplicaLoad:

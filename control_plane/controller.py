@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from rayfleet.actors.kv_store import get_or_create_kv_store
 from rayfleet.control_plane.kuberay import CLUSTER_NAME_ENV, KubeRayScaler
 from rayfleet.control_plane.spec import FleetSpec, PoolSpec, parse_spec
 from rayfleet.control_plane.state_store import open_state_store
@@ -93,6 +94,8 @@ class FleetController:
         self.metrics = FleetMetrics()
         self._build_policies()
         self.kuberay = _kuberay_scaler()
+        # Created once, here, before any replica: the engines only find it by name (see kv_prefix_store).
+        self.kv_store = get_or_create_kv_store(self.spec.kv_store) if self.spec.kv_store is not None else None
         self._loop_task: asyncio.Task | None = None
         self._readopt()
 
@@ -186,8 +189,10 @@ class FleetController:
             options["memory"] = int(resources.memory_gb * 2**30)
         if resources.custom:
             options["resources"] = dict(resources.custom)
+        kv_store = self.spec.kv_store if pool.use_kv_store else None
         handle = ray.remote(LLMReplica).options(**options).remote(
-            replica_id, pool.name, pool.model, pool.engine_args, pool.served_model_name, pool.live_migration)
+            replica_id, pool.name, pool.model, pool.engine_args, pool.served_model_name, pool.live_migration,
+            kv_store=kv_store, kv_store_namespace=pool.kv_store_namespace)
         record = ReplicaRecord(replica_id=replica_id, pool=pool.name, handle=handle)
         self.replicas[replica_id] = record
         record.start_task = asyncio.create_task(self._await_start(record))

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rayfleet.actors.kv_store import KVStoreConfig
+
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 RESERVED_MODEL_NAMES = {"auto"}
 
@@ -58,6 +60,15 @@ class PoolSpec(Strict):
     )
     live_migration: bool = Field(
         True, description="Install rayfleet's KV connector so requests can move between replicas with their KV."
+    )
+    use_kv_store: bool = Field(
+        True, description="When the fleet has a kv_store: load prompt prefixes other replicas computed from it, "
+        "and put this pool's computed blocks into it (prefix reuse and offload)."
+    )
+    kv_store_namespace: str | None = Field(
+        None, min_length=1, description="Hash namespace of this pool's blocks in the KV store. Pools sharing one "
+        "must produce identical KV bytes for identical tokens (same model, dtype, KV layout, block size, "
+        "parallelism). None: derived by the engine from exactly those.",
     )
 
     @field_validator("name")
@@ -124,6 +135,10 @@ class FleetSpec(Strict):
     policies: PoliciesSpec = Field(default_factory=PoliciesSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
     state_store: str = Field("memory://", description="memory:// (embedded) or redis://host:port/db")
+    kv_store: KVStoreConfig | None = Field(
+        None, description="A fleet-wide KV block store shared by every replica of pools with use_kv_store: "
+        "prefix reuse across replicas and offload. None: no store.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("state_store")

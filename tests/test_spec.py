@@ -88,3 +88,15 @@ def test_shipped_examples_are_valid(monkeypatch):
     assert len(specs) >= 2
     for path in specs:
         assert load_spec(path).pools
+
+
+def test_kv_store_is_off_by_default_and_reuses_the_store_config():
+    assert parse_spec({"pools": [POOL]}).kv_store is None
+    spec = parse_spec({"pools": [{**POOL, "kv_store_namespace": "small|fp16"}],
+                       "kv_store": {"name": "fleet-kv", "num_shards": 2, "memory_bytes": 1 << 28}})
+    assert (spec.kv_store.num_shards, spec.pool("small").use_kv_store) == (2, True)
+    assert spec.pool("small").kv_store_namespace == "small|fp16"
+
+
+def test_kv_store_errors_name_the_field_path():
+    assert "kv_store.disk_bytes" in error_of({"pools": [POOL], "kv_store": {"disk_bytes": 1 << 30}})
