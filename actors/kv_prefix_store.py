@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +54,7 @@ STORE_COUNTERS = (
     "store_lookup_blocks",  # blocks beyond the local prefix hit that admissions asked the store for
     "store_hit_blocks",  # of those, blocks the store held and the engine claimed
     "store_blocks_loaded", "store_bytes_loaded", "store_load_errors",
-    "store_blocks_saved", "store_bytes_saved",
+    "store_blocks_saved", "store_bytes_saved", "store_put_errors",
 )
 
 
@@ -222,6 +223,9 @@ class WorkerPrefixStore:
         self._failed: set[str] = set()  # requests whose load failed this step: their KV is not saved
         self._load_errors: set[int] = set()
         self.counters: Counter[str] = Counter()
+        # Puts wait for the shards; one background thread keeps them off the engine's step (in order).
+        self._putter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayfleet-kv-put")
+        self._last_put: Future | None = None
 
     def register(self, layers: list[torch.Tensor]) -> None:
         """``layers``: per-layer ``[num_blocks, layer_block_bytes]`` uint8 views of the paged cache."""
@@ -267,15 +271,30 @@ class WorkerPrefixStore:
             block_ids += job.block_ids
         if not block_ids:
             return
-        # gather_blocks copies: the rows stay valid whatever the engine does with the blocks next.
+        # gather_blocks copies: the rows stay valid whatever the engine does with the blocks next, so the
+        # put can finish in the background while the engine steps on.
         rows = gather_blocks(self._layers, block_ids)
-        self._store.put(hashes, list(rows.cpu().numpy()))
-        self.counters["store_blocks_saved"] += len(block_ids)
+        self._last_put = self._putter.submit(self._put, hashes, rows)
+
+    def _put(self, hashes: list[BlockHash], rows: torch.Tensor) -> None:
+        try:
+            self._store.put(hashes, list(rows.cpu().numpy()))
+        except Exception:  # a lost put is a later miss, never wrong KV; the step must not fail for it
+            logger.exception("rayfleet: KV store put of %d blocks failed", len(hashes))
+            self.counters["store_put_errors"] += 1
+            return
+        self.counters["store_blocks_saved"] += len(hashes)
         self.counters["store_bytes_saved"] += rows.numel()
+
+    def flush(self) -> None:
+        """Wait for the puts submitted so far (tests, and a replica about to shut down)."""
+        if self._last_put is not None:
+            self._last_put.result()
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     def stats(self) -> dict[str, Any]:
+        self.flush()  # counters of saves include every put submitted before this call
         return {name: self.counters[name] for name in STORE_COUNTERS}

@@ -1,0 +1,308 @@
+"""Prefix reuse across replicas through the fleet KV store, end to end on CPU: with and without the store.
+
+One fleet (a real FleetController on a local Ray cluster) runs two pools of the same model with two replicas
+each: `shared` uses the fleet's KV store (`use_kv_store: true`), `plain` does not. Both have rayfleet's
+KV connector and vLLM's local prefix cache, and a small KV cache (`--kv-blocks` per replica) so the local
+cache also evicts under memory pressure. The workload: `--system-prompts` long system prompts
+(`--system-len` tokens), `--chats` multi-turn chats that each start with one of them and grow by a user
+message and the assistant's reply every turn (`--turns`). Turn t of every chat is sent before turn t+1,
+`--concurrency` requests at a time, dispatched round-robin over the pool's two replicas (what the
+`round_robin` router does), so consecutive turns of a chat mostly land on different replicas: without the
+store the second replica recomputes the prefix the first one computed.
+
+Requests go straight to the replica actors over Ray (`LLMReplica.generate`), not through the HTTP ingress,
+to keep this 2-core machine's noise out of the TTFT. TTFT is measured in this process: call to first chunk
+with tokens. The two modes run one after the other, never at the same time, alternating their order every
+repetition (`--reps`), each repetition with fresh prompts (a new seed) so no mode benefits from an earlier
+one; the same prompts go to both modes within a repetition.
+
+Printed (and with --json written): per mode, prompt tokens, tokens served from cache (vLLM's
+num_cached_tokens: local prefix cache + store), tokens loaded from the store, prefill tokens computed,
+store hit rate (blocks the store held / blocks asked for beyond the local hit, at admission), TTFT p50/p99.
+
+    python benchmarks/bench_prefix_reuse.py --reps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("shared", "plain")  # pool names: with and without the KV store
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="tiny-llama-b", help="demo model under RAYFLEET_DEMO_MODELS")
+    parser.add_argument("--system-prompts", type=int, default=4)
+    parser.add_argument("--system-len", type=int, nargs=2, default=(600, 900), metavar=("MIN", "MAX"))
+    parser.add_argument("--chats", type=int, default=12)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--user-len", type=int, nargs=2, default=(30, 80), metavar=("MIN", "MAX"))
+    parser.add_argument("--reply-tokens", type=int, default=16, help="max_tokens of every turn (greedy)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight per mode")
+    parser.add_argument("--kv-blocks", type=int, default=160, help="KV blocks (of 32 tokens) per replica")
+    parser.add_argument("--store-mib", type=int, default=512, help="memory tier of the one store shard")
+    parser.add_argument("--reps", type=int, default=2, help="repetitions, mode order alternating")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args()
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- workload
+
+
+@dataclass
+class Chat:
+    system: list[int]
+    users: list[list[int]]  # one user message per turn
+    history: list[int] = field(default_factory=list)  # system + earlier turns (user + reply)
+
+
+@dataclass
+class Workload:
+    chats: list[Chat]
+    orders: list[list[int]]  # per turn, the order in which the chats send it (same for both modes)
+
+
+def make_workload(args: argparse.Namespace, seed: int) -> Workload:
+    rng = random.Random(seed)
+
+    def tokens(low: int, high: int) -> list[int]:
+        return [rng.randrange(10, 500) for _ in range(rng.randint(low, high))]
+
+    systems = [tokens(*args.system_len) for _ in range(args.system_prompts)]
+    chats = [Chat(systems[i % len(systems)], [tokens(*args.user_len) for _ in range(args.turns)])
+             for i in range(args.chats)]
+    # Chats answer at different speeds: each turn arrives in a new order, so round robin does not pin a
+    # chat (or a system prompt) to one replica.
+    return Workload(chats, [rng.sample(range(args.chats), args.chats) for _ in range(args.turns)])
+
+
+@dataclass
+class Result:
+    ttft_s: float
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class ModeRun:
+    results: list[Result] = field(default_factory=list)
+    store_counters: dict[str, int] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- fleet
+
+
+def fleet_spec(args: argparse.Namespace) -> dict[str, Any]:
+    model = str(Path(os.environ.get("RAYFLEET_DEMO_MODELS", REPO / ".demo-models")) / args.model)
+    engine = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "block_size": 32,
+              "max_num_seqs": 16, "num_gpu_blocks_override": args.kv_blocks, "enable_prefix_caching": True}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    pool = {"model": model, "min_replicas": 2, "max_replicas": 2, "resources": {"num_cpus": 1},
+            "env": env, "engine_args": engine}
+    return {
+        "name": "bench-prefix-reuse",
+        "pools": [{**pool, "name": "shared", "use_kv_store": True}, {**pool, "name": "plain", "use_kv_store": False}],
+        "kv_store": {"name": "bench-prefix-kv", "memory_bytes": args.store_mib << 20, "pin_memory": False},
+        "health": {"check_period_s": 5.0, "check_timeout_s": 30},
+    }
+
+
+def replicas_of(controller, pool: str) -> list:
+    import ray
+
+    status = ray.get(controller.status.remote())
+    ids = sorted(r["replica_id"] for r in status["replicas"] if r["pool"] == pool and r["state"] == "ready")
+    return [ray.get_actor(f"rayfleet-replica-{rid}", namespace="rayfleet") for rid in ids]
+
+
+async def store_counters(replicas: list) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for stats in await asyncio.gather(*(r.kv_stats.remote() for r in replicas)):
+        for name, value in stats.items():
+            if name.startswith("store_"):
+                total[name] = total.get(name, 0) + value
+    return total
+
+
+async def one_request(replica, request_id: str, prompt: list[int], args: argparse.Namespace) -> tuple[Result, list[int]]:
+    from vllm import SamplingParams
+
+    from rayfleet.actors.replica_protocol import GenerateCall
+
+    call = GenerateCall(request_id=request_id, prompt_token_ids=prompt,
+                        sampling_params=SamplingParams(max_tokens=args.reply_tokens, temperature=0.0,
+                                                       ignore_eos=True))
+    began = time.perf_counter()
+    ttft, cached, reply = None, 0, []
+    async for ref in replica.generate.options(num_returns="streaming").remote(call):
+        chunk = await ref
+        if chunk.num_cached_tokens is not None:
+            cached = chunk.num_cached_tokens
+        for choice in chunk.choices:
+            if choice.token_ids and ttft is None:
+                ttft = time.perf_counter() - began
+            reply += choice.token_ids
+    return Result(ttft, len(prompt), cached), reply
+
+
+async def run_mode(replicas: list, workload: Workload, args: argparse.Namespace, tag: str) -> ModeRun:
+    chats = workload.chats
+    for chat in chats:
+        chat.history = list(chat.system)
+    run = ModeRun()
+    before = await store_counters(replicas)
+    semaphore = asyncio.Semaphore(args.concurrency)
+    counter = 0
+
+    async def turn(index: int, chat: Chat, t: int) -> None:
+        nonlocal counter
+        async with semaphore:
+            replica = replicas[counter % len(replicas)]  # round robin over the pool
+            counter += 1
+            prompt = chat.history + chat.users[t]
+            result, reply = await one_request(replica, f"{tag}-c{index}-t{t}", prompt, args)
+            chat.history = prompt + reply
+            run.results.append(result)
+
+    for t in range(args.turns):
+        # Tasks start in list order, so they take the semaphore (and their replica) in the turn's order.
+        await asyncio.gather(*(turn(i, chats[i], t) for i in workload.orders[t]))
+        log(f"  {tag}: turn {t + 1}/{args.turns} done ({len(run.results)} requests)")
+    after = await store_counters(replicas)
+    run.store_counters = {name: after[name] - before.get(name, 0) for name in after}
+    return run
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summarize(runs: list[ModeRun], block_size: int = 32) -> dict[str, Any]:
+    results = [r for run in runs for r in run.results]
+    counters: dict[str, int] = {}
+    for run in runs:
+        for name, value in run.store_counters.items():
+            counters[name] = counters.get(name, 0) + value
+    prompt = sum(r.prompt_tokens for r in results)
+    cached = sum(r.cached_tokens for r in results)
+    ttfts = [r.ttft_s for r in results]
+    asked = counters.get("store_lookup_blocks", 0)
+    return {
+        "requests": len(results),
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "store_tokens_loaded": counters.get("store_blocks_loaded", 0) * block_size,
+        "prefill_tokens_computed": prompt - cached,
+        "store_hit_rate": (counters.get("store_hit_blocks", 0) / asked) if asked else None,
+        "store_blocks_saved": counters.get("store_blocks_saved", 0),
+        "store_load_errors": counters.get("store_load_errors", 0),
+        "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99),
+        "ttft_mean_ms": 1000 * statistics.fmean(ttfts),
+    }
+
+
+def table(summary: dict[str, dict[str, Any]]) -> str:
+    shared, plain = summary["shared"], summary["plain"]
+
+    def ratio(key: str) -> str:
+        return f"{shared[key] / plain[key]:.2f}x" if plain[key] else "-"
+
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.1%}" if isinstance(value, float) and value <= 1 else (
+            f"{value:.1f}" if isinstance(value, float) else str(value))
+
+    rows = [("requests", "requests"), ("prompt tokens", "prompt_tokens"),
+            ("tokens from cache (local + store)", "cached_tokens"), ("  of which loaded from the store", "store_tokens_loaded"),
+            ("prefill tokens computed", "prefill_tokens_computed"), ("store hit rate (blocks)", "store_hit_rate"),
+            ("blocks put into the store", "store_blocks_saved"), ("store load errors", "store_load_errors"),
+            ("TTFT p50 (ms)", "ttft_p50_ms"), ("TTFT p99 (ms)", "ttft_p99_ms"), ("TTFT mean (ms)", "ttft_mean_ms")]
+    lines = ["| metric | with store | without store | with / without |", "| --- | ---: | ---: | ---: |"]
+    for label, key in rows:
+        numeric = isinstance(plain[key], (int, float)) and isinstance(shared[key], (int, float))
+        lines.append(f"| {label} | {fmt(shared[key])} | {fmt(plain[key])} | "
+                     f"{ratio(key) if numeric and key not in ('requests', 'prompt_tokens') else ''} |")
+    saved = plain["prefill_tokens_computed"] - shared["prefill_tokens_computed"]
+    lines.append(f"\nprefill tokens saved by the store: {saved} of {plain['prefill_tokens_computed']} computed "
+                 f"without it ({saved / max(1, plain['prefill_tokens_computed']):.1%})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+async def bench(args: argparse.Namespace, controller) -> dict[str, Any]:
+    pools = {mode: replicas_of(controller, mode) for mode in MODES}
+    # Warm-up: one short request per replica (first-step costs out of the measurement).
+    from vllm import SamplingParams  # noqa: F401  (imported once, outside the timed path)
+
+    for mode, replicas in pools.items():
+        for i, replica in enumerate(replicas):
+            await one_request(replica, f"warmup-{mode}-{i}", list(range(10, 60)), args)
+    runs: dict[str, list[ModeRun]] = {mode: [] for mode in MODES}
+    for rep in range(args.reps):
+        workload = make_workload(args, args.seed + rep)
+        order = MODES if rep % 2 == 0 else MODES[::-1]
+        for mode in order:
+            log(f"rep {rep + 1}/{args.reps}: {mode} ({'with' if mode == 'shared' else 'without'} the KV store)")
+            runs[mode].append(await run_mode(pools[mode], workload, args, f"r{rep}-{mode}"))
+    return {mode: summarize(runs[mode]) for mode in MODES}
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("RAYFLEET_DEMO_MODELS", str(REPO / ".demo-models"))
+    import ray
+
+    from rayfleet.control_plane.controller import get_or_create_controller
+    from rayfleet.control_plane.demo_models import build_demo_models
+    from rayfleet.control_plane.spec import parse_spec
+
+    build_demo_models(Path(os.environ["RAYFLEET_DEMO_MODELS"]))
+    ray.init(num_cpus=8, include_dashboard=False, namespace="rayfleet", log_to_driver=False)
+    spec = parse_spec(fleet_spec(args))
+    log("starting the fleet: 2 pools x 2 replicas of " + args.model + " and the KV store")
+    started = time.monotonic()
+    controller = get_or_create_controller(spec)
+    try:
+        ray.get(controller.wait_ready.remote(timeout_s=600))
+        log(f"fleet ready in {time.monotonic() - started:.0f} s")
+        summary = asyncio.run(bench(args, controller))
+    finally:
+        ray.get(controller.shutdown.remote())
+        ray.kill(controller)
+        ray.shutdown()
+    print(table(summary))
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                                         "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+                                         "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
