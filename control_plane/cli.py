@@ -63,12 +63,23 @@ def deploy(spec, wait_s: float) -> str:
 
     from rayfleet.control_plane.serve_app import build_app
 
-    serve.start(http_options={"host": spec.ingress.host, "port": spec.ingress.port})
+    serve.start(http_options={"host": spec.ingress.host, "port": spec.ingress.port}, grpc_options=grpc_options(spec))
     serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)
     url = f"http://{spec.ingress.host}:{spec.ingress.port}/v1"
+    if spec.ingress.grpc_port:
+        logger.info("gRPC endpoint (vLLM's VllmEngine service): %s:%d", spec.ingress.host, spec.ingress.grpc_port)
     ready = _wait_with_progress(controller(), spec, wait_s)
     logger.info("fleet ready: %s", ready)
     return url
+
+
+def grpc_options(spec) -> dict:
+    """Serve's gRPC proxy serving vLLM's gRPC protocol, when the spec gives a gRPC port."""
+    from rayfleet.control_plane.grpc_service import GRPC_SERVICER_FUNCTIONS
+
+    if spec.ingress.grpc_port is None:
+        return {}
+    return {"port": spec.ingress.grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS}
 
 
 def _wait_with_progress(handle, spec, wait_s: float) -> dict:

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any, AsyncIterator
 
+import grpc
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -27,6 +28,7 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateLogPr
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
 from rayfleet.actors.replica_protocol import GenerateCall
+from rayfleet.control_plane import grpc_service
 from rayfleet.control_plane.controller import CONTROLLER_NAME, NAMESPACE
 from rayfleet.control_plane.errors import OpenAIHTTPError, error_response_json
 from rayfleet.control_plane.ledger import Placement, TokenLedger, follow
@@ -157,7 +159,7 @@ class OpenAIIngress:
     async def health(self) -> JSONResponse:
         snapshot, _ = await self._fleet_view()
         ready = {name: len(pool.routable_replicas) for name, pool in snapshot.pools.items()}
-        status = 200 if all(ready.values()) else 503
+        status = 200 if not self._unserved_pools(snapshot) else 503
         return JSONResponse({"status": "ok" if status == 200 else "degraded", "ready_replicas": ready},
                             status_code=status)
 
@@ -214,6 +216,92 @@ class OpenAIIngress:
             if type(error.cause).__name__ == "FleetError":
                 raise OpenAIHTTPError(400, str(error.cause), "invalid_request_error") from None
             raise
+
+    # ---------------------------------------------------------------- gRPC (vLLM's VllmEngine service)
+    async def Generate(self, request, grpc_context):  # noqa: N802 (the RPC's name)
+        """Tokens in, tokens out, through admission, routing and the ledger like HTTP requests."""
+        try:
+            self._grpc_authenticate(grpc_context)
+            pool = grpc_service.pool_from_metadata(grpc_context.invocation_metadata(), list(self.renderers))
+            await self._ensure_renderers()
+            config = self.renderers[pool].state.vllm_config.model_config
+            call = grpc_service.call_from_proto(request, config.max_model_len, config.get_vocab_size())
+            info = self._info_from_call(call, pool)
+            placement, _ = await self._admit_and_place(info)
+        except OpenAIHTTPError as error:
+            self._grpc_fail(grpc_context, grpc_service.GRPC_STATUS.get(error.status, grpc.StatusCode.INTERNAL),
+                            error.message)
+        except grpc_service.GrpcRequestError as error:
+            self._grpc_fail(grpc_context, error.code, error.details)
+        ledger = self._open_ledger(call, placement)
+        prompt_tokens = len(call.prompt_token_ids)
+        outputs: dict[int, GenerateTokensChoice] = {}
+        async for choice in self._follow(ledger, pool):
+            cached = ledger.num_cached_tokens or 0
+            if request.stream and choice.finish_reason is None:
+                yield grpc_service.chunk_response(choice, prompt_tokens, cached)
+                continue
+            total = outputs.setdefault(choice.index, GenerateTokensChoice(index=choice.index, token_ids=[]))
+            total.token_ids.extend(choice.token_ids or [])
+            if choice.finish_reason is not None:
+                ids = (choice.token_ids or []) if request.stream else total.token_ids
+                yield grpc_service.complete_response(choice.index, ids, choice.finish_reason, choice.stop_reason,
+                                                     prompt_tokens, cached, choice.logprobs)
+
+    async def HealthCheck(self, request, grpc_context):  # noqa: N802
+        from smg_grpc_proto.generated import vllm_engine_pb2 as pb
+
+        snapshot, _ = await self._fleet_view()
+        empty = self._unserved_pools(snapshot)
+        return pb.HealthCheckResponse(healthy=not empty, message=f"no ready replica in: {', '.join(empty)}"
+                                      if empty else "ok")
+
+    async def Abort(self, request, grpc_context):  # noqa: N802
+        from smg_grpc_proto.generated import vllm_engine_pb2 as pb
+
+        self._grpc_authenticate(grpc_context)
+        for request_id in request.request_ids:
+            ledger = self.ledgers.get(request_id)
+            if ledger is not None and ledger.placement is not None:
+                await ledger.placement.replica.abort.remote(request_id)
+        return pb.AbortResponse()
+
+    async def GetModelInfo(self, request, grpc_context):  # noqa: N802
+        from smg_grpc_proto.generated import vllm_engine_pb2 as pb
+
+        pool = grpc_service.pool_from_metadata(grpc_context.invocation_metadata(), list(self.renderers))
+        await self._ensure_renderers()
+        config = self.renderers[pool].state.vllm_config.model_config
+        return pb.GetModelInfoResponse(model_path=config.model, is_generation=True,
+                                       max_context_length=config.max_model_len, vocab_size=config.get_vocab_size(),
+                                       served_model_name=pool, tokenizer_path=config.tokenizer,
+                                       max_req_input_len=config.max_model_len)
+
+    @staticmethod
+    def _unserved_pools(snapshot: FleetSnapshot) -> list[str]:
+        """Pools meant to run (desired > 0) with no ready replica: the fleet is degraded."""
+        return [name for name, pool in snapshot.pools.items() if pool.desired_replicas and not pool.routable_replicas]
+
+    def _grpc_authenticate(self, grpc_context) -> None:
+        if not self.api_keys:
+            return
+        header = dict(grpc_context.invocation_metadata()).get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
+            self._grpc_fail(grpc_context, grpc.StatusCode.UNAUTHENTICATED,
+                            "missing or wrong API key: send metadata 'authorization: Bearer <key>'")
+
+    @staticmethod
+    def _grpc_fail(grpc_context, code, details: str):
+        """Ray Serve sends the status set on the context when the handler raises."""
+        grpc_context.set_code(code)
+        grpc_context.set_details(details)
+        raise grpc_service.GrpcRequestError(code, details)
+
+    def _info_from_call(self, call: GenerateCall, pool: str) -> RequestInfo:
+        return RequestInfo(request_id=call.request_id, pool=pool, prompt_tokens=len(call.prompt_token_ids),
+                           max_tokens=call.sampling_params.max_tokens or 0, priority=call.priority,
+                           workflow_id=call.workflow_id, prompt_token_ids=tuple(call.prompt_token_ids))
 
     # ---------------------------------------------------------------- serving
     async def _serve(self, kind: str, request: Request):
@@ -304,9 +392,7 @@ class OpenAIIngress:
         return ledger
 
     async def _follow(self, ledger: TokenLedger, pool: str):
-        info = RequestInfo(request_id=ledger.request_id, pool=pool, prompt_tokens=len(ledger.call.prompt_token_ids),
-                           max_tokens=ledger.call.sampling_params.max_tokens or 0, priority=ledger.call.priority,
-                           workflow_id=ledger.call.workflow_id)
+        info = self._info_from_call(ledger.call, pool)
         try:
             async for choice in follow(ledger, self._placer(info)):
                 yield choice

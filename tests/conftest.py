@@ -117,27 +117,32 @@ def fleet(ray_cluster, demo_models, redis_url):
     """A deployed fleet: controller + OpenAI ingress + one replica each of tiny-a and tiny-b."""
     from ray import serve
 
+    from rayfleet.control_plane.cli import grpc_options
     from rayfleet.control_plane.controller import CONTROLLER_NAME, NAMESPACE
     from rayfleet.control_plane.serve_app import build_app
     from rayfleet.control_plane.spec import parse_spec
 
-    port = free_port()
-    spec = parse_spec(fleet_spec_dict(demo_models, redis_url, port))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port, grpc_port = free_port(), free_port()
+    spec_dict = fleet_spec_dict(demo_models, redis_url, port)
+    spec_dict["ingress"]["grpc_port"] = grpc_port
+    spec = parse_spec(spec_dict)
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options(spec))
     serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)
     controller = ray_cluster.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
     ray_cluster.get(controller.wait_ready.remote(timeout_s=300))
-    yield Fleet(spec=spec, controller=controller, base_url=f"http://127.0.0.1:{port}/v1")
+    yield Fleet(spec=spec, controller=controller, base_url=f"http://127.0.0.1:{port}/v1",
+                grpc_target=f"127.0.0.1:{grpc_port}")
     serve.shutdown()
     ray_cluster.get(controller.shutdown.remote())
     ray_cluster.kill(controller)
 
 
 class Fleet:
-    def __init__(self, spec, controller, base_url: str):
+    def __init__(self, spec, controller, base_url: str, grpc_target: str):
         self.spec = spec
         self.controller = controller
         self.base_url = base_url
+        self.grpc_target = grpc_target
 
     def status(self) -> dict:
         import ray

@@ -1,0 +1,116 @@
+"""The gRPC endpoint speaks vLLM's own gRPC protocol: the `VllmEngine` service of `smg-grpc-proto`.
+
+That is the protocol `vllm serve --grpc` serves and that tokenizing gateways (SMG) call: tokens in, tokens
+out. rayfleet serves it through Ray Serve's gRPC proxy on the same ingress deployment as HTTP, so a gRPC
+request gets the same admission, routing, token ledger, live migration and failover as an HTTP one. Sampling
+params are converted by vLLM's servicer's own function; this module only maps between the proto messages
+and the fleet's token stream.
+
+The service has no model field: the pool comes from the gRPC metadata key `rayfleet-pool` (optional when
+the fleet has a single pool).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2_grpc
+from smg_grpc_proto.generated import vllm_engine_pb2 as pb
+from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateLogProbs, GenerateTokensStreamChoice
+
+from rayfleet.actors.replica_protocol import GenerateCall
+
+# The generated messages name their module `vllm_engine_pb2` (protoc's flat layout), and Ray Serve pickles
+# requests from its gRPC proxy to the ingress: both processes import this module, which makes that name
+# importable before any message crosses.
+sys.modules.setdefault("vllm_engine_pb2", pb)
+sys.modules.setdefault("common_pb2", common_pb2)
+
+
+def add_servicer_to_server(servicer, server) -> None:
+    """What Serve's gRPC proxy registers (`grpc_servicer_functions`): vLLM's VllmEngine service."""
+    vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(servicer, server)
+
+
+GRPC_SERVICER_FUNCTIONS = ["rayfleet.control_plane.grpc_service:add_servicer_to_server"]
+POOL_METADATA_KEY = "rayfleet-pool"
+# HTTP statuses of the ingress' errors -> gRPC status codes
+GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+               429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+
+
+class GrpcRequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+    def __reduce__(self):  # Serve ships it from the ingress to its gRPC proxy
+        return type(self), (self.code, self.details)
+
+
+def pool_from_metadata(metadata: list[tuple[str, str]], pools: list[str]) -> str:
+    named = [value for key, value in metadata if key == POOL_METADATA_KEY]
+    if not named:
+        if len(pools) == 1:
+            return pools[0]
+        raise GrpcRequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"set gRPC metadata '{POOL_METADATA_KEY}' to one of: {', '.join(pools)}")
+    if named[0] not in pools:
+        raise GrpcRequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"unknown pool '{named[0]}' in '{POOL_METADATA_KEY}'; pools: {', '.join(pools)}")
+    return named[0]
+
+
+def call_from_proto(request: pb.GenerateRequest, max_model_len: int, vocab_size: int) -> GenerateCall:
+    """A validated engine call from a `GenerateRequest` (tokenized input only)."""
+    from smg_grpc_servicer.vllm.servicer import VllmEngineServicer
+
+    if request.WhichOneof("input") != "tokenized" or not request.tokenized.input_ids:
+        raise GrpcRequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "send tokenized input (input.tokenized.input_ids); text goes to the HTTP endpoint")
+    prompt = list(request.tokenized.input_ids)
+    if max(prompt) >= vocab_size:
+        raise GrpcRequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"token id {max(prompt)} is outside the vocabulary (size {vocab_size})")
+    params = VllmEngineServicer._sampling_params_from_proto(request.sampling_params, stream=True)
+    if params.max_tokens is None:
+        params.max_tokens = max_model_len - len(prompt)
+    if len(prompt) + params.max_tokens > max_model_len:
+        raise GrpcRequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                               f"model's context length ({max_model_len})")
+    if not request.request_id:
+        raise GrpcRequestError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+    return GenerateCall(request_id=request.request_id, prompt_token_ids=prompt, sampling_params=params)
+
+
+def output_logprobs(logprobs: GenerateLogProbs | None) -> pb.OutputLogProbs | None:
+    if logprobs is None or not logprobs.content:
+        return None
+    return pb.OutputLogProbs(
+        token_logprobs=[entry.logprob for entry in logprobs.content],
+        token_ids=[entry.token_id for entry in logprobs.content],
+        top_logprobs=[pb.TopLogProbs(values=[t.logprob for t in entry.top_logprobs],
+                                     token_ids=[t.token_id for t in entry.top_logprobs])
+                      for entry in logprobs.content],
+    )
+
+
+def chunk_response(choice: GenerateTokensStreamChoice, prompt_tokens: int, cached_tokens: int) -> pb.GenerateResponse:
+    return pb.GenerateResponse(chunk=pb.GenerateStreamChunk(
+        token_ids=choice.token_ids or [], prompt_tokens=prompt_tokens, completion_tokens=len(choice.token_ids or []),
+        cached_tokens=cached_tokens, output_logprobs=output_logprobs(choice.logprobs), index=choice.index))
+
+
+def complete_response(index: int, output_ids: list[int], finish_reason: str, stop_reason, prompt_tokens: int,
+                      cached_tokens: int, logprobs: GenerateLogProbs | None) -> pb.GenerateResponse:
+    complete = pb.GenerateComplete(output_ids=output_ids, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+                                   completion_tokens=len(output_ids), cached_tokens=cached_tokens,
+                                   output_logprobs=output_logprobs(logprobs), index=index)
+    if isinstance(stop_reason, str):
+        complete.matched_stop_str = stop_reason
+    elif isinstance(stop_reason, int):
+        complete.matched_token_id = stop_reason
+    return pb.GenerateResponse(complete=complete)

@@ -1,0 +1,82 @@
+"""The gRPC endpoint: vLLM's own VllmEngine service (smg-grpc-proto), called with its generated stub."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from smg_grpc_proto.generated import vllm_engine_pb2 as pb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc
+
+from conftest import API_KEY
+
+pytestmark = pytest.mark.engines
+PROMPT = [11 + (i * 5) % 300 for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def stub(fleet):
+    channel = grpc.insecure_channel(fleet.grpc_target)
+    yield vllm_engine_pb2_grpc.VllmEngineStub(channel)
+    channel.close()
+
+
+def metadata(pool: str | None = "tiny-a", key: str | None = API_KEY):
+    pairs = [("rayfleet-pool", pool)] if pool else []
+    return pairs + ([("authorization", f"Bearer {key}")] if key else [])
+
+
+def generate(stub, stream: bool, max_tokens: int = 16, prompt=PROMPT, **md):
+    request = pb.GenerateRequest(request_id=f"grpc-{stream}-{max_tokens}-{len(prompt)}",
+                                 tokenized=pb.TokenizedInput(input_ids=prompt), stream=stream,
+                                 sampling_params=pb.SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                   ignore_eos=True))
+    return list(stub.Generate(request, metadata=metadata(**md), timeout=120))
+
+
+def test_grpc_tokens_equal_the_http_completion_of_the_same_prompt(stub, client, demo_models):
+    from transformers import AutoTokenizer
+
+    http = client.completions.create(model="tiny-a", prompt=PROMPT, max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    [response] = generate(stub, stream=False)
+    assert response.WhichOneof("response") == "complete"
+    assert response.complete.finish_reason == "length"
+    assert response.complete.prompt_tokens == len(PROMPT)
+    assert len(response.complete.output_ids) == 16
+    tokenizer = AutoTokenizer.from_pretrained(demo_models / "tiny-llama-a")
+    assert tokenizer.decode(list(response.complete.output_ids)) == http.choices[0].text
+
+
+def test_grpc_stream_is_chunks_then_complete_with_the_same_tokens(stub):
+    [full] = generate(stub, stream=False)
+    responses = generate(stub, stream=True)
+    kinds = [r.WhichOneof("response") for r in responses]
+    assert kinds[-1] == "complete" and set(kinds[:-1]) == {"chunk"} and len(kinds) > 2
+    streamed = [t for r in responses[:-1] for t in r.chunk.token_ids] + list(responses[-1].complete.output_ids)
+    assert streamed == list(full.complete.output_ids)
+
+
+@pytest.mark.parametrize("md, code", [
+    ({"pool": None}, grpc.StatusCode.INVALID_ARGUMENT),        # several pools: the pool must be named
+    ({"pool": "nope"}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"key": "wrong"}, grpc.StatusCode.UNAUTHENTICATED),
+    ({"pool": "cold"}, grpc.StatusCode.UNAVAILABLE),            # no ready replica
+])
+def test_grpc_errors_carry_status_codes(stub, md, code):
+    with pytest.raises(grpc.RpcError) as error:
+        generate(stub, stream=False, **md)
+    assert error.value.code() == code
+    assert error.value.details()
+
+
+def test_grpc_rejects_prompts_beyond_the_context(stub):
+    with pytest.raises(grpc.RpcError) as error:
+        generate(stub, stream=False, max_tokens=100, prompt=PROMPT * 25)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context length" in error.value.details()
+
+
+def test_grpc_health_and_model_info(stub):
+    assert stub.HealthCheck(pb.HealthCheckRequest(), timeout=30).healthy
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata(), timeout=30)
+    assert info.served_model_name == "tiny-a" and info.max_context_length == 1024 and info.vocab_size == 512
