@@ -573,7 +573,9 @@ class RayfleetKVConnector(KVConnectorBase_V1):
         if vllm_config.parallel_config.world_size > 1:
             raise NotImplementedError("rayfleet KV connector: tensor/pipeline parallelism (world size > 1) "
                                       "is not supported; the RPCs and block exports assume one worker")
-        from rayfleet.actors.kv_prefix_store import SchedulerPrefixStore, WorkerPrefixStore, store_settings
+        from rayfleet.actors.kv_prefix_store import (
+            SchedulerPrefixStore, WorkerPrefixStore, connect_store, store_settings,
+        )
 
         self.scheduler_state: SchedulerKVMigrationState | None = None
         self.worker_state: WorkerKVMigrationState | None = None
@@ -583,11 +585,13 @@ class RayfleetKVConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_state = SchedulerKVMigrationState(vllm_config.cache_config.block_size)
             if store is not None:
-                self.store_scheduler = SchedulerPrefixStore(*store, vllm_config.cache_config.block_size)
+                config, namespace = store
+                self.store_scheduler = SchedulerPrefixStore(connect_store(config), namespace,
+                                                            vllm_config.cache_config.block_size)
         else:
             self.worker_state = WorkerKVMigrationState(vllm_config, kv_cache_config)
             if store is not None:
-                self.store_worker = WorkerPrefixStore(store[0])
+                self.store_worker = WorkerPrefixStore(connect_store(store[0]))
 
     # -- worker side ---------------------------------------------------------------------------------
 

@@ -125,8 +125,8 @@ class _Lookup:
 class SchedulerPrefixStore:
     """Scheduler side: plans loads at admission and saves after every step."""
 
-    def __init__(self, config: KVStoreConfig, namespace: str, block_size: int):
-        self._store = connect_store(config)
+    def __init__(self, store: KVStoreClient, namespace: str, block_size: int):
+        self._store = store
         self._namespace = namespace
         self._block_size = block_size
         self._kv_cache_manager = None
@@ -214,8 +214,8 @@ class SchedulerPrefixStore:
 class WorkerPrefixStore:
     """Worker side: executes the step's loads before the forward and its saves after it."""
 
-    def __init__(self, config: KVStoreConfig):
-        self._store = connect_store(config)
+    def __init__(self, store: KVStoreClient):
+        self._store = store
         self._layers: list[torch.Tensor] = []
         self._bytes_per_block = 0
         self._loads: list[StoreLoad] = []

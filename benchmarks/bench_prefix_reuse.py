@@ -250,6 +250,14 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     saved = plain["prefill_tokens_computed"] - shared["prefill_tokens_computed"]
     lines.append(f"\nprefill tokens saved by the store: {saved} of {plain['prefill_tokens_computed']} computed "
                  f"without it ({saved / max(1, plain['prefill_tokens_computed']):.1%})")
+    lines += ["", "per repetition (fresh prompts each; the two modes run one after the other, in this order):", "",
+              "| rep | order | TTFT p50 with / without (ms) | TTFT p99 with / without (ms) | prefill computed with / without |",
+              "| ---: | --- | ---: | ---: | ---: |"]
+    for i, rep in enumerate(summary["reps"]):
+        with_, without = rep["shared"], rep["plain"]
+        lines.append(f"| {i + 1} | {' then '.join(rep['order'])} | {with_['ttft_p50_ms']:.1f} / {without['ttft_p50_ms']:.1f} "
+                     f"| {with_['ttft_p99_ms']:.1f} / {without['ttft_p99_ms']:.1f} "
+                     f"| {with_['prefill_tokens_computed']} / {without['prefill_tokens_computed']} |")
     return "\n".join(lines)
 
 
@@ -271,7 +279,9 @@ async def bench(args: argparse.Namespace, controller) -> dict[str, Any]:
         for mode in order:
             log(f"rep {rep + 1}/{args.reps}: {mode} ({'with' if mode == 'shared' else 'without'} the KV store)")
             runs[mode].append(await run_mode(pools[mode], workload, args, f"r{rep}-{mode}"))
-    return {mode: summarize(runs[mode]) for mode in MODES}
+    return {**{mode: summarize(runs[mode]) for mode in MODES},
+            "reps": [{"order": list(MODES if rep % 2 == 0 else MODES[::-1]),
+                      **{mode: summarize([runs[mode][rep]]) for mode in MODES}} for rep in range(args.reps)]}
 
 
 def main() -> None:

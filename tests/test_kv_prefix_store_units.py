@@ -1,0 +1,198 @@
+"""The KV store half of the connector without an engine or Ray: claims, load plans, saves, load errors.
+
+A dict-backed fake store and minimal stand-ins for vLLM's Request, KVCacheBlocks and SchedulerOutput
+drive `SchedulerPrefixStore` and `WorkerPrefixStore` directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rayfleet.actors.kv_block_hash import block_hashes
+from rayfleet.actors.kv_connector import RayfleetConnectorMetadata, gather_blocks
+from rayfleet.actors.kv_prefix_store import SchedulerPrefixStore, StoreLoad, StoreSave, WorkerPrefixStore
+
+BS = 4  # block size
+NS = "units"
+
+
+class FakeStore:
+    def __init__(self):
+        self.blocks: dict[bytes, np.ndarray] = {}
+        self.lookups = 0
+
+    def contains_prefix(self, hashes):
+        self.lookups += 1
+        return next((i for i, h in enumerate(hashes) if h not in self.blocks), len(hashes))
+
+    def get(self, hashes):
+        return [self.blocks.get(h) for h in hashes]
+
+    def put(self, hashes, blocks):
+        for h, b in zip(hashes, blocks, strict=True):
+            self.blocks.setdefault(h, np.asarray(b).copy())
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    all_token_ids: list[int]
+    num_computed_tokens: int = 0
+    lora_request: object = None
+    cache_salt: str | None = None
+    mm_features: list = field(default_factory=list)
+    skip_reading_prefix_cache: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+
+class FakeBlocks:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_block_ids(self):
+        return (self.ids,)
+
+
+class FakeManager:
+    def __init__(self):
+        self.ids: dict[str, list[int]] = {}
+
+    def get_block_ids(self, req_id):
+        return (self.ids[req_id],)
+
+
+@dataclass
+class FakeOutput:
+    num_scheduled_tokens: dict[str, int]
+
+
+def scheduler(store: FakeStore) -> tuple[SchedulerPrefixStore, FakeManager]:
+    side = SchedulerPrefixStore(store, NS, BS)
+    manager = FakeManager()
+    side.bind_kv_cache_manager(manager)
+    return side, manager
+
+
+def hold(store: FakeStore, tokens: list[int], num_blocks: int) -> None:
+    for h in block_hashes(tokens, BS, NS)[:num_blocks]:
+        store.blocks[h] = np.zeros(8, np.uint8)
+
+
+def test_claims_whole_store_blocks_beyond_the_local_hit_without_side_effects():
+    store = FakeStore()
+    tokens = list(range(100, 114))  # 14 tokens: 3 full blocks, 3 claimable
+    hold(store, tokens, 3)
+    side, _ = scheduler(store)
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert side.get_num_new_matched_tokens(request, BS) == 2 * BS  # local hit 1 block, store 2 more
+    assert side.get_num_new_matched_tokens(request, BS) == 2 * BS  # asked twice, same answer
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({}))
+    assert meta.store_loads == []  # nothing planned before the allocation
+
+
+def test_at_least_one_token_is_left_to_compute():
+    store = FakeStore()
+    tokens = list(range(100, 112))  # exactly 3 blocks: only 2 may be claimed
+    hold(store, tokens, 3)
+    side, _ = scheduler(store)
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert side.get_num_new_matched_tokens(request, 0) == 2 * BS
+
+
+def test_allocation_plans_a_load_into_the_blocks_after_the_local_hit():
+    store = FakeStore()
+    tokens = list(range(100, 114))
+    hold(store, tokens, 3)
+    side, _ = scheduler(store)
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    side.get_num_new_matched_tokens(request, BS)
+    side.update_state_after_alloc(request, FakeBlocks([7, 8, 9, 10]), 2 * BS)
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({}))
+    assert meta.store_loads == [StoreLoad("r", block_hashes(tokens, BS, NS)[1:3], [8, 9])]
+    assert meta.store_counts == {"store_lookup_blocks": 2, "store_hit_blocks": 2}
+
+
+def test_only_blocks_the_engine_computes_are_saved_and_each_once():
+    store = FakeStore()
+    tokens = list(range(100, 114))
+    hold(store, tokens, 1)
+    side, manager = scheduler(store)
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    side.get_num_new_matched_tokens(request, 0)
+    side.update_state_after_alloc(request, FakeBlocks([5, 6, 7, 8]), BS)  # block 0 from the store
+    manager.ids["r"] = [5, 6, 7, 8]
+    request.num_computed_tokens = BS
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({"r": 10}))  # prefill of the other 10 tokens: blocks 1 and 2 complete
+    hashes = block_hashes(tokens, BS, NS)
+    assert meta.store_saves == [StoreSave("r", hashes[1:3], [6, 7])]
+    request.num_computed_tokens = 14
+    request.all_token_ids = tokens + [1, 2]  # two decode steps later block 3 completes
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({"r": 1}))
+    assert meta.store_saves == []
+    request.num_computed_tokens = 15
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({"r": 1}))
+    assert meta.store_saves == [StoreSave("r", block_hashes(request.all_token_ids, BS, NS)[3:4], [8])]
+
+
+def test_a_block_already_put_by_this_engine_is_not_put_again():
+    store = FakeStore()
+    side, manager = scheduler(store)
+    tokens = list(range(100, 109))
+    for rid in ("a", "b"):  # the same prompt twice, with no local hit for the second (evicted)
+        request = FakeRequest(rid, tokens)
+        side.on_new_request(request)
+        side.get_num_new_matched_tokens(request, 0)
+        side.update_state_after_alloc(request, FakeBlocks([1, 2, 3]), 0)
+        manager.ids[rid] = [1, 2, 3]
+        meta = RayfleetConnectorMetadata()
+        side.add_to_meta(meta, FakeOutput({rid: 9}))
+        assert len(meta.store_saves) == (1 if rid == "a" else 0)
+        side.request_finished(request)
+
+
+def test_requests_the_namespace_does_not_cover_never_use_the_store():
+    store = FakeStore()
+    tokens = list(range(100, 114))
+    hold(store, tokens, 3)
+    side, _ = scheduler(store)
+    for request in (FakeRequest("lora", tokens, lora_request=object()), FakeRequest("salt", tokens, cache_salt="x"),
+                    FakeRequest("skip", tokens, skip_reading_prefix_cache=True)):
+        side.on_new_request(request)
+        assert side.get_num_new_matched_tokens(request, 0) == 0
+    assert store.lookups == 0
+
+
+def test_worker_loads_up_to_the_first_unusable_block_and_reports_the_rest():
+    store = FakeStore()
+    layers = [torch.zeros((6, 8), dtype=torch.uint8) for _ in range(2)]
+    worker = WorkerPrefixStore(store)
+    worker.register(layers)
+    good = torch.arange(16, dtype=torch.uint8).view(1, 16)
+    hashes = block_hashes(list(range(12)), BS, NS)
+    store.blocks[hashes[0]] = good[0].numpy()
+    store.blocks[hashes[2]] = good[0].numpy()  # present, but after a missing one
+    meta = RayfleetConnectorMetadata(store_loads=[StoreLoad("r", hashes, [3, 4, 5])],
+                                     store_saves=[StoreSave("r", hashes[:1], [3])])
+    worker.bind(meta)
+    worker.load()
+    assert torch.equal(gather_blocks(layers, [3]), good)
+    assert worker.take_load_errors() == {4, 5}
+    worker.save()  # the failed request's saves are skipped
+    worker.flush()
+    assert worker.stats()["store_blocks_saved"] == 0
+    assert (worker.stats()["store_blocks_loaded"], worker.stats()["store_load_errors"]) == (1, 1)
