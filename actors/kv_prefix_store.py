@@ -26,6 +26,7 @@ replica sets to its GCS address before it builds the engine. See docs/kv_connect
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ STORE_COUNTERS = (
     "store_hit_blocks",  # of those, blocks the store held and the engine claimed
     "store_blocks_loaded", "store_bytes_loaded", "store_load_errors",
     "store_blocks_saved", "store_bytes_saved", "store_put_errors",
+    # Seconds spent waiting for the store: lookups (scheduler, on the step), loads (worker, on the step),
+    # puts (worker, background thread).
+    "store_lookup_s", "store_load_s", "store_put_s", "store_lookups", "store_loads", "store_puts",
 )
 
 
@@ -161,7 +165,13 @@ class SchedulerPrefixStore:
         # Whole blocks only, and at least one token left to compute (vLLM asserts it).
         claimable = (request.num_tokens - 1) // self._block_size
         asked = max(0, claimable - local_blocks)
-        hit = self._store.contains_prefix(self._chain(request, claimable)[local_blocks:]) if asked else 0
+        hit = 0
+        if asked:
+            began = time.perf_counter()
+            hit = self._store.contains_prefix(self._chain(request, claimable)[local_blocks:])
+            # Accounting only (sent with the next metadata); the claim itself stays side-effect free.
+            self._lookup_counts["store_lookup_s"] += time.perf_counter() - began
+            self._lookup_counts["store_lookups"] += 1
         self._lookups[request.request_id] = _Lookup(local_blocks, asked, hit)
         return hit * self._block_size
 
@@ -242,6 +252,7 @@ class WorkerPrefixStore:
         loads, self._loads = self._loads, []
         self._failed = set()
         for job in loads:
+            began = time.perf_counter()
             blocks = self._store.get(job.hashes)
             usable = next((i for i, block in enumerate(blocks)
                            if block is None or block.size != self._bytes_per_block), len(blocks))
@@ -255,6 +266,8 @@ class WorkerPrefixStore:
                 self._load_errors.update(job.block_ids[usable:])
                 self._failed.add(job.internal_id)
                 self.counters["store_load_errors"] += 1
+            self.counters["store_load_s"] += time.perf_counter() - began
+            self.counters["store_loads"] += 1
             self.counters["store_blocks_loaded"] += usable
             self.counters["store_bytes_loaded"] += usable * self._bytes_per_block
 
@@ -277,12 +290,15 @@ class WorkerPrefixStore:
         self._last_put = self._putter.submit(self._put, hashes, rows)
 
     def _put(self, hashes: list[BlockHash], rows: torch.Tensor) -> None:
+        began = time.perf_counter()
         try:
             self._store.put(hashes, list(rows.cpu().numpy()))
         except Exception:  # a lost put is a later miss, never wrong KV; the step must not fail for it
             logger.exception("rayfleet: KV store put of %d blocks failed", len(hashes))
             self.counters["store_put_errors"] += 1
             return
+        self.counters["store_put_s"] += time.perf_counter() - began
+        self.counters["store_puts"] += 1
         self.counters["store_blocks_saved"] += len(hashes)
         self.counters["store_bytes_saved"] += rows.numel()
 

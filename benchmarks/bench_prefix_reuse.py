@@ -200,6 +200,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+def _mean_ms(counters: dict[str, float], seconds: str, calls: str) -> float | None:
+    return 1000 * counters[seconds] / counters[calls] if counters.get(calls) else None
+
+
 def summarize(runs: list[ModeRun], block_size: int = 32) -> dict[str, Any]:
     results = [r for run in runs for r in run.results]
     counters: dict[str, int] = {}
@@ -219,6 +223,10 @@ def summarize(runs: list[ModeRun], block_size: int = 32) -> dict[str, Any]:
         "store_hit_rate": (counters.get("store_hit_blocks", 0) / asked) if asked else None,
         "store_blocks_saved": counters.get("store_blocks_saved", 0),
         "store_load_errors": counters.get("store_load_errors", 0),
+        # Mean wait per store call, ms: lookups and loads delay a step, puts run beside it.
+        "store_lookup_ms": _mean_ms(counters, "store_lookup_s", "store_lookups"),
+        "store_load_ms": _mean_ms(counters, "store_load_s", "store_loads"),
+        "store_put_ms": _mean_ms(counters, "store_put_s", "store_puts"),
         "ttft_p50_ms": 1000 * statistics.median(ttfts),
         "ttft_p99_ms": 1000 * percentile(ttfts, 99),
         "ttft_mean_ms": 1000 * statistics.fmean(ttfts),
@@ -231,21 +239,24 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     def ratio(key: str) -> str:
         return f"{shared[key] / plain[key]:.2f}x" if plain[key] else "-"
 
-    def fmt(value: Any) -> str:
+    def fmt(key: str, value: Any) -> str:
         if value is None:
             return "-"
-        return f"{value:.1%}" if isinstance(value, float) and value <= 1 else (
-            f"{value:.1f}" if isinstance(value, float) else str(value))
+        if key == "store_hit_rate":
+            return f"{value:.1%}"
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
 
     rows = [("requests", "requests"), ("prompt tokens", "prompt_tokens"),
             ("tokens from cache (local + store)", "cached_tokens"), ("  of which loaded from the store", "store_tokens_loaded"),
             ("prefill tokens computed", "prefill_tokens_computed"), ("store hit rate (blocks)", "store_hit_rate"),
             ("blocks put into the store", "store_blocks_saved"), ("store load errors", "store_load_errors"),
+            ("mean store lookup (ms, on the step)", "store_lookup_ms"), ("mean store load (ms, on the step)", "store_load_ms"),
+            ("mean store put (ms, background)", "store_put_ms"),
             ("TTFT p50 (ms)", "ttft_p50_ms"), ("TTFT p99 (ms)", "ttft_p99_ms"), ("TTFT mean (ms)", "ttft_mean_ms")]
     lines = ["| metric | with store | without store | with / without |", "| --- | ---: | ---: | ---: |"]
     for label, key in rows:
         numeric = isinstance(plain[key], (int, float)) and isinstance(shared[key], (int, float))
-        lines.append(f"| {label} | {fmt(shared[key])} | {fmt(plain[key])} | "
+        lines.append(f"| {label} | {fmt(key, shared[key])} | {fmt(key, plain[key])} | "
                      f"{ratio(key) if numeric and key not in ('requests', 'prompt_tokens') else ''} |")
     saved = plain["prefill_tokens_computed"] - shared["prefill_tokens_computed"]
     lines.append(f"\nprefill tokens saved by the store: {saved} of {plain['prefill_tokens_computed']} computed "

@@ -120,7 +120,7 @@ def test_allocation_plans_a_load_into_the_blocks_after_the_local_hit():
     meta = RayfleetConnectorMetadata()
     side.add_to_meta(meta, FakeOutput({}))
     assert meta.store_loads == [StoreLoad("r", block_hashes(tokens, BS, NS)[1:3], [8, 9])]
-    assert meta.store_counts == {"store_lookup_blocks": 2, "store_hit_blocks": 2}
+    assert (meta.store_counts["store_lookup_blocks"], meta.store_counts["store_hit_blocks"]) == (2, 2)
 
 
 def test_only_blocks_the_engine_computes_are_saved_and_each_once():
