@@ -1,0 +1,61 @@
+"""Prefix reuse between two LLMReplica actors sharing the fleet KV store, as the controller starts them.
+
+What the engine-level tests (test_kv_prefix_store.py) do not cover: the replica actor passes its GCS
+address to its engine (`RAY_ADDRESS`), the engine processes spawned inside a Ray actor join the cluster
+and find the store the controller created by name, and the replica's `kv_stats` reports the store counters.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+pytestmark = pytest.mark.engines
+
+BLOCK_SIZE = 32
+PROMPT_LEN = 300  # 9 full blocks (288 tokens) can come from the store
+
+
+def _collect(ray, replica, call) -> tuple[list[int], int | None]:
+    tokens, cached = [], None
+    for ref in replica.generate.options(num_returns="streaming").remote(call):
+        chunk = ray.get(ref)
+        cached = chunk.num_cached_tokens if chunk.num_cached_tokens is not None else cached
+        for choice in chunk.choices:
+            tokens += choice.token_ids
+    return tokens, cached
+
+
+def test_second_replica_loads_the_prefix_the_first_computed(ray_cluster, demo_models):
+    ray = ray_cluster
+    from vllm import SamplingParams
+
+    from rayfleet.actors.kv_store import KVStoreConfig, get_or_create_kv_store
+    from rayfleet.actors.llm_replica import LLMReplica
+    from rayfleet.actors.replica_protocol import GenerateCall
+
+    config = KVStoreConfig(name="test-replica-kv", memory_bytes=64 << 20, pin_memory=False)
+    store = get_or_create_kv_store(config)  # the controller's part
+    engine = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "block_size": BLOCK_SIZE,
+              "enable_prefix_caching": True}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    replicas = [ray.remote(LLMReplica).options(num_cpus=0, runtime_env={"env_vars": env}).remote(
+        f"kv-{i}", "kv", str(demo_models / "tiny-llama-a"), engine, kv_store=config) for i in range(2)]
+    try:
+        ray.get([replica.start.remote() for replica in replicas])
+        rng = random.Random(7)
+        prompt = [rng.randrange(10, 500) for _ in range(PROMPT_LEN)]
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        first, cached_first = _collect(ray, replicas[0], GenerateCall("kv-first", prompt, params))
+        second, cached_second = _collect(ray, replicas[1], GenerateCall("kv-second", prompt, params))
+        stats = ray.get(replicas[1].kv_stats.remote())
+        assert second == first
+        assert (cached_first, cached_second) == (0, (PROMPT_LEN - 1) // BLOCK_SIZE * BLOCK_SIZE)
+        assert stats["store_blocks_loaded"] == (PROMPT_LEN - 1) // BLOCK_SIZE
+        assert sum(s.hits_memory for s in store.stats()) == stats["store_blocks_loaded"]
+    finally:
+        ray.get([replica.shutdown.remote() for replica in replicas])
+        for replica in replicas:
+            ray.kill(replica)
+        store.shutdown()
