@@ -194,8 +194,21 @@ class LLMReplica:
         return request
 
     async def _drain(self, request: ActiveRequest) -> AsyncIterator[ReplicaChunk]:
+        """Yield the request's chunks; when the reader lags, what has queued up goes out as one chunk.
+
+        One engine step makes one token per request; sending each alone costs a Ray stream item and a
+        derender call per token, which at saturation costs more CPU than the engine itself. Merging only
+        what is already queued adds no latency when the reader keeps up.
+        """
+        held = None  # an end, an error or a handoff met while merging: it goes out next, alone
         while True:
-            item = await request.queue.get()
+            item, held = (held, None) if held is not None else (await request.queue.get(), None)
+            while isinstance(item, ReplicaChunk) and item.handoff is None and not request.queue.empty():
+                following = request.queue.get_nowait()
+                if not isinstance(following, ReplicaChunk) or following.handoff is not None:
+                    held = following
+                    break
+                item = merge_chunks(item, following)
             if item is _END:
                 return
             if isinstance(item, BaseException):
@@ -363,6 +376,24 @@ class LLMReplica:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def merge_chunks(first: ReplicaChunk, second: ReplicaChunk) -> ReplicaChunk:
+    """Two consecutive chunks of one request as one: per choice, tokens and logprobs concatenated."""
+    merged = {c.index: c.model_copy(deep=True) for c in first.choices}
+    for choice in second.choices:
+        into = merged.get(choice.index)
+        if into is None:
+            merged[choice.index] = choice
+            continue
+        into.token_ids = (into.token_ids or []) + (choice.token_ids or [])
+        if choice.logprobs is not None:
+            content = (into.logprobs.content if into.logprobs else []) + (choice.logprobs.content or [])
+            into.logprobs = choice.logprobs.model_copy(update={"content": content})
+        into.finish_reason, into.stop_reason = choice.finish_reason, choice.stop_reason
+    return ReplicaChunk(choices=[merged[i] for i in sorted(merged)],
+                        num_cached_tokens=first.num_cached_tokens if first.num_cached_tokens is not None
+                        else second.num_cached_tokens)
 
 
 def _token_logprobs(token_ids, logprobs, num_top: int | None):
