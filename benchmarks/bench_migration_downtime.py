@@ -73,6 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--bursty", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the bursty-workload comparison of migration policies (default: on)")
     parser.add_argument("--bursty-only", action="store_true", help="skip the downtime sweep")
+    parser.add_argument("--bursty-rounds", type=int, default=2, help="rounds over the bursty contenders")
     parser.add_argument("--bursty-prompts", type=int, default=160, help="requests per bursty run")
     parser.add_argument("--bursty-rate", type=float, default=6.0, help="mean arrival rate of the bursty runs, req/s")
     parser.add_argument("--burstiness", type=float, default=0.25,

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from typing import Any, Callable
 from contenders import DEMO_MODELS, SERVED_NAME, Contender, Fleet, ServeLLM, warm_up
 from load_generator import custom_dataset, run_vllm_bench
 
+CONTENDERS = ("least_load", "llumnix", "serve_llm")
 KV_BLOCKS = 80  # 2560 tokens of KV per replica
 ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "gpu_memory_utilization": 0.3,
           "block_size": 32, "max_num_seqs": 32, "num_gpu_blocks_override": KV_BLOCKS}
@@ -69,47 +71,72 @@ def bursty_comparison(args: argparse.Namespace, say: Callable[[str], None]) -> d
     stats = write_dataset(dataset_path, model_dir, args.bursty_prompts, args.seed)
     say(f"bursty dataset: {args.bursty_prompts} requests, output tokens {stats}")
     results: dict[str, Any] = {"dataset": stats, "rate": args.bursty_rate, "burstiness": args.burstiness,
-                               "kv_blocks": KV_BLOCKS, "contenders": {}}
-    for name in ("least_load", "llumnix", "serve_llm"):
-        contender: Contender
-        if name == "serve_llm":
-            contender = ServeLLM(name=name, model_dir=model_dir, engine_args=dict(ENGINE), engine_env=dict(ENV),
-                                 replicas=2, log_dir=args.log_dir)
-        else:
-            contender = Fleet(name=name, model_dir=model_dir, engine_args=dict(ENGINE), engine_env=dict(ENV),
-                              replicas=2, log_dir=args.log_dir)
-            contender.spec_overrides = {
-                "policies": {"router": {"name": "least_load"},
-                             "migration": LLUMNIX if name == "llumnix" else {"name": "none"}, "tick_s": 0.5},
-                "health": {"check_period_s": 0.5, "check_timeout_s": 30}}
-        say(f"bursty {name}: starting")
-        contender.start()
-        try:
-            warm_up(contender.base_url)
-            say(f"bursty {name}: ready in {contender.started_s:.0f} s")
-            bench = run_vllm_bench(contender.base_url, model_dir, SERVED_NAME, request_rate=args.bursty_rate,
-                                   num_prompts=args.bursty_prompts, seed=args.seed, burstiness=args.burstiness,
-                                   dataset=custom_dataset(dataset_path), log_path=args.log_dir / f"bursty-{name}.log")
-            kept = {k: v for k, v in bench.items() if isinstance(v, (int, float, str)) or v is None}
-            if isinstance(contender, Fleet):
-                records = migrations_of(contender)
-                kept["migrations"] = {o: sum(1 for r in records if r["outcome"] == o)
-                                      for o in sorted({r["outcome"] for r in records})}
-                moved = [r for r in records if r["outcome"] == "migrated"]
-                kept["migration_downtime_ms_p50"] = (sorted(r["downtime_s"] for r in moved)[len(moved) // 2] * 1e3
-                                                     if moved else None)
-            results["contenders"][name] = kept
-            say(f"bursty {name}: {bench['completed']}/{args.bursty_prompts} ok, "
-                + ", ".join(f"{title} {fmt.format(bench[key])}" for key, title, fmt in COLUMNS)
-                + (f", migrations {kept['migrations']}" if "migrations" in kept else ""))
-        finally:
-            contender.stop()
+                               "kv_blocks": KV_BLOCKS, "rounds": args.bursty_rounds, "runs": []}
+    names = list(CONTENDERS)
+    for round_index in range(args.bursty_rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            results["runs"].append({"contender": name, "round": round_index,
+                                    **run_one(name, model_dir, dataset_path, args, say)})
+    results["contenders"] = {name: median_run([r for r in results["runs"] if r["contender"] == name])
+                             for name in names}
     return results
+
+
+def run_one(name: str, model_dir: Path, dataset_path: Path, args: argparse.Namespace,
+            say: Callable[[str], None]) -> dict[str, Any]:
+    contender: Contender
+    if name == "serve_llm":
+        contender = ServeLLM(name=name, model_dir=model_dir, engine_args=dict(ENGINE), engine_env=dict(ENV),
+                             replicas=2, log_dir=args.log_dir)
+    else:
+        contender = Fleet(name=name, model_dir=model_dir, engine_args=dict(ENGINE), engine_env=dict(ENV),
+                          replicas=2, log_dir=args.log_dir)
+        contender.spec_overrides = {
+            "policies": {"router": {"name": "least_load"},
+                         "migration": LLUMNIX if name == "llumnix" else {"name": "none"}, "tick_s": 0.5},
+            "health": {"check_period_s": 0.5, "check_timeout_s": 30}}
+    say(f"bursty {name}: starting")
+    contender.start()
+    try:
+        warm_up(contender.base_url)
+        say(f"bursty {name}: ready in {contender.started_s:.0f} s")
+        bench = run_vllm_bench(contender.base_url, model_dir, SERVED_NAME, request_rate=args.bursty_rate,
+                               num_prompts=args.bursty_prompts, seed=args.seed, burstiness=args.burstiness,
+                               dataset=custom_dataset(dataset_path), log_path=args.log_dir / f"bursty-{name}.log")
+        kept = {k: v for k, v in bench.items() if isinstance(v, (int, float, str)) or v is None}
+        if isinstance(contender, Fleet):
+            records = migrations_of(contender)
+            kept["migrations"] = {o: sum(1 for r in records if r["outcome"] == o)
+                                  for o in sorted({r["outcome"] for r in records})}
+            moved = sorted(r["downtime_s"] for r in records if r["outcome"] == "migrated")
+            kept["migration_downtime_ms_p50"] = moved[len(moved) // 2] * 1e3 if moved else None
+        say(f"bursty {name}: {bench['completed']}/{args.bursty_prompts} ok, "
+            + ", ".join(f"{title} {fmt.format(bench[key])}" for key, title, fmt in COLUMNS)
+            + (f", migrations {kept['migrations']}" if "migrations" in kept else ""))
+        return kept
+    finally:
+        contender.stop()
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each metric over rounds; migrations summed."""
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k, _, _ in COLUMNS}
+    out["failed"] = sum(r.get("failed", 0) for r in runs)
+    if "migrations" in runs[0]:
+        out["migrations"] = {}
+        for r in runs:
+            for outcome, count in r["migrations"].items():
+                out["migrations"][outcome] = out["migrations"].get(outcome, 0) + count
+        downtimes = [r["migration_downtime_ms_p50"] for r in runs if r["migration_downtime_ms_p50"] is not None]
+        out["migration_downtime_ms_p50"] = statistics.median(downtimes) if downtimes else None
+    return out
 
 
 def bursty_markdown(results: dict[str, Any]) -> str:
     d = results["dataset"]
-    lines = [f"{sum(1 for _ in results['contenders'])} contenders, 2 replicas each, {KV_BLOCKS} KV blocks of 32 tokens "
+    rounds = results.get("rounds", 1)
+    lines = [f"{len(results['contenders'])} contenders, 2 replicas each, median of {rounds} round(s) "
+             f"(rotated order; migrations summed over rounds), {KV_BLOCKS} KV blocks of 32 tokens "
              f"per replica; Gamma arrivals at {results['rate']:g} req/s mean, shape {results['burstiness']:g}; "
              f"output tokens p50 {d['output_p50']}, mean {d['output_mean']:.0f}, p99 {d['output_p99']}, max "
              f"{d['output_max']}; prompts 64-384 tokens.", "",
