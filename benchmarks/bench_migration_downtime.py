@@ -19,7 +19,7 @@ generated tokens; its pause is the time to the first token of a fresh 1-token re
 an idle replica (its LLMReplica actor called straight over Ray, like the migration's own calls), without the
 failure detection and routing a real replay adds on top.
 
-    python benchmarks/bench_migration_downtime.py                        # ~10 min on 2 cores
+    python benchmarks/bench_migration_downtime.py --rounds 3             # ~15-20 min on 2 cores
     python benchmarks/bench_migration_downtime.py --lengths 256,1024 --rounds 1 --no-docs
     python benchmarks/bench_migration_downtime.py --bursty-only          # the Llumnix-vs-least-load part only
 """
@@ -40,7 +40,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from contenders import DEMO_MODELS, REPO, SERVED_NAME, Fleet, ensure_ray, free_port, warm_up  # noqa: E402
+from bursty_workload import bursty_comparison, bursty_markdown  # noqa: E402
+from contenders import DEMO_MODELS, REPO, SERVED_NAME, Fleet, ensure_ray, warm_up  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks-migration.md"
 RESULTS = REPO / "benchmarks" / "results" / "migration_downtime.json"
@@ -80,7 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="Gamma shape of inter-arrival times (1 = Poisson; lower = burstier)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default: {RESULTS.relative_to(REPO)})")
-    parser.add_argument("--doc", type=Path, default=DOC, help=f"doc whose generated section is replaced")
+    parser.add_argument("--doc", type=Path, default=DOC, help=f"doc whose generated sections are replaced (default: {DOC.relative_to(REPO)})")
     parser.add_argument("--plot", type=Path, default=PLOT, help="downtime plot (needs matplotlib)")
     parser.add_argument("--no-docs", action="store_true", help="print only; write no JSON, doc or plot")
     parser.add_argument("--from-results", action="store_true",
@@ -91,8 +92,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def say(message: str, began: list[float] = [time.monotonic()]) -> None:  # noqa: B006 (the run's start)
-    print(f"[{time.monotonic() - began[0]:6.0f} s] {message}", flush=True)
+STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - STARTED:6.0f} s] {message}", flush=True)
 
 
 # ---------------------------------------------------------------- downtime sweep
@@ -267,11 +271,6 @@ def plot_downtime(summary: dict[str, Any], lengths: list[int], path: Path) -> st
     fig.tight_layout()
     fig.savefig(path)
     return f"plot: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}"
-
-
-# ---------------------------------------------------------------- bursty workload
-# (filled in below: Gamma arrivals, long-tailed outputs; llumnix vs least_load vs Ray Serve LLM)
-from bursty_workload import bursty_comparison, bursty_markdown  # noqa: E402
 
 
 def fleet_for(model_dir: Path, args: argparse.Namespace, max_model_len: int, log_dir: Path,
