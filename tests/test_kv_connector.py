@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from engine_requests import generate_to_end, random_prompt
 
 pytestmark = pytest.mark.engines
 
@@ -84,7 +84,7 @@ def engines():
         src, dst = EngineKVMigrator(a), EngineKVMigrator(b)
         fresh = (await src.free_kv_blocks(), await dst.free_kv_blocks())
         for engine in (a, b):  # warm up: the first step also publishes the free-block count
-            await _generate(engine, [1, 2, 3], _greedy(2), "warmup")
+            await generate_to_end(engine, [1, 2, 3], _greedy(2), "warmup")
         return Engines(runner, a, b, src, dst, await _settled_free_blocks(src), await _settled_free_blocks(dst), fresh)
 
     harness = runner.run(start())
@@ -101,16 +101,7 @@ def _greedy(max_tokens: int = MAX_TOKENS):
 
 
 def _prompt(seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(10, 500) for _ in range(PROMPT_LEN)]
-
-
-async def _generate(engine, prompt: list[int], params, request_id: str):
-    """Run a request to the end; return (generated token ids, last RequestOutput)."""
-    last = None
-    async for output in engine.generate({"prompt_token_ids": prompt}, params, request_id):
-        last = output
-    return list(last.outputs[0].token_ids), last
+    return random_prompt(seed, PROMPT_LEN)
 
 
 class _Stream:
@@ -171,7 +162,7 @@ async def _migrate(engines: Engines, prompt: list[int], request_id: str, precopy
     generated_on_src = final.all_token_ids[len(prompt):]
     assert generated_on_src[:len(streamed)] == streamed
     resume = engines.src.resume(final, _greedy(), len(prompt), request_id, migration_id)
-    dst_tokens, dst_output = await _generate(engines.b, resume.prompt_token_ids, resume.sampling_params, request_id)
+    dst_tokens, dst_output = await generate_to_end(engines.b, resume.prompt_token_ids, resume.sampling_params, request_id)
     return Migration(streamed + generated_on_src[len(streamed):] + dst_tokens, final, chunks, dst_output,
                      stats_before, await engines.dst.stats())
 
@@ -204,7 +195,7 @@ def test_free_block_count_is_published(engines):
 def test_precopied_migration_is_token_identical(engines):
     async def check():
         prompt = _prompt(1)
-        reference, _ = await _generate(engines.a, prompt, _greedy(), "ref-1")
+        reference, _ = await generate_to_end(engines.a, prompt, _greedy(), "ref-1")
         migration = await _migrate(engines, prompt, "req-1", precopy_at=(20, 40), stop_at=60)
         assert migration.tokens == reference
         precopied = migration.chunks[:-1]
@@ -218,7 +209,7 @@ def test_precopied_migration_is_token_identical(engines):
 def test_stop_and_copy_migration_is_token_identical(engines):
     async def check():
         prompt = _prompt(2)
-        reference, _ = await _generate(engines.a, prompt, _greedy(), "ref-2")
+        reference, _ = await generate_to_end(engines.a, prompt, _greedy(), "ref-2")
         migration = await _migrate(engines, prompt, "req-2", stop_at=50)
         assert migration.tokens == reference
         assert migration.chunks[0].first_block == 0
@@ -247,8 +238,8 @@ def test_destination_computes_one_token_and_loads_the_rest(engines):
 def test_destination_prefix_hit_loads_only_the_missing_blocks(engines):
     async def check():
         prompt = _prompt(4)
-        reference, _ = await _generate(engines.a, prompt, _greedy(), "ref-4")
-        await _generate(engines.b, prompt, _greedy(1), "warm-b-4")  # B caches the prompt's full blocks
+        reference, _ = await generate_to_end(engines.a, prompt, _greedy(), "ref-4")
+        await generate_to_end(engines.b, prompt, _greedy(1), "warm-b-4")  # B caches the prompt's full blocks
         migration = await _migrate(engines, prompt, "req-4", stop_at=40)
         assert migration.tokens == reference
         loaded_blocks = math.ceil((len(migration.final.all_token_ids) - 1) / BLOCK_SIZE) - PROMPT_LEN // BLOCK_SIZE
@@ -262,7 +253,7 @@ def test_destination_prefix_hit_loads_only_the_missing_blocks(engines):
 def test_corrupted_staged_kv_changes_the_output(engines):
     async def check():
         prompt = _prompt(5)
-        reference, _ = await _generate(engines.a, prompt, _greedy(), "ref-5")
+        reference, _ = await generate_to_end(engines.a, prompt, _greedy(), "ref-5")
         migration = await _migrate(engines, prompt, "req-5", stop_at=40, corrupt=True)
         assert migration.dst_output.num_cached_tokens == len(migration.final.all_token_ids) - 1
         assert migration.tokens != reference
@@ -326,12 +317,12 @@ def test_drop_staged_frees_the_staging(engines):
 def test_resume_without_staged_kv_recomputes_and_stays_exact(engines):
     async def check():
         prompt = _prompt(10)
-        reference, _ = await _generate(engines.a, prompt, _greedy(40), "ref-10")
+        reference, _ = await generate_to_end(engines.a, prompt, _greedy(40), "ref-10")
         before = await engines.dst.stats()
         # A resume whose staging never arrived: the worker reports its blocks as load errors and the
         # engine (kv_load_failure_policy="recompute") computes them instead.
         params = engines.dst.tag(_greedy(40), "req-10", load="mig-never-staged", num_tokens=PROMPT_LEN)
-        tokens, _ = await _generate(engines.b, prompt, params, "req-10")
+        tokens, _ = await generate_to_end(engines.b, prompt, params, "req-10")
         assert tokens == reference
         after = await engines.dst.stats()
         assert after["load_errors"] - before["load_errors"] == 1
@@ -344,8 +335,8 @@ def test_resume_without_staged_kv_recomputes_and_stays_exact(engines):
 def test_staging_covered_by_the_local_prefix_cache_is_dropped(engines):
     async def check():
         prompt = _prompt(11)
-        reference, _ = await _generate(engines.a, prompt, _greedy(20), "ref-11")
-        await _generate(engines.b, prompt, _greedy(1), "warm-b-11")  # B caches the prompt's 3 full blocks
+        reference, _ = await generate_to_end(engines.a, prompt, _greedy(20), "ref-11")
+        await generate_to_end(engines.b, prompt, _greedy(1), "warm-b-11")  # B caches the prompt's 3 full blocks
         layout = await engines.dst.layout()
         from rayfleet.actors.kv_migration import KVChunk
 
@@ -353,7 +344,7 @@ def test_staging_covered_by_the_local_prefix_cache_is_dropped(engines):
                                                   layout))
         before = await engines.dst.stats()
         params = engines.dst.tag(_greedy(20), "req-11", load="mig-11", num_tokens=2 * BLOCK_SIZE)
-        tokens, _ = await _generate(engines.b, prompt, params, "req-11")
+        tokens, _ = await generate_to_end(engines.b, prompt, params, "req-11")
         assert tokens == reference  # the zeroed staging was never loaded
         after = await engines.dst.stats()
         assert after["staged_dropped_by_engine"] - before["staged_dropped_by_engine"] == 1
@@ -391,7 +382,7 @@ def test_mismatched_layout_is_refused(engines):
             await engines.b.collective_rpc("rayfleet_stage", args=("mig-bad", 0, 1, bytes(other.bytes_per_block),
                                                                    other.to_wire()))
         assert (await engines.dst.stats())["staged_migrations"] == 0
-        tokens, _ = await _generate(engines.b, [5, 6, 7], _greedy(4), "after-bad-stage")
+        tokens, _ = await generate_to_end(engines.b, [5, 6, 7], _greedy(4), "after-bad-stage")
         assert len(tokens) == 4
         await _assert_no_leak(engines)
 

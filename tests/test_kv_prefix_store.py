@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_requests import generate_to_end, random_prompt
 
 pytestmark = pytest.mark.engines
 
@@ -84,7 +84,7 @@ def engines(ray_cluster, demo_models):
                                     loop.run_in_executor(None, _engine, model, config))
         stats_a, stats_b = EngineKVMigrator(a), EngineKVMigrator(b)
         for engine in (a, b):  # warm up: the first step also publishes the free-block count
-            await _generate(engine, [1, 2, 3], _greedy(2), "warmup")
+            await generate_to_end(engine, [1, 2, 3], _greedy(2), "warmup")
         await asyncio.sleep(0.2)
         return Engines(runner, a, b, stats_a, stats_b, store,
                        (await stats_a.free_kv_blocks(), await stats_b.free_kv_blocks()))
@@ -110,21 +110,12 @@ def _greedy(max_tokens: int = 24, skip_prefix_cache: bool = False):
 
 
 def _prompt(seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(10, 500) for _ in range(PROMPT_LEN)]
-
-
-async def _generate(engine, prompt: list[int], params, request_id: str):
-    """Run a request to the end; return (generated token ids, last RequestOutput)."""
-    last = None
-    async for output in engine.generate({"prompt_token_ids": prompt}, params, request_id):
-        last = output
-    return list(last.outputs[0].token_ids), last
+    return random_prompt(seed, PROMPT_LEN)
 
 
 async def _reference(engines: Engines, prompt: list[int], request_id: str) -> list[int]:
     """Greedy output computed from scratch on A (no local prefix cache, no store load)."""
-    tokens, _ = await _generate(engines.a, prompt, _greedy(skip_prefix_cache=True), request_id)
+    tokens, _ = await generate_to_end(engines.a, prompt, _greedy(skip_prefix_cache=True), request_id)
     return tokens
 
 
@@ -149,12 +140,12 @@ async def _assert_no_leak(engines: Engines) -> None:
 def test_prefix_computed_on_one_replica_is_loaded_from_the_store_on_another(engines):
     async def body():
         prompt = _prompt(1)
-        tokens_a, out_a = await _generate(engines.a, prompt, _greedy(), "reuse-a")
+        tokens_a, out_a = await generate_to_end(engines.a, prompt, _greedy(), "reuse-a")
         assert out_a.num_cached_tokens == 0  # A computed the whole prompt (and saved its full blocks)
         saved = await engines.stats_a.stats()
         hits_before, loaded_before = _store_hits(engines), (await engines.stats_b.stats())["store_blocks_loaded"]
 
-        tokens_b, out_b = await _generate(engines.b, prompt, _greedy(), "reuse-b")
+        tokens_b, out_b = await generate_to_end(engines.b, prompt, _greedy(), "reuse-b")
         stats_b = await engines.stats_b.stats()
         assert tokens_b == tokens_a
         assert out_b.num_cached_tokens == STORE_BLOCKS * BLOCK_SIZE  # all but the partial last block
@@ -169,10 +160,10 @@ def test_prefix_computed_on_one_replica_is_loaded_from_the_store_on_another(engi
 def test_blocks_dropped_from_the_local_cache_are_loaded_back_from_the_store(engines):
     async def body():
         prompt = _prompt(2)
-        tokens, _ = await _generate(engines.a, prompt, _greedy(), "offload-1")
+        tokens, _ = await generate_to_end(engines.a, prompt, _greedy(), "offload-1")
         assert await engines.a.reset_prefix_cache()  # stands for eviction under memory pressure
         loaded_before = (await engines.stats_a.stats())["store_blocks_loaded"]
-        again, out = await _generate(engines.a, prompt, _greedy(), "offload-2")
+        again, out = await generate_to_end(engines.a, prompt, _greedy(), "offload-2")
         assert again == tokens
         assert out.num_cached_tokens == STORE_BLOCKS * BLOCK_SIZE
         assert (await engines.stats_a.stats())["store_blocks_loaded"] - loaded_before == STORE_BLOCKS
@@ -191,7 +182,7 @@ def test_corrupted_store_blocks_change_the_output(engines):
         noise = rng.standard_normal(block_bytes // 4).astype(np.float32) * 50  # fp32 KV of one block
         _plant(engines, prompt, {i: noise.view(np.uint8) for i in range(STORE_BLOCKS)})
         reference = await _reference(engines, prompt, "corrupt-ref")
-        tokens, out = await _generate(engines.b, prompt, _greedy(), "corrupt-b")
+        tokens, out = await generate_to_end(engines.b, prompt, _greedy(), "corrupt-b")
         assert out.num_cached_tokens == STORE_BLOCKS * BLOCK_SIZE
         assert tokens != reference
         await _assert_no_leak(engines)
@@ -210,7 +201,7 @@ def test_store_blocks_unusable_at_load_time_are_recomputed(engines):
         _plant(engines, prompt, {i: np.zeros(16, np.uint8) for i in range(first_bad, STORE_BLOCKS)})
         reference = await _reference(engines, prompt, "lost-ref")  # A puts blocks 0-4; 5-14 stay bad
         before = await engines.stats_b.stats()
-        tokens, _ = await _generate(engines.b, prompt, _greedy(), "lost-b")
+        tokens, _ = await generate_to_end(engines.b, prompt, _greedy(), "lost-b")
         after = await engines.stats_b.stats()
         assert tokens == reference
         assert after["store_load_errors"] - before["store_load_errors"] == 1
