@@ -101,7 +101,7 @@ async def test_migration_onto_a_full_replica_is_refused_and_completes_on_source(
     from rayfleet.actors.replica_protocol import GenerateCall
 
     long_prompt = [11 + (i * 7) % 480 for i in range(850)]  # 27 blocks of KV to move
-    expected = client.completions.create(model="mig", prompt=long_prompt, max_tokens=60, **GREEDY).choices[0].text
+    expected = client.completions.create(model="mig", prompt=long_prompt, max_tokens=170, **GREEDY).choices[0].text
     _, dst = mig_replicas(fleet)
     # Two long requests straight on dst (bypassing the router) keep at least 28 of its 40 blocks busy.
     fillers = [replica_handle(dst).generate.options(num_returns="streaming").remote(GenerateCall(
@@ -111,7 +111,7 @@ async def test_migration_onto_a_full_replica_is_refused_and_completes_on_source(
         await (await filler.__anext__())
     await asyncio.sleep(1.5)  # the controller sees dst's load, so the router sends the next request elsewhere
 
-    stream = await async_client.completions.create(model="mig", prompt=long_prompt, max_tokens=60, stream=True,
+    stream = await async_client.completions.create(model="mig", prompt=long_prompt, max_tokens=170, stream=True,
                                                    **GREEDY)
     text, record = [], None
     async for chunk in stream:
