@@ -58,7 +58,6 @@ def controller():
 
 def deploy(spec, wait_s: float) -> str:
     """Deploy the controller and the ingress for `spec`; returns the endpoint URL once replicas are ready."""
-    import ray
     from ray import serve
 
     from rayfleet.control_plane.serve_app import build_app
