@@ -50,7 +50,7 @@ MODES = ("precopy", "stop_and_copy", "recompute")
 
 
 def migration_model_config():
-    from rayfleet.control_plane.demo_models import DemoModelConfig
+    from rayfleet.control_plane.cli.demo_models import DemoModelConfig
 
     return DemoModelConfig(name="mig-llama-h1024-l8", hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=4,
                            intermediate_size=2816, max_position_embeddings=8192, seed=3)
@@ -136,7 +136,7 @@ def recompute_pause(fleet: Fleet, replica_id: str, num_tokens: int, rng: random.
     import ray
     from vllm import SamplingParams
 
-    from rayfleet.actors.replica_protocol import GenerateCall
+    from rayfleet.actors.replica.protocol import GenerateCall
 
     replica = ray.get_actor(f"rayfleet-replica-{replica_id}", namespace="rayfleet")
     call = GenerateCall(request_id=f"replay-{time.time_ns()}",
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {k: v for k, v in saved.items() if k in ("downtime", "bursty")}
     measured: set[str] = set()
     if not args.from_results:
-        from rayfleet.control_plane.demo_models import build_demo_model
+        from rayfleet.control_plane.cli.demo_models import build_demo_model
 
         model_dir = args.model or build_demo_model(migration_model_config(), DEMO_MODELS)
         ensure_ray()

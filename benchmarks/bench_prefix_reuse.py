@@ -146,7 +146,7 @@ async def store_counters(replicas: list) -> dict[str, int]:
 async def one_request(replica, request_id: str, prompt: list[int], args: argparse.Namespace) -> tuple[Result, list[int]]:
     from vllm import SamplingParams
 
-    from rayfleet.actors.replica_protocol import GenerateCall
+    from rayfleet.actors.replica.protocol import GenerateCall
 
     call = GenerateCall(request_id=request_id, prompt_token_ids=prompt,
                         sampling_params=SamplingParams(max_tokens=args.reply_tokens, temperature=0.0,
@@ -301,7 +301,7 @@ def main() -> None:
     import ray
 
     from rayfleet.control_plane.controller import get_or_create_controller
-    from rayfleet.control_plane.demo_models import build_demo_models
+    from rayfleet.control_plane.cli.demo_models import build_demo_models
     from rayfleet.control_plane.spec import parse_spec
 
     build_demo_models(Path(os.environ["RAYFLEET_DEMO_MODELS"]))

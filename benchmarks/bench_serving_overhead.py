@@ -138,7 +138,7 @@ def probe_fleet_hops(fleet: Fleet, prompts: list[list[int]]) -> dict[str, list[f
     import ray
     from vllm import SamplingParams
 
-    from rayfleet.actors.replica_protocol import GenerateCall
+    from rayfleet.actors.replica.protocol import GenerateCall
 
     replica = ray.get_actor(f"rayfleet-replica-{fleet.replica_ids()[0]}", namespace="rayfleet")
     direct, ray_rtt = [], []
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     if not (args.model / "config.json").exists():
-        from rayfleet.control_plane.demo_models import build_demo_models
+        from rayfleet.control_plane.cli.demo_models import build_demo_models
 
         build_demo_models(args.model.parent)
     command = " ".join(["python benchmarks/bench_serving_overhead.py", *(sys.argv[1:] if argv is None else argv)])

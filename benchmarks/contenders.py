@@ -156,7 +156,7 @@ class Fleet(Contender):
         import ray
         from ray import serve
 
-        from rayfleet.control_plane.controller import CONTROLLER_NAME, NAMESPACE
+        from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
         from rayfleet.control_plane.serve_app import build_app
 
         ensure_ray()

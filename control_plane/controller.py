@@ -19,7 +19,8 @@ from typing import Any
 
 import ray
 
-from rayfleet.actors.kv_store import get_or_create_kv_store
+from rayfleet.actors.kv.store import get_or_create_kv_store
+from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE, FleetError, replica_actor_name
 from rayfleet.control_plane.kuberay import CLUSTER_NAME_ENV, KubeRayScaler
 from rayfleet.control_plane.spec import FleetSpec, PoolSpec, parse_spec
 from rayfleet.control_plane.state_store import open_state_store
@@ -35,14 +36,6 @@ from rayfleet.policies.base import (
 )
 
 logger = logging.getLogger("rayfleet.controller")
-
-CONTROLLER_NAME = "rayfleet-controller"
-NAMESPACE = "rayfleet"
-
-
-class FleetError(RuntimeError):
-    """A control request that cannot be carried out (unknown pool, out-of-bounds scale...)."""
-
 
 @dataclass
 class ReplicaRecord:
@@ -170,12 +163,12 @@ class FleetController:
                     self._begin_drain(record, reason="scale-down")
 
     def _start_replica(self, pool: PoolSpec) -> ReplicaRecord:
-        from rayfleet.actors.llm_replica import LLMReplica
+        from rayfleet.actors.replica.llm_replica import LLMReplica
 
         replica_id = f"{pool.name}-{uuid.uuid4().hex[:6]}"
         resources = pool.resources
         options: dict[str, Any] = dict(
-            name=f"rayfleet-replica-{replica_id}",
+            name=replica_actor_name(replica_id),
             namespace=NAMESPACE,
             lifetime="detached",
             num_cpus=resources.num_cpus,
@@ -426,7 +419,7 @@ class FleetController:
             if info["pool"] not in self.desired:
                 continue
             try:
-                handle = ray.get_actor(f"rayfleet-replica-{replica_id}", namespace=NAMESPACE)
+                handle = ray.get_actor(replica_actor_name(replica_id), namespace=NAMESPACE)
             except ValueError:
                 continue
             record = ReplicaRecord(replica_id=replica_id, pool=info["pool"], handle=handle,

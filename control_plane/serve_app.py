@@ -2,7 +2,8 @@
 
 Used the same way everywhere: `rayfleet up` calls it, a KubeRay RayService names it as its import path
 with `args: {spec_path: ...}`, and `serve run rayfleet.control_plane.serve_app:build_app spec_path=...`
-works too. It makes sure the fleet's controller exists (named, detached) and binds the OpenAI ingress.
+works too. It makes sure the fleet's controller exists (named, detached) and binds the ingress: the one place
+that composes the controller (`controller.py`) with the data plane (`serving/`), which never imports it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from typing import Any
 
 from rayfleet.control_plane.controller import get_or_create_controller
-from rayfleet.control_plane.ingress import OpenAIIngress
+from rayfleet.control_plane.serving.ingress import OpenAIIngress
 from rayfleet.control_plane.spec import FleetSpec, load_spec, parse_spec
 
 

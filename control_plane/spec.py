@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rayfleet.actors.kv_store import KVStoreConfig
+from rayfleet.actors.kv.store_config import KVStoreConfig
 
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 RESERVED_MODEL_NAMES = {"auto"}

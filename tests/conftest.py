@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def demo_models() -> Path:
-    from rayfleet.control_plane.demo_models import build_demo_models
+    from rayfleet.control_plane.cli.demo_models import build_demo_models
 
     path = Path(os.environ["RAYFLEET_DEMO_MODELS"])
     build_demo_models(path)
@@ -117,8 +117,8 @@ def fleet(ray_cluster, demo_models, redis_url):
     """A deployed fleet: controller + OpenAI ingress + one replica each of tiny-a and tiny-b."""
     from ray import serve
 
-    from rayfleet.control_plane.cli import grpc_options
-    from rayfleet.control_plane.controller import CONTROLLER_NAME, NAMESPACE
+    from rayfleet.control_plane.cli.main import grpc_options
+    from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
     from rayfleet.control_plane.serve_app import build_app
     from rayfleet.control_plane.spec import parse_spec
 

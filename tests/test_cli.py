@@ -10,7 +10,7 @@ import pytest
 
 
 def rayfleet(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rayfleet.control_plane.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "rayfleet.control_plane.cli.main", *args], capture_output=True,
                           text=True, timeout=120, check=check)
 
 

@@ -45,7 +45,7 @@ def _engine(model: Path):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from rayfleet.actors.kv_migration import migration_engine_kwargs
+    from rayfleet.actors.kv.engine_migrator import migration_engine_kwargs
 
     args = AsyncEngineArgs(model=str(model), max_model_len=1024, dtype="float32", enforce_eager=True,
                            gpu_memory_utilization=0.3, block_size=BLOCK_SIZE, enable_prefix_caching=True,
@@ -68,8 +68,8 @@ async def _settled_free_blocks(migrator, timeout_s: float = 5.0, expect: int | N
 
 @pytest.fixture(scope="module")
 def engines():
-    from rayfleet.actors.kv_migration import EngineKVMigrator
-    from rayfleet.control_plane.demo_models import build_demo_models
+    from rayfleet.actors.kv.engine_migrator import EngineKVMigrator
+    from rayfleet.control_plane.cli.demo_models import build_demo_models
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -135,7 +135,7 @@ class Migration:
 
 async def _migrate(engines: Engines, prompt: list[int], request_id: str, precopy_at: tuple[int, ...] = (),
                    stop_at: int = 60, corrupt: bool = False) -> Migration:
-    from rayfleet.actors.kv_migration import KVChunk
+    from rayfleet.actors.kv.engine_migrator import KVChunk
 
     migration_id = f"mig-{request_id}"
     stats_before = await engines.dst.stats()
@@ -338,7 +338,7 @@ def test_staging_covered_by_the_local_prefix_cache_is_dropped(engines):
         reference, _ = await generate_to_end(engines.a, prompt, _greedy(20), "ref-11")
         await generate_to_end(engines.b, prompt, _greedy(1), "warm-b-11")  # B caches the prompt's 3 full blocks
         layout = await engines.dst.layout()
-        from rayfleet.actors.kv_migration import KVChunk
+        from rayfleet.actors.kv.engine_migrator import KVChunk
 
         await engines.dst.stage("mig-11", KVChunk(0, 2, torch.zeros(2, layout.bytes_per_block, dtype=torch.uint8),
                                                   layout))
@@ -368,7 +368,7 @@ def test_request_finished_before_the_stop_exports_nothing(engines):
 def test_mismatched_layout_is_refused(engines):
     from dataclasses import replace
 
-    from rayfleet.actors.kv_migration import KVChunk, KVLayoutMismatchError
+    from rayfleet.actors.kv.engine_migrator import KVChunk, KVLayoutMismatchError
 
     async def check():
         layout = await engines.dst.layout()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from vllm.v1.request import RequestStatus
 
-from rayfleet.actors.kv_connector import (
+from rayfleet.actors.kv.connector import (
     RayfleetConnectorMetadata,
     SchedulerKVMigrationState,
     TrackedRequest,
@@ -140,7 +140,7 @@ def _worker() -> WorkerKVMigrationState:
 
 
 def _final_meta(internal_id: str, external_id: str) -> RayfleetConnectorMetadata:
-    from rayfleet.actors.kv_connector import FinalRequest
+    from rayfleet.actors.kv.connector import FinalRequest
 
     return RayfleetConnectorMetadata(finals=[FinalRequest(internal_id, external_id, [1, 2], 6, list(range(7)))])
 

@@ -45,7 +45,7 @@ def _engine(model: Path, store_config):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from rayfleet.actors.kv_migration import migration_engine_kwargs
+    from rayfleet.actors.kv.engine_migrator import migration_engine_kwargs
 
     args = AsyncEngineArgs(model=str(model), max_model_len=1024, dtype="float32", enforce_eager=True,
                            gpu_memory_utilization=0.3, block_size=BLOCK_SIZE, enable_prefix_caching=True,
@@ -64,8 +64,9 @@ async def _free_blocks(migrator, expect: int, timeout_s: float = 5.0) -> int:
 
 @pytest.fixture(scope="module")
 def engines(ray_cluster, demo_models):
-    from rayfleet.actors.kv_migration import EngineKVMigrator
-    from rayfleet.actors.kv_store import KVStoreConfig, get_or_create_kv_store
+    from rayfleet.actors.kv.engine_migrator import EngineKVMigrator
+    from rayfleet.actors.kv.store import get_or_create_kv_store
+    from rayfleet.actors.kv.store_config import KVStoreConfig
 
     config = KVStoreConfig(name="test-prefix-store", memory_bytes=64 << 20, pin_memory=False)
     store = get_or_create_kv_store(config)  # created here, so it outlives the engines' connections
@@ -125,7 +126,7 @@ def _store_hits(engines: Engines) -> int:
 
 def _plant(engines: Engines, prompt: list[int], blocks: dict[int, np.ndarray]) -> None:
     """Put ``blocks`` (block index -> bytes) into the store under the prompt's hashes, before any engine does."""
-    from rayfleet.actors.kv_block_hash import block_hashes
+    from rayfleet.actors.kv.block_hash import block_hashes
 
     hashes = block_hashes(prompt, BLOCK_SIZE, NAMESPACE)
     engines.store.put([hashes[i] for i in blocks], list(blocks.values()))

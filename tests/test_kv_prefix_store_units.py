@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rayfleet.actors.kv_block_hash import block_hashes
-from rayfleet.actors.kv_connector import RayfleetConnectorMetadata, gather_blocks
-from rayfleet.actors.kv_prefix_store import SchedulerPrefixStore, StoreLoad, StoreSave, WorkerPrefixStore
+from rayfleet.actors.kv.block_hash import block_hashes
+from rayfleet.actors.kv.connector import RayfleetConnectorMetadata, gather_blocks
+from rayfleet.actors.kv.prefix_store import SchedulerPrefixStore, StoreLoad, StoreSave, WorkerPrefixStore
 
 BS = 4  # block size
 NS = "units"

@@ -18,8 +18,9 @@ import ray
 import torch
 from pydantic import ValidationError
 
-from rayfleet.actors.kv_block_hash import block_hashes
-from rayfleet.actors.kv_store import KVStoreClient, KVStoreConfig, KVStoreConfigMismatch, get_or_create_kv_store
+from rayfleet.actors.kv.block_hash import block_hashes
+from rayfleet.actors.kv.store import KVStoreClient, KVStoreConfigMismatch, get_or_create_kv_store
+from rayfleet.actors.kv.store_config import KVStoreConfig
 
 BLOCK_BYTES = 1024
 
@@ -130,8 +131,9 @@ def test_a_process_outside_ray_finds_the_store_by_its_config(store):
     config = ray.get(store.shards[0].config.remote())
     script = f"""
 import hashlib, ray
-from rayfleet.actors.kv_block_hash import block_hashes
-from rayfleet.actors.kv_store import KVStoreConfig, get_or_create_kv_store
+from rayfleet.actors.kv.block_hash import block_hashes
+from rayfleet.actors.kv.store import get_or_create_kv_store
+from rayfleet.actors.kv.store_config import KVStoreConfig
 ray.init(log_to_driver=False)  # RAY_ADDRESS names the cluster
 store = get_or_create_kv_store(KVStoreConfig.model_validate_json({config.model_dump_json()!r}))
 print(*(hashlib.sha256(b).hexdigest() for b in store.get(block_hashes(range(8), 4, "outside-ray"))))

@@ -4,8 +4,8 @@ import os
 import subprocess
 import sys
 
-from rayfleet.actors.kv_block_hash import block_hashes
-from rayfleet.actors.kv_store import shard_of
+from rayfleet.actors.kv.block_hash import block_hashes
+from rayfleet.actors.kv.store import shard_of
 
 TOKENS = list(range(1000, 1010))  # two full blocks of 4 and a partial block of 2
 NAMESPACE = "tiny-llama|float32|LBHNC|bs4|tp0of1"
@@ -13,7 +13,7 @@ NAMESPACE = "tiny-llama|float32|LBHNC|bs4|tp0of1"
 
 def test_same_tokens_give_same_hashes_in_another_process():
     script = (
-        "from rayfleet.actors.kv_block_hash import block_hashes;"
+        "from rayfleet.actors.kv.block_hash import block_hashes;"
         f"print(','.join(h.hex() for h in block_hashes({TOKENS}, 4, {NAMESPACE!r})))"
     )
     # A different PYTHONHASHSEED: Python's own hash() would differ, these must not.

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rayfleet.actors.kv_block_hash import block_hashes
-from rayfleet.actors.kv_store_tiers import TieredBlockStore
+from rayfleet.actors.kv.block_hash import block_hashes
+from rayfleet.actors.kv.store_tiers import TieredBlockStore
 
 BLOCK_BYTES = 1024
 

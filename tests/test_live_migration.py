@@ -98,7 +98,7 @@ def test_destination_computes_exactly_one_token(fleet, client):
 async def test_migration_onto_a_full_replica_is_refused_and_completes_on_source(fleet, client, async_client):
     from vllm import SamplingParams
 
-    from rayfleet.actors.replica_protocol import GenerateCall
+    from rayfleet.actors.replica.protocol import GenerateCall
 
     long_prompt = [11 + (i * 7) % 480 for i in range(850)]  # 27 blocks of KV to move
     expected = client.completions.create(model="mig", prompt=long_prompt, max_tokens=170, **GREEDY).choices[0].text

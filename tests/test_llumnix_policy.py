@@ -11,7 +11,7 @@ from rayfleet.policies.base import (
     ReplicaState,
     RequestProgress,
 )
-from rayfleet.policies.llumnix import LlumnixMigrationPolicy
+from rayfleet.policies.migration import LlumnixMigrationPolicy
 
 BLOCK = 32
 

@@ -8,8 +8,8 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
     GenerateTokensStreamChoice,
 )
 
-from rayfleet.actors.llm_replica import merge_chunks
-from rayfleet.actors.replica_protocol import ReplicaChunk
+from rayfleet.actors.replica.llm_replica import merge_chunks
+from rayfleet.actors.replica.protocol import ReplicaChunk
 
 
 def chunk(index, tokens, finish=None, logprobs=False, cached=None):

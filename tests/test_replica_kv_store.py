@@ -31,9 +31,10 @@ def test_second_replica_loads_the_prefix_the_first_computed(ray_cluster, demo_mo
     ray = ray_cluster
     from vllm import SamplingParams
 
-    from rayfleet.actors.kv_store import KVStoreConfig, get_or_create_kv_store
-    from rayfleet.actors.llm_replica import LLMReplica
-    from rayfleet.actors.replica_protocol import GenerateCall
+    from rayfleet.actors.kv.store import get_or_create_kv_store
+    from rayfleet.actors.kv.store_config import KVStoreConfig
+    from rayfleet.actors.replica.llm_replica import LLMReplica
+    from rayfleet.actors.replica.protocol import GenerateCall
 
     config = KVStoreConfig(name="test-replica-kv", memory_bytes=64 << 20, pin_memory=False)
     store = get_or_create_kv_store(config)  # the controller's part

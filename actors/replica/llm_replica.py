@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from rayfleet.actors.engine_stats import EngineLoad, stat_logger_factory
-from rayfleet.actors.kv_store import KVStoreConfig
-from rayfleet.actors.replica_protocol import (
+from rayfleet.actors.replica.engine_stats import EngineLoad, stat_logger_factory
+from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.actors.replica.protocol import (
     GenerateCall,
     Handoff,
     MigrationLimits,
@@ -103,7 +103,7 @@ class LLMReplica:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from rayfleet.actors.kv_migration import EngineKVMigrator, migration_engine_kwargs
+        from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, migration_engine_kwargs
 
         engine_args = dict(self.engine_args)
         connector = self.live_migration or self.kv_store is not None
@@ -280,7 +280,7 @@ class LLMReplica:
 
     async def migrate_out(self, request_id: str, dst, dst_id: str, migration_id: str, mode: str) -> dict[str, Any]:
         """Move a running request to `dst` (source side; see live_migration.py). Returns the record."""
-        from rayfleet.actors.live_migration import SourceMigration
+        from rayfleet.actors.replica.live_migration import SourceMigration
 
         request = self.requests.get(request_id)
         migration = SourceMigration(self, request, dst, dst_id, migration_id, mode, self.migration_limits)
@@ -297,7 +297,7 @@ class LLMReplica:
 
     def resume_request(self, request: ActiveRequest, final, migration_id: str) -> None:
         """Continue `request` on this engine from KV staged under `migration_id` (one token computed)."""
-        from rayfleet.actors.kv_migration import EngineKVMigrator
+        from rayfleet.actors.kv.engine_migrator import EngineKVMigrator
 
         resume = EngineKVMigrator.resume(final, request.call.sampling_params, request.prompt_len,
                                          request.call.request_id, migration_id)

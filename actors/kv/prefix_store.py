@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 
-from rayfleet.actors.kv_block_hash import BlockHash, block_hashes
-from rayfleet.actors.kv_store import KVStoreClient, KVStoreConfig, get_or_create_kv_store
+from rayfleet.actors.kv.block_hash import BlockHash, block_hashes
+from rayfleet.actors.kv.store import KVStoreClient, get_or_create_kv_store
+from rayfleet.actors.kv.store_config import KVStoreConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -247,7 +248,7 @@ class WorkerPrefixStore:
         self.counters.update(meta.store_counts)
 
     def load(self) -> None:
-        from rayfleet.actors.kv_connector import scatter_blocks
+        from rayfleet.actors.kv.connector import scatter_blocks
 
         loads, self._loads = self._loads, []
         self._failed = set()
@@ -272,7 +273,7 @@ class WorkerPrefixStore:
             self.counters["store_bytes_loaded"] += usable * self._bytes_per_block
 
     def save(self) -> None:
-        from rayfleet.actors.kv_connector import gather_blocks
+        from rayfleet.actors.kv.connector import gather_blocks
 
         saves, self._saves = self._saves, []
         hashes: list[BlockHash] = []

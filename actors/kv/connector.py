@@ -19,7 +19,7 @@ and its limits are in ``docs/kv_connector.md``. In short:
 Two processes, one channel each way: scheduler -> worker through :class:`RayfleetConnectorMetadata`
 (every step), worker -> scheduler through ``get_finished`` / ``get_block_ids_with_load_errors``.
 The outside world reaches the worker side through ``AsyncLLM.collective_rpc`` into
-:class:`rayfleet.actors.kv_worker_extension.KVMigrationWorkerExtension`, which calls the public
+:class:`rayfleet.actors.kv.worker_extension.KVMigrationWorkerExtension`, which calls the public
 methods of :class:`WorkerKVMigrationState`.
 """
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-    from rayfleet.actors.kv_prefix_store import SchedulerPrefixStore, StoreLoad, StoreSave, WorkerPrefixStore
+    from rayfleet.actors.kv.prefix_store import SchedulerPrefixStore, StoreLoad, StoreSave, WorkerPrefixStore
 
 logger = init_logger(__name__)
 
@@ -573,7 +573,7 @@ class RayfleetKVConnector(KVConnectorBase_V1):
         if vllm_config.parallel_config.world_size > 1:
             raise NotImplementedError("rayfleet KV connector: tensor/pipeline parallelism (world size > 1) "
                                       "is not supported; the RPCs and block exports assume one worker")
-        from rayfleet.actors.kv_prefix_store import (
+        from rayfleet.actors.kv.prefix_store import (
             SchedulerPrefixStore, WorkerPrefixStore, connect_store, store_settings,
         )
 

@@ -18,11 +18,11 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from rayfleet.actors.kv_migration import FinalKV, KVChunk, KVRequestNotFoundError
-from rayfleet.actors.replica_protocol import Handoff, MigrationLimits
+from rayfleet.actors.kv.engine_migrator import FinalKV, KVChunk, KVRequestNotFoundError
+from rayfleet.actors.replica.protocol import Handoff, MigrationLimits
 
 if TYPE_CHECKING:
-    from rayfleet.actors.llm_replica import ActiveRequest, LLMReplica
+    from rayfleet.actors.replica.llm_replica import ActiveRequest, LLMReplica
 
 logger = logging.getLogger("rayfleet.migration")
 

@@ -1,14 +1,14 @@
 """RPC entry points into the worker-side KV connector, for ``AsyncLLM.collective_rpc``.
 
 vLLM mixes this class into its worker class when the engine is built with
-``worker_extension_cls="rayfleet.actors.kv_worker_extension.KVMigrationWorkerExtension"``; then
+``worker_extension_cls="rayfleet.actors.kv.worker_extension.KVMigrationWorkerExtension"``; then
 ``await engine.collective_rpc("rayfleet_export_blocks", args=(...))`` runs the method in every worker
 (one here: the connector refuses world size > 1) and returns the list of results. RPCs run between
 engine steps, so they see the paged KV cache at a step boundary. Names carry a ``rayfleet_`` prefix
 because vLLM refuses extension attributes that collide with the worker's own.
 
 Arguments and results cross two process boundaries (AsyncLLM -> EngineCore by msgpack, EngineCore ->
-worker by pickle): keep them to str/int/float/bytes/list/dict. Use :mod:`rayfleet.actors.kv_migration`
+worker by pickle): keep them to str/int/float/bytes/list/dict. Use :mod:`rayfleet.actors.kv.engine_migrator`
 rather than calling these directly.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
-from rayfleet.actors.kv_connector import RayfleetKVConnector, WorkerKVMigrationState
+from rayfleet.actors.kv.connector import RayfleetKVConnector, WorkerKVMigrationState
 
 
 def _connector() -> RayfleetKVConnector:

@@ -1,8 +1,8 @@
 """The fleet's KV store: shard actors holding KV blocks by content address, and the client that routes to them.
 
 A block is one engine KV block across all layers, as an opaque byte array, addressed by the chained hash
-of its token prefix (`kv_block_hash.block_hashes`). Each `KVStore` actor is one shard (a memory tier over a
-disk tier, `kv_store_tiers.TieredBlockStore`); `KVStoreClient` routes every hash to one shard by jump
+of its token prefix (`block_hash.block_hashes`). Each `KVStore` actor is one shard (a memory tier over a
+disk tier, `store_tiers.TieredBlockStore`); `KVStoreClient` routes every hash to one shard by jump
 consistent hashing and batches: each call makes at most one round trip per shard involved, in parallel.
 Values travel through Ray's object store, so any replica on any node reads what another wrote.
 
@@ -14,75 +14,20 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import ray
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from rayfleet.actors.kv_block_hash import BlockHash
-from rayfleet.actors.kv_store_tiers import KVStoreStats, TieredBlockStore
+from rayfleet.actors.kv.block_hash import BlockHash
+from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.actors.kv.store_tiers import KVStoreStats, TieredBlockStore
 
 if TYPE_CHECKING:
     import torch
 
     # What a caller may store as a block: any contiguous bytes-like object, or a tensor (any dtype, device).
     BlockValue: TypeAlias = bytes | bytearray | memoryview | np.ndarray | torch.Tensor
-
-
-# Names that become actor names and path components.
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-
-
-class KVStoreConfig(BaseModel):
-    """One store: its name (how replicas on any node find it), its shards and each shard's capacities."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field("rayfleet-kv", pattern=_NAME, description="Shard actors are named <name>-shard-<i>.")
-    # Fixed rather than the job's namespace, so drivers of other jobs find the named shards.
-    ray_namespace: str = Field("rayfleet", pattern=_NAME, description="Ray namespace of the shard actors.")
-    num_shards: int = Field(1, ge=1)
-    memory_bytes: int = Field(1 << 30, gt=0, description="Host-memory tier capacity of each shard.")
-    disk_dir: Path | None = Field(
-        None, description="Absolute node-local directory (an SSD) on every node a shard may run on; None: no disk tier."
-    )
-    disk_bytes: int = Field(0, ge=0, validate_default=True, description="Disk tier capacity of each shard.")
-    # Pinning creates a CUDA context on the node's first GPU in every shard process (518 MiB measured on
-    # an H100), which vLLM may need: False keeps shards off GPUs.
-    pin_memory: bool = Field(True, description="Page-lock the memory tier where CUDA is visible to the shard.")
-    detached: bool = Field(False, description="Shards outlive the driver that created them (a fleet-wide store).")
-    # Shards are memory- and I/O-bound: by default they take no CPU slot an engine could use.
-    shard_num_cpus: float = Field(0.0, ge=0, description="Logical CPUs each shard reserves.")
-
-    @field_validator("disk_dir")
-    @classmethod
-    def _disk_dir_is_absolute(cls, disk_dir: Path | None) -> Path | None:
-        # A relative path would resolve against each Ray worker's own working directory.
-        if disk_dir is not None and not disk_dir.is_absolute():
-            raise ValueError(f"must be an absolute path, got {disk_dir}")
-        return disk_dir
-
-    @field_validator("disk_bytes")
-    @classmethod
-    def _disk_bytes_match_disk_dir(cls, disk_bytes: int, info: ValidationInfo) -> int:
-        if "disk_dir" not in info.data:  # disk_dir failed its own validation, which names it
-            return disk_bytes
-        has_dir = info.data["disk_dir"] is not None
-        if has_dir and disk_bytes == 0:
-            raise ValueError("must be positive when disk_dir is set")
-        if not has_dir and disk_bytes > 0:
-            raise ValueError("needs disk_dir: a disk tier has no directory")
-        return disk_bytes
-
-    def shard_name(self, shard: int) -> str:
-        return f"{self.name}-shard-{shard}"
-
-    def shard_disk_dir(self, shard: int) -> Path | None:
-        if self.disk_dir is None:
-            return None
-        return self.disk_dir / self.ray_namespace / self.name / f"shard-{shard}"
 
 
 class KVStoreConfigMismatch(ValueError):

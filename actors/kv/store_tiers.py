@@ -31,7 +31,7 @@ from types import ModuleType
 
 import numpy as np
 
-from rayfleet.actors.kv_block_hash import BlockHash
+from rayfleet.actors.kv.block_hash import BlockHash
 
 
 class LRUIndex:

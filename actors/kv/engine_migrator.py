@@ -31,8 +31,8 @@ import torch
 from vllm.config import KVTransferConfig
 from vllm.sampling_params import SamplingParams
 
-from rayfleet.actors.kv_connector import RAYFLEET_PARAMS_KEY, KVLayoutDescriptor
-from rayfleet.actors.kv_store import KVStoreConfig
+from rayfleet.actors.kv.connector import RAYFLEET_PARAMS_KEY, KVLayoutDescriptor
+from rayfleet.actors.kv.store_config import KVStoreConfig
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -64,12 +64,12 @@ def migration_engine_kwargs(kv_load_failure_policy: str = "recompute", kv_store:
     return {
         "kv_transfer_config": KVTransferConfig(
             kv_connector="RayfleetKVConnector",
-            kv_connector_module_path="rayfleet.actors.kv_connector",
+            kv_connector_module_path="rayfleet.actors.kv.connector",
             kv_role="kv_both",
             kv_load_failure_policy=kv_load_failure_policy,
             kv_connector_extra_config=extra,
         ),
-        "worker_extension_cls": "rayfleet.actors.kv_worker_extension.KVMigrationWorkerExtension",
+        "worker_extension_cls": "rayfleet.actors.kv.worker_extension.KVMigrationWorkerExtension",
     }
 
 

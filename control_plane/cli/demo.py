@@ -12,6 +12,16 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from rayfleet.control_plane.cli.launch import (
+    LOCAL_LOGICAL_CPUS,
+    connect,
+    controller,
+    deploy,
+    ensure_demo_models,
+    load_any_spec,
+    render_status,
+)
+
 logger = logging.getLogger("rayfleet.demo")
 
 PROMPTS = [
@@ -87,22 +97,20 @@ def report(results: list[Result], wall_s: float) -> str:
 def run_demo(args) -> None:
     import ray
 
-    from rayfleet.control_plane import cli
-
-    spec = cli.load_any_spec(args.spec)
-    cli.ensure_demo_models(spec)
+    spec = load_any_spec(args.spec)
+    ensure_demo_models(spec)
     if args.address:
-        cli.connect(args.address, start_local=False)
+        connect(args.address, start_local=False)
     else:
-        ray.init(num_cpus=cli.LOCAL_LOGICAL_CPUS, include_dashboard=False, namespace="rayfleet",
+        ray.init(num_cpus=LOCAL_LOGICAL_CPUS, include_dashboard=False, namespace="rayfleet",
                  log_to_driver=False)
-    url = cli.deploy(spec, wait_s=600)
+    url = deploy(spec, wait_s=600)
     models = [p.name for p in spec.pools] + ["auto"]
     started = time.perf_counter()
     results = asyncio.run(run_workload(url, models, args.requests, args.max_tokens,
                                        api_key=(spec.ingress.api_keys or ["rayfleet-demo"])[0]))
     print(report(results, time.perf_counter() - started))
-    print(cli.render_status(ray.get(cli.controller().status.remote())))
+    print(render_status(ray.get(controller().status.remote())))
     print(f"\nOpenAI endpoint: {url}  (try: curl {url}/models)")
     if args.keep_serving:
         print("serving until Ctrl-C")
@@ -114,4 +122,4 @@ def run_demo(args) -> None:
     from ray import serve
 
     serve.shutdown()
-    ray.get(cli.controller().shutdown.remote())
+    ray.get(controller().shutdown.remote())

@@ -21,7 +21,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from rayfleet.actors.replica_protocol import GenerateCall, Handoff, ReplicaNotAccepting
+from rayfleet.actors.replica.protocol import GenerateCall, Handoff, ReplicaNotAccepting
 
 logger = logging.getLogger("rayfleet.ledger")
 

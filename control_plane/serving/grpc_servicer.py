@@ -17,9 +17,15 @@ import sys
 import grpc
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2 as pb
-from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateLogProbs, GenerateTokensStreamChoice
+from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
+    GenerateLogProbs,
+    GenerateTokensChoice,
+    GenerateTokensStreamChoice,
+)
 
-from rayfleet.actors.replica_protocol import GenerateCall
+from rayfleet.actors.replica.protocol import GenerateCall
+from rayfleet.control_plane.serving.errors import OpenAIHTTPError
+from rayfleet.control_plane.serving.gateway import FleetGateway
 
 # The generated messages name their module `vllm_engine_pb2` (protoc's flat layout), and Ray Serve pickles
 # requests from its gRPC proxy to the ingress: both processes import this module, which makes that name
@@ -33,7 +39,7 @@ def add_servicer_to_server(servicer, server) -> None:
     vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(servicer, server)
 
 
-GRPC_SERVICER_FUNCTIONS = ["rayfleet.control_plane.grpc_service:add_servicer_to_server"]
+GRPC_SERVICER_FUNCTIONS = ["rayfleet.control_plane.serving.grpc_servicer:add_servicer_to_server"]
 POOL_METADATA_KEY = "rayfleet-pool"
 # HTTP statuses of the ingress' errors -> gRPC status codes
 GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
@@ -114,3 +120,72 @@ def complete_response(index: int, output_ids: list[int], finish_reason: str, sto
     elif isinstance(stop_reason, int):
         complete.matched_token_id = stop_reason
     return pb.GenerateResponse(complete=complete)
+
+
+class GrpcServicer(FleetGateway):
+    """Mixin of the Serve ingress: the `VllmEngine` RPCs, named as the service names them."""
+
+    async def Generate(self, request, grpc_context):  # noqa: N802 (the RPC's name)
+        """Tokens in, tokens out, through admission, routing and the ledger like HTTP requests."""
+        try:
+            self._grpc_authenticate(grpc_context)
+            pool = pool_from_metadata(grpc_context.invocation_metadata(), list(self.renderers))
+            await self.ensure_renderers()
+            config = self.renderers[pool].state.vllm_config.model_config
+            call = call_from_proto(request, config.max_model_len, config.get_vocab_size())
+            placement, _ = await self.admit_and_place(self.info_from_call(call, pool))
+        except OpenAIHTTPError as error:
+            _fail(grpc_context, GRPC_STATUS.get(error.status, grpc.StatusCode.INTERNAL), error.message)
+        except GrpcRequestError as error:
+            _fail(grpc_context, error.code, error.details)
+        ledger = self.open_ledger(call, placement)
+        prompt_tokens = len(call.prompt_token_ids)
+        outputs: dict[int, GenerateTokensChoice] = {}
+        async for choice in self.follow(ledger, pool):
+            cached = ledger.num_cached_tokens or 0
+            if request.stream and choice.finish_reason is None:
+                yield chunk_response(choice, prompt_tokens, cached)
+                continue
+            total = outputs.setdefault(choice.index, GenerateTokensChoice(index=choice.index, token_ids=[]))
+            total.token_ids.extend(choice.token_ids or [])
+            if choice.finish_reason is not None:
+                ids = (choice.token_ids or []) if request.stream else total.token_ids
+                yield complete_response(choice.index, ids, choice.finish_reason, choice.stop_reason,
+                                        prompt_tokens, cached, choice.logprobs)
+
+    async def HealthCheck(self, request, grpc_context):  # noqa: N802
+        snapshot, _ = await self.fleet_view()
+        empty = self.unserved_pools(snapshot)
+        return pb.HealthCheckResponse(healthy=not empty, message=f"no ready replica in: {', '.join(empty)}"
+                                      if empty else "ok")
+
+    async def Abort(self, request, grpc_context):  # noqa: N802
+        self._grpc_authenticate(grpc_context)
+        for request_id in request.request_ids:
+            ledger = self.ledgers.get(request_id)
+            if ledger is not None and ledger.placement is not None:
+                await ledger.placement.replica.abort.remote(request_id)
+        return pb.AbortResponse()
+
+    async def GetModelInfo(self, request, grpc_context):  # noqa: N802
+        pool = pool_from_metadata(grpc_context.invocation_metadata(), list(self.renderers))
+        await self.ensure_renderers()
+        config = self.renderers[pool].state.vllm_config.model_config
+        return pb.GetModelInfoResponse(model_path=config.model, is_generation=True,
+                                       max_context_length=config.max_model_len, vocab_size=config.get_vocab_size(),
+                                       served_model_name=pool, tokenizer_path=config.tokenizer,
+                                       max_req_input_len=config.max_model_len)
+
+    def _grpc_authenticate(self, grpc_context) -> None:
+        try:
+            self.authenticate(dict(grpc_context.invocation_metadata()).get("authorization", ""),
+                              "metadata 'authorization: Bearer <key>'")
+        except OpenAIHTTPError as error:
+            _fail(grpc_context, grpc.StatusCode.UNAUTHENTICATED, error.message)
+
+
+def _fail(grpc_context, code: grpc.StatusCode, details: str):
+    """Ray Serve sends the status set on the context when the handler raises."""
+    grpc_context.set_code(code)
+    grpc_context.set_details(details)
+    raise GrpcRequestError(code, details)

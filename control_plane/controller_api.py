@@ -1,0 +1,19 @@
+"""What the FleetController's callers share with it: where to find it and the error it answers with.
+
+The ingress, the CLI and the Serve app builder reach the controller by name; they import this module, never
+the controller's own (which pulls in replica management, KubeRay and the policies' scheduling loop).
+"""
+
+from __future__ import annotations
+
+CONTROLLER_NAME = "rayfleet-controller"
+NAMESPACE = "rayfleet"
+
+
+class FleetError(RuntimeError):
+    """A control request that cannot be carried out (unknown pool or replica, out-of-bounds scale...)."""
+
+
+def replica_actor_name(replica_id: str) -> str:
+    """The detached actor name of a replica: how a restarted controller finds it again."""
+    return f"rayfleet-replica-{replica_id}"

@@ -1,0 +1,55 @@
+"""The admin routes: fleet status, scale a pool, live-migrate a request (what `rayfleet status|scale|migrate`
+do over Ray, over HTTP). Each forwards to the FleetController by name; its `FleetError`s become 400s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from rayfleet.control_plane.controller_api import FleetError
+from rayfleet.control_plane.serving.errors import OpenAIHTTPError
+from rayfleet.control_plane.serving.gateway import FleetGateway
+from rayfleet.control_plane.serving.openai_api import authenticate, json_body
+
+router = APIRouter()
+
+
+class AdminRoutes(FleetGateway):
+    """Mixin of the Serve ingress: `/v1/fleet/*`."""
+
+    @router.get("/v1/fleet/status")
+    async def fleet_status(self, request: Request) -> JSONResponse:
+        authenticate(self, request)
+        return JSONResponse(await self.controller.status.remote())
+
+    @router.post("/v1/fleet/scale")
+    async def fleet_scale(self, request: Request) -> JSONResponse:
+        """{"pool": name, "replicas": n}; same as `rayfleet scale`."""
+        authenticate(self, request)
+        body = await json_body(request)
+        return JSONResponse(await _control(self.controller.scale, body, ("pool", str), ("replicas", int)))
+
+    @router.post("/v1/fleet/migrate")
+    async def fleet_migrate(self, request: Request) -> JSONResponse:
+        """{"request_id", "src", "dst", "mode"?}; same as `rayfleet migrate`. Returns the record."""
+        authenticate(self, request)
+        body = await json_body(request)
+        body.setdefault("mode", "precopy")
+        return JSONResponse(await _control(self.controller.migrate, body, ("request_id", str), ("src", str),
+                                           ("dst", str), ("mode", str)))
+
+
+async def _control(method, body: dict[str, Any], *fields: tuple[str, type]):
+    """Call a controller method with the body's typed fields; a field of the wrong type is a 400 naming it."""
+    args = []
+    for name, kind in fields:
+        value = body.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise OpenAIHTTPError(400, f"'{name}' must be a {kind.__name__}", "invalid_request_error", name)
+        args.append(value)
+    try:
+        return await method.remote(*args)
+    except FleetError as error:  # Ray re-raises the controller's error as an instance of its class
+        raise OpenAIHTTPError(400, str(getattr(error, "cause", error)), "invalid_request_error") from None
