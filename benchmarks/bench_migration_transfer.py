@@ -119,7 +119,7 @@ async def migrate_once(src, dst, dst_id: str, prompt: list[int], mode: str, args
         if tokens >= args.at and not reached.is_set():
             reached.set()
             migration = asyncio.ensure_future(
-                src.migrate_out.remote(call.request_id, dst, dst_id, f"mig-{uuid.uuid4().hex[:8]}", mode))
+                src.migrate_out.remote(call.request_id, dst, f"mig-{uuid.uuid4().hex[:8]}", mode))
     record = await migration
     if handoff is not None:
         async for ref in handoff.replica.attach.options(num_returns="streaming").remote(call.request_id):

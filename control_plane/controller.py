@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from rayfleet.actors.kv.store import get_or_create_kv_store
+from rayfleet.actors.replica.live_migration import Destination
 from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE, FleetError, replica_actor_name
 from rayfleet.control_plane.kuberay import CLUSTER_NAME_ENV, KubeRayScaler
 from rayfleet.control_plane.spec import FleetSpec, PoolSpec, parse_spec
@@ -348,8 +349,8 @@ class FleetController:
         if decision.mode not in ("precopy", "stop_and_copy"):
             raise FleetError(f"migrate: mode must be 'precopy' or 'stop_and_copy', got '{decision.mode}'")
         migration_id = f"mig-{uuid.uuid4().hex[:8]}"
-        result = await src.handle.migrate_out.remote(decision.request_id, dst.handle, decision.dst,
-                                                     migration_id, decision.mode)
+        destination = Destination(decision.dst, dst.handle, dst.facts.get("node_id", ""))
+        result = await src.handle.migrate_out.remote(decision.request_id, destination, migration_id, decision.mode)
         record = MigrationRecord(**result)
         self.migrations.append(record)
         del self.migrations[:-500]

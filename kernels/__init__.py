@@ -7,13 +7,16 @@ buffer, scatter them back, and stream staging rows to and from host memory besid
     mover = BlockMover(cache)
     transfer = mover.save(block_ids)                        # async on a GPU; poll done() or wait()
     mover.load(transfer.host, other_block_ids).wait_stream()
+    shared = gather_to_shared(cache, block_ids)             # rows in /dev/shm: another process maps them
+    scatter_rows(other_cache, shared.map(), other_block_ids)
 
 See docs/kernels.md for the staging format, the layouts covered and measured bandwidth.
 """
 
-from .block_copy import BlockIds, gather_blocks, scatter_blocks
+from .block_copy import BlockIds, gather_blocks, gather_to_host, scatter_blocks, stack_rows
 from .layout import KVCacheLayers, KVLayout, KVLayoutError
 from .mover import BlockMover, Transfer
+from .shared_rows import SharedRows, gather_to_shared, live_files, scatter_rows, sweep_orphans
 
 __all__ = [
     "BlockIds",
@@ -21,7 +24,14 @@ __all__ = [
     "KVCacheLayers",
     "KVLayout",
     "KVLayoutError",
+    "SharedRows",
     "Transfer",
     "gather_blocks",
+    "gather_to_host",
+    "gather_to_shared",
+    "live_files",
     "scatter_blocks",
+    "scatter_rows",
+    "stack_rows",
+    "sweep_orphans",
 ]

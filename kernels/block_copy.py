@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from . import torch_copy
@@ -93,3 +94,21 @@ def scatter_blocks(cache: KVCacheLayers, staging: torch.Tensor, block_ids: Block
     ids = block_ids_on_device(cache, block_ids)
     alignment = _staging_alignment(cache, staging, len(ids))
     _implementation(cache).copy_blocks(cache, staging, ids, gather=False, alignment=alignment)
+
+
+def gather_to_host(cache: KVCacheLayers, block_ids: BlockIds) -> torch.Tensor:
+    """`gather_blocks` into host memory (pinned when the cache is on a GPU, which the kernel writes directly):
+    the rows a process hands to another one, e.g. through Ray's object store."""
+    ids = checked_block_ids(cache, block_ids)
+    if cache.device.type == "cpu":
+        return gather_blocks(cache, ids)
+    out = torch.empty((len(ids), cache.layout.block_bytes), dtype=torch.uint8, pin_memory=True)
+    gather_blocks(cache, ids, out=out)
+    torch.cuda.current_stream(cache.device).synchronize()
+    return out
+
+
+def stack_rows(rows: Sequence[object]) -> torch.Tensor:
+    """Per-block rows (anything with the buffer protocol: numpy arrays, bytes; e.g. a KV store's values) as
+    one contiguous `[len(rows), row_bytes]` uint8 host tensor: the staging `scatter_blocks` takes."""
+    return torch.from_numpy(np.stack([np.frombuffer(row, dtype=np.uint8) for row in rows]))

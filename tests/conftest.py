@@ -117,7 +117,7 @@ def fleet(ray_cluster, demo_models, redis_url):
     """A deployed fleet: controller + OpenAI ingress + one replica each of tiny-a and tiny-b."""
     from ray import serve
 
-    from rayfleet.control_plane.cli.main import grpc_options
+    from rayfleet.control_plane.cli.launch import grpc_options
     from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
     from rayfleet.control_plane.serve_app import build_app
     from rayfleet.control_plane.spec import parse_spec

@@ -1,4 +1,4 @@
-"""The KV connector's pieces without an engine: data movers, layout views, scheduler and worker state.
+"""The KV connector's pieces without an engine: scheduler and worker state, chunks in shared memory.
 
 The engine-level behaviour (token-exact migration, no leaks) is in test_kv_connector.py.
 """
@@ -12,15 +12,10 @@ import pytest
 import torch
 from vllm.v1.request import RequestStatus
 
-from rayfleet.actors.kv.connector import (
-    RayfleetConnectorMetadata,
-    SchedulerKVMigrationState,
-    TrackedRequest,
-    WorkerKVMigrationState,
-    _as_block_bytes,
-    gather_blocks,
-    scatter_blocks,
-)
+from rayfleet.actors.kv.metadata import FinalRequest, LoadJob, RayfleetConnectorMetadata, TrackedRequest
+from rayfleet.actors.kv.migration_state import SchedulerKVMigrationState, WorkerKVMigrationState
+from rayfleet.actors.kv.transfer import KVChunk, KVLayoutMismatchError
+from rayfleet.kernels import KVCacheLayers, live_files
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 10
@@ -36,27 +31,6 @@ def _cpu_cache(num_layers: int = 2) -> dict[str, torch.Tensor]:
     for layer in layers.values():
         layer.copy_(torch.randn(shape))
     return layers
-
-
-def test_gather_then_scatter_copies_whole_blocks_byte_exact():
-    layers = list(_cpu_cache().values())
-    views = [_as_block_bytes(layer) for layer in layers]
-    rows = gather_blocks(views, [3, 7])
-    assert rows.shape == (2, 2 * views[0].shape[1])
-    scatter_blocks(views, [0, 9], rows)
-    for layer in layers:
-        assert torch.equal(layer[0], layer[3]) and torch.equal(layer[9], layer[7])
-    assert gather_blocks(views, []).shape == (0, rows.shape[1])
-
-
-def test_block_compact_layouts_are_viewed_and_split_blocks_refused():
-    # LBNHC-like: tokens outside heads inside a block, still one contiguous run per block.
-    permuted = torch.randn(NUM_BLOCKS, BLOCK_SIZE, 2, 8).permute(0, 2, 1, 3)
-    assert _as_block_bytes(permuted).shape == (NUM_BLOCKS, BLOCK_SIZE * 2 * 8 * 4)
-    # A leading K/V dimension puts a block's K and V far apart: not a raw-copyable block.
-    kv_split = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, 8).permute(1, 0, 2, 3)
-    with pytest.raises(NotImplementedError, match="not one contiguous run"):
-        _as_block_bytes(kv_split)
 
 
 def _request(request_id: str, num_tokens: int, params: dict | None, num_computed: int = 0):
@@ -132,17 +106,51 @@ def test_abort_of_a_tagged_request_delays_the_free_and_hands_over_the_tokens():
     assert meta.finished == [("s-1", "s")]
 
 
-def _worker() -> WorkerKVMigrationState:
+def _worker(cache: dict[str, torch.Tensor] | None = None) -> WorkerKVMigrationState:
     config = SimpleNamespace(cache_config=SimpleNamespace(block_size=BLOCK_SIZE, kv_cache_layout="LBHNC"))
     worker = WorkerKVMigrationState(config, SimpleNamespace(num_blocks=NUM_BLOCKS, kv_cache_layout="LBHNC"))
-    worker.register_kv_caches(_cpu_cache())
+    worker.register_cache(KVCacheLayers(list((cache or _cpu_cache()).values())))
     return worker
 
 
-def _final_meta(internal_id: str, external_id: str) -> RayfleetConnectorMetadata:
-    from rayfleet.actors.kv.connector import FinalRequest
+def _final_meta(internal_id: str, external_id: str, block_ids: list[int] | None = None) -> RayfleetConnectorMetadata:
+    return RayfleetConnectorMetadata(
+        finals=[FinalRequest(internal_id, external_id, block_ids or [1, 2], 6, list(range(7)))])
 
-    return RayfleetConnectorMetadata(finals=[FinalRequest(internal_id, external_id, [1, 2], 6, list(range(7)))])
+
+def _moved(src_cache: dict[str, torch.Tensor], dst_cache: dict[str, torch.Tensor]) -> KVChunk:
+    """Stop request "r" on a worker over `src_cache` (blocks 3, 7) and load it into blocks 0, 9 of another."""
+    src, dst = _worker(src_cache), _worker(dst_cache)
+    src.expect_final("r", timeout_s=10)
+    src.bind(_final_meta("r-1", "r", [3, 7]))
+    chunk = KVChunk.from_wire(src.export_final("r", 0)["chunk"])
+    dst.stage("mig", chunk.to_wire())
+    dst.bind(RayfleetConnectorMetadata(loads=[LoadJob("mig", 0, [0, 9], 6)]))
+    dst.start_load()
+    assert dst.stats()["blocks_imported"] == 2 and dst.take_load_errors() == set()
+    return chunk
+
+
+def test_a_stopped_request_moves_byte_exact_through_shared_rows():
+    before = live_files()
+    src_cache, dst_cache = _cpu_cache(), _cpu_cache()
+    chunk = _moved(src_cache, dst_cache)
+    for src_layer, dst_layer in zip(src_cache.values(), dst_cache.values()):
+        assert torch.equal(dst_layer[0], src_layer[3]) and torch.equal(dst_layer[9], src_layer[7])
+    assert chunk.shared.name in live_files()  # the caller owns the rows until it releases them
+    chunk.release()
+    assert live_files() == before
+
+
+def test_layouts_that_split_a_block_move_too():
+    # A leading K/V dimension puts a block's K and V far apart (two runs per block): the kernels move it.
+    def split_cache() -> dict[str, torch.Tensor]:
+        return {f"layer.{i}": torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, 8).permute(1, 0, 2, 3) for i in range(2)}
+
+    src_cache, dst_cache = split_cache(), split_cache()
+    _moved(src_cache, dst_cache).release()
+    for src_layer, dst_layer in zip(src_cache.values(), dst_cache.values()):
+        assert torch.equal(dst_layer[0], src_layer[3]) and torch.equal(dst_layer[9], src_layer[7])
 
 
 def test_worker_releases_a_client_abort_at_once_and_holds_an_expected_stop():
@@ -154,9 +162,10 @@ def test_worker_releases_a_client_abort_at_once_and_holds_an_expected_stop():
     worker.bind(_final_meta("b-1", "b"))
     assert worker.take_finished_sending() is None  # held for the export
     ready = worker.export_final("b", 1)
-    assert (ready["status"], ready["first_block"], ready["num_blocks"], ready["num_computed_tokens"]) == (
-        "ready", 1, 1, 6)
-    assert len(ready["data"]) == worker._layout.bytes_per_block
+    chunk = KVChunk.from_wire(ready["chunk"])
+    assert (ready["status"], chunk.first_block, chunk.num_blocks, ready["num_computed_tokens"]) == ("ready", 1, 1, 6)
+    assert chunk.rows().shape == (1, worker._layout.bytes_per_block)
+    chunk.release()
     assert worker.take_finished_sending() == {"b-1"}
 
 
@@ -173,8 +182,16 @@ def test_worker_frees_a_held_stop_at_its_deadline():
 
 def test_worker_refuses_staging_of_another_layout():
     worker = _worker()
-    wire = {**worker.layout(), "block_size": 2 * BLOCK_SIZE}
-    with pytest.raises(ValueError, match="layout mismatch"):
-        worker.stage("m", 0, 1, bytes(worker._layout.bytes_per_block), wire)
-    with pytest.raises(ValueError, match="expected"):
-        worker.stage("m", 0, 2, bytes(worker._layout.bytes_per_block), worker.layout())
+    worker.expect_final("s", timeout_s=10)
+    worker.bind(_final_meta("s-1", "s"))
+    wire = worker.export_final("s", 0)["chunk"]
+    try:
+        with pytest.raises(KVLayoutMismatchError, match="layout mismatch"):
+            worker.stage("m", {**wire, "layout": {**wire["layout"], "block_size": 2 * BLOCK_SIZE}})
+        with pytest.raises(ValueError, match="expected"):  # rows of another size than the chunk claims
+            worker.stage("m", {**wire, "num_blocks": 1})
+        with pytest.raises(FileNotFoundError):
+            worker.stage("m", {**wire, "rows": wire["rows"] + "-gone"})
+    finally:
+        KVChunk.from_wire(wire).release()
+    assert worker.stats()["staged_migrations"] == 0

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from rayfleet.actors.kv.block_hash import block_hashes
-from rayfleet.actors.kv.connector import RayfleetConnectorMetadata, gather_blocks
-from rayfleet.actors.kv.prefix_store import SchedulerPrefixStore, StoreLoad, StoreSave, WorkerPrefixStore
+from rayfleet.actors.kv.metadata import RayfleetConnectorMetadata, StoreLoad, StoreSave
+from rayfleet.actors.kv.prefix_store import SchedulerPrefixStore, WorkerPrefixStore
+from rayfleet.kernels import KVCacheLayers, gather_blocks
 
 BS = 4  # block size
 NS = "units"
@@ -179,9 +180,9 @@ def test_requests_the_namespace_does_not_cover_never_use_the_store():
 
 def test_worker_loads_up_to_the_first_unusable_block_and_reports_the_rest():
     store = FakeStore()
-    layers = [torch.zeros((6, 8), dtype=torch.uint8) for _ in range(2)]
+    cache = KVCacheLayers([torch.zeros((6, 8), dtype=torch.uint8) for _ in range(2)])
     worker = WorkerPrefixStore(store)
-    worker.register(layers)
+    worker.register(cache)
     good = torch.arange(16, dtype=torch.uint8).view(1, 16)
     hashes = block_hashes(list(range(12)), BS, NS)
     store.blocks[hashes[0]] = good[0].numpy()
@@ -190,7 +191,7 @@ def test_worker_loads_up_to_the_first_unusable_block_and_reports_the_rest():
                                      store_saves=[StoreSave("r", hashes[:1], [3])])
     worker.bind(meta)
     worker.load()
-    assert torch.equal(gather_blocks(layers, [3]), good)
+    assert torch.equal(gather_blocks(cache, [3]), good)
     assert worker.take_load_errors() == {4, 5}
     worker.save()  # the failed request's saves are skipped
     worker.flush()

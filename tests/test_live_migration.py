@@ -13,6 +13,8 @@ import time
 import pytest
 import ray
 
+from rayfleet.actors.replica.live_migration import Destination
+
 pytestmark = pytest.mark.engines
 PROMPT = [{"role": "user", "content": "Describe live migration of a running request."}]
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
@@ -39,6 +41,16 @@ def replica_handle(replica_id: str):
 
 def free_blocks(replica_id: str) -> int:
     return ray.get(replica_handle(replica_id).kv_stats.remote())["num_free_blocks"]
+
+
+@pytest.fixture
+def mig_pool(fleet) -> list[str]:
+    """The "mig" pool with both its replicas ready: a drain (or a kill) earlier in the session may have left
+    one, so every test that moves requests between the two asks for them here and stands on its own."""
+    if len(mig_replicas(fleet)) < 2:
+        ray.get(fleet.controller.scale.remote("mig", 2))
+        fleet.wait_for(lambda: len(mig_replicas(fleet)) == 2, what="two ready mig replicas")
+    return mig_replicas(fleet)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +83,7 @@ async def stream_with_migrations(fleet, async_client, hops: int, mode: str, max_
 
 @pytest.mark.parametrize("mode", ["precopy", "stop_and_copy"])
 @pytest.mark.parametrize("hops", [1, 3])
-async def test_migrated_stream_is_token_identical(fleet, async_client, reference, mode, hops):
+async def test_migrated_stream_is_token_identical(fleet, async_client, reference, mode, hops, mig_pool):
     before = {r: free_blocks(r) for r in mig_replicas(fleet)}
     text, usage, records = await stream_with_migrations(fleet, async_client, hops, mode)
     assert [r["outcome"] for r in records] == ["migrated"] * hops, records
@@ -88,14 +100,12 @@ async def test_migrated_stream_is_token_identical(fleet, async_client, reference
     assert {r: free_blocks(r) for r in mig_replicas(fleet)} == before, "KV blocks leaked"
 
 
-def test_destination_computes_exactly_one_token(fleet, client):
-    history = fleet.status()["migrations"]
-    migrated = [m for m in history if m["outcome"] == "migrated"]
-    assert migrated, "run after the migration tests"
-    assert all(m["recomputed_tokens"] == 1 for m in migrated), migrated
+async def test_destination_computes_exactly_one_token(fleet, async_client, mig_pool):
+    _, _, records = await stream_with_migrations(fleet, async_client, 1, "stop_and_copy")
+    assert [(r["outcome"], r["recomputed_tokens"]) for r in records] == [("migrated", 1)], records
 
 
-async def test_migration_onto_a_full_replica_is_refused_and_completes_on_source(fleet, client, async_client):
+async def test_migration_onto_a_full_replica_is_refused_and_completes_on_source(fleet, client, async_client, mig_pool):
     from vllm import SamplingParams
 
     from rayfleet.actors.replica.protocol import GenerateCall
@@ -127,7 +137,7 @@ async def test_migration_onto_a_full_replica_is_refused_and_completes_on_source(
     assert "".join(text) == expected
 
 
-async def test_destination_killed_mid_migration_leaves_request_on_source(fleet, async_client, reference):
+async def test_destination_killed_mid_migration_leaves_request_on_source(fleet, async_client, reference, mig_pool):
     src, dst = mig_replicas(fleet)
     stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=240, stream=True,
                                                         **GREEDY)
@@ -139,15 +149,16 @@ async def test_destination_killed_mid_migration_leaves_request_on_source(fleet, 
             here = await asyncio.to_thread(where, fleet, chunk.id)
             other = next(r for r in mig_replicas(fleet) if r != here)
             victim = replica_handle(other)
+            destination = Destination(other, victim, ray.get(victim.engine_facts.remote())["node_id"])
             os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
             # Straight to the source replica: the controller would already refuse a dead destination.
-            record = await replica_handle(here).migrate_out.remote(chunk.id, victim, other, "mig-kill", "precopy")
+            record = await replica_handle(here).migrate_out.remote(chunk.id, destination, "mig-kill", "precopy")
     assert record["outcome"] == "aborted", record
     assert "".join(text) == reference
     fleet.wait_for(lambda: len(mig_replicas(fleet)) == 2, what="the killed replica to be replaced")
 
 
-async def test_migrating_a_finished_request_changes_nothing(fleet, client):
+async def test_migrating_a_finished_request_changes_nothing(fleet, client, mig_pool):
     result = client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=8, **GREEDY)
     src, dst = mig_replicas(fleet)
     before = {r: free_blocks(r) for r in (src, dst)}
@@ -171,8 +182,7 @@ def test_migrate_through_the_admin_api_validates_input(fleet):
     assert httpx.post(f"{fleet.base_url}/fleet/migrate", json={}, timeout=30).status_code == 401
 
 
-# Last: draining leaves the pool with one replica.
-async def test_draining_a_replica_migrates_its_requests_out_and_they_complete(fleet, async_client):
+async def test_draining_a_replica_migrates_its_requests_out_and_they_complete(fleet, async_client, mig_pool):
     async def one(i):
         return await async_client.chat.completions.create(
             model="mig", messages=[{"role": "user", "content": f"drain {i}"}], max_tokens=500, **GREEDY)

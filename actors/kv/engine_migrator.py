@@ -6,10 +6,11 @@ extension). A migration of request ``rid`` from engine A to engine B, with ``mig
     src, dst = EngineKVMigrator(engine_a), EngineKVMigrator(engine_b)
     # 1. submit on A with src.tag(params, rid); stream its tokens to the client as usual
     chunk = await src.export_complete_blocks(rid)                  # optional pre-copy rounds, A keeps running
-    await dst.stage(mig, chunk)
+    await dst.stage(mig, chunk)                                    # B maps the chunk's shared rows
     final = await src.stop_and_export(rid, first_block=chunk.end_block)   # abort on A + the rest of the KV
     if final is None: ...                                          # it finished on A first: nothing to move
     await dst.stage(mig, final.chunk)
+    chunk.release(); final.chunk.release()                         # exported rows belong to the caller
     resume = EngineKVMigrator.resume(final, params, num_prompt_tokens, rid, mig)
     async for out in engine_b.generate({"prompt_token_ids": resume.prompt_token_ids},
                                        resume.sampling_params, rid): ...
@@ -27,12 +28,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 from vllm.config import KVTransferConfig
 from vllm.sampling_params import SamplingParams
 
-from rayfleet.actors.kv.connector import RAYFLEET_PARAMS_KEY, KVLayoutDescriptor
+from rayfleet.actors.kv.migration_state import RAYFLEET_PARAMS_KEY
+from rayfleet.actors.kv.transfer import KVChunk, KVLayoutDescriptor, KVLayoutMismatchError
 from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.kernels import SharedRows
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -77,44 +79,8 @@ class KVMigrationError(RuntimeError):
     """A migration step failed on the engine side."""
 
 
-class KVLayoutMismatchError(KVMigrationError):
-    """The chunk's KV layout differs from the destination engine's: a raw block copy would be wrong."""
-
-
 class KVRequestNotFoundError(KVMigrationError):
     """The engine does not (or no longer) track a migratable request with this id."""
-
-
-@dataclass(frozen=True)
-class KVChunk:
-    """Whole KV blocks ``[first_block, first_block + num_blocks)`` of one request, all layers.
-
-    ``data`` is ``[num_blocks, layout.bytes_per_block]`` uint8 on the CPU, one row per block ordered
-    ``[layer][layer_block_bytes]``; block ``i`` holds the KV of tokens ``[i * block_size, (i + 1) * block_size)``.
-    """
-
-    first_block: int
-    num_blocks: int
-    data: torch.Tensor
-    layout: KVLayoutDescriptor
-
-    @property
-    def end_block(self) -> int:
-        """First block a following export should start at."""
-        return self.first_block + self.num_blocks
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel()
-
-    @classmethod
-    def _from_wire(cls, wire: dict[str, Any]) -> KVChunk:
-        layout = KVLayoutDescriptor.from_wire(wire["layout"])
-        num_blocks = wire["num_blocks"]
-        data = bytearray(wire["data"])  # writable, owned by the tensor
-        tensor = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        return cls(wire["first_block"], num_blocks,
-                   tensor.view(num_blocks, layout.bytes_per_block), layout)
 
 
 @dataclass(frozen=True)
@@ -171,7 +137,7 @@ class EngineKVMigrator:
         if wire["status"] != "live":
             raise KVRequestNotFoundError(f"request {request_id!r} is not running on this engine "
                                          f"({wire['status']})")
-        return KVChunk._from_wire(wire)
+        return KVChunk.from_wire(wire["chunk"])
 
     async def stop_and_export(self, request_id: str, first_block: int = 0, timeout_s: float = 10.0) -> FinalKV | None:
         """Abort the request and export its KV from ``first_block`` on, plus its token list.
@@ -187,7 +153,7 @@ class EngineKVMigrator:
             wire = await self._rpc("rayfleet_export_final", request_id, first_block)
             status = wire["status"]
             if status == "ready":
-                return FinalKV(KVChunk._from_wire(wire), list(wire["all_token_ids"]), wire["num_computed_tokens"])
+                return FinalKV(KVChunk.from_wire(wire["chunk"]), list(wire["all_token_ids"]), wire["num_computed_tokens"])
             if status == "finished":
                 return None
             if status == "expired" or time.monotonic() > deadline:
@@ -195,12 +161,23 @@ class EngineKVMigrator:
             await asyncio.sleep(_POLL_INTERVAL_S)
 
     async def stage(self, migration_id: str, chunk: KVChunk) -> None:
-        """Hold ``chunk`` on this (destination) engine until a request resumes ``migration_id``."""
+        """Hold ``chunk`` on this (destination) engine until a request resumes ``migration_id``.
+
+        The engine maps the chunk's shared rows (no copy); the caller still owns them and may release them
+        once this returns. A chunk carried by value (from another node) is first written into shared rows
+        of this process, released here.
+        """
         layout = await self.layout()
         if chunk.layout != layout:
             raise KVLayoutMismatchError(f"chunk layout {chunk.layout} != engine layout {layout}")
-        await self._rpc("rayfleet_stage", migration_id, chunk.first_block, chunk.num_blocks,
-                        chunk.data.numpy().tobytes(), chunk.layout.to_wire())
+        if not chunk.num_blocks:
+            return
+        local = chunk if chunk.shared is not None else _to_shared(chunk)
+        try:
+            await self._rpc("rayfleet_stage", migration_id, local.to_wire())
+        finally:
+            if local is not chunk:
+                local.release()
 
     async def drop_staged(self, migration_id: str) -> bool:
         """Free staged data that will not be resumed; True if there was any."""
@@ -232,3 +209,10 @@ class EngineKVMigrator:
     async def free_kv_blocks(self) -> int:
         """Free KV blocks of the engine (cached-but-unreferenced blocks count as free)."""
         return (await self.stats())["num_free_blocks"]
+
+
+def _to_shared(chunk: KVChunk) -> KVChunk:
+    """A by-value chunk written into shared rows of this process (one copy), for its engine to map."""
+    shared, rows = SharedRows.allocate(chunk.num_blocks, chunk.layout.bytes_per_block)
+    rows.copy_(chunk.rows())
+    return KVChunk(chunk.first_block, chunk.num_blocks, chunk.layout, shared=shared)

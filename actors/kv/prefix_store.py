@@ -1,11 +1,11 @@
 """The KV store half of rayfleet's KV connector: prefix reuse across replicas and offload.
 
-``RayfleetKVConnector`` (``kv_connector.py``) delegates to these two classes when its
+``RayfleetKVConnector`` (``connector.py``) delegates to these two classes when its
 ``kv_transfer_config.kv_connector_extra_config`` carries ``{"kv_store": {KVStoreConfig fields},
 "namespace": "<model and layout id>"}``; without it they do not exist and the connector only migrates.
 
 * Scheduler side (EngineCore process), :class:`SchedulerPrefixStore`:
-  ``get_num_new_matched_tokens`` hashes the request's full blocks (``kv_block_hash.block_hashes``), asks
+  ``get_num_new_matched_tokens`` hashes the request's full blocks (``block_hash.block_hashes``), asks
   the store how many leading blocks beyond the local prefix-cache hit it holds, and claims them as a
   synchronous load, leaving at least one token to compute. ``update_state_after_alloc`` turns the claim
   into a :class:`StoreLoad` (hashes -> freshly allocated block ids). ``build_connector_meta`` adds a
@@ -18,8 +18,8 @@
   blocks and puts them. So a block an engine later evicts under memory pressure is still in the store
   (offload), and any replica of the same namespace can load it.
 
-Blocks move in the migration's row format (``gather_blocks`` / ``scatter_blocks``: one row per block, all
-layers). Neither process is a Ray worker: both connect to the cluster named by ``RAY_ADDRESS``, which the
+Blocks move in the kernels' row format (``rayfleet.kernels``: one row per block, all layers): a save is one
+gather, a load one scatter. Neither process is a Ray worker: both connect to the cluster named by ``RAY_ADDRESS``, which the
 replica sets to its GCS address before it builds the engine. See docs/kv_connector.md.
 """
 
@@ -32,13 +32,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from vllm.logger import init_logger
 
 from rayfleet.actors.kv.block_hash import BlockHash, block_hashes
+from rayfleet.actors.kv.metadata import StoreLoad, StoreSave
 from rayfleet.actors.kv.store import KVStoreClient, get_or_create_kv_store
 from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.kernels import KVCacheLayers, gather_to_host, scatter_rows, stack_rows
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -61,24 +62,6 @@ STORE_COUNTERS = (
     # puts (worker, background thread).
     "store_lookup_s", "store_load_s", "store_put_s", "store_lookups", "store_loads", "store_puts",
 )
-
-
-@dataclass
-class StoreLoad:
-    """Copy the store's blocks ``hashes`` into ``block_ids`` (same length) of request ``internal_id``."""
-
-    internal_id: str
-    hashes: list[BlockHash]
-    block_ids: list[int]
-
-
-@dataclass
-class StoreSave:
-    """Put blocks ``block_ids`` (complete after this step's forward) under ``hashes``."""
-
-    internal_id: str
-    hashes: list[BlockHash]
-    block_ids: list[int]
 
 
 def store_settings(vllm_config: VllmConfig) -> tuple[KVStoreConfig, str] | None:
@@ -227,7 +210,7 @@ class WorkerPrefixStore:
 
     def __init__(self, store: KVStoreClient):
         self._store = store
-        self._layers: list[torch.Tensor] = []
+        self._cache: KVCacheLayers | None = None
         self._bytes_per_block = 0
         self._loads: list[StoreLoad] = []
         self._saves: list[StoreSave] = []
@@ -238,18 +221,15 @@ class WorkerPrefixStore:
         self._putter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayfleet-kv-put")
         self._last_put: Future | None = None
 
-    def register(self, layers: list[torch.Tensor]) -> None:
-        """``layers``: per-layer ``[num_blocks, layer_block_bytes]`` uint8 views of the paged cache."""
-        self._layers = layers
-        self._bytes_per_block = sum(layer.shape[1] for layer in layers)
+    def register(self, cache: KVCacheLayers) -> None:
+        self._cache = cache
+        self._bytes_per_block = cache.layout.block_bytes
 
     def bind(self, meta) -> None:
         self._loads, self._saves = meta.store_loads, meta.store_saves
         self.counters.update(meta.store_counts)
 
     def load(self) -> None:
-        from rayfleet.actors.kv.connector import scatter_blocks
-
         loads, self._loads = self._loads, []
         self._failed = set()
         for job in loads:
@@ -258,8 +238,7 @@ class WorkerPrefixStore:
             usable = next((i for i, block in enumerate(blocks)
                            if block is None or block.size != self._bytes_per_block), len(blocks))
             if usable:
-                rows = torch.from_numpy(np.stack(blocks[:usable]))
-                scatter_blocks(self._layers, job.block_ids[:usable], rows)
+                scatter_rows(self._cache, stack_rows(blocks[:usable]), job.block_ids[:usable])
             if usable < len(blocks):
                 # Evicted (or of another size) since the lookup: vLLM recomputes from the first bad block.
                 logger.warning("rayfleet: KV store lost %d of %d blocks of %s since its lookup; recomputing",
@@ -273,8 +252,6 @@ class WorkerPrefixStore:
             self.counters["store_bytes_loaded"] += usable * self._bytes_per_block
 
     def save(self) -> None:
-        from rayfleet.actors.kv.connector import gather_blocks
-
         saves, self._saves = self._saves, []
         hashes: list[BlockHash] = []
         block_ids: list[int] = []
@@ -285,15 +262,15 @@ class WorkerPrefixStore:
             block_ids += job.block_ids
         if not block_ids:
             return
-        # gather_blocks copies: the rows stay valid whatever the engine does with the blocks next, so the
+        # The gather copies: the rows stay valid whatever the engine does with the blocks next, so the
         # put can finish in the background while the engine steps on.
-        rows = gather_blocks(self._layers, block_ids)
+        rows = gather_to_host(self._cache, block_ids)
         self._last_put = self._putter.submit(self._put, hashes, rows)
 
     def _put(self, hashes: list[BlockHash], rows: torch.Tensor) -> None:
         began = time.perf_counter()
         try:
-            self._store.put(hashes, list(rows.cpu().numpy()))
+            self._store.put(hashes, list(rows.numpy()))
         except Exception:  # a lost put is a later miss, never wrong KV; the step must not fail for it
             logger.exception("rayfleet: KV store put of %d blocks failed", len(hashes))
             self.counters["store_put_errors"] += 1

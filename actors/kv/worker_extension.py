@@ -8,7 +8,8 @@ engine steps, so they see the paged KV cache at a step boundary. Names carry a `
 because vLLM refuses extension attributes that collide with the worker's own.
 
 Arguments and results cross two process boundaries (AsyncLLM -> EngineCore by msgpack, EngineCore ->
-worker by pickle): keep them to str/int/float/bytes/list/dict. Use :mod:`rayfleet.actors.kv.engine_migrator`
+worker by pickle): keep them to str/int/float/list/dict. KV itself never crosses them: chunks travel as the
+names of shared-memory rows (`transfer.KVChunk.to_wire`). Use :mod:`rayfleet.actors.kv.engine_migrator`
 rather than calling these directly.
 """
 
@@ -18,7 +19,8 @@ from typing import Any
 
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
-from rayfleet.actors.kv.connector import RayfleetKVConnector, WorkerKVMigrationState
+from rayfleet.actors.kv.connector import RayfleetKVConnector
+from rayfleet.actors.kv.migration_state import WorkerKVMigrationState
 
 
 def _connector() -> RayfleetKVConnector:
@@ -48,9 +50,8 @@ class KVMigrationWorkerExtension:
     def rayfleet_export_final(self, external_id: str, first_block: int) -> dict[str, Any]:
         return _state().export_final(external_id, first_block)
 
-    def rayfleet_stage(self, migration_id: str, first_block: int, num_blocks: int, data: bytes,
-                       layout: dict[str, Any]) -> None:
-        _state().stage(migration_id, first_block, num_blocks, data, layout)
+    def rayfleet_stage(self, migration_id: str, chunk: dict[str, Any]) -> None:
+        _state().stage(migration_id, chunk)
 
     def rayfleet_drop_staged(self, migration_id: str) -> bool:
         return _state().drop_staged(migration_id)

@@ -9,6 +9,10 @@ Safety: the destination is asked first whether it has room; every chunk sent is 
 destination refuses, fails or times out after the source stopped, the request resumes on the source from
 its own KV (a local "migration"), and the client's stream never notices. A request that finishes during
 the migration simply finishes. Either way the destination's staged blocks are dropped and no KV leaks.
+
+A `SourceMigration` sees its replica only through what it is given (the request, the engine's migrator, the
+block size) and decides; the replica carries out the outcome (`MigrationResult`): hand the client's stream
+to the destination, or resume the request locally.
 """
 
 from __future__ import annotations
@@ -16,15 +20,38 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from rayfleet.actors.kv.engine_migrator import FinalKV, KVChunk, KVRequestNotFoundError
+from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, KVChunk, KVRequestNotFoundError
+from rayfleet.actors.replica.active_request import ActiveRequest
 from rayfleet.actors.replica.protocol import Handoff, MigrationLimits
 
-if TYPE_CHECKING:
-    from rayfleet.actors.replica.llm_replica import ActiveRequest, LLMReplica
-
 logger = logging.getLogger("rayfleet.migration")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """The replica a request moves to: its id, its actor handle, and the Ray node it runs on."""
+
+    replica_id: str
+    handle: Any
+    node_id: str
+
+
+@dataclass(frozen=True)
+class LocalResume:
+    """The destination failed after the source stopped: continue here from KV staged under `migration_id`."""
+
+    final: FinalKV
+    migration_id: str
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    record: dict[str, Any]  # a MigrationRecord's fields
+    handoff: Handoff | None = None  # the request moved: end the client's stream here with it
+    local_resume: LocalResume | None = None
 
 
 class MigrationOutcome(Exception):
@@ -37,14 +64,16 @@ class MigrationOutcome(Exception):
 
 
 class SourceMigration:
-    """One migration of `request` from `replica` (this actor) to the replica behind `dst`."""
+    """One migration of `request` from this replica (`src_id`, on `src_node_id`) to `dst`."""
 
-    def __init__(self, replica: LLMReplica, request: ActiveRequest, dst: Any, dst_id: str, migration_id: str,
-                 mode: str, limits: MigrationLimits):
-        self.replica = replica
+    def __init__(self, request: ActiveRequest, migrator: EngineKVMigrator, block_size: int, src_id: str,
+                 src_node_id: str, dst: Destination, migration_id: str, mode: str, limits: MigrationLimits):
         self.request = request
+        self.migrator = migrator
+        self.block_size = block_size
+        self.src_id = src_id
+        self.src_node_id = src_node_id
         self.dst = dst
-        self.dst_id = dst_id
         self.migration_id = migration_id
         self.mode = mode
         self.limits = limits
@@ -55,18 +84,26 @@ class SourceMigration:
 
     @property
     def request_id(self) -> str:
-        return self.request.call.request_id if self.request is not None else ""
+        return self.request.call.request_id
 
     def record(self, outcome: str, reason: str = "", downtime_s: float = 0.0,
                recomputed_tokens: int = 0) -> dict[str, Any]:
-        return dict(migration_id=self.migration_id, request_id=self.request_id, src=self.replica.replica_id,
-                    dst=self.dst_id, mode=self.mode, outcome=outcome, reason=reason, stages=self.stages,
+        return dict(migration_id=self.migration_id, request_id=self.request_id, src=self.src_id,
+                    dst=self.dst.replica_id, mode=self.mode, outcome=outcome, reason=reason, stages=self.stages,
                     blocks_moved=sum(c.num_blocks for c in self.chunks),
                     bytes_moved=sum(c.nbytes for c in self.chunks), downtime_s=downtime_s,
                     recomputed_tokens=recomputed_tokens,
                     total_s=time.time() - self.started, started_at=self.started)
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self) -> MigrationResult:
+        try:
+            return await self._run()
+        finally:
+            # Every stage that maps the chunks' rows has returned by now (the engines hold mappings).
+            for chunk in self.chunks:
+                chunk.release()
+
+    async def _run(self) -> MigrationResult:
         try:
             await self._check_destination()
             if self.mode == "precopy":
@@ -74,39 +111,41 @@ class SourceMigration:
             final = await self._stop()
         except MigrationOutcome as early:
             await self._drop_destination()
-            return self.record(early.outcome, early.reason)
+            return MigrationResult(self.record(early.outcome, early.reason))
         except Exception as error:  # destination lost before the source stopped: nothing to undo here
             self.request.leaving = False
             await self._drop_destination()
-            return self.record("aborted", f"before the stop: {type(error).__name__}: {error}")
+            return MigrationResult(self.record("aborted", f"before the stop: {type(error).__name__}: {error}"))
         try:
-            first_token_at, recomputed = await self._resume_on_destination(final)
+            first_token_at, recomputed = await self.dst.handle.resume_migrated.remote(
+                self.migration_id, self.request.call, final, self.request.output_tokens,
+                self.limits.resume_timeout_s)
         except Exception as error:  # destination refused, died or timed out: the source takes it back
             logger.warning("migration %s: destination %s failed (%s); resuming %s on the source",
-                           self.migration_id, self.dst_id, error, self.request_id)
+                           self.migration_id, self.dst.replica_id, error, self.request_id)
             await self._drop_destination()
-            await self._resume_locally(final)
-            return self.record("aborted", f"destination failed: {type(error).__name__}: {error}")
-        handoff = Handoff(replica_id=self.dst_id, replica=self.dst, all_token_ids=tuple(final.all_token_ids))
-        self.replica.hand_off(self.request, handoff)
+            local = await self._stage_locally(final)
+            return MigrationResult(self.record("aborted", f"destination failed: {type(error).__name__}: {error}"),
+                                   local_resume=local)
+        handoff = Handoff(replica_id=self.dst.replica_id, replica=self.dst.handle,
+                          all_token_ids=tuple(final.all_token_ids))
         downtime = max(first_token_at - (self.last_source_token_at or self.started), 0.0)
-        return self.record("migrated", downtime_s=downtime, recomputed_tokens=recomputed)
+        return MigrationResult(self.record("migrated", downtime_s=downtime, recomputed_tokens=recomputed),
+                               handoff=handoff)
 
     async def _check_destination(self) -> None:
         if self.request.call.sampling_params.n > 1:
             raise MigrationOutcome("refused", "requests with n > 1 are not migratable")
-        block_size = self.replica.kv_block_size
-        needed = math.ceil((self.request.prompt_len + self.request.output_tokens + 1) / block_size)
-        ok, reason = await self.dst.can_accept.remote(needed + self.limits.headroom_blocks)
+        needed = math.ceil((self.request.prompt_len + self.request.output_tokens + 1) / self.block_size)
+        ok, reason = await self.dst.handle.can_accept.remote(needed + self.limits.headroom_blocks)
         if not ok:
             raise MigrationOutcome("refused", reason)
 
     async def _precopy(self) -> None:
-        migrator = self.replica.migrator
         sent = 0
         for _ in range(self.limits.max_stages):
             try:
-                chunk = await migrator.export_complete_blocks(self.request_id, sent)
+                chunk = await self.migrator.export_complete_blocks(self.request_id, sent)
             except KVRequestNotFoundError:
                 raise MigrationOutcome("finished_on_source", "the request finished during pre-copy") from None
             self.stages += 1
@@ -114,14 +153,14 @@ class SourceMigration:
                 await self._send(chunk)
                 sent = chunk.end_block
             computed = self.request.prompt_len + self.request.output_tokens
-            if computed // self.replica.kv_block_size - sent <= self.limits.last_stage_max_blocks:
+            if computed // self.block_size - sent <= self.limits.last_stage_max_blocks:
                 break
 
     async def _stop(self) -> FinalKV:
         self.request.leaving = True
         self.last_source_token_at = self.request.last_token_wall
         sent = self.chunks[-1].end_block if self.chunks else 0
-        final = await self.replica.migrator.stop_and_export(self.request_id, sent)
+        final = await self.migrator.stop_and_export(self.request_id, sent)
         if final is None:
             self.request.leaving = False
             raise MigrationOutcome("finished_on_source", "the request finished before the final stage")
@@ -130,25 +169,21 @@ class SourceMigration:
         return final
 
     async def _send(self, chunk: KVChunk) -> None:
+        """Stage a chunk on the destination: by name on this node, by value (Ray's object store) elsewhere."""
         self.chunks.append(chunk)
         if chunk.num_blocks:
-            await self.dst.stage_kv.remote(self.migration_id, chunk)
+            wire = chunk if self.dst.node_id == self.src_node_id else chunk.inline()
+            await self.dst.handle.stage_kv.remote(self.migration_id, wire)
 
-    async def _resume_on_destination(self, final: FinalKV) -> tuple[float, int]:
-        return await self.dst.resume_migrated.remote(self.migration_id, self.request.call, final,
-                                                     self.request.output_tokens, self.limits.resume_timeout_s)
-
-    async def _resume_locally(self, final: FinalKV) -> None:
+    async def _stage_locally(self, final: FinalKV) -> LocalResume:
         local_id = f"{self.migration_id}-back"
         for chunk in self.chunks:
-            if chunk.num_blocks:
-                await self.replica.migrator.stage(local_id, chunk)
-        self.request.leaving = False
-        self.replica.resume_request(self.request, final, local_id)
+            await self.migrator.stage(local_id, chunk)
+        return LocalResume(final, local_id)
 
     async def _drop_destination(self) -> None:
         try:
-            await self.dst.drop_migration.remote(self.migration_id)
+            await self.dst.handle.drop_migration.remote(self.migration_id)
         except Exception:  # a dead destination holds nothing any more
-            logger.debug("drop of %s on %s skipped: destination unreachable", self.migration_id, self.dst_id)
-
+            logger.debug("drop of %s on %s skipped: destination unreachable", self.migration_id,
+                         self.dst.replica_id)

@@ -17,9 +17,12 @@ import copy
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator
 
+from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migration_engine_kwargs
+from rayfleet.actors.replica.active_request import ActiveRequest
+from rayfleet.actors.replica.live_migration import Destination, SourceMigration
 from rayfleet.actors.replica.engine_stats import EngineLoad, stat_logger_factory
 from rayfleet.actors.kv.store_config import KVStoreConfig
 from rayfleet.actors.replica.protocol import (
@@ -30,7 +33,8 @@ from rayfleet.actors.replica.protocol import (
     ReplicaNotAccepting,
     UnknownRequest,
 )
-from rayfleet.policies.base import RequestProgress
+from rayfleet.kernels import sweep_orphans
+from rayfleet.policies.base import MigrationRecord, RequestProgress
 
 logger = logging.getLogger("rayfleet.replica")
 
@@ -52,25 +56,6 @@ class ReplicaLoad:
     decode_tokens_per_s: float
     requests: tuple[RequestProgress, ...]
     max_model_len: int
-
-
-@dataclass
-class ActiveRequest:
-    call: GenerateCall
-    prompt_len: int
-    max_tokens: int
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    output_tokens: int = 0
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    last_token_wall: float | None = None  # wall clock: migration downtime spans two processes
-    first_output: asyncio.Event = field(default_factory=asyncio.Event)
-    num_cached_tokens: int | None = None  # the engine's prefix hit (local cache + KV loaded by the connector)
-    arrival_time: float = field(default_factory=time.time)
-    task: asyncio.Task | None = None
-    # Set while the request is being moved out: the engine's abort output then must not end the
-    # client's stream; the migration puts a handoff (or resumes locally) instead.
-    leaving: bool = False
 
 
 class LLMReplica:
@@ -103,8 +88,9 @@ class LLMReplica:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, migration_engine_kwargs
-
+        swept = sweep_orphans()
+        if swept:
+            logger.warning("removed %d shared-memory KV chunks left by processes that died mid-migration", swept)
         engine_args = dict(self.engine_args)
         connector = self.live_migration or self.kv_store is not None
         if connector:
@@ -278,27 +264,32 @@ class LLMReplica:
     def kv_block_size(self) -> int:
         return int(self.engine.vllm_config.cache_config.block_size)
 
-    async def migrate_out(self, request_id: str, dst, dst_id: str, migration_id: str, mode: str) -> dict[str, Any]:
+    async def migrate_out(self, request_id: str, dst: Destination, migration_id: str, mode: str) -> dict[str, Any]:
         """Move a running request to `dst` (source side; see live_migration.py). Returns the record."""
-        from rayfleet.actors.replica.live_migration import SourceMigration
-
         request = self.requests.get(request_id)
-        migration = SourceMigration(self, request, dst, dst_id, migration_id, mode, self.migration_limits)
         if request is None or self.migrator is None or request.leaving:
             why = ("live migration is off for this pool" if self.migrator is None else
                    "already moving" if request is not None else f"no request {request_id} on {self.replica_id}")
-            return {**migration.record("failed", why), "request_id": request_id}
-        return await migration.run()
+            return asdict(MigrationRecord(migration_id=migration_id, request_id=request_id, src=self.replica_id,
+                                          dst=dst.replica_id, mode=mode, outcome="failed", reason=why,
+                                          started_at=time.time()))
+        migration = SourceMigration(request, self.migrator, self.kv_block_size, self.replica_id, _node_id(), dst,
+                                    migration_id, mode, self.migration_limits)
+        result = await migration.run()
+        if result.handoff is not None:
+            self.hand_off(request, result.handoff)
+        elif result.local_resume is not None:
+            request.leaving = False
+            self.resume_request(request, result.local_resume.final, result.local_resume.migration_id)
+        return result.record
 
     def hand_off(self, request: ActiveRequest, handoff: Handoff) -> None:
         """End the client's stream here with a pointer to the replica that continues it."""
         self.requests.pop(request.call.request_id, None)
         request.queue.put_nowait(ReplicaChunk(handoff=handoff))
 
-    def resume_request(self, request: ActiveRequest, final, migration_id: str) -> None:
+    def resume_request(self, request: ActiveRequest, final: FinalKV, migration_id: str) -> None:
         """Continue `request` on this engine from KV staged under `migration_id` (one token computed)."""
-        from rayfleet.actors.kv.engine_migrator import EngineKVMigrator
-
         resume = EngineKVMigrator.resume(final, request.call.sampling_params, request.prompt_len,
                                          request.call.request_id, migration_id)
         self.requests[request.call.request_id] = request

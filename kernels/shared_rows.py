@@ -1,0 +1,123 @@
+"""Staging rows in named shared memory: one gather writes them, any process on the node maps them, one
+scatter reads them.
+
+A migrating request's KV leaves the source engine's worker process, passes through the engine core, the
+replica actors and the destination's engine core, and enters the destination's worker process. Carried as
+bytes, every hop copies it (msgpack, pickle, Ray's object store); carried as the *name* of a shared-memory
+file, the rows are written once by the source's gather and read once by the destination's scatter,
+whichever processes relay the name (docs/kv_connector.md, "Data path").
+
+Files live in /dev/shm (tmpfs: memory, never disk). The process that asked for the rows owns them and
+unlinks them when done; a mapping stays valid after the unlink, so a process that mapped the rows may keep
+reading them. A file's name carries the pid of the process that wrote it, so `sweep_orphans` can remove the
+files of a process that died before its owner unlinked them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .block_copy import BlockIds, checked_block_ids, gather_blocks, scatter_blocks
+from .layout import KVCacheLayers
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "rayfleet-kv-"
+
+
+@dataclass(frozen=True)
+class SharedRows:
+    """`num_rows` staging rows of `row_bytes` each, in the shared-memory file `name` (picklable: a name)."""
+
+    name: str
+    num_rows: int
+    row_bytes: int
+
+    @classmethod
+    def allocate(cls, num_rows: int, row_bytes: int) -> tuple[SharedRows, torch.Tensor]:
+        """A new file of rows and its mapping, `[num_rows, row_bytes]` uint8 (contents undefined)."""
+        rows = cls(f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}", num_rows, row_bytes)
+        if rows.nbytes == 0:
+            return rows, torch.empty((0, row_bytes), dtype=torch.uint8)
+        return rows, _map(rows.path, rows.nbytes).view(num_rows, row_bytes)
+
+    @property
+    def path(self) -> Path:
+        return SHM_DIR / self.name
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_rows * self.row_bytes
+
+    def map(self) -> torch.Tensor:
+        """The rows, `[num_rows, row_bytes]` uint8, mapped from the file without a copy."""
+        if self.nbytes == 0:
+            return torch.empty((0, self.row_bytes), dtype=torch.uint8)
+        if not self.path.exists():
+            raise FileNotFoundError(f"shared KV rows {self.name} are gone (unlinked by their owner, or another node's)")
+        size = self.path.stat().st_size
+        if size != self.nbytes:
+            raise ValueError(f"shared KV rows {self.name} hold {size} bytes, expected {self.nbytes}")
+        return _map(self.path, self.nbytes).view(self.num_rows, self.row_bytes)
+
+    def unlink(self) -> None:
+        """Remove the file; mappings already made stay readable until dropped."""
+        if self.nbytes:
+            self.path.unlink(missing_ok=True)
+
+
+def _map(path: Path, nbytes: int) -> torch.Tensor:
+    # MAP_SHARED: what one process writes, every process mapping the file sees; created when missing.
+    return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
+
+
+def gather_to_shared(cache: KVCacheLayers, block_ids: BlockIds) -> SharedRows:
+    """Gather blocks `block_ids` of every layer into a new shared-memory file, row i = block i."""
+    ids = checked_block_ids(cache, block_ids)
+    rows, tensor = SharedRows.allocate(len(ids), cache.layout.block_bytes)
+    if cache.device.type == "cpu":
+        gather_blocks(cache, ids, out=tensor)
+    elif len(ids):  # a file mapping is not pinned: gather on the device, then one copy to the host
+        tensor.copy_(gather_blocks(cache, ids))
+    return rows
+
+
+def scatter_rows(cache: KVCacheLayers, rows: torch.Tensor, block_ids: BlockIds) -> None:
+    """Scatter host rows (a mapped `SharedRows`, or any `[n, block_bytes]` uint8 tensor) into `block_ids`."""
+    if cache.device.type != "cpu" and len(rows):
+        rows = rows.to(cache.device)
+    scatter_blocks(cache, rows, block_ids)
+
+
+def live_files(prefix: str = PREFIX) -> list[str]:
+    """Names of the shared-memory files of rows that exist now (leak checks, `sweep_orphans`)."""
+    return sorted(path.name for path in SHM_DIR.glob(f"{prefix}*"))
+
+
+def sweep_orphans() -> int:
+    """Unlink row files whose writer process no longer exists on this host; returns how many.
+
+    Rows are unlinked by their owner when a transfer ends; a process killed mid-transfer leaves its rows
+    behind, and the next replica to start on the node removes them.
+    """
+    removed = 0
+    for name in live_files():
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            (SHM_DIR / name).unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
