@@ -7,7 +7,10 @@ mode, one request (greedy, EOS ignored) runs on replica A; after `--at` output t
 its total time and the downtime (A's last token to B's first). The rates:
 
 - `transfer GB/s` = bytes moved / total migration time (every stage, control round trips included);
-- `pause GB/s` (stop-and-copy) = bytes moved / downtime: everything moves inside the pause there.
+- `pause GB/s` (stop-and-copy) = bytes moved / downtime: everything moves inside the pause there;
+- `data path GB/s` = bytes moved / (seconds the source engine spent in the gather + seconds the destination
+  spent in the scatter), from the connector's `export_s` / `load_s` counters: the bytes' own time, without
+  the control round trips (RPCs that wait for an engine step, the stop, the resume's first step).
 
 The ceiling is measured in the same run, in this process: a single-threaded copy of a buffer as large as the
 longest request's KV (`torch.Tensor.copy_`, one core, bytes copied per second). A migration moves each byte
@@ -84,9 +87,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - began
 
 
-def start_replicas(model_dir: Path, args: argparse.Namespace, max_model_len: int) -> list[tuple[str, Any]]:
+def start_replicas(model_dir: Path, args: argparse.Namespace, max_model_len: int) -> list[Any]:
+    """Two LLMReplica actors, as `Destination`s (id, handle, node) for `migrate_out`."""
     import ray
 
+    from rayfleet.actors.replica.live_migration import Destination
     from rayfleet.actors.replica.llm_replica import LLMReplica
 
     env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib), "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
@@ -95,12 +100,12 @@ def start_replicas(model_dir: Path, args: argparse.Namespace, max_model_len: int
         handle = ray.remote(LLMReplica).options(num_cpus=1, runtime_env={"env_vars": env}).remote(
             name, "bench", str(model_dir), migration_engine_args(max_model_len))
         replicas.append((name, handle))
-    ray.get([handle.start.remote() for _, handle in replicas])
-    return replicas
+    facts = ray.get([handle.start.remote() for _, handle in replicas])
+    return [Destination(name, handle, fact["node_id"]) for (name, handle), fact in zip(replicas, facts)]
 
 
-async def migrate_once(src, dst, dst_id: str, prompt: list[int], mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one request on `src`, migrate it to `dst` after `args.at` tokens, read the rest from `dst`."""
+async def migrate_once(src, dst, prompt: list[int], mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one request on `src`, migrate it to `dst` (a `Destination`) after `args.at` tokens, read the rest there."""
     from vllm import SamplingParams
 
     from rayfleet.actors.replica.protocol import GenerateCall
@@ -127,17 +132,26 @@ async def migrate_once(src, dst, dst_id: str, prompt: list[int], mode: str, args
     return record
 
 
+async def data_path_seconds(src, dst) -> float:
+    """Seconds the source's engine spent gathering exports plus the destination's spent scattering loads
+    (the connector's `export_s` / `load_s` counters): the time the bytes themselves took to move."""
+    src_stats, dst_stats = await src.handle.kv_stats.remote(), await dst.handle.kv_stats.remote()
+    return src_stats["export_s"] + dst_stats["load_s"]
+
+
 async def sweep(replicas, args: argparse.Namespace) -> list[dict[str, Any]]:
     rng = random.Random(args.seed)
     rows = []
     for length in args.lengths:
         for round_ in range(args.rounds):
             for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):
-                (_, src), (dst_id, dst) = replicas if len(rows) % 2 == 0 else replicas[::-1]
+                src, dst = replicas if len(rows) % 2 == 0 else replicas[::-1]
                 prompt = [rng.randrange(10, 500) for _ in range(length)]
-                record = await migrate_once(src, dst, dst_id, prompt, mode, args)
+                before = await data_path_seconds(src, dst)
+                record = await migrate_once(src.handle, dst, prompt, mode, args)
                 row = {"length": length, "mode": mode, "round": round_, **{k: record[k] for k in (
-                    "outcome", "stages", "blocks_moved", "bytes_moved", "downtime_s", "total_s")}}
+                    "outcome", "stages", "blocks_moved", "bytes_moved", "downtime_s", "total_s")},
+                       "copy_s": await data_path_seconds(src, dst) - before}
                 rows.append(row)
                 say(f"{length:>5} tokens {mode:<14} {row['outcome']:<10} {row['bytes_moved'] / 2**20:7.1f} MiB "
                     f"in {row['total_s'] * 1e3:7.0f} ms (downtime {row['downtime_s'] * 1e3:6.0f} ms)")
@@ -153,7 +167,10 @@ def summarize(rows: list[dict[str, Any]], ceiling: float) -> list[dict[str, Any]
                 continue
             rate = statistics.median(r["bytes_moved"] / r["total_s"] for r in done)
             pause_rate = statistics.median(r["bytes_moved"] / r["downtime_s"] for r in done if r["downtime_s"] > 0)
+            copy_rate = statistics.median(r["bytes_moved"] / r["copy_s"] for r in done if r.get("copy_s"))
             summary.append({"length": length, "mode": mode, "migrations": len(done),
+                            "copy_ms": statistics.median(r.get("copy_s", 0.0) for r in done) * 1e3,
+                            "copy_gbps": copy_rate / 1e9, "copy_of_ceiling": copy_rate / ceiling,
                             "mib": statistics.median(r["bytes_moved"] for r in done) / 2**20,
                             "total_ms": statistics.median(r["total_s"] for r in done) * 1e3,
                             "downtime_ms": statistics.median(r["downtime_s"] for r in done) * 1e3,
@@ -164,11 +181,14 @@ def summarize(rows: list[dict[str, Any]], ceiling: float) -> list[dict[str, Any]
 
 def markdown(summary: list[dict[str, Any]], ceiling: float) -> str:
     lines = [f"memcpy ceiling (one thread, this run): {ceiling / 1e9:.2f} GB/s", "",
-             "| tokens | mode | MiB moved | migration ms | downtime ms | transfer GB/s | pause GB/s | of ceiling |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| tokens | mode | MiB moved | migration ms | downtime ms | transfer GB/s | of ceiling | pause GB/s "
+             "| gather+scatter ms | data path GB/s | of ceiling |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in summary:
         lines.append(f"| {s['length']} | {s['mode']} | {s['mib']:.1f} | {s['total_ms']:.0f} | {s['downtime_ms']:.0f} "
-                     f"| {s['transfer_gbps']:.3f} | {s['pause_gbps']:.3f} | {100 * s['of_ceiling']:.1f}% |")
+                     f"| {s['transfer_gbps']:.3f} | {100 * s['of_ceiling']:.1f}% | {s['pause_gbps']:.3f} "
+                     f"| {s.get('copy_ms', float('nan')):.1f} | {s.get('copy_gbps', float('nan')):.2f} "
+                     f"| {100 * s.get('copy_of_ceiling', float('nan')):.0f}% |")
     return "\n".join(lines)
 
 
@@ -190,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         import ray
 
-        for _, handle in replicas:
-            ray.get(handle.shutdown.remote())
+        for replica in replicas:
+            ray.get(replica.handle.shutdown.remote())
     ceiling = memcpy_ceiling(max(r["bytes_moved"] for r in rows))
     summary = summarize(rows, ceiling)
     table = markdown(summary, ceiling)

@@ -269,8 +269,10 @@ class WorkerKVMigrationState:
                 hi = min(first + data.shape[0], job.first_block + len(job.block_ids))
                 if lo >= hi:
                     continue
+                began = time.perf_counter()
                 scatter_rows(self._cache, data[lo - first:hi - first],
                              job.block_ids[lo - job.first_block:hi - job.first_block])
+                self._counters["load_s"] += time.perf_counter() - began
                 covered[lo - job.first_block:hi - job.first_block] = [True] * (hi - lo)
             missing = [block for block, ok in zip(job.block_ids, covered) if not ok]
             if missing:
@@ -351,7 +353,9 @@ class WorkerKVMigrationState:
 
     def _export(self, block_ids: list[int], first_block: int) -> dict[str, Any]:
         """Gather the blocks into shared rows that the caller owns; only their name crosses the RPCs."""
+        began = time.perf_counter()
         shared = gather_to_shared(self._cache, block_ids)
+        self._counters["export_s"] += time.perf_counter() - began
         self._counters["blocks_exported"] += len(block_ids)
         self._counters["bytes_exported"] += shared.nbytes
         return KVChunk(first_block, len(block_ids), self._layout, shared=shared).to_wire()
@@ -387,4 +391,5 @@ _COUNTERS = (
     "chunks_staged", "bytes_staged", "staged_dropped_by_engine",
     "loads", "tokens_loaded", "blocks_imported", "bytes_imported", "load_errors",
     "aborts_released", "finals_expired",
+    "export_s", "load_s",  # seconds in the kernels' gather (exports) and scatter (loads): the data path itself
 )
