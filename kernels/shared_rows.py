@@ -86,6 +86,14 @@ def gather_to_shared(cache: KVCacheLayers, block_ids: BlockIds) -> SharedRows:
     return rows
 
 
+def share_rows(rows: torch.Tensor) -> SharedRows:
+    """A copy of host rows (`[n, row_bytes]` uint8, e.g. received by value from another node) in a new
+    shared-memory file, for another process on this node to map."""
+    shared, tensor = SharedRows.allocate(rows.shape[0], rows.shape[1])
+    tensor.copy_(rows)
+    return shared
+
+
 def scatter_rows(cache: KVCacheLayers, rows: torch.Tensor, block_ids: BlockIds) -> None:
     """Scatter host rows (a mapped `SharedRows`, or any `[n, block_bytes]` uint8 tensor) into `block_ids`."""
     if cache.device.type != "cpu" and len(rows):

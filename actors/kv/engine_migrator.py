@@ -34,7 +34,7 @@ from vllm.sampling_params import SamplingParams
 from rayfleet.actors.kv.migration_state import RAYFLEET_PARAMS_KEY
 from rayfleet.actors.kv.transfer import KVChunk, KVLayoutDescriptor, KVLayoutMismatchError
 from rayfleet.actors.kv.store_config import KVStoreConfig
-from rayfleet.kernels import SharedRows
+from rayfleet.kernels import share_rows
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -213,6 +213,4 @@ class EngineKVMigrator:
 
 def _to_shared(chunk: KVChunk) -> KVChunk:
     """A by-value chunk written into shared rows of this process (one copy), for its engine to map."""
-    shared, rows = SharedRows.allocate(chunk.num_blocks, chunk.layout.bytes_per_block)
-    rows.copy_(chunk.rows())
-    return KVChunk(chunk.first_block, chunk.num_blocks, chunk.layout, shared=shared)
+    return KVChunk(chunk.first_block, chunk.num_blocks, chunk.layout, shared=share_rows(chunk.rows()))
