@@ -40,10 +40,6 @@ FAMILIES: dict[str, TaskFamily] = {
             "easy": {"min_word_len": 3, "max_word_len": 4},
             "hard": {"min_word_len": 6, "max_word_len": 9},
         }),
-        TaskFamily("letter_counting", "letter_counting", "string", {
-            "easy": {"min_words": 1, "max_words": 2},
-            "hard": {"min_words": 4, "max_words": 6},
-        }),
     )
 }
 
