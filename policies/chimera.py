@@ -152,7 +152,8 @@ class ChimeraRouter:
 
     needs_embeddings = True
 
-    def __init__(self, table: str | None = None, latency_weight: float = 0.05, k: int = 16,
+    def __init__(self, table: str | None = None, rows: list[LabelledOutcome] | None = None,
+                 latency_weight: float = 0.05, k: int = 16,
                  prior_weight: float = 0.5, capacity: int = 4096, embedding_dim: int = 384,
                  max_decisions: int = 200, max_pending: int = 20_000, default_output_tokens: int = 16):
         if latency_weight < 0:
@@ -163,7 +164,7 @@ class ChimeraRouter:
         self.capacity = capacity
         self.dim = embedding_dim
         self.default_output_tokens = default_output_tokens
-        self.rows = read_table(table) if table else []
+        self.rows = (read_table(table) if table else []) + list(rows or [])
         self.quality: dict[str, KnnTable] = {}
         self.length: dict[str, KnnTable] = {}
         self.prior: dict[str, float] = {}

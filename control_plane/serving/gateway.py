@@ -46,17 +46,21 @@ def overlay_local_load(snapshot: FleetSnapshot, ledgers: dict[str, TokenLedger])
     """The controller's view is up to one tick old; this ingress knows its own in-flight requests now."""
     tokens: dict[str, int] = {}
     requests: dict[str, int] = {}
+    remaining: dict[str, int] = {}  # decode work still expected: predicted length (else max_tokens) - output
     for ledger in ledgers.values():
         if ledger.placement is not None:
             rid = ledger.placement.replica_id
             tokens[rid] = tokens.get(rid, 0) + len(ledger.call.prompt_token_ids) + ledger.output_tokens
             requests[rid] = requests.get(rid, 0) + 1
+            expected = ledger.call.predicted_output_tokens or ledger.call.sampling_params.max_tokens or 0
+            remaining[rid] = remaining.get(rid, 0) + max(expected - ledger.output_tokens, 0)
     pools = {}
     for name, pool in snapshot.pools.items():
         replicas = tuple(
             dataclasses.replace(
                 r,
                 tokens_in_flight=max(r.tokens_in_flight, tokens.get(r.replica_id, 0)),
+                predicted_remaining_tokens=max(r.predicted_remaining_tokens, remaining.get(r.replica_id, 0)),
                 num_running=max(r.num_running + r.num_waiting, requests.get(r.replica_id, 0)) - r.num_waiting,
             )
             for r in pool.replicas
