@@ -19,6 +19,7 @@ from rayfleet.actors.kv.store_config import KVStoreConfig
 
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 RESERVED_MODEL_NAMES = {"auto"}
+ROLLOUT_WEIGHT_BACKEND = "rayfleet_object_store"  # actors/rl/weight_transfer.py registers it with vLLM
 
 
 class SpecError(ValueError):
@@ -70,6 +71,21 @@ class PoolSpec(Strict):
         "must produce identical KV bytes for identical tokens (same model, dtype, KV layout, block size, "
         "parallelism). None: derived by the engine from exactly those.",
     )
+    rollout: bool = Field(
+        False, description="An RL rollout pool: its replicas take weight updates from an RL job (vLLM's weight-"
+        "update API; engine_args.weight_transfer_config defaults to rayfleet's object-store backend) and never "
+        "live-migrate (a rollout's logprobs must come from the engine that sampled it).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rollout_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("rollout"):
+            return data
+        if data.get("live_migration"):
+            raise ValueError("a rollout pool cannot use live_migration")
+        engine_args = {"weight_transfer_config": {"backend": ROLLOUT_WEIGHT_BACKEND}, **(data.get("engine_args") or {})}
+        return {**data, "live_migration": False, "engine_args": engine_args}
 
     @field_validator("name")
     @classmethod

@@ -24,6 +24,7 @@ from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migrat
 from rayfleet.actors.replica.active_request import ActiveRequest
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
 from rayfleet.actors.replica.engine_stats import EngineLoad, stat_logger_factory
+from rayfleet.actors.replica.weight_update import EngineWeights
 from rayfleet.actors.kv.store_config import KVStoreConfig
 from rayfleet.actors.replica.protocol import (
     GenerateCall,
@@ -32,6 +33,8 @@ from rayfleet.actors.replica.protocol import (
     ReplicaChunk,
     ReplicaNotAccepting,
     UnknownRequest,
+    WeightUpdate,
+    WeightUpdateResult,
 )
 from rayfleet.kernels import sweep_orphans
 from rayfleet.policies.base import MigrationRecord, RequestProgress
@@ -76,6 +79,7 @@ class LLMReplica:
         self.kv_store_namespace = kv_store_namespace
         self.engine = None
         self.migrator = None  # set with live migration
+        self.weights: EngineWeights | None = None
         self.kv_rpc = None  # the connector's worker RPCs, whenever the connector is installed
         self.accepting = False
         self.load_stats = EngineLoad()
@@ -109,6 +113,7 @@ class LLMReplica:
             self.kv_rpc = EngineKVMigrator(self.engine)
         if self.live_migration:
             self.migrator = self.kv_rpc
+        self.weights = EngineWeights(self.engine)
         self.accepting = True
         facts = self.engine_facts()
         logger.info("replica %s (%s) ready in %.1f s: %s", self.replica_id, self.pool,
@@ -146,7 +151,7 @@ class LLMReplica:
 
     # ---------------------------------------------------------------- serving
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaChunk]:
-        if not self.accepting or self.engine is None:
+        if not self.accepting or self.engine is None or not self.weights.healthy:
             raise ReplicaNotAccepting(f"replica {self.replica_id} is not accepting requests")
         if call.request_id in self.requests:
             raise ValueError(f"request id {call.request_id} is already running on {self.replica_id}")
@@ -256,8 +261,24 @@ class LLMReplica:
                 finish_reason=out.finish_reason,
                 stop_reason=out.stop_reason,
                 logprobs=_token_logprobs(tokens, out.logprobs, params.logprobs),
+                weight_versions=out.weight_versions,
             ))
         return ReplicaChunk(choices=choices, num_cached_tokens=output.num_cached_tokens)
+
+    # ---------------------------------------------------------------- weights (RL, promotion)
+    async def update_weights(self, update: WeightUpdate) -> WeightUpdateResult:
+        """Load new weights (see weight_update.py); raises WeightUpdateError, never leaves old weights silently."""
+        if self.engine is None:
+            raise ReplicaNotAccepting(f"replica {self.replica_id} has no engine yet")
+        running = len(self.requests)
+        paused_s = await self.weights.update(update, running)
+        return WeightUpdateResult(self.replica_id, update.version, paused_s, running)
+
+    async def weight_version(self) -> str:
+        """The engine's weight version label: "default" before any update, "invalid" after a failed one."""
+        if self.engine is None:
+            raise ReplicaNotAccepting(f"replica {self.replica_id} has no engine yet")
+        return await self.weights.version()
 
     # ---------------------------------------------------------------- live migration
     @property
@@ -382,6 +403,7 @@ def merge_chunks(first: ReplicaChunk, second: ReplicaChunk) -> ReplicaChunk:
             content = (into.logprobs.content if into.logprobs else []) + (choice.logprobs.content or [])
             into.logprobs = choice.logprobs.model_copy(update={"content": content})
         into.finish_reason, into.stop_reason = choice.finish_reason, choice.stop_reason
+        into.weight_versions = choice.weight_versions or into.weight_versions
     return ReplicaChunk(choices=[merged[i] for i in sorted(merged)],
                         num_cached_tokens=first.num_cached_tokens if first.num_cached_tokens is not None
                         else second.num_cached_tokens)
