@@ -21,9 +21,10 @@ import ray
 
 from rayfleet.actors.kv.store import get_or_create_kv_store
 from rayfleet.actors.replica.live_migration import Destination
+from rayfleet.actors.replica.protocol import WeightUpdate
 from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE, FleetError, replica_actor_name
 from rayfleet.control_plane.kuberay import CLUSTER_NAME_ENV, KubeRayScaler
-from rayfleet.control_plane.spec import FleetSpec, PoolSpec, parse_spec
+from rayfleet.control_plane.spec import FleetSpec, PoolSpec, SpecError, parse_spec
 from rayfleet.control_plane.state_store import open_state_store
 from rayfleet.control_plane.telemetry import FleetMetrics
 from rayfleet.policies import registry
@@ -80,6 +81,8 @@ class FleetController:
         self.spec: FleetSpec = parse_spec(spec)
         logging.basicConfig(level=self.spec.log_level)
         self.store = open_state_store(self.spec.state_store, self.spec.name)
+        # Pools added at runtime (add_pool) are part of the fleet until removed, across controller restarts.
+        self.spec = self._with_pools(self.store.get("added_pools", []))
         self.replicas: dict[str, ReplicaRecord] = {}
         self.desired: dict[str, int] = {p.name: p.start_replicas for p in self.spec.pools}
         self.desired.update({k: v for k, v in self.store.get("desired", {}).items() if k in self.desired})
@@ -251,6 +254,42 @@ class FleetController:
         self._reconcile()
         return {"pool": pool, "desired": replicas}
 
+    def add_pool(self, pool: dict[str, Any]) -> dict[str, Any]:
+        """Add a pool to the running fleet (e.g. an RL job's rollout pool); its replicas start now."""
+        if any(p.name == pool.get("name") for p in self.spec.pools):
+            raise FleetError(f"add_pool: the fleet already has a pool '{pool.get('name')}'")
+        added = self.store.get("added_pools", []) + [pool]
+        self.spec = self._with_pools([pool])
+        name = self.spec.pools[-1].name
+        self.desired[name] = self.spec.pools[-1].start_replicas
+        self.store.put("added_pools", added)
+        self.store.put("desired", self.desired)
+        logger.info("pool %s added with %d replicas", name, self.desired[name])
+        self._reconcile()
+        return {"pool": name, "desired": self.desired[name]}
+
+    async def remove_pool(self, name: str) -> dict[str, Any]:
+        """Stop a pool added with add_pool and forget it."""
+        added = self.store.get("added_pools", [])
+        if name not in [p["name"] for p in added]:
+            raise FleetError(f"remove_pool: '{name}' was not added at runtime (pools from the spec stay)")
+        self.spec = self.spec.model_copy(update={"pools": [p for p in self.spec.pools if p.name != name]})
+        self.desired.pop(name, None)
+        self.store.put("added_pools", [p for p in added if p["name"] != name])
+        self.store.put("desired", self.desired)
+        records = [r for r in self.replicas.values() if r.pool == name]
+        await asyncio.gather(*(self._stop(r) for r in records), return_exceptions=True)
+        logger.info("pool %s removed (%d replicas stopped)", name, len(records))
+        return {"pool": name, "stopped": len(records)}
+
+    def _with_pools(self, pools: list[dict[str, Any]]) -> FleetSpec:
+        if not pools:
+            return self.spec
+        try:
+            return parse_spec({**self.spec.model_dump(), "pools": [*self.spec.model_dump()["pools"], *pools]})
+        except SpecError as error:
+            raise FleetError(str(error)) from None
+
     def drain(self, replica_id: str) -> dict[str, Any]:
         """Drain one replica and lower its pool's desired count by one (the way to remove a *specific* one)."""
         record = self.replicas.get(replica_id)
@@ -338,6 +377,50 @@ class FleetController:
         """Live-migrate one running request from replica `src` to replica `dst`."""
         record = await self._execute_migration(MigrationDecision(request_id, src, dst, mode, reason="api"))
         return asdict(record)
+
+    async def promote(self, pool: str, update: WeightUpdate) -> dict[str, Any]:
+        """Load new weights (e.g. a trained RL version) into every replica of `pool` without downtime, one
+        replica at a time: it stops taking requests, its running ones move to the pool's other replicas by live
+        migration (those that cannot move finish where they are), it loads the weights through vLLM's
+        weight-update API and must then report the new version, and it takes requests again. With one replica
+        its requests are only drained: new ones wait in the ingress' replays meanwhile."""
+        records = [r for r in self.replicas.values() if r.pool == self._pool(pool).name and r.state is ReplicaState.READY]
+        if not records:
+            raise FleetError(f"promote: pool '{pool}' has no ready replica")
+        done = []
+        for record in records:
+            started = time.monotonic()
+            await record.handle.set_accepting.remote(False)
+            try:
+                moved = await self._drain_by_migration(record, [r for r in records if r is not record])
+                await record.handle.update_weights.remote(update)
+                version = await record.handle.weight_version.remote()
+                if version != str(update.version):
+                    raise FleetError(f"promote: {record.replica_id} reports version '{version}' after loading "
+                                     f"{update.version}")
+            finally:
+                await record.handle.set_accepting.remote(True)
+            done.append({"replica_id": record.replica_id, "migrated": moved, "seconds": time.monotonic() - started})
+            logger.info("promoted %s to weight version %d (%d requests migrated out first)", record.replica_id,
+                        update.version, moved)
+        return {"pool": pool, "version": update.version, "replicas": done}
+
+    async def _drain_by_migration(self, record: ReplicaRecord, others: list[ReplicaRecord]) -> int:
+        """Move `record`'s running requests to the least loaded of `others`; wait until it holds none."""
+        deadline = time.monotonic() + self.spec.health.drain_timeout_s
+        load = await record.handle.load.remote()
+        moved = 0
+        for request in load.requests if others else ():
+            dst = min(others, key=lambda r: r.load.tokens_in_flight if r.load else 0)
+            result = await self._execute_migration(MigrationDecision(request.request_id, record.replica_id,
+                                                                     dst.replica_id, reason="promote"))
+            moved += result.outcome == "migrated"
+        while (await record.handle.load.remote()).requests:
+            if time.monotonic() > deadline:
+                raise FleetError(f"promote: {record.replica_id} still runs requests after "
+                                 f"{self.spec.health.drain_timeout_s:.0f} s")
+            await asyncio.sleep(0.1)
+        return moved
 
     async def _execute_migration(self, decision: MigrationDecision) -> MigrationRecord:
         src, dst = self.replicas.get(decision.src), self.replicas.get(decision.dst)

@@ -76,7 +76,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=16, include_dashboard=False, namespace="rayfleet", log_to_driver=False)
+        # The dashboard serves Ray's Jobs API (the RL job test submits through it).
+        ray.init(num_cpus=16, include_dashboard=True, dashboard_port=free_port(), namespace="rayfleet",
+                 log_to_driver=False)
     yield ray
     ray.shutdown()
 

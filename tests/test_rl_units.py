@@ -205,6 +205,8 @@ def test_rl_config_errors_name_the_field():
         parse_rl_config({**base, "trainer": {"micro_batch_groups": 3}})
     with pytest.raises(RLConfigError, match=r"weight_sync.interrupt: Input should be 'keep' or 'abort'"):
         parse_rl_config({**base, "weight_sync": {"interrupt": "later"}})
+    with pytest.raises(RLConfigError, match=r"tasks.cells: Value error, unknown task family 'gsm8k'|tasks.cells: unknown task family 'gsm8k'"):
+        parse_rl_config({**base, "tasks": {"cells": [["gsm8k", "hard", 1.0]]}})
     with pytest.raises(RLConfigError, match=r"trainer.learning_rate: unknown field"):
         parse_rl_config({**base, "trainer": {"learning_rate": 1}})
     parsed = parse_rl_config({**base, "sampling": {"temperature": 0.7}})

@@ -108,6 +108,13 @@ class SampleStoreShard:
                 self.changed.notify_all()
         return claimed
 
+    async def restore(self, group: SampleGroup) -> None:
+        """A group a consumer claimed but could not use (its take timed out) comes back as it was."""
+        async with self.changed:
+            self.complete[group.group_id] = group
+            self.taken -= 1
+            self.changed.notify_all()
+
     async def wait_complete(self, timeout_s: float) -> bool:
         """True as soon as a complete group is here (False after `timeout_s`)."""
         async with self.changed:
@@ -177,16 +184,12 @@ class SampleStore:
                 return sorted(taken, key=lambda g: g.version)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                for group in taken:  # nothing is lost: what this take held goes back
-                    await self.put_back(group)
+                # Nothing is lost: what this take held goes back.
+                await asyncio.gather(*(self.shard_of(g.group_id).restore.remote(g) for g in taken))
                 raise TimeoutError(f"{len(taken)} of {count} groups complete after {timeout_s:.0f} s")
             waits = [asyncio.ensure_future(s.wait_complete.remote(min(self.WAIT_SLICE_S, remaining)))
                      for s in self.shards]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-
-    async def put_back(self, group: SampleGroup) -> None:
-        for sample in group.samples:
-            await self.put(sample)
 
     async def stats(self) -> StoreStats:
         return StoreStats(tuple(await asyncio.gather(*(s.stats.remote() for s in self.shards))))

@@ -1,8 +1,8 @@
 """Versioned weight sync from the trainer to rollout replicas, through Ray's object store.
 
-The trainer publishes each version once: its parameters as numpy arrays in one object (`ray.put`, owned by the
-`WeightStore` actor so that a restarted trainer does not take them along), and the object's ref in the store
-under the version number. A sync asks each replica to load a version (`LLMReplica.update_weights`, vLLM's
+The trainer publishes each version once: its parameters as numpy arrays in one object (`ray.put` by the trainer,
+which owns it: a trainer that dies takes its versions along, and the job's restart republishes from the
+checkpoint), and the object's ref in the `WeightStore` actor under the version number. A sync asks each replica to load a version (`LLMReplica.update_weights`, vLLM's
 weight-update API with rayfleet's object-store backend, `weight_transfer.py`); the engine's worker reads the
 arrays straight from the object store. Each call is bounded; a replica that fails, times out or reports another
 version afterwards fails the sync with a `WeightSyncError` naming it (the RL job retries, then stops).
@@ -54,8 +54,8 @@ def get_or_create_weight_store(name: str = WEIGHT_STORE_NAME, namespace: str | N
 
 
 def publish(store, version: int, arrays: dict[str, Any]) -> None:
-    """Put one version's arrays into the object store (owned by the store actor) and name it there."""
-    ref = ray.put(arrays, _owner=store)
+    """Put one version's arrays into the object store and name it in the weight store."""
+    ref = ray.put(arrays)
     ray.get(store.put.remote(version, [ref]))
 
 

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--staleness-bound", "-k", type=int, help="override the config's staleness_bound")
     parser.add_argument("--sync", help="override weight_sync.policy (eager, deferred)")
     parser.add_argument("--interrupt", choices=["keep", "abort"], help="override weight_sync.interrupt")
+    parser.add_argument("--promote-to", metavar="POOL", help="override promote_to: the serving pool that gets the "
+                        "final weights (drain by migration, then reload, replica by replica)")
     parser.add_argument("--checkpoint-dir", help="override checkpoint.dir (a run with checkpoints there resumes)")
     parser.add_argument("--out", type=Path, help="folder for the run's JSON result")
     parser.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
@@ -50,6 +52,8 @@ def configure(args):
     if args.sync or args.interrupt:
         updates["weight_sync"] = config.weight_sync.model_copy(update={
             k: v for k, v in {"policy": args.sync, "interrupt": args.interrupt}.items() if v})
+    if args.promote_to:
+        updates["promote_to"] = args.promote_to
     if args.checkpoint_dir:
         updates["checkpoint"] = config.checkpoint.model_copy(update={"dir": str(Path(args.checkpoint_dir).resolve())})
     return config.model_copy(update=updates)

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rayfleet.actors.rl.trainer import TrainerSpec
+from rayfleet.actors.tasks import FAMILIES
 from rayfleet.control_plane.spec import SpecError, Strict, _resolve_path, format_validation_error
 
 
@@ -22,6 +23,19 @@ class TaskMix(Strict):
 
     cells: list[tuple[str, str, float]] = Field(min_length=1)
     seed: int = Field(0, ge=0, description="Training prompts are drawn from this seed on, reproducibly.")
+
+    @field_validator("cells")
+    @classmethod
+    def _known_cells(cls, cells: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+        for family, difficulty, weight in cells:
+            if family not in FAMILIES:
+                raise ValueError(f"unknown task family '{family}'; allowed: {', '.join(FAMILIES)}")
+            if difficulty not in FAMILIES[family].levels:
+                raise ValueError(f"unknown difficulty '{difficulty}' of '{family}'; allowed: "
+                                 f"{', '.join(FAMILIES[family].levels)}")
+            if weight <= 0:
+                raise ValueError(f"the weight of ({family}, {difficulty}) must be > 0")
+        return cells
 
 
 class EvalSpec(Strict):
@@ -76,6 +90,8 @@ class RLConfig(Strict):
     store: StoreSpec = Field(default_factory=StoreSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     max_replays: int = Field(2, ge=0, description="Replica losses one rollout may survive (the ledger replays it).")
+    promote_to: str | None = Field(None, description="A serving pool that gets the final version when the run "
+                                   "ends (rolling: drain by migration, reload, one replica at a time).")
 
     @model_validator(mode="after")
     def _consistent(self) -> RLConfig:

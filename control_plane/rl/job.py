@@ -189,6 +189,9 @@ class RLJob:
             result.rollout_blocked_stale_weights_s = gate.blocked_s[Admission.STALE_WEIGHTS]
             result.replays, result.resubmits = driver.counters.replays, driver.counters.resubmits
             result.groups_started = driver.counters.groups_started
+            if config.promote_to:
+                promoted = await self.controller.promote.remote(config.promote_to, sync.update_for(self.published))
+                logger.info("version %d promoted to pool %s: %s", self.published, config.promote_to, promoted)
             result.curve = await self._evaluate(trainer, tokenizer, cells, result)
             self.progress.finish.remote("finished", wall_s=round(result.wall_s, 1),
                                         samples_per_s=round(result.samples_per_s, 2),
