@@ -197,15 +197,18 @@ def parse_spec(data: Any) -> FleetSpec:
         raise SpecError(format_validation_error(error)) from None
 
 
-def load_spec(path: str | Path) -> FleetSpec:
-    path = Path(path)
+def read_yaml(path: Path, what: str = "fleet spec") -> Any:
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SpecError(f"fleet spec not found: {path}") from None
+        raise SpecError(f"{what} not found: {path}") from None
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
-    spec = parse_spec(data)
+
+
+def load_spec(path: str | Path) -> FleetSpec:
+    path = Path(path)
+    spec = parse_spec(read_yaml(path))
     pools = [pool.model_copy(update={"model": _resolve_path(pool.model, path.parent, f"pools[{pool.name}].model")})
              for pool in spec.pools]
     # Policy parameters that are paths (e.g. the chimera router's table) resolve the same way, here, because

@@ -244,10 +244,12 @@ class TrainerActor:
             compute_s += time.perf_counter() - taken
         return await asyncio.to_thread(self.trainer.optimizer_step, wait_s, compute_s)
 
-    def publish(self, weight_store) -> int:
-        from rayfleet.actors.rl.weight_sync import publish
+    async def publish(self, weight_store) -> int:
+        """Put this version's weights into the object store once; the weight store names it."""
+        import ray
 
-        publish(weight_store, self.trainer.version, self.trainer.weight_arrays())
+        ref = ray.put(self.trainer.weight_arrays())
+        await weight_store.put.remote(self.trainer.version, [ref])
         return self.trainer.version
 
     def snapshot(self) -> int:

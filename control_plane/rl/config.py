@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rayfleet.actors.rl.trainer import TrainerSpec
 from rayfleet.actors.tasks import FAMILIES
-from rayfleet.control_plane.spec import SpecError, Strict, _resolve_path, format_validation_error
+from rayfleet.control_plane.spec import SpecError, Strict, _resolve_path, format_validation_error, read_yaml
 
 
 class RLConfigError(ValueError):
@@ -123,9 +122,7 @@ def parse_rl_config(data: Any, base: Path | None = None) -> RLConfig:
 def load_rl_config(path: str | Path) -> RLConfig:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RLConfigError(f"RL config not found: {path}") from None
-    except yaml.YAMLError as error:
-        raise RLConfigError(f"{path}: not valid YAML: {error}") from None
+        data = read_yaml(path, "RL config")
+    except SpecError as error:
+        raise RLConfigError(str(error)) from None
     return parse_rl_config(data, path.parent)
