@@ -98,7 +98,7 @@ def destination_main(conn, args: argparse.Namespace) -> None:
     """The destination engine's worker, in its own process: stage chunks, load them, report the times."""
     from rayfleet.actors.kv.metadata import LoadJob, RayfleetConnectorMetadata
 
-    device = "cuda:1" if args.device == "cuda" and torch.cuda.device_count() > 1 else args.device
+    device = "cpu" if args.device == "cpu" else f"cuda:{1 if torch.cuda.device_count() > 1 else 0}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     layers = kv_cache(args, device)
@@ -124,6 +124,13 @@ def destination_main(conn, args: argparse.Namespace) -> None:
 def checksum(layers: list[torch.Tensor], block_ids: list[int]) -> float:
     ids = torch.tensor(block_ids, device=layers[0].device)
     return float(sum(layer.index_select(0, ids).float().sum().item() for layer in layers))
+
+
+def receive(conn, timeout_s: float = 120.0):
+    """The destination's answer, or an error if it died or hangs (never wait forever on a lent machine)."""
+    if not conn.poll(timeout_s):
+        raise TimeoutError(f"the destination process did not answer within {timeout_s:.0f} s")
+    return conn.recv()
 
 
 # ---------------------------------------------------------------------------------------------------- source
@@ -167,7 +174,7 @@ class Source:
         final = self.worker.export_final(external, precopy_to, transport)["chunk"]
         exported = time.perf_counter()
         self.conn.send(("load", migration, [*wires, final], dst_ids, verify))
-        stage_s, load_s, digest, errors = self.conn.recv()
+        stage_s, load_s, digest, errors = receive(self.conn)
         wall = time.perf_counter() - began
         chunks = [KVChunk.from_wire(wire) for wire in (*wires, final)]
         self.worker.release_rows([chunk.device.name for chunk in chunks if chunk.device is not None])
@@ -293,7 +300,7 @@ def main(argv: list[str]) -> None:
     parent, child = context.Pipe()
     destination = context.Process(target=destination_main, args=(child, args), daemon=True)
     destination.start()
-    _, dst_gpus = parent.recv()
+    _, dst_gpus = receive(parent)
     source = Source(args, parent)
     src_gpus = source.worker.gpu_uuids()
     transports = [HOST] + ([DEVICE] if src_gpus and src_gpus[0] in dst_gpus else [])

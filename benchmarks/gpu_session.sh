@@ -14,6 +14,6 @@ mkdir -p "$OUT"
 cd "$REPO"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 df -h /dev/shm | tee -a "$OUT/gpu.txt"
-timeout 240 python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_kernels.py tests/test_kv_transfer_gpu.py "$@" \
+[ "${SKIP_TESTS:-0}" = 1 ] || timeout 240 python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_kernels.py tests/test_kv_transfer_gpu.py "$@" \
   2>&1 | tail -25 | tee "$OUT/gpu-tests.txt"
-timeout 420 python3 benchmarks/bench_gpu_migration.py --out "$OUT/bench-gpu-migration.md" 2>&1 | tee "$OUT/bench.log" | tail -40
+timeout 420 python3 benchmarks/bench_gpu_migration.py ${BENCH_ARGS:-} --out "$OUT/bench-gpu-migration.md" 2>&1 | tee "$OUT/bench.log" | tail -40
