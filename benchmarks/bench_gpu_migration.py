@@ -278,9 +278,9 @@ def decode_rows(source: Source, args: argparse.Namespace) -> list[str]:
             def issue(step: int) -> None:
                 if step % every:
                     return
-                ids = torch.randperm(args.cache_blocks, device="cuda")[:blocks]
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+                with torch.cuda.stream(side):  # allocated on the side stream: decode never reuses them early
+                    ids = torch.randperm(args.cache_blocks, device="cuda")[:blocks]
                     scatter_blocks(other, gather_blocks(source.worker._cache, ids), ids)
 
             marks = bench_kernels.timed_steps(decode, args.decode_steps, issue)
