@@ -259,18 +259,21 @@ def downtime_rows(source: Source, args: argparse.Namespace, transports: list[str
 
 
 def decode_rows(source: Source, args: argparse.Namespace) -> list[str]:
-    """Decode stand-in steps with migration copies issued between them on a side stream (gather out of this
-    cache, scatter into another), back to back or paced like pre-copy stages, against steps alone."""
+    """Decode stand-in steps with migration copies issued between them on a side stream (the kernels' gather out
+    of this cache, scatter into another), back to back or paced like pre-copy stages, against steps alone;
+    optionally with the copy kernels' grid capped, so they leave most SMs and bandwidth to decode."""
     import bench_kernels
-    from rayfleet.kernels import KVCacheLayers, gather_blocks, scatter_blocks
+    from rayfleet.kernels import KVCacheLayers, triton_copy
 
+    cache = source.worker._cache
     decode = bench_kernels.Decode(SimpleNamespace(layers=args.layers, batch=args.batch))
     bench_kernels.decode_alone(decode, 3)
     other = KVCacheLayers(kv_cache(args, "cuda"))
     side = torch.cuda.Stream()
     lines = []
-    for name, blocks, every in (("back to back, 256 blocks per transfer", 256, 1),
-                                ("pre-copy stage of 64 blocks every 4th step", 64, 4)):
+    for name, blocks, every, programs in (("back to back, 256 blocks per transfer", 256, 1, None),
+                                          ("back to back, 256 blocks, kernels capped at 16 programs", 256, 1, 16),
+                                          ("pre-copy stage of 64 blocks every 4th step", 64, 4, None)):
         slowdowns = []
         for _ in range(args.rounds):
             alone = bench_kernels.decode_alone(decode, args.decode_steps)
@@ -281,7 +284,9 @@ def decode_rows(source: Source, args: argparse.Namespace) -> list[str]:
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # allocated on the side stream: decode never reuses them early
                     ids = torch.randperm(args.cache_blocks, device="cuda")[:blocks]
-                    scatter_blocks(other, gather_blocks(source.worker._cache, ids), ids)
+                    rows = torch.empty((blocks, cache.layout.block_bytes), dtype=torch.uint8, device="cuda")
+                    for into, gather in ((cache, True), (other, False)):
+                        triton_copy.copy_blocks(into, rows, ids, gather, cache.alignment, max_programs=programs)
 
             marks = bench_kernels.timed_steps(decode, args.decode_steps, issue)
             beside = statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
