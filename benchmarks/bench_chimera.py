@@ -42,7 +42,7 @@ RESULTS = REPO / "benchmarks" / "results" / "chimera.json"
 PLOT = REPO / "docs" / "benchmarks-chimera-frontier.png"
 TABLE_SEED = 1_700_000_000  # table queries: far from training seeds and from the workflows'
 WORKFLOW_SEED = 1_800_000_000
-ROUTERS = ("random", "round_robin", "least_load", "best_model_only", "chimera")
+ROUTERS = ("chimera", "best_model_only", "least_load", "round_robin", "random")
 MAX_TOKENS = 16
 
 
@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         for rate in args.rates:
             results = asyncio.run(run_rate(base, "auto", rate, args.duration, feedback=name == "chimera"))
             runs.setdefault(name, {})[str(rate)] = summarize(results)
-            print(name, rate, json.dumps(runs[name][str(rate)]))
+            print(name, rate, json.dumps(runs[name][str(rate)]), flush=True)
+            args.out.write_text(json.dumps({**report, "runs": runs}, indent=1) + "\n")  # partial, in case
     serve.shutdown()
     ray.get(controller().shutdown.remote())
     ray.kill(controller())

