@@ -62,7 +62,12 @@ def deploy_ingress(spec: dict, port: int) -> str:
 
     from rayfleet.control_plane.serve_app import build_app
 
-    serve.run(build_app({"spec": spec}), name="rayfleet", route_prefix="/", blocking=True)
+    import ray
+
+    from rayfleet.control_plane.cli.launch import controller
+
+    serve.run(build_app({"spec": spec}), name="rayfleet", route_prefix="/", blocking=False)  # waits until running
+    ray.get(controller().wait_ready.remote(timeout_s=600))
     base = f"http://127.0.0.1:{port}"
     wait_http_ok(f"{base}/health", 120, "fleet ingress")
     return base
@@ -180,7 +185,10 @@ async def run_workflow(client, base: str, model: str, index: int, seed: int, dif
         response = await client.post(f"{base}/v1/chat/completions", headers=headers, json={
             "model": model, "messages": [{"role": "user", "content": task.prompt}], "max_tokens": MAX_TOKENS,
             "temperature": 0})
-        response.raise_for_status()
+        if response.status_code != 200:  # refused (429/503): the workflow fails here, its stages score 0
+            scores += [0.0] * (4 - stage)
+            pools.append(f"error {response.status_code}")
+            break
         body = response.json()
         text = body["choices"][0]["message"]["content"] or ""
         scores.append(score(task, text))
@@ -245,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     os.environ.setdefault("RAYFLEET_TASK_MODELS", str(TRAINED_MODELS_DIR))
     base = deploy_ingress(demo_spec({"name": "least_load", "params": {}}), port)
-    ray.get(controller().wait_ready.remote(timeout_s=600))
     pools = [p["name"] for p in demo_spec({"name": "least_load"})["pools"]]
     report = {"meta": meta}
     if not args.skip_table:

@@ -58,7 +58,7 @@ async def ask(client, task: TaskInstance, max_tokens: int, stream: bool) -> Resu
         raw = await client.chat.completions.with_raw_response.create(
             stream=True, stream_options={"include_usage": True}, **kwargs)
         text, tokens, request_id, pool = [], 0, "", ""
-        async for chunk in await raw.parse():
+        async for chunk in raw.parse():  # the raw response parses synchronously, also on the async client
             request_id, pool = chunk.id, chunk.model
             if chunk.choices and chunk.choices[0].delta.content:
                 text.append(chunk.choices[0].delta.content)
@@ -99,7 +99,7 @@ def report(results: list[Result], wall_s: float) -> str:
     lines = [f"{'task':<22}{'question':<34}{'expected':>10}{'answer':>11}  {'verdict':<8}{'pool':<12}why the router chose it"]
     for r in results:
         question = r.task.prompt.split(":")[-1].strip() if ":" in r.task.prompt else r.task.prompt
-        verdict = "ok" if r.score >= 1.0 else f"wrong" if r.score == 0 else f"{r.score:.2f}"
+        verdict = "ok" if r.score >= 1.0 else "wrong" if r.score == 0 else f"{r.score:.2f}"
         lines.append(f"{r.task.family + '/' + r.task.difficulty:<22}{question[:32]:<34}{r.task.answer[:10]:>10}"
                      f"{r.answer.strip()[:10]:>11}  {verdict:<8}{r.pool:<12}{r.why}")
     lines.append("")
