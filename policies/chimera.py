@@ -154,7 +154,7 @@ class ChimeraRouter:
 
     def __init__(self, table: str | None = None, rows: list[LabelledOutcome] | None = None,
                  latency_weight: float = 0.05, k: int = 16,
-                 prior_weight: float = 0.5, capacity: int = 4096, embedding_dim: int = 384,
+                 prior_weight: float = 0.1, capacity: int = 4096, embedding_dim: int = 384,
                  max_decisions: int = 200, max_pending: int = 20_000, default_output_tokens: int = 16):
         if latency_weight < 0:
             raise ValueError("latency_weight must be >= 0")

@@ -98,7 +98,7 @@ async def run_workload(base_url: str, count: int, max_tokens: int, api_key: str)
 def report(results: list[Result], wall_s: float) -> str:
     lines = [f"{'task':<22}{'question':<34}{'expected':>10}{'answer':>11}  {'verdict':<8}{'pool':<12}why the router chose it"]
     for r in results:
-        question = r.task.prompt.split(":")[-1].strip() if ":" in r.task.prompt else r.task.prompt
+        question = r.task.prompt.rsplit(": ", 1)[-1].split(". Give only")[0]  # the operands or the word
         verdict = "ok" if r.score >= 1.0 else "wrong" if r.score == 0 else f"{r.score:.2f}"
         lines.append(f"{r.task.family + '/' + r.task.difficulty:<22}{question[:32]:<34}{r.task.answer[:10]:>10}"
                      f"{r.answer.strip()[:10]:>11}  {verdict:<8}{r.pool:<12}{r.why}")
