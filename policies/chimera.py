@@ -103,12 +103,12 @@ class IdleLatency:
 
     @classmethod
     def fit(cls, rows: list[LabelledOutcome]) -> IdleLatency:
-        tokens = np.array([r.output_tokens for r in rows], dtype=np.float64)
-        latency = np.array([r.latency_s for r in rows], dtype=np.float64)
-        if len(rows) < 2 or np.ptp(tokens) == 0:
-            return cls(0.0, float(latency.mean() / max(tokens.mean(), 1.0)) if len(rows) else 0.01)
-        slope, intercept = np.polyfit(tokens, latency, 1)
-        return cls(max(float(intercept), 0.0), max(float(slope), 1e-4))
+        """Expected seconds per output token (total latency over total tokens): a line fitted to short, noisy
+        outputs (a few tokens each, on a shared machine) extrapolates worse than this ratio."""
+        if not rows:
+            return cls(0.0, 0.01)
+        tokens = sum(max(r.output_tokens, 1) for r in rows)
+        return cls(0.0, max(sum(r.latency_s for r in rows) / tokens, 1e-4))
 
     def seconds(self, tokens: float) -> float:
         return self.overhead_s + tokens * self.per_token_s

@@ -139,7 +139,10 @@ class OpenAIRoutes(FleetGateway):
         placement, decision = await self.admit_and_place(info)
         if decision.pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
             renderer = self.renderers[decision.pool]
+            ids = [r.request_id for r in rendered]
             rendered = await renderer.render(kind, body)
+            for r, request_id in zip(rendered, ids):  # keep the id the router knows (feedback names it)
+                r.generate.request_id = request_id
         # Ledgers open now, not when the stream starts: admission of the next request must count this one.
         ledgers = [self.open_ledger(self._call(r, info, decision.predicted_output_tokens),
                                     placement if i == 0 else None)
