@@ -84,6 +84,10 @@ async def run_workload(base_url: str, count: int, max_tokens: int, api_key: str)
 
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=300)
     tasks = workload(count)
+    # The router starts on the first `auto` request: the embedder loads and embeds its table (~20 s here).
+    logger.info("warming up the router (prompt embedder, routing table)")
+    await client.chat.completions.create(model="auto", messages=[{"role": "user", "content": tasks[0].prompt}],
+                                         max_tokens=1)
     results = []
     # Two waves: the second routes with what the first taught the router through feedback.
     with tqdm(total=len(tasks), desc="task questions", unit="req") as bar:
