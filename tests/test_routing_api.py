@@ -106,7 +106,8 @@ def test_malformed_feedback_is_a_400_and_changes_nothing(chimera_url, body, para
     assert response.json()["error"]["param"] == param
     second = ask(client, base, EASY).json()
     after = decision(client, base, second["id"])
-    assert [c["quality"] for c in after["candidates"]] == [c["quality"] for c in before["candidates"]]
+    assert {c["pool"]: c["quality"] for c in after["candidates"]} == \
+        {c["pool"]: c["quality"] for c in before["candidates"]}
 
 
 def test_feedback_that_is_not_json_or_names_an_unknown_request_is_refused(chimera_url):
