@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -345,7 +345,8 @@ def markdown(report: dict) -> str:
                      + f" | {1e3 * table['mean_latency_s'][p]:.0f} |")
     lines += ["", f"best single: {table['best_single']} {100 * table['accuracy'][table['best_single']]:.1f}%; "
                   f"oracle {100 * table['oracle']:.1f}%; chimera (5-fold CV, quality only) "
-                  f"{100 * table['chimera_cv']:.1f}% (gap to oracle {100 * (table['oracle'] - table['chimera_cv']):.1f} "
+                  f"{100 * table['chimera_cv']:.1f}% "
+                  f"(gap to oracle {100 * (table['oracle'] - table['chimera_cv']):.1f} "
                   f"points), picks {table['chimera_picks']}", ""]
     lines += ["| contender | rate wf/s | p50 ms | p99 ms | stage acc | workflow acc | requests per pool |",
               "|---|---|---|---|---|---|---|"]

@@ -234,7 +234,8 @@ class ChimeraRouter:
     def workflow_remaining(self, pool: str, stage: tuple[int, int] | None, this_stage: float) -> float:
         if stage is None:
             return this_stage
-        later = (self.stage_tokens.get((pool, j), self.default_output_tokens) for j in range(stage[0] + 1, stage[1] + 1))
+        later = (self.stage_tokens.get((pool, j), self.default_output_tokens)
+                 for j in range(stage[0] + 1, stage[1] + 1))
         return this_stage + sum(later)
 
     def latency(self, replica: ReplicaSnapshot, tokens: float) -> tuple[float, int]:

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from rayfleet.actors.tasks import TRAINED_MODELS_DIR, generate
-from rayfleet.policies.base import FleetSnapshot, PoolSnapshot, ReplicaSnapshot, ReplicaState, RequestInfo, RequestOutcome
+from rayfleet.policies.base import (
+    FleetSnapshot,
+    PoolSnapshot,
+    ReplicaSnapshot,
+    ReplicaState,
+    RequestInfo,
+    RequestOutcome,
+)
 from rayfleet.policies.chimera import ChimeraRouter, read_table
 
 TABLE = TRAINED_MODELS_DIR / "routing-table.jsonl"
@@ -50,7 +57,8 @@ def router_on(rows, embed, **params) -> ChimeraRouter:
     return router
 
 
-def snapshot(backlog: dict[str, int] | None = None, throughput: float = 400.0, replicas_per_pool: int = 1) -> FleetSnapshot:
+def snapshot(backlog: dict[str, int] | None = None, throughput: float = 400.0,
+             replicas_per_pool: int = 1) -> FleetSnapshot:
     backlog = backlog or {}
     pools = {}
     for pool in POOLS:

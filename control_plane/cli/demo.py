@@ -100,7 +100,8 @@ async def run_workload(base_url: str, count: int, max_tokens: int, api_key: str)
 
 
 def report(results: list[Result], wall_s: float) -> str:
-    lines = [f"{'task':<22}{'question':<34}{'expected':>10}{'answer':>11}  {'verdict':<8}{'pool':<12}why the router chose it"]
+    lines = [f"{'task':<22}{'question':<34}{'expected':>10}{'answer':>11}  {'verdict':<8}{'pool':<12}"
+             "why the router chose it"]
     for r in results:
         question = r.task.prompt.rsplit(": ", 1)[-1].split(". Give only")[0]  # the operands or the word
         verdict = "ok" if r.score >= 1.0 else "wrong" if r.score == 0 else f"{r.score:.2f}"
@@ -113,7 +114,8 @@ def report(results: list[Result], wall_s: float) -> str:
                      f"mean latency {1e3 * sum(r.latency_s for r in mine) / len(mine):.0f} ms")
     accepted = sum(r.score >= 1 for r in results)
     tokens = sum(r.tokens for r in results)
-    lines.append(f"{len(results)} questions, {accepted} accepted by their verifiers ({100 * accepted / len(results):.0f}%), "
+    lines.append(f"{len(results)} questions, {accepted} accepted by their verifiers "
+                 f"({100 * accepted / len(results):.0f}%), "
                  f"{tokens} tokens in {wall_s:.2f} s")
     return "\n".join(lines)
 
