@@ -22,10 +22,12 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateLogPr
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
 from rayfleet.actors.replica.protocol import GenerateCall
+from rayfleet.control_plane.serving.auth import Principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.gateway import FleetGateway, logger
-from rayfleet.control_plane.serving.ledger import TokenLedger
+from rayfleet.control_plane.serving.ledger import ReplayImpossible, TokenLedger
 from rayfleet.control_plane.serving.rendering import PoolRenderer, RenderError, RenderedRequest
+from rayfleet.control_plane.serving.request_limits import check_prompt_tokens, check_request, read_json_body
 from rayfleet.policies.base import RequestInfo
 
 router = APIRouter()
@@ -33,18 +35,8 @@ router = APIRouter()
 HTTP_KEY_HINT = "'Authorization: Bearer <key>'"
 
 
-def authenticate(gateway: FleetGateway, request: Request) -> None:
-    gateway.authenticate(request.headers.get("authorization", ""), HTTP_KEY_HINT)
-
-
-async def json_body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OpenAIHTTPError(400, f"request body is not valid JSON: {error}", "invalid_request_error")
-    if not isinstance(body, dict):
-        raise OpenAIHTTPError(400, "request body must be a JSON object", "invalid_request_error")
-    return body
+def authenticate(gateway: FleetGateway, request: Request) -> Principal:
+    return gateway.authenticate(request.headers.get("authorization", ""), HTTP_KEY_HINT)
 
 
 class OpenAIRoutes(FleetGateway):
@@ -87,28 +79,41 @@ class OpenAIRoutes(FleetGateway):
         return model
 
     async def _serve(self, kind: str, request: Request):
-        authenticate(self, request)
-        body = await json_body(request)
-        pool = self._pool_for(body.get("model"))
+        principal = authenticate(self, request)
+        limits = self.spec.ingress.limits
+        body = await read_json_body(request, limits)
+        check_request(body, limits, principal)
+        pool = self._pool_for(body["model"])
         await self.ensure_renderers()
         renderer = self.renderers[pool or self.spec.pools[0].name]
+        rendered = await self._render(renderer, kind, body)
+        info = self._request_info(rendered[0], pool, request, body)
+        placement, chosen_pool = await self.admit_and_place(info)
+        if chosen_pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
+            renderer = self.renderers[chosen_pool]
+            rendered = await self._render(renderer, kind, body)
+        # A request id the client chose is scoped by its tenant: no one can reach another tenant's request.
+        scope = principal.scoped_id if "request_id" in body else str
+        # Ledgers open now, not when the stream starts: admission of the next request must count this one.
+        ledgers = [self.open_ledger(self._call(r, info, scope(r.request_id)), placement if i == 0 else None,
+                                    principal)
+                   for i, r in enumerate(rendered)]
+        if rendered[0].generate.stream:
+            return StreamingResponse(self._stream(renderer, rendered, ledgers), media_type="text/event-stream")
+        return JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True))
+
+    async def _render(self, renderer: PoolRenderer, kind: str, body: dict[str, Any]) -> list[RenderedRequest]:
+        """vLLM's rendering and, before any stream starts, the checks vLLM would otherwise make in the engine."""
         try:
             rendered = await renderer.render(kind, body)
         except ValidationError as error:
             first = error.errors()[0]
             raise OpenAIHTTPError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
                                   "invalid_request_error", param=".".join(map(str, first["loc"])) or None)
-        info = self._request_info(rendered[0], pool, request, body)
-        placement, chosen_pool = await self.admit_and_place(info)
-        if chosen_pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
-            renderer = self.renderers[chosen_pool]
-            rendered = await renderer.render(kind, body)
-        # Ledgers open now, not when the stream starts: admission of the next request must count this one.
-        ledgers = [self.open_ledger(self._call(r, info), placement if i == 0 else None)
-                   for i, r in enumerate(rendered)]
-        if rendered[0].generate.stream:
-            return StreamingResponse(self._stream(renderer, rendered, ledgers), media_type="text/event-stream")
-        return JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True))
+        for r in rendered:
+            check_prompt_tokens(len(r.prompt_token_ids), self.spec.ingress.limits)
+            renderer.verify(r.generate.sampling_params)
+        return rendered
 
     @staticmethod
     def _request_info(rendered: RenderedRequest, pool: str | None, request: Request,
@@ -122,14 +127,14 @@ class OpenAIRoutes(FleetGateway):
             max_tokens=params.max_tokens or 0,
             prompt_text=text if isinstance(text, str) else json.dumps(text)[:8192],
             prompt_token_ids=tuple(rendered.prompt_token_ids),
-            priority=int(body.get("priority") or 0),
+            priority=getattr(rendered.openai_request, "priority", 0) or 0,
             workflow_id=request.headers.get("x-rayfleet-workflow-id"),
             workflow_stage=request.headers.get("x-rayfleet-workflow-stage"),
         )
 
     @staticmethod
-    def _call(rendered: RenderedRequest, info: RequestInfo) -> GenerateCall:
-        return GenerateCall(request_id=rendered.request_id, prompt_token_ids=rendered.prompt_token_ids,
+    def _call(rendered: RenderedRequest, info: RequestInfo, request_id: str) -> GenerateCall:
+        return GenerateCall(request_id=request_id, prompt_token_ids=rendered.prompt_token_ids,
                             sampling_params=rendered.generate.sampling_params, priority=info.priority,
                             workflow_id=info.workflow_id)
 
@@ -150,6 +155,9 @@ class OpenAIRoutes(FleetGateway):
                 yield f"data: {self._usage_chunk(rendered, completion_tokens).model_dump_json(exclude_none=True)}\n\n"
         except RenderError as error:
             yield f"data: {error.response.model_dump_json()}\n\n"
+        except ReplayImpossible as error:
+            logger.warning("stream of %s ended: %s", rendered[0].request_id, error)
+            yield f"data: {OpenAIHTTPError(503, str(error)).body().model_dump_json()}\n\n"
         except Exception as error:
             logger.exception("stream of %s failed", rendered[0].request_id)
             failure = OpenAIHTTPError(500, f"generation failed ({type(error).__name__}); the request was aborted")

@@ -153,6 +153,7 @@ class PoolRenderer:
             structured_outputs_config=engine_args.create_structured_outputs_config(),
         )
         await init_render_app_state(vllm_config, self.state, args)
+        self.vllm_config = vllm_config
         self.max_model_len = model_config.max_model_len
         logger.info("renderer for pool %s ready (max_model_len %d)", self.pool, self.max_model_len)
 
@@ -176,6 +177,20 @@ class PoolRenderer:
                 raise
             raise RenderError(response) from None
         return [RenderedRequest(kind=kind, pool=self.pool, generate=g, openai_request=request) for g in generates]
+
+    def verify(self, sampling_params) -> None:
+        """vLLM's own checks of sampling params that its server makes only in the engine (logprob bounds, token
+        ids in the vocabulary, structured-output schemas), made here: a 400 before any stream starts, not an
+        error after the 200 of a stream."""
+        params = sampling_params.clone()  # verify() records choices (the grammar backend)
+        try:
+            params.verify(self.vllm_config.model_config, None, self.vllm_config.structured_outputs_config,
+                          self.state.online_renderer.renderer.get_tokenizer())
+        except Exception as error:  # vLLM's errors map to its own status codes, as its server maps them
+            response = create_error_response(error)
+            if response.error.code >= 500:
+                raise
+            raise RenderError(response) from None
 
     # ---------------------------------------------------------------- derender
     async def derender_stream_choice(self, rendered: RenderedRequest, choice: GenerateTokensStreamChoice):
