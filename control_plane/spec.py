@@ -237,11 +237,15 @@ class FleetSpec(Strict):
                 return pool
         raise KeyError(name)
 
+    def with_key_digests(self) -> FleetSpec:
+        """This spec with its inline API keys replaced by their SHA-256: all the ingress needs to check them."""
+        return self.model_copy(update={"ingress": self.ingress.model_copy(
+            update={"api_keys": self.ingress.key_entries()})})
+
     def without_secrets(self) -> FleetSpec:
         """This spec with every credential replaced: API keys by their SHA-256, the state store's password by
-        `***`. What is stored, logged, shown in status, and handed to the ingress (which needs digests only)."""
-        ingress = self.ingress.model_copy(update={"api_keys": self.ingress.key_entries()})
-        return self.model_copy(update={"ingress": ingress, "state_store": redact_url(self.state_store)})
+        `***`. What is stored and shown."""
+        return self.with_key_digests().model_copy(update={"state_store": redact_url(self.state_store)})
 
 
 def key_digest(key: str) -> str:

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _POLL_INTERVAL_S = 0.002
+RPC_TIMEOUT_S = 60.0
 
 
 def migration_engine_kwargs(kv_load_failure_policy: str = "recompute", kv_store: KVStoreConfig | None = None,
@@ -108,7 +109,8 @@ class EngineKVMigrator:
         self._layout: KVLayoutDescriptor | None = None
 
     async def _rpc(self, method: str, *args: Any) -> Any:
-        results = await self._engine.collective_rpc(method, args=args)
+        # Bounded: a hung engine core must fail its migration, not freeze the replica (or the controller) on it.
+        results = await asyncio.wait_for(self._engine.collective_rpc(method, args=args), RPC_TIMEOUT_S)
         return results[0]
 
     @staticmethod
@@ -159,6 +161,10 @@ class EngineKVMigrator:
             if status == "expired" or time.monotonic() > deadline:
                 raise TimeoutError(f"request {request_id!r}: no final KV within {timeout_s} s ({status})")
             await asyncio.sleep(_POLL_INTERVAL_S)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort the request in the engine (nothing happens if it is not there)."""
+        await self._engine.abort(request_id)
 
     async def stage(self, migration_id: str, chunk: KVChunk) -> None:
         """Hold ``chunk`` on this (destination) engine until a request resumes ``migration_id``.
