@@ -163,14 +163,6 @@ class IngressSpec(Strict):
             entries.append(entry)
         return entries
 
-    @model_validator(mode="after")
-    def _auth_has_keys(self) -> IngressSpec:
-        if self.auth == "api_keys" and not (self.api_keys or self.api_keys_env or self.admin_keys_env):
-            raise ValueError("auth is 'api_keys' but no key is configured: set ingress.api_keys, "
-                             "ingress.api_keys_env or ingress.admin_keys_env, or ingress.auth: none to serve "
-                             "without authentication")
-        return self
-
 
 class PolicyRef(Strict):
     """A policy plugin by entry-point name, with keyword parameters for its constructor."""

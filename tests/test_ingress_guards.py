@@ -13,7 +13,7 @@ from rayfleet.actors.replica.continuity import why_pinned
 from rayfleet.control_plane.serving.auth import AuthConfigError, KeyRing, require_admin
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.request_limits import check_request, json_depth, parse_json_object
-from rayfleet.control_plane.spec import IngressSpec, RequestLimitsSpec, SpecError, key_digest, parse_spec, redact_url
+from rayfleet.control_plane.spec import IngressSpec, RequestLimitsSpec, key_digest, parse_spec, redact_url
 
 USER_KEY = "user-key-0123456789"
 ADMIN_KEY = "admin-key-0123456789"
@@ -54,9 +54,9 @@ def test_the_ring_keeps_only_digests():
     assert ring(api_keys=[{"name": "t", "sha256": key_digest(USER_KEY)}]).authenticate(f"Bearer {USER_KEY}", "")
 
 
-def test_auth_without_keys_is_a_spec_error_naming_the_choice():
-    with pytest.raises(SpecError, match="ingress.auth: none"):
-        parse_spec({"pools": [{"name": "p", "model": "m"}], "ingress": {}})
+def test_auth_without_keys_refuses_to_start_naming_the_choice():
+    with pytest.raises(AuthConfigError, match="ingress.auth: none"):
+        KeyRing.from_spec(IngressSpec(), environ={})
 
 
 def test_empty_key_variable_refuses_to_start():

@@ -170,9 +170,9 @@ async def test_migrating_a_finished_request_changes_nothing(fleet, client, mig_p
 def test_migrate_through_the_admin_api_validates_input(fleet):
     import httpx
 
-    from conftest import API_KEY
+    from conftest import ADMIN_KEY
 
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     bad = httpx.post(f"{fleet.base_url}/fleet/migrate", json={"request_id": "x", "src": 3, "dst": "y"},
                      headers=headers, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "src"

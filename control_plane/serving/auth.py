@@ -74,6 +74,10 @@ class KeyRing:
                                       "(set ingress.auth: none to serve without authentication)")
             entries += [APIKeySpec(name=f"{variable.lower()}-{i}", sha256=key_digest(v), role=role)
                         for i, v in enumerate(values)]
+        if not entries:
+            raise AuthConfigError("ingress.auth is 'api_keys' but no key is configured: set ingress.api_keys, "
+                                  "ingress.api_keys_env or ingress.admin_keys_env, or ingress.auth: none to serve "
+                                  "without authentication")
         keys = [_Key(bytes.fromhex(e.sha256),
                      Principal(e.name, admin=e.role == "admin", may_set_priority=e.allow_priority or e.role == "admin"))
                 for e in entries]
