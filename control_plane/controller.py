@@ -100,6 +100,7 @@ class FleetController:
         # Created once, here, before any replica: the engines only find it by name (see kv_prefix_store).
         self.kv_store = get_or_create_kv_store(self.spec.kv_store) if self.spec.kv_store is not None else None
         self._loop_task: asyncio.Task | None = None
+        self.ticks = 0  # completed control-loop iterations since this process started
         self._readopt()
         await self.run()
 
@@ -169,6 +170,7 @@ class FleetController:
                     self._reconcile()
                 await self._progress_drains()
                 self.metrics.observe(self.snapshot())
+                self.ticks += 1
             except Exception:  # the loop must survive any single bad tick
                 logger.exception("controller tick failed")
             await asyncio.sleep(min(self.spec.health.check_period_s, self.spec.policies.tick_s))
@@ -451,6 +453,7 @@ class FleetController:
                       for name, p in snapshot.pools.items()},
             "replicas": replicas,
             "migrations": [asdict(m) for m in self.migrations[-20:]],
+            "controller": {"ticks": self.ticks, "pid": os.getpid(), "state_store_connected": self.store.connected},
         }
 
     # ---------------------------------------------------------------- durability

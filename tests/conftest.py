@@ -104,14 +104,15 @@ def fleet_spec_dict(demo_models: Path, redis_url: str, port: int) -> dict:
         ],
         "ingress": {"host": "127.0.0.1", "port": port,
                     "api_keys": [API_KEY, {"name": "tenant-b", "key": OTHER_TENANT_KEY},
-                                 {"name": "ops", "key": ADMIN_KEY, "role": "admin"}]},
+                                 {"name": "ops", "key": ADMIN_KEY, "role": "admin"}],
+                    "chunk_timeout_s": 30},
         "policies": {"router": {"name": "least_load"},
                      "admission": {"name": "queue_limit", "params": {"max_in_flight_per_replica": 48}},
                      # Drains by migration on the "mig" pool only; a threshold above 1 never rebalances,
                      # so the tests' explicit migrations are the only others.
                      "migration": {"name": "llumnix", "params": {"pools": ["mig"], "imbalance_threshold": 2.0}},
                      "tick_s": 0.5},
-        "health": {"check_period_s": 0.5, "check_timeout_s": 10},
+        "health": {"check_period_s": 0.5, "check_timeout_s": 10, "stall_timeout_s": 10},
         "state_store": redis_url,
     }
 

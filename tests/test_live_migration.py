@@ -199,3 +199,94 @@ async def test_draining_a_replica_migrates_its_requests_out_and_they_complete(fl
     history = {m["request_id"]: m for m in fleet.status()["migrations"] if m["src"] == victim["replica_id"]}
     assert moved <= set(history), f"not every request was migrated out: {moved - set(history)}"
     assert all(history[rid]["outcome"] == "migrated" for rid in moved)
+
+
+# ------------------------------------------------------------------ failures after the source stopped
+@ray.remote(num_cpus=0)
+class FailingDestination:
+    """A stand-in destination: it accepts a migration, then fails at the one step no real replica can be made
+    to fail at on cue, right after the source stopped the request: refusing the final KV chunk as a replica
+    of another KV layout does ("stage"), or its process dying when asked to resume ("resume")."""
+
+    def __init__(self, fail_at: str):
+        self.fail_at = fail_at
+
+    def can_accept(self, kv_blocks, layout=None):
+        return True, ""
+
+    def stage_kv(self, migration_id, chunk):
+        from rayfleet.actors.kv.transfer import KVLayoutMismatchError
+
+        if self.fail_at == "stage":
+            raise KVLayoutMismatchError("chunk layout LBHNC/float32 != engine layout LBNHC/bfloat16")
+
+    def drop_migration(self, migration_id):
+        return False
+
+    def resume_migrated(self, *args):
+        os._exit(1)
+
+
+@pytest.mark.parametrize("fail_at", ["stage", "resume"])
+async def test_destination_failing_after_the_stop_resumes_on_the_source_token_exact(
+        fleet, async_client, reference, mig_pool, fail_at):
+    destination = FailingDestination.remote(fail_at)
+    stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=240, stream=True,
+                                                        stream_options={"include_usage": True}, **GREEDY)
+    text, record, usage, here, request_id = [], None, None, None, None
+    async with asyncio.timeout(120):  # before the fix, nothing ended this stream
+        async for chunk in stream:
+            request_id = chunk.id
+            if chunk.choices and chunk.choices[0].delta.content:
+                text.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+            if record is None and len(text) == 20:
+                here = await asyncio.to_thread(where, fleet, chunk.id)
+                record = await replica_handle(here).migrate_out.remote(
+                    chunk.id, Destination("stand-in", destination, ""), f"mig-fail-{fail_at}", "stop_and_copy")
+    assert record["outcome"] == "aborted" and "destination failed" in record["reason"], record
+    assert "".join(text) == reference, "a token was lost or repeated when the request resumed on the source"
+    assert usage.completion_tokens == 240
+    await asyncio.sleep(1.5)  # one controller tick
+    assert request_id not in {rid for r in fleet.replicas("mig") for rid in r["requests"]}, "phantom request"
+
+
+async def test_request_finishing_on_the_destination_before_the_ingress_attaches_completes(
+        fleet, async_client, reference, mig_pool):
+    stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=240, stream=True,
+                                                        stream_options={"include_usage": True}, **GREEDY)
+    text, record, usage, src = [], None, None, None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+        if src is None and len(text) == 100:
+            src = await asyncio.to_thread(where, fleet, chunk.id)
+        if record is None and len(text) == 236:  # 4 tokens left: the destination finishes them at once
+            dst = next(r for r in mig_replicas(fleet) if r != src)
+            record = await fleet.controller.migrate.remote(chunk.id, src, dst, "stop_and_copy")
+    assert record["outcome"] in ("migrated", "finished_on_source"), record
+    assert "".join(text) == reference
+    assert usage.completion_tokens == 240
+
+
+def test_migration_to_a_replica_of_another_pool_is_refused(fleet, mig_pool):
+    other = fleet.replicas("tiny-b")[0]["replica_id"]
+    with pytest.raises(ray.exceptions.RayTaskError, match="a request moves only within its pool"):
+        ray.get(fleet.controller.migrate.remote("any-request", mig_pool[0], other, "precopy"))
+
+
+async def test_pinned_request_is_refused_and_finishes_where_it_runs(fleet, async_client, mig_pool):
+    stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=120, stream=True,
+                                                        temperature=0.8, seed=7, extra_body={"ignore_eos": True},
+                                                        stream_options={"include_usage": True})
+    record, usage, pieces = None, None, 0
+    async for chunk in stream:
+        pieces += 1
+        usage = chunk.usage or usage
+        if record is None and pieces == 10:
+            src = await asyncio.to_thread(where, fleet, chunk.id)
+            dst = next(r for r in mig_replicas(fleet) if r != src)
+            record = await fleet.controller.migrate.remote(chunk.id, src, dst, "precopy")
+    assert record["outcome"] == "refused" and "seeded sampling" in record["reason"], record
+    assert usage.completion_tokens == 120

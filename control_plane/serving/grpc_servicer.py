@@ -87,7 +87,10 @@ def call_from_proto(request: pb.GenerateRequest, max_model_len: int, vocab_size:
     if max(prompt) >= vocab_size:
         raise GrpcRequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"token id {max(prompt)} is outside the vocabulary (size {vocab_size})")
-    params = VllmEngineServicer._sampling_params_from_proto(request.sampling_params, stream=True)
+    try:  # vLLM's SamplingParams validate themselves (ranges, combinations) as they are built
+        params = VllmEngineServicer._sampling_params_from_proto(request.sampling_params, stream=True)
+    except (ValueError, TypeError) as error:
+        raise GrpcRequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling_params: {error}") from None
     if params.max_tokens is None:
         params.max_tokens = max_model_len - len(prompt)
     if len(prompt) + params.max_tokens > max_model_len:
