@@ -145,9 +145,11 @@ def test_requests_whose_state_is_not_in_their_tokens_are_pinned():
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    assert why_pinned(SamplingParams(temperature=0)) is None
-    assert why_pinned(SamplingParams(temperature=0.8)) is None  # any continuation is an equally valid sample
-    assert "seeded" in why_pinned(SamplingParams(temperature=0.8, seed=3))
-    assert "n > 1" in why_pinned(SamplingParams(n=2))
-    assert "penalty" in why_pinned(SamplingParams(frequency_penalty=0.5))
-    assert "structured" in why_pinned(SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a", "b"])))
+    assert why_pinned(SamplingParams(temperature=0), True) is None
+    assert why_pinned(SamplingParams(temperature=0.8), True) is None  # any continuation is an equally valid sample
+    assert "seeded" in why_pinned(SamplingParams(temperature=0.8, seed=3), True)
+    assert "n > 1" in why_pinned(SamplingParams(n=2), True)
+    assert "penalty" in why_pinned(SamplingParams(frequency_penalty=0.5), True)
+    grammar = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a", "b"]))
+    assert why_pinned(grammar, grammar_continues=True) is None  # rayfleet's connector advances the grammar
+    assert "structured" in why_pinned(grammar, grammar_continues=False)

@@ -290,3 +290,27 @@ async def test_pinned_request_is_refused_and_finishes_where_it_runs(fleet, async
             record = await fleet.controller.migrate.remote(chunk.id, src, dst, "precopy")
     assert record["outcome"] == "refused" and "seeded sampling" in record["reason"], record
     assert usage.completion_tokens == 120
+
+
+# A JSON object whose one string field cannot close within the test's 150 tokens: the grammar constrains every
+# token, and a grammar restarted at the destination would demand '{' again.
+STORY = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
+    "type": "object", "properties": {"story": {"type": "string", "minLength": 600}}, "required": ["story"]}}}
+
+
+async def test_structured_output_request_migrates_with_its_grammar_state(fleet, client, async_client, mig_pool):
+    expected = client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=150, temperature=0,
+                                              response_format=STORY).choices[0].message.content
+    assert expected.startswith('{"story"'), expected[:40]
+    stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=150, temperature=0,
+                                                        response_format=STORY, stream=True)
+    text, record = [], None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text.append(chunk.choices[0].delta.content)
+        if record is None and len(text) == 40:
+            src = await asyncio.to_thread(where, fleet, chunk.id)
+            dst = next(r for r in mig_replicas(fleet) if r != src)
+            record = await fleet.controller.migrate.remote(chunk.id, src, dst, "stop_and_copy")
+    assert record["outcome"] == "migrated", record
+    assert "".join(text) == expected

@@ -191,11 +191,12 @@ class EngineKVMigrator:
 
     @staticmethod
     def resume(final: FinalKV, sampling_params: SamplingParams, num_prompt_tokens: int, request_id: str,
-               migration_id: str) -> ResumeRequest:
+               migration_id: str, continued_tokens: int = 0) -> ResumeRequest:
         """Prompt and params for the destination: the whole token list as prompt, the rest of the budget.
 
         ``sampling_params`` are the request's original params; ``num_prompt_tokens`` its original prompt
-        length. The result is tagged, so the resumed request is migratable again.
+        length, whose last ``continued_tokens`` were already output before (a replayed request). The result
+        is tagged, so the resumed request is migratable again and its grammar continues (``continuation.py``).
         """
         num_generated = len(final.all_token_ids) - num_prompt_tokens
         params = sampling_params.clone()
@@ -204,7 +205,8 @@ class EngineKVMigrator:
             if params.max_tokens <= 0:
                 raise ValueError(f"request {request_id!r} has no tokens left to generate")
         params.min_tokens = max(0, params.min_tokens - num_generated)
-        tagged = EngineKVMigrator.tag(params, request_id, load=migration_id, num_tokens=final.num_computed_tokens)
+        tagged = EngineKVMigrator.tag(params, request_id, load=migration_id, num_tokens=final.num_computed_tokens,
+                                      continued=continued_tokens + num_generated)
         return ResumeRequest(list(final.all_token_ids), tagged)
 
     async def stats(self) -> dict[str, Any]:

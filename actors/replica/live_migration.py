@@ -165,7 +165,7 @@ class SourceMigration:
         return max_tokens - (len(final.all_token_ids) - self.request.prompt_len)
 
     async def _check_destination(self) -> None:
-        pinned = why_pinned(self.request.call.sampling_params)
+        pinned = why_pinned(self.request.call.sampling_params, grammar_continues=True)  # both run the connector
         if pinned:
             raise MigrationOutcome("refused", f"a request with {pinned} cannot move without changing its output")
         needed = math.ceil((self.request.prompt_len + self.request.output_tokens + 1) / self.block_size)

@@ -165,7 +165,7 @@ class LLMReplica:
         request = self._admit(call)
         params = call.sampling_params
         if self.migrator is not None and params.n == 1:
-            params = self.migrator.tag(params, call.request_id)
+            params = self.migrator.tag(params, call.request_id, continued=call.continued_tokens)
         request.task = asyncio.create_task(self._pump(request, call.prompt_token_ids, params))
         async for chunk in self._drain(request):
             yield chunk
@@ -346,7 +346,7 @@ class LLMReplica:
     def resume_request(self, request: ActiveRequest, final: FinalKV, migration_id: str) -> None:
         """Continue `request` on this engine from KV staged under `migration_id` (one token computed)."""
         resume = EngineKVMigrator.resume(final, request.call.sampling_params, request.prompt_len,
-                                         request.call.request_id, migration_id)
+                                         request.call.request_id, migration_id, request.call.continued_tokens)
         self.requests[request.call.request_id] = request
         request.task = asyncio.create_task(self._pump(request, resume.prompt_token_ids, resume.sampling_params))
 

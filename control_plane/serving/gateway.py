@@ -161,11 +161,13 @@ class FleetGateway:
             raise NoReplicaAvailable(f"router chose {decision.replica_id}, which is no longer ready")
         return Placement(decision.replica_id, handle), decision.pool
 
-    def open_ledger(self, call: GenerateCall, placement: Placement | None, owner: Principal) -> TokenLedger:
+    def open_ledger(self, call: GenerateCall, placement: Placement | None, owner: Principal,
+                    pool: str) -> TokenLedger:
         if call.request_id in self.ledgers:
             raise OpenAIHTTPError(409, f"request id '{call.request_id}' is already in flight; choose another",
                                   "invalid_request_error", param="request_id")
-        ledger = TokenLedger(call=call, placement=placement, owner=owner.name)
+        ledger = TokenLedger(call=call, placement=placement, owner=owner.name,
+                             grammar_continues=self.spec.pool(pool).live_migration)
         self.ledgers[call.request_id] = ledger
         return ledger
 

@@ -151,7 +151,7 @@ class GrpcServicer(FleetGateway):
             # Request ids are the client's: scoped by its tenant, so no one else can reach (or abort) them.
             call = dataclasses.replace(call, request_id=principal.scoped_id(call.request_id))
             placement, _ = await self.admit_and_place(self.info_from_call(call, pool))
-            ledger = self.open_ledger(call, placement, principal)
+            ledger = self.open_ledger(call, placement, principal, pool)
         except OpenAIHTTPError as error:
             _fail(grpc_context, GRPC_STATUS.get(error.status, grpc.StatusCode.INTERNAL), error.message)
         except RenderError as error:

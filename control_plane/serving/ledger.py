@@ -64,6 +64,7 @@ class TokenLedger:
     num_cached_tokens: int | None = None
     started_at: float = field(default_factory=time.monotonic)
     owner: str = ""  # the tenant whose key opened the request
+    grammar_continues: bool = True  # its pool's engines advance a grammar over replayed output
 
     @property
     def request_id(self) -> str:
@@ -96,7 +97,7 @@ class TokenLedger:
         """Prompt plus delivered tokens, with the remaining budget, for another replica."""
         params = self.call.sampling_params
         sent = self.delivered.get(0, [])
-        pinned = why_pinned(params)
+        pinned = why_pinned(params, self.grammar_continues)
         if pinned and self.output_tokens:
             raise ReplayImpossible(f"the replica serving request {self.request_id} failed after {self.output_tokens} "
                                    f"tokens were sent, and a request with {pinned} cannot continue on another "
@@ -113,6 +114,7 @@ class TokenLedger:
             priority=self.call.priority,
             workflow_id=self.call.workflow_id,
             predicted_output_tokens=self.call.predicted_output_tokens,
+            continued_tokens=len(sent),
         )
 
 

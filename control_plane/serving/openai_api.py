@@ -96,7 +96,7 @@ class OpenAIRoutes(FleetGateway):
         scope = principal.scoped_id if "request_id" in body else str
         # Ledgers open now, not when the stream starts: admission of the next request must count this one.
         ledgers = [self.open_ledger(self._call(r, info, scope(r.request_id)), placement if i == 0 else None,
-                                    principal)
+                                    principal, chosen_pool)
                    for i, r in enumerate(rendered)]
         if rendered[0].generate.stream:
             return StreamingResponse(self._stream(renderer, rendered, ledgers), media_type="text/event-stream")
