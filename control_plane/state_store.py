@@ -109,12 +109,14 @@ class DurableState:
     """The controller's store, tolerant of the store being down (see the module's docstring)."""
 
     SENTINEL = "spec"  # always written first: a store without it has lost our keys
+    RETRY_S = 2.0  # between connection attempts while the store cannot be reached
 
     def __init__(self, url: str, fleet_name: str):
         self.url, self.fleet_name = url, fleet_name
         self.store: StateStore | None = None
         self.latest: dict[str, Any] = {}
         self.down_since: float | None = None
+        self._next_attempt = 0.0
 
     @property
     def connected(self) -> bool:
@@ -124,10 +126,13 @@ class DurableState:
         """Open the store if it is not open yet; False (and a log line) while it cannot be reached."""
         if self.store is not None:
             return True
+        if time.monotonic() < self._next_attempt:
+            return False
         try:
             self.store = open_state_store(self.url, self.fleet_name)
         except StateStoreUnavailable as error:
-            logger.warning("%s; retrying", error)
+            self._next_attempt = time.monotonic() + self.RETRY_S
+            logger.warning("%s; retrying every %.0f s", error, self.RETRY_S)
             return False
         return True
 
