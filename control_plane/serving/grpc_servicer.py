@@ -147,7 +147,7 @@ class GrpcServicer(FleetGateway):
             limits = self.spec.ingress.limits
             check_counts(call.sampling_params.n, request.sampling_params.max_tokens or None, limits)
             check_prompt_tokens(len(call.prompt_token_ids), limits)
-            renderer.verify(call.sampling_params)
+            renderer.verify(call.sampling_params, call.prompt_token_ids)
             # Request ids are the client's: scoped by its tenant, so no one else can reach (or abort) them.
             call = dataclasses.replace(call, request_id=principal.scoped_id(call.request_id))
             placement, _ = await self.admit_and_place(self.info_from_call(call, pool))

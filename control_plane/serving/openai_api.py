@@ -112,7 +112,7 @@ class OpenAIRoutes(FleetGateway):
                                   "invalid_request_error", param=".".join(map(str, first["loc"])) or None)
         for r in rendered:
             check_prompt_tokens(len(r.prompt_token_ids), self.spec.ingress.limits)
-            renderer.verify(r.generate.sampling_params)
+            renderer.verify(r.generate.sampling_params, r.prompt_token_ids)
         return rendered
 
     @staticmethod

@@ -178,11 +178,16 @@ class PoolRenderer:
             raise RenderError(response) from None
         return [RenderedRequest(kind=kind, pool=self.pool, generate=g, openai_request=request) for g in generates]
 
-    def verify(self, sampling_params) -> None:
-        """vLLM's own checks of sampling params that its server makes only in the engine (logprob bounds, token
-        ids in the vocabulary, structured-output schemas), made here: a 400 before any stream starts, not an
-        error after the 200 of a stream."""
+    def verify(self, sampling_params, prompt_token_ids: list[int]) -> None:
+        """vLLM's own checks of a request that its server makes only in the engine (prompt token ids and
+        sampling params' token ids in the vocabulary, logprob bounds, structured-output schemas), made here:
+        a 400 before any stream starts, not an error after the 200 of a stream."""
         params = sampling_params.clone()  # verify() records choices (the grammar backend)
+        vocab = self.vllm_config.model_config.get_vocab_size()
+        outside = [t for t in (min(prompt_token_ids, default=0), max(prompt_token_ids, default=0)) if not 0 <= t < vocab]
+        if outside:
+            raise RenderError(create_error_response(ValueError(
+                f"Token id {outside[0]} is out of vocabulary (size {vocab})")))
         try:
             params.verify(self.vllm_config.model_config, None, self.vllm_config.structured_outputs_config,
                           self.state.online_renderer.renderer.get_tokenizer())
