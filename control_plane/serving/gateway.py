@@ -120,9 +120,16 @@ class FleetGateway:
     async def admit_and_place(self, info: RequestInfo) -> tuple[Placement, str]:
         """Admission (queue, 429 or 503) then routing; returns the placement and the chosen pool."""
         deadline = time.monotonic() + self.spec.ingress.request_timeout_s
+        replacement_deadline = time.monotonic() + self.spec.ingress.replay_wait_s
         while True:
             snapshot, handles = await self.fleet_view()
             decision = self.admission.admit(info, snapshot)
+            if (decision.verdict is AdmissionVerdict.REJECT and self._replacement_coming(info, snapshot)
+                    and time.monotonic() < replacement_deadline):
+                # The pool's replicas are all being replaced (a crash, a rollout of a one-replica pool): wait
+                # for one, as a request that lost its replica does, rather than refuse.
+                await asyncio.sleep(REPLACEMENT_POLL_S)
+                continue
             if decision.verdict is AdmissionVerdict.REJECT:
                 status = 503 if "no ready replica" in decision.reason else 429
                 raise OpenAIHTTPError(status, f"Request rejected: {decision.reason}.",
@@ -138,6 +145,12 @@ class FleetGateway:
                 raise OpenAIHTTPError(429, "Request queued too long; retry later.", "RateLimitError",
                                       retry_after_s=5)
             await asyncio.sleep(QUEUE_WAIT_S)
+
+    @staticmethod
+    def _replacement_coming(info: RequestInfo, snapshot: FleetSnapshot) -> bool:
+        """The request's pool should be serving (desired > 0) and has no ready replica now."""
+        pool = snapshot.pools.get(info.pool) if info.pool else None
+        return pool is not None and pool.desired_replicas > 0 and not pool.routable_replicas
 
     async def place_when_ready(self, info: RequestInfo, exclude: frozenset[str]) -> Placement:
         """A replica for a request that lost its own: waits, bounded, for one to be ready (e.g. the lost one's
