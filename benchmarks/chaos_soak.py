@@ -284,12 +284,12 @@ def wait_until(predicate, timeout_s: float) -> None:
 
 async def chaos(soak: Soak, end_at: float, kill_every_s: float, seed: int) -> None:
     rng = random.Random(seed)
-    once = [kill_controller, restart_redis, stop_engine_core, drain_replica, rolling_replacement]
-    step = 0
+    # Each of the one-off faults once, replica kills between them, then replica kills until the end.
+    schedule = [kill_random_replica, kill_controller, kill_random_replica, restart_redis, stop_engine_core,
+                kill_random_replica, drain_replica, rolling_replacement]
     await asyncio.sleep(kill_every_s / 2)
     while soak.now() < end_at:
-        action = kill_random_replica if step % 2 == 0 or not once else once.pop(0)
-        step += 1
+        action = schedule.pop(0) if schedule else kill_random_replica
         try:
             fault = await action(soak, rng)
         except Exception as error:  # the soak goes on; the table says what could not be done
