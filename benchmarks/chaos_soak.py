@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--kill-every-s", type=float, default=45)
-    parser.add_argument("--hung-s", type=float, default=90)
+    parser.add_argument("--hung-s", type=float, default=150, help="no byte for this long: hung")
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "chaos_soak.json")
     args = parser.parse_args(argv)
