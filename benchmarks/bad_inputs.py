@@ -75,7 +75,7 @@ CORPUS: list[BadInput] = [
     # messages / prompt
     chat("messages not a list", messages="hi"),
     BadInput("messages missing", CHAT, {"model": MODEL}, stream=True),
-    chat("message role unknown", messages=[{"role": "wizard", "content": "hi"}]),
+    chat("message is a number", messages=[5]),
     chat("message content a number", stream=True, messages=[{"role": "user", "content": 5}]),
     completion("prompt missing", prompt=None),
     completion("prompt token id out of vocabulary", stream=True, prompt=[OUT_OF_VOCAB]),
@@ -98,7 +98,7 @@ CORPUS: list[BadInput] = [
     # logprobs
     chat("top_logprobs 21", stream=True, logprobs=True, top_logprobs=21),
     chat("top_logprobs -1", logprobs=True, top_logprobs=-1),
-    chat("logprobs a string", logprobs="yes"),
+    chat("logprobs not a boolean", logprobs="maybe"),  # "yes" would be coerced to true
     completion("completion logprobs 50", stream=True, logprobs=50),
     # token ids
     chat("logit_bias token out of vocabulary", stream=True, logit_bias={str(OUT_OF_VOCAB): 5}),
