@@ -18,6 +18,7 @@ import sys
 import grpc
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2 as pb
+from vllm.exceptions import VLLMValidationError
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
     GenerateLogProbs,
     GenerateTokensChoice,
@@ -89,7 +90,7 @@ def call_from_proto(request: pb.GenerateRequest, max_model_len: int, vocab_size:
                                f"token id {max(prompt)} is outside the vocabulary (size {vocab_size})")
     try:  # vLLM's SamplingParams validate themselves (ranges, combinations) as they are built
         params = VllmEngineServicer._sampling_params_from_proto(request.sampling_params, stream=True)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, VLLMValidationError) as error:
         raise GrpcRequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling_params: {error}") from None
     if params.max_tokens is None:
         params.max_tokens = max_model_len - len(prompt)
