@@ -60,11 +60,12 @@ def reference(client):
     return result.choices[0].message.content
 
 
-async def stream_with_migrations(fleet, async_client, hops: int, mode: str, max_tokens: int = 240):
-    """Stream a greedy request and migrate it `hops` times mid-stream; returns text, usage, records."""
+async def stream_with_migrations(fleet, async_client, hops: int, mode: str, max_tokens: int = 240, **request):
+    """Stream a greedy request (with `request`'s extra fields) and migrate it `hops` times mid-stream; returns
+    text, usage, records."""
     stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=max_tokens,
                                                         stream=True, stream_options={"include_usage": True},
-                                                        **GREEDY)
+                                                        **GREEDY, **request)
     text, records, usage, chunks, request_id = [], [], None, 0, None
     async for chunk in stream:
         request_id = request_id or chunk.id
@@ -299,18 +300,10 @@ STORY = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
 
 
 async def test_structured_output_request_migrates_with_its_grammar_state(fleet, client, async_client, mig_pool):
-    expected = client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=150, temperature=0,
-                                              response_format=STORY).choices[0].message.content
+    expected = client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=150, response_format=STORY,
+                                              **GREEDY).choices[0].message.content
     assert expected.startswith('{"story"'), expected[:40]
-    stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=150, temperature=0,
-                                                        response_format=STORY, stream=True)
-    text, record = [], None
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            text.append(chunk.choices[0].delta.content)
-        if record is None and len(text) == 40:
-            src = await asyncio.to_thread(where, fleet, chunk.id)
-            dst = next(r for r in mig_replicas(fleet) if r != src)
-            record = await fleet.controller.migrate.remote(chunk.id, src, dst, "stop_and_copy")
-    assert record["outcome"] == "migrated", record
-    assert "".join(text) == expected
+    text, _, records = await stream_with_migrations(fleet, async_client, 1, "stop_and_copy", max_tokens=150,
+                                                    response_format=STORY)
+    assert [r["outcome"] for r in records] == ["migrated"], records
+    assert text == expected
