@@ -245,7 +245,7 @@ async def test_destination_failing_after_the_stop_resumes_on_the_source_token_ex
                 here = await asyncio.to_thread(where, fleet, chunk.id)
                 record = await replica_handle(here).migrate_out.remote(
                     chunk.id, Destination("stand-in", destination, ""), f"mig-fail-{fail_at}", "stop_and_copy")
-    assert record["outcome"] == "aborted" and "destination failed" in record["reason"], record
+    assert (record["outcome"], record["reason"][:19]) == ("aborted", "destination failed:"), str(record)
     assert "".join(text) == reference, "a token was lost or repeated when the request resumed on the source"
     assert usage.completion_tokens == 240
     await asyncio.sleep(1.5)  # one controller tick
@@ -261,12 +261,14 @@ async def test_request_finishing_on_the_destination_before_the_ingress_attaches_
         if chunk.choices and chunk.choices[0].delta.content:
             text.append(chunk.choices[0].delta.content)
         usage = chunk.usage or usage
-        if src is None and len(text) == 100:
+        if src is None:
             src = await asyncio.to_thread(where, fleet, chunk.id)
-        if record is None and len(text) == 236:  # 4 tokens left: the destination finishes them at once
+        # The stream's pieces may hold several tokens each (a lagging reader's are merged): count characters;
+        # 16 before the end of the reference is a few tokens.
+        if record is None and len("".join(text)) >= len(reference) - 16:
             dst = next(r for r in mig_replicas(fleet) if r != src)
             record = await fleet.controller.migrate.remote(chunk.id, src, dst, "stop_and_copy")
-    assert record["outcome"] in ("migrated", "finished_on_source"), record
+    assert record is not None and record["outcome"] in ("migrated", "finished_on_source"), record
     assert "".join(text) == reference
     assert usage.completion_tokens == 240
 
