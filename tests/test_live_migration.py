@@ -228,13 +228,21 @@ class FailingDestination:
         os._exit(1)
 
 
+def long_greedy(client, max_tokens: int) -> tuple[dict, str]:
+    """A greedy request long enough to still run on the engine when a test acts on it (the engine runs far
+    ahead of the client's reads), and its undisturbed output."""
+    request = dict(model="mig", messages=PROMPT, max_tokens=max_tokens, **GREEDY)
+    return request, client.chat.completions.create(**request).choices[0].message.content
+
+
 @pytest.mark.parametrize("fail_at", ["stage", "resume"])
 async def test_destination_failing_after_the_stop_resumes_on_the_source_token_exact(
-        fleet, async_client, reference, mig_pool, fail_at):
+        fleet, client, async_client, mig_pool, fail_at):
+    request, expected = long_greedy(client, 800)
     destination = FailingDestination.remote(fail_at)
-    stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=240, stream=True,
-                                                        stream_options={"include_usage": True}, **GREEDY)
-    text, record, usage, here, request_id = [], None, None, None, None
+    stream = await async_client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                        **request)
+    text, record, usage, request_id = [], None, None, None
     async with asyncio.timeout(120):  # before the fix, nothing ended this stream
         async for chunk in stream:
             request_id = chunk.id
@@ -246,31 +254,41 @@ async def test_destination_failing_after_the_stop_resumes_on_the_source_token_ex
                 record = await replica_handle(here).migrate_out.remote(
                     chunk.id, Destination("stand-in", destination, ""), f"mig-fail-{fail_at}", "stop_and_copy")
     assert (record["outcome"], record["reason"][:19]) == ("aborted", "destination failed:"), str(record)
-    assert "".join(text) == reference, "a token was lost or repeated when the request resumed on the source"
-    assert usage.completion_tokens == 240
+    assert "".join(text) == expected, "a token was lost or repeated when the request resumed on the source"
+    assert usage.completion_tokens == 800
     await asyncio.sleep(1.5)  # one controller tick
     assert request_id not in {rid for r in fleet.replicas("mig") for rid in r["requests"]}, "phantom request"
 
 
 async def test_request_finishing_on_the_destination_before_the_ingress_attaches_completes(
-        fleet, async_client, reference, mig_pool):
-    stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=240, stream=True,
-                                                        stream_options={"include_usage": True}, **GREEDY)
-    text, record, usage, src = [], None, None, None
+        fleet, client, async_client, mig_pool):
+    request, expected = long_greedy(client, 600)
+    stream = await async_client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                        **request)
+
+    async def migrate_near_the_end(request_id: str) -> dict | None:
+        """Migrate once the engine (not the client, which lags) has 6 tokens left to generate."""
+        src = await asyncio.to_thread(where, fleet, request_id)
+        dst = next(r for r in mig_replicas(fleet) if r != src)
+        while True:
+            load = await replica_handle(src).load.remote()
+            progress = next((p for p in load.requests if p.request_id == request_id), None)
+            if progress is None:
+                return None  # finished before we got there: the test proved nothing
+            if progress.output_tokens >= 600 - 6:
+                return await fleet.controller.migrate.remote(request_id, src, dst, "stop_and_copy")
+            await asyncio.sleep(0.005)
+
+    text, usage, migration = [], None, None
     async for chunk in stream:
+        migration = migration or asyncio.create_task(migrate_near_the_end(chunk.id))
         if chunk.choices and chunk.choices[0].delta.content:
             text.append(chunk.choices[0].delta.content)
         usage = chunk.usage or usage
-        if src is None:
-            src = await asyncio.to_thread(where, fleet, chunk.id)
-        # The stream's pieces may hold several tokens each (a lagging reader's are merged): count characters;
-        # 16 before the end of the reference is a few tokens.
-        if record is None and len("".join(text)) >= len(reference) - 16:
-            dst = next(r for r in mig_replicas(fleet) if r != src)
-            record = await fleet.controller.migrate.remote(chunk.id, src, dst, "stop_and_copy")
+    record = await migration
     assert record is not None and record["outcome"] in ("migrated", "finished_on_source"), record
-    assert "".join(text) == reference
-    assert usage.completion_tokens == 240
+    assert "".join(text) == expected
+    assert usage.completion_tokens == 600
 
 
 def test_migration_to_a_replica_of_another_pool_is_refused(fleet, mig_pool):
