@@ -267,7 +267,7 @@ async def test_request_finishing_on_the_destination_before_the_ingress_attaches_
                                                         **request)
 
     async def migrate_near_the_end(request_id: str) -> dict | None:
-        """Migrate once the engine (not the client, which lags) has 6 tokens left to generate."""
+        """Migrate once the engine (not the client, which lags) has 10 tokens left to generate."""
         src = await asyncio.to_thread(where, fleet, request_id)
         dst = next(r for r in mig_replicas(fleet) if r != src)
         while True:
@@ -275,7 +275,7 @@ async def test_request_finishing_on_the_destination_before_the_ingress_attaches_
             progress = next((p for p in load.requests if p.request_id == request_id), None)
             if progress is None:
                 return None  # finished before we got there: the test proved nothing
-            if progress.output_tokens >= 600 - 6:
+            if progress.output_tokens >= 600 - 10:
                 return await fleet.controller.migrate.remote(request_id, src, dst, "stop_and_copy")
             await asyncio.sleep(0.005)
 
