@@ -228,17 +228,21 @@ class FailingDestination:
         os._exit(1)
 
 
-def long_greedy(client, max_tokens: int) -> tuple[dict, str]:
-    """A greedy request long enough to still run on the engine when a test acts on it (the engine runs far
-    ahead of the client's reads), and its undisturbed output."""
-    request = dict(model="mig", messages=PROMPT, max_tokens=max_tokens, **GREEDY)
+LONG = 800  # tokens: long enough to still run on the engine when a test acts on it (the engine runs far ahead
+# of the client's reads)
+
+
+@pytest.fixture(scope="module")
+def long_reference(client) -> tuple[dict, str]:
+    """A long greedy request and its undisturbed output."""
+    request = dict(model="mig", messages=PROMPT, max_tokens=LONG, **GREEDY)
     return request, client.chat.completions.create(**request).choices[0].message.content
 
 
 @pytest.mark.parametrize("fail_at", ["stage", "resume"])
 async def test_destination_failing_after_the_stop_resumes_on_the_source_token_exact(
-        fleet, client, async_client, mig_pool, fail_at):
-    request, expected = long_greedy(client, 800)
+        fleet, async_client, long_reference, mig_pool, fail_at):
+    request, expected = long_reference
     destination = FailingDestination.remote(fail_at)
     stream = await async_client.chat.completions.create(stream=True, stream_options={"include_usage": True},
                                                         **request)
@@ -255,14 +259,14 @@ async def test_destination_failing_after_the_stop_resumes_on_the_source_token_ex
                     chunk.id, Destination("stand-in", destination, ""), f"mig-fail-{fail_at}", "stop_and_copy")
     assert (record["outcome"], record["reason"][:19]) == ("aborted", "destination failed:"), str(record)
     assert "".join(text) == expected, "a token was lost or repeated when the request resumed on the source"
-    assert usage.completion_tokens == 800
+    assert usage.completion_tokens == LONG
     await asyncio.sleep(1.5)  # one controller tick
     assert request_id not in {rid for r in fleet.replicas("mig") for rid in r["requests"]}, "phantom request"
 
 
 async def test_request_finishing_on_the_destination_before_the_ingress_attaches_completes(
-        fleet, client, async_client, mig_pool):
-    request, expected = long_greedy(client, 600)
+        fleet, async_client, long_reference, mig_pool):
+    request, expected = long_reference
     stream = await async_client.chat.completions.create(stream=True, stream_options={"include_usage": True},
                                                         **request)
 
@@ -275,7 +279,7 @@ async def test_request_finishing_on_the_destination_before_the_ingress_attaches_
             progress = next((p for p in load.requests if p.request_id == request_id), None)
             if progress is None:
                 return None  # finished before we got there: the test proved nothing
-            if progress.output_tokens >= 600 - 10:
+            if progress.output_tokens >= LONG - 10:
                 return await fleet.controller.migrate.remote(request_id, src, dst, "stop_and_copy")
             await asyncio.sleep(0.005)
 
@@ -288,7 +292,7 @@ async def test_request_finishing_on_the_destination_before_the_ingress_attaches_
     record = await migration
     assert record is not None and record["outcome"] in ("migrated", "finished_on_source"), record
     assert "".join(text) == expected
-    assert usage.completion_tokens == 600
+    assert usage.completion_tokens == LONG
 
 
 def test_migration_to_a_replica_of_another_pool_is_refused(fleet, mig_pool):
