@@ -16,6 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAYFLEET_DEMO_MODELS", str(REPO / ".demo-models"))
+os.environ.setdefault("RAYFLEET_TASK_MODELS", str(REPO / "actors" / "tasks" / "trained"))
 API_KEY = "test-key-1"
 OTHER_TENANT_KEY = "test-key-of-tenant-b"  # a second user: sees and reaches none of API_KEY's requests
 ADMIN_KEY = "test-admin-key-0123456789"

@@ -37,7 +37,9 @@ class AdminRoutes(FleetGateway):
     async def fleet_status(self, request: Request) -> JSONResponse:
         principal = authenticate(self, request)
         if principal.admin:
-            return JSONResponse(await self.controller.status.remote())
+            status = await self.controller.status.remote()
+            status["routing"] = self.routing_decisions(10)
+            return JSONResponse(status)
         snapshot, _ = await self.fleet_view()
         mine = [{"request_id": rid, "output_tokens": ledger.output_tokens, "migrations": ledger.migrations,
                  "replays": ledger.replays}

@@ -17,18 +17,20 @@ from ray import serve
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-from rayfleet.control_plane.serving import admin_api, openai_api
+from rayfleet.control_plane.serving import admin_api, openai_api, routing_api
 from rayfleet.control_plane.serving.admin_api import AdminRoutes
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError, error_response_json
 from rayfleet.control_plane.serving.grpc_servicer import GrpcServicer
 from rayfleet.control_plane.serving.openai_api import OpenAIRoutes
 from rayfleet.control_plane.serving.rendering import RenderError
+from rayfleet.control_plane.serving.routing_api import RoutingRoutes
 
 logger = logging.getLogger("rayfleet.ingress")
 
 app = FastAPI(title="rayfleet", description="OpenAI-compatible endpoint of a rayfleet LLM fleet")
 app.include_router(openai_api.router)
 app.include_router(admin_api.router)
+app.include_router(routing_api.router)
 
 
 def _openapi() -> dict:
@@ -68,5 +70,5 @@ async def _internal_error(_: Request, error: Exception) -> JSONResponse:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
 @serve.ingress(app)
-class OpenAIIngress(OpenAIRoutes, AdminRoutes, GrpcServicer):
+class OpenAIIngress(OpenAIRoutes, AdminRoutes, RoutingRoutes, GrpcServicer):
     """The fleet's endpoint; constructed from the fleet spec as a dict (`FleetSpec.model_dump()`)."""
