@@ -20,6 +20,7 @@ to the destination, or resume the request locally.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -32,6 +33,7 @@ from rayfleet.actors.replica.continuity import why_pinned
 from rayfleet.actors.replica.protocol import Handoff, MigrationLimits
 
 logger = logging.getLogger("rayfleet.migration")
+DESTINATION_GRACE_S = 10.0  # beyond the destination's own resume timeout, before the source stops waiting
 
 
 @dataclass(frozen=True)
@@ -142,9 +144,11 @@ class SourceMigration:
                                    local_resume=LocalResume(final, None))
         try:
             await self._send(final.chunk)
-            first_token_at, recomputed = await self.dst.handle.resume_migrated.remote(
+            # Bounded here too: a destination that hangs (or whose death Ray has not noticed yet) must not
+            # hold the stopped request; the destination itself gives up after resume_timeout_s.
+            first_token_at, recomputed = await asyncio.wait_for(self.dst.handle.resume_migrated.remote(
                 self.migration_id, self.request.call, final, len(final.all_token_ids) - self.request.prompt_len,
-                self.limits.resume_timeout_s)
+                self.limits.resume_timeout_s), self.limits.resume_timeout_s + DESTINATION_GRACE_S)
         except Exception as error:  # destination refused, died or timed out: the source takes it back
             logger.warning("migration %s: destination %s failed (%s); resuming %s on the source",
                            self.migration_id, self.dst.replica_id, error, self.request_id)
@@ -209,7 +213,8 @@ class SourceMigration:
         self.chunks.append(chunk)
         if chunk.num_blocks:
             wire = chunk if self.dst.node_id == self.src_node_id else chunk.inline()
-            await self.dst.handle.stage_kv.remote(self.migration_id, wire)
+            await asyncio.wait_for(self.dst.handle.stage_kv.remote(self.migration_id, wire),
+                                   self.limits.resume_timeout_s)
 
     async def _stage_locally(self, final: FinalKV) -> LocalResume:
         local_id = f"{self.migration_id}-back"

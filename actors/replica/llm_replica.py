@@ -142,12 +142,14 @@ class LLMReplica:
         if self.engine is None:
             raise ReplicaNotAccepting(f"replica {self.replica_id} has no engine yet")
         await self.engine.check_health()
-        if stall_timeout_s is not None and self.requests:
-            busy_since = min(r.arrival_monotonic for r in self.requests.values())
+        # Requests stopped for a migration are out of the engine on purpose: a slow destination is not a stall.
+        in_engine = [r for r in self.requests.values() if not r.leaving]
+        if stall_timeout_s is not None and in_engine:
+            busy_since = min(r.arrival_monotonic for r in in_engine)
             idle = time.monotonic() - max(self.load_stats.last_step_at, busy_since)
             if idle > stall_timeout_s:
                 raise EngineStalled(f"replica {self.replica_id}: no engine step for {idle:.0f} s with "
-                                    f"{len(self.requests)} requests in flight")
+                                    f"{len(in_engine)} requests in flight")
         return True
 
     def set_accepting(self, accepting: bool) -> None:
