@@ -149,7 +149,8 @@ class Fleet(Contender):
                 "max_replicas": max(self.replicas, 1), "initial_replicas": self.replicas,
                 "resources": {"num_cpus": 1}, "env": self.engine_env, "engine_args": self.engine_args,
                 **(self.pool_overrides or {})}
-        return {"name": "rayfleet-bench", "pools": [pool], "ingress": {"host": "127.0.0.1", "port": port},
+        return {"name": "rayfleet-bench", "pools": [pool],
+                "ingress": {"host": "127.0.0.1", "port": port, "auth": "none"},  # loopback benchmark
                 "state_store": "memory://", **(self.spec_overrides or {})}
 
     def _start(self, timeout_s: float) -> str:

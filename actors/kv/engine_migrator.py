@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _POLL_INTERVAL_S = 0.002
+RPC_TIMEOUT_S = 60.0
 
 
 def migration_engine_kwargs(kv_load_failure_policy: str = "recompute", kv_store: KVStoreConfig | None = None,
@@ -108,7 +109,8 @@ class EngineKVMigrator:
         self._layout: KVLayoutDescriptor | None = None
 
     async def _rpc(self, method: str, *args: Any) -> Any:
-        results = await self._engine.collective_rpc(method, args=args)
+        # Bounded: a hung engine core must fail its migration, not freeze the replica (or the controller) on it.
+        results = await asyncio.wait_for(self._engine.collective_rpc(method, args=args), RPC_TIMEOUT_S)
         return results[0]
 
     @staticmethod
@@ -161,6 +163,10 @@ class EngineKVMigrator:
                 raise TimeoutError(f"request {request_id!r}: no final KV within {timeout_s} s ({status})")
             await asyncio.sleep(_POLL_INTERVAL_S)
 
+    async def abort(self, request_id: str) -> None:
+        """Abort the request in the engine (nothing happens if it is not there)."""
+        await self._engine.abort(request_id)
+
     async def stage(self, migration_id: str, chunk: KVChunk) -> None:
         """Hold ``chunk`` on this (destination) engine until a request resumes ``migration_id``.
 
@@ -199,11 +205,12 @@ class EngineKVMigrator:
 
     @staticmethod
     def resume(final: FinalKV, sampling_params: SamplingParams, num_prompt_tokens: int, request_id: str,
-               migration_id: str) -> ResumeRequest:
+               migration_id: str, continued_tokens: int = 0) -> ResumeRequest:
         """Prompt and params for the destination: the whole token list as prompt, the rest of the budget.
 
         ``sampling_params`` are the request's original params; ``num_prompt_tokens`` its original prompt
-        length. The result is tagged, so the resumed request is migratable again.
+        length, whose last ``continued_tokens`` were already output before (a replayed request). The result
+        is tagged, so the resumed request is migratable again and its grammar continues (``continuation.py``).
         """
         num_generated = len(final.all_token_ids) - num_prompt_tokens
         params = sampling_params.clone()
@@ -212,7 +219,8 @@ class EngineKVMigrator:
             if params.max_tokens <= 0:
                 raise ValueError(f"request {request_id!r} has no tokens left to generate")
         params.min_tokens = max(0, params.min_tokens - num_generated)
-        tagged = EngineKVMigrator.tag(params, request_id, load=migration_id, num_tokens=final.num_computed_tokens)
+        tagged = EngineKVMigrator.tag(params, request_id, load=migration_id, num_tokens=final.num_computed_tokens,
+                                      continued=continued_tokens + num_generated)
         return ResumeRequest(list(final.all_token_ids), tagged)
 
     async def stats(self) -> dict[str, Any]:

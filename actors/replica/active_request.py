@@ -22,7 +22,11 @@ class ActiveRequest:
     first_output: asyncio.Event = field(default_factory=asyncio.Event)
     num_cached_tokens: int | None = None  # the engine's prefix hit (local cache + KV loaded by the connector)
     arrival_time: float = field(default_factory=time.time)
+    arrival_monotonic: float = field(default_factory=time.monotonic)
     task: asyncio.Task | None = None
     # Set while the request is being moved out: the engine's abort output then must not end the
     # client's stream; the migration puts a handoff (or resumes locally) instead.
     leaving: bool = False
+    finished: bool = False  # its stream on this replica is complete
+    arrived: bool = False  # it came here by migration: the ingress attaches to it (see LLMReplica.attach)
+    attached: bool = False

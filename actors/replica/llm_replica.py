@@ -30,6 +30,7 @@ from rayfleet.actors.replica.protocol import (
     Handoff,
     MigrationLimits,
     ReplicaChunk,
+    ReplicaError,
     ReplicaNotAccepting,
     UnknownRequest,
 )
@@ -40,6 +41,8 @@ logger = logging.getLogger("rayfleet.replica")
 
 # Ends a request's queue: the stream is complete on this replica.
 _END = object()
+# A migrated-in request that finishes before the ingress attaches waits this long to be attached.
+UNCLAIMED_TTL_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class LLMReplica:
         self.accepting = False
         self.load_stats = EngineLoad()
         self.requests: dict[str, ActiveRequest] = {}
+        self.unclaimed: dict[str, tuple[float, ActiveRequest]] = {}  # finished before the ingress attached
         logging.basicConfig(level=os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
 
     # ---------------------------------------------------------------- lifecycle
@@ -132,10 +136,20 @@ class LLMReplica:
             "worker_group": os.environ.get("RAYFLEET_WORKER_GROUP", ""),
         }
 
-    async def check_health(self) -> bool:
+    async def check_health(self, stall_timeout_s: float | None = None) -> bool:
+        """vLLM's own check (engine dead) and, with `stall_timeout_s`, that an engine with requests in flight
+        completed a step within that time: a hung or stopped engine core raises no error of its own."""
         if self.engine is None:
             raise ReplicaNotAccepting(f"replica {self.replica_id} has no engine yet")
         await self.engine.check_health()
+        # Requests stopped for a migration are out of the engine on purpose: a slow destination is not a stall.
+        in_engine = [r for r in self.requests.values() if not r.leaving]
+        if stall_timeout_s is not None and in_engine:
+            busy_since = min(r.arrival_monotonic for r in in_engine)
+            idle = time.monotonic() - max(self.load_stats.last_step_at, busy_since)
+            if idle > stall_timeout_s:
+                raise EngineStalled(f"replica {self.replica_id}: no engine step for {idle:.0f} s with "
+                                    f"{len(in_engine)} requests in flight")
         return True
 
     def set_accepting(self, accepting: bool) -> None:
@@ -156,20 +170,25 @@ class LLMReplica:
         request = self._admit(call)
         params = call.sampling_params
         if self.migrator is not None and params.n == 1:
-            params = self.migrator.tag(params, call.request_id)
+            params = self.migrator.tag(params, call.request_id, continued=call.continued_tokens)
         request.task = asyncio.create_task(self._pump(request, call.prompt_token_ids, params))
         async for chunk in self._drain(request):
             yield chunk
 
     async def attach(self, request_id: str) -> AsyncIterator[ReplicaChunk]:
-        """Stream the rest of a request that arrived here by migration."""
+        """Stream the rest of a request that arrived here by migration (also when it already finished)."""
         request = self.requests.get(request_id)
         if request is None:
+            request = self.unclaimed.pop(request_id, (0.0, None))[1]
+        if request is None:
             raise UnknownRequest(f"request {request_id} is not on replica {self.replica_id}")
+        request.attached = True
         async for chunk in self._drain(request):
             yield chunk
 
     async def abort(self, request_id: str) -> bool:
+        if self.unclaimed.pop(request_id, None) is not None:
+            return True
         request = self.requests.get(request_id)
         if request is None:
             return False
@@ -216,9 +235,9 @@ class LLMReplica:
         try:
             async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
                                                      request_id=rid, priority=request.call.priority):
+                if request.leaving and output.finished and _aborted(output):
+                    return  # stopped by the migration, which decides what the client sees next
                 chunk = self._to_chunk(request, output, params)
-                if request.leaving and output.finished:
-                    return  # the migration decides what the client sees next
                 if chunk.choices:
                     request.queue.put_nowait(chunk)
                 if output.finished:
@@ -234,7 +253,15 @@ class LLMReplica:
 
     def _finish(self, request: ActiveRequest) -> None:
         request.queue.put_nowait(_END)
-        self.requests.pop(request.call.request_id, None)
+        request.finished = True
+        rid = request.call.request_id
+        self.requests.pop(rid, None)
+        now = time.monotonic()
+        for old in [k for k, (at, _) in self.unclaimed.items() if now - at > UNCLAIMED_TTL_S]:
+            del self.unclaimed[old]
+        if request.arrived and not request.attached:
+            # Finished here before the ingress (told by the source's handoff) attached: keep its stream.
+            self.unclaimed[rid] = (now, request)
 
     def _to_chunk(self, request: ActiveRequest, output, params) -> ReplicaChunk:
         from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
@@ -281,10 +308,19 @@ class LLMReplica:
                                     gpus[0] if gpus else None, dst, migration_id, mode, self.migration_limits)
         result = await migration.run()
         if result.handoff is not None:
-            self.hand_off(request, result.handoff)
+            if request.finished:  # it ended here while moving (a stop string): the copy there is not needed
+                await dst.handle.abort.remote(request_id)
+            else:
+                self.hand_off(request, result.handoff)
         elif result.local_resume is not None:
+            self.continue_locally(request, result.local_resume.final, result.local_resume.migration_id)
+        elif result.lost:
+            # Stopped here and nowhere to resume from: the ingress replays from the tokens the client has.
+            self.requests.pop(request_id, None)
+            request.queue.put_nowait(UnknownRequest(f"request {request_id} was stopped on {self.replica_id} by "
+                                                    "a migration that failed"))
+        else:
             request.leaving = False
-            self.resume_request(request, result.local_resume.final, result.local_resume.migration_id)
         return result.record
 
     def hand_off(self, request: ActiveRequest, handoff: Handoff) -> None:
@@ -292,16 +328,39 @@ class LLMReplica:
         self.requests.pop(request.call.request_id, None)
         request.queue.put_nowait(ReplicaChunk(handoff=handoff))
 
+    def continue_locally(self, request: ActiveRequest, final: FinalKV, migration_id: str | None) -> None:
+        """The request stopped for a migration that did not happen: it goes on here, from its own KV.
+
+        The tokens the engine committed before the stop but the client never received go out first: they are
+        in the KV (so the resumed request will not generate them again), and without them the stream would
+        miss a token. With no budget left (`migration_id` None) they are its last chunk.
+        """
+        from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
+
+        request.leaving = False
+        unsent = list(final.all_token_ids[request.prompt_len + request.output_tokens:])
+        done = migration_id is None
+        if unsent or done:
+            request.output_tokens += len(unsent)
+            request.queue.put_nowait(ReplicaChunk(choices=[GenerateTokensStreamChoice(
+                index=0, token_ids=unsent, finish_reason="length" if done else None)]))
+        if done:
+            self._finish(request)
+        else:
+            self.resume_request(request, final, migration_id)
+
     def resume_request(self, request: ActiveRequest, final: FinalKV, migration_id: str) -> None:
         """Continue `request` on this engine from KV staged under `migration_id` (one token computed)."""
         resume = EngineKVMigrator.resume(final, request.call.sampling_params, request.prompt_len,
-                                         request.call.request_id, migration_id)
+                                         request.call.request_id, migration_id, request.call.continued_tokens)
         self.requests[request.call.request_id] = request
         request.task = asyncio.create_task(self._pump(request, resume.prompt_token_ids, resume.sampling_params))
 
-    async def can_accept(self, kv_blocks: int) -> tuple[bool, str]:
+    async def can_accept(self, kv_blocks: int, layout=None) -> tuple[bool, str]:
         if not self.accepting or self.migrator is None:
             return False, f"{self.replica_id} is not accepting migrations"
+        if layout is not None and layout != await self.migrator.layout():
+            return False, f"{self.replica_id} has another KV layout ({await self.migrator.layout()}, not {layout})"
         free = await self.migrator.free_kv_blocks()
         if free < kv_blocks:
             return False, f"{self.replica_id} has {free} free KV blocks, the request needs {kv_blocks}"
@@ -323,7 +382,8 @@ class LLMReplica:
         if not self.accepting:
             raise ReplicaNotAccepting(f"replica {self.replica_id} stopped accepting")
         request = ActiveRequest(call=call, prompt_len=len(call.prompt_token_ids),
-                                max_tokens=call.sampling_params.max_tokens or 0, output_tokens=output_tokens)
+                                max_tokens=call.sampling_params.max_tokens or 0, output_tokens=output_tokens,
+                                arrived=True)
         self.resume_request(request, final, migration_id)
         try:
             await asyncio.wait_for(request.first_output.wait(), timeout=timeout_s)
@@ -373,6 +433,14 @@ class LLMReplica:
         return os.getpid()
 
 
+class EngineStalled(ReplicaError):
+    """The engine has requests but makes no progress (hung or stopped engine core)."""
+
+
+def _aborted(output) -> bool:
+    return all(out.finish_reason == "abort" for out in output.outputs)
+
+
 def merge_chunks(first: ReplicaChunk, second: ReplicaChunk) -> ReplicaChunk:
     """Two consecutive chunks of one request as one: per choice, tokens and logprobs concatenated."""
     merged = {c.index: c.model_copy(deep=True) for c in first.choices}
@@ -408,4 +476,3 @@ def _node_id() -> str:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # outside Ray (unit use)
         return ""
-

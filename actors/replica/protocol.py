@@ -24,6 +24,9 @@ class GenerateCall:
     priority: int = 0
     workflow_id: str | None = None
     predicted_output_tokens: int | None = None
+    # The prompt's last `continued_tokens` are output the client already has (a replay after a failure):
+    # the engine's structured-output grammar must resume after them (actors/kv/continuation.py).
+    continued_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -132,8 +132,7 @@ def run_demo(args) -> None:
                  log_to_driver=False)
     url = deploy(spec, wait_s=600)
     started = time.perf_counter()
-    results = asyncio.run(run_workload(url, args.requests, args.max_tokens,
-                                       api_key=(spec.ingress.api_keys or ["rayfleet-demo"])[0]))
+    results = asyncio.run(run_workload(url, args.requests, args.max_tokens, api_key=_demo_key(spec)))
     print(report(results, time.perf_counter() - started))
     print(render_status(ray.get(controller().status.remote())))
     print(f"\nOpenAI endpoint: {url}  (try: curl {url}/models; routing decisions: curl {url}/fleet/routing)")
@@ -148,3 +147,9 @@ def run_demo(args) -> None:
 
     serve.shutdown()
     ray.get(controller().shutdown.remote())
+
+
+def _demo_key(spec) -> str:
+    """The key the demo's workload sends: the spec's first inline key in clear, else any (auth: none)."""
+    clear = [k if isinstance(k, str) else k.key for k in spec.ingress.api_keys]
+    return next((k for k in clear if k), "rayfleet-demo")
