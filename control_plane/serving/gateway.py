@@ -23,6 +23,7 @@ from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
 from rayfleet.control_plane.serving.rendering import PoolRenderer
+from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
 from rayfleet.control_plane.spec import FleetSpec, parse_spec
 from rayfleet.policies import registry
 from rayfleet.policies.base import AdmissionVerdict, FleetSnapshot, NoReplicaAvailable, RequestInfo
@@ -78,6 +79,7 @@ class FleetGateway:
         self._view: tuple[FleetSnapshot, dict[str, Any]] | None = None
         self._view_at = 0.0
         self.ledgers: dict[str, TokenLedger] = {}
+        self.replica_streams = ReplicaStreams()
 
     async def ensure_renderers(self) -> None:
         if self._started:
@@ -163,7 +165,7 @@ class FleetGateway:
             return placement
 
         try:
-            async for choice in follow(ledger, place):
+            async for choice in follow(ledger, place, self.replica_streams):
                 yield choice
         finally:
             self.ledgers.pop(ledger.request_id, None)

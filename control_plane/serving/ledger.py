@@ -15,13 +15,13 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from rayfleet.actors.replica.protocol import GenerateCall, Handoff, ReplicaNotAccepting
+from rayfleet.actors.replica.protocol import GenerateCall, Handoff, ReplicaChunk, ReplicaNotAccepting
 
 logger = logging.getLogger("rayfleet.ledger")
 
@@ -37,6 +37,14 @@ class Placement:
 
 # Picks a replica for a call, never one of `exclude`; raises NoReplicaAvailable when none is left.
 PlaceFn = Callable[[GenerateCall, frozenset[str]], Awaitable[Placement]]
+
+
+class ChunkSource(Protocol):
+    """How the ledger reaches a replica's chunks of one request (`replica_streams.ReplicaStreams`)."""
+
+    def generate(self, replica_id: str, replica, call: GenerateCall) -> AsyncIterator[ReplicaChunk]: ...
+
+    def attach(self, replica_id: str, replica, request_id: str) -> AsyncIterator[ReplicaChunk]: ...
 
 
 class ReplayImpossible(RuntimeError):
@@ -103,7 +111,8 @@ class TokenLedger:
         )
 
 
-async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2) -> AsyncIterator[GenerateTokensStreamChoice]:
+async def follow(ledger: TokenLedger, place: PlaceFn, source: ChunkSource,
+                 max_replays: int = 2) -> AsyncIterator[GenerateTokensStreamChoice]:
     """Stream a request's choices across handoffs and failures, recording each in the ledger.
 
     A placement already set on the ledger is used first (the ingress places eagerly to answer 429/503
@@ -115,13 +124,12 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2) -> A
     if ledger.placement is None:
         ledger.placement = await place(call, frozenset())
     ledger.hops.append(ledger.placement.replica_id)
-    stream = ledger.placement.replica.generate.options(num_returns="streaming").remote(call)
+    stream = source.generate(ledger.placement.replica_id, ledger.placement.replica, call)
     try:
         while not ledger.done:
             try:
                 handoff = None
-                async for ref in stream:
-                    chunk = await ref
+                async for chunk in stream:
                     if ledger.num_cached_tokens is None:
                         ledger.num_cached_tokens = chunk.num_cached_tokens
                     if chunk.handoff is not None:
@@ -141,7 +149,7 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2) -> A
                 ledger.migrations += 1
                 ledger.placement = Placement(handoff.replica_id, handoff.replica)
                 ledger.hops.append(handoff.replica_id)
-                stream = handoff.replica.attach.options(num_returns="streaming").remote(ledger.request_id)
+                stream = source.attach(handoff.replica_id, handoff.replica, ledger.request_id)
             except REPLICA_LOST as error:
                 if ledger.replays >= max_replays:
                     raise
@@ -153,7 +161,7 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2) -> A
                 ledger.replays += 1
                 ledger.placement = await place(replay, frozenset(exclude))
                 ledger.hops.append(ledger.placement.replica_id)
-                stream = ledger.placement.replica.generate.options(num_returns="streaming").remote(replay)
+                stream = source.generate(ledger.placement.replica_id, ledger.placement.replica, replay)
     finally:
         if not ledger.done and ledger.placement is not None:
             _abort_quietly(ledger)
