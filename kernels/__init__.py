@@ -16,7 +16,15 @@ See docs/kernels.md for the staging format, the layouts covered and measured ban
 from .block_copy import BlockIds, gather_blocks, gather_to_host, scatter_blocks, stack_rows
 from .layout import KVCacheLayers, KVLayout, KVLayoutError
 from .mover import BlockMover, Transfer
-from .shared_rows import SharedRows, gather_to_shared, live_files, scatter_rows, share_rows, sweep_orphans
+from .shared_rows import (
+    SharedRows,
+    gather_to_shared,
+    live_files,
+    pooled_bytes,
+    scatter_rows,
+    share_rows,
+    sweep_orphans,
+)
 
 __all__ = [
     "BlockIds",
@@ -30,6 +38,7 @@ __all__ = [
     "gather_to_host",
     "gather_to_shared",
     "live_files",
+    "pooled_bytes",
     "scatter_blocks",
     "scatter_rows",
     "share_rows",

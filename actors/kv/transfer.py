@@ -97,6 +97,12 @@ class KVChunk:
         if self.shared is not None:
             self.shared.unlink()
 
+    def recycle(self) -> None:
+        """Release the rows once no engine will read them again (the destination has scattered them): the
+        file's warm pages go to the writer's next gather (`SharedRows.recycle`)."""
+        if self.shared is not None:
+            self.shared.recycle()
+
     def to_wire(self) -> dict[str, Any]:
         """What crosses vLLM's RPCs (msgpack and pickle): the name of the rows, never their bytes."""
         if self.shared is None:
