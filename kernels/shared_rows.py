@@ -168,11 +168,6 @@ def sweep_orphans() -> int:
     return removed
 
 
-def pooled_bytes() -> int:
-    """Bytes held by every writer's pool of free row files (bounded by `POOL_BYTES` per writer)."""
-    return sum(_size(SHM_DIR / name) for name in live_files(POOL_PREFIX))
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -14,6 +14,7 @@ merged across, so the order the ledger relies on is the order the engine produce
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from rayfleet.actors.replica.protocol import DeltaBatch, ReplicaChunk, RequestDelta
@@ -53,10 +54,19 @@ def coalesce(deltas: list[RequestDelta]) -> list[RequestDelta]:
     return out
 
 
+@dataclass
+class BatchStats:
+    """How much the batching saves: stream items sent and the request deltas they carried."""
+
+    batches: int = 0
+    deltas: int = 0
+
+
 class Outbox:
     """What one reader has not received yet, per request, in the order it was produced."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: BatchStats | None = None) -> None:
+        self.stats = stats or BatchStats()
         self.pending: dict[str, list[RequestDelta]] = {}
         self.ready = asyncio.Event()
         self.requests: set[str] = set()  # requests delivering here, to abort if the reader goes away
@@ -70,6 +80,8 @@ class Outbox:
     def take(self) -> DeltaBatch:
         pending, self.pending = self.pending, {}
         self.ready.clear()
+        self.stats.batches += 1
+        self.stats.deltas += sum(len(deltas) for deltas in pending.values())
         return DeltaBatch([d for deltas in pending.values() for d in coalesce(deltas)])
 
     async def batches(self) -> AsyncIterator[DeltaBatch]:
@@ -83,9 +95,12 @@ class Outboxes:
 
     def __init__(self) -> None:
         self.by_subscriber: dict[str, Outbox] = {}
+        self.stats = BatchStats()
 
     def get(self, subscriber: str) -> Outbox:
-        return self.by_subscriber.setdefault(subscriber, Outbox())
+        if subscriber not in self.by_subscriber:
+            self.by_subscriber[subscriber] = Outbox(self.stats)
+        return self.by_subscriber[subscriber]
 
     def close(self, subscriber: str) -> set[str]:
         """Forget a reader; returns the requests that were still delivering to it."""

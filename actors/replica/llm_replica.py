@@ -179,6 +179,10 @@ class LLMReplica:
             if orphans:
                 logger.info("reader %s left; aborted its %d requests", subscriber, len(orphans))
 
+    def delta_stats(self) -> dict[str, int]:
+        """Items sent on the multiplexed streams and the request deltas (engine outputs) they carried."""
+        return asdict(self.outboxes.stats)
+
     def _start(self, call: GenerateCall) -> ActiveRequest:
         if not self.accepting or self.engine is None:
             raise ReplicaNotAccepting(f"replica {self.replica_id} is not accepting requests")
@@ -234,6 +238,8 @@ class LLMReplica:
 
         params = copy.copy(sampling_params)
         params.output_kind = RequestOutputKind.DELTA
+        # The ingress derenders the tokens itself; the engine's own detokenizer only matters for stop strings.
+        params.detokenize = bool(params.stop)
         rid = request.call.request_id
         try:
             async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
