@@ -76,7 +76,9 @@ class ReplicaStream:
                     if delta.chunk.handoff is not None:
                         return
         finally:
-            self.listeners.pop(request_id, None)
+            # A request that migrated away and back listens here again under a newer queue: keep that one.
+            if self.listeners.get(request_id) is listener:
+                del self.listeners[request_id]
 
 
 class ReplicaStreams:
