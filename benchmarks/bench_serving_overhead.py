@@ -8,6 +8,7 @@ Each contender serves the same model folder with the same engine arguments (dtyp
 1024, block size 32, 1 GiB KV, one OpenMP thread) and one replica:
   plain      python -m vllm.entrypoints.openai.api_server (what `vllm serve` runs)
   fleet      rayfleet: Ray Serve ingress (render, admit, route, ledger, derender) -> LLMReplica actor -> AsyncLLM
+  fleet_direct  the same with Serve's direct ingress: the ingress replica serves HTTP itself (no proxy hop)
              with the live-migration KV connector (the pool default)
   fleet_nomig  the same with `live_migration: false` (no KV connector in the engine)
   serve_llm  Ray Serve LLM: build_openai_app(LLMConfig) -> OpenAiIngress -> LLMServer -> AsyncLLM
@@ -331,35 +332,34 @@ def detail_tables(best: dict[str, Any], median: dict[str, Any], contenders: list
 
 
 def goal_lines(summary: dict[str, Any], rates: list[float]) -> list[str]:
-    """Issue 14's goals, fleet vs plain, on the median over rounds (and the best round beside it)."""
+    """Issue 14's goals, each fleet contender vs plain, on the median over rounds and on the best round."""
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
     lines = []
     keys = {rate_key(r) for r in rates}
     for view in ("median", "best"):
-        table, ratios = summary[view]["table"], summary[view]["ratios"].get("fleet")
-        if not ratios:
-            return []
-        name = "median of rounds" if view == "median" else "best round"
-        if "inf" in keys:
-            r = ratios["inf"]
-            cpu = [sum(table[c]["inf"]["cpu_us_per_token"].values()) for c in ("fleet", "plain")]
-            lines.append(f"{name}, saturation: fleet output tok/s {r['throughput_ratio']:.2f}x plain "
-                         f"({verdict(r['throughput_ratio'] >= 0.9)}: >= 0.9x); CPU per output token "
-                         f"{cpu[0]:.0f} vs {cpu[1]:.0f} µs = {cpu[0] / cpu[1]:.2f}x ({verdict(cpu[0] <= 1.3 * cpu[1])}: "
-                         f"<= 1.3x)")
-        if "2" in keys:
-            added = ratios["2"]["ttft_p50_added_ms"]
-            lines.append(f"{name}, 2 req/s: p50 TTFT {added:+.1f} ms over plain ({verdict(added <= 3)}: <= +3 ms)")
-        if "8" in keys:
-            tpot = ratios["8"]["tpot_p50_ratio"]
-            lines.append(f"{name}, 8 req/s: p50 TPOT {tpot:.2f}x plain ({verdict(tpot <= 1.2)}: <= 1.2x)")
-        probes = table["fleet"]["probe_ms"], table["plain"]["probe_ms"]
-        if probes[0] and probes[1]:
-            added = probes[0]["http"] - probes[1]["http"]
-            lines.append(f"{name}, idle 1-token request: {probes[0]['http']:.1f} vs {probes[1]['http']:.1f} ms, "
-                         f"{added:+.1f} ms ({verdict(added <= 3)}: <= +3 ms)")
+        table, ratios = summary[view]["table"], summary[view]["ratios"]
+        for fleet in (name for name in ("fleet", "fleet_direct") if name in ratios):
+            tag = f"{fleet}, {'median of rounds' if view == 'median' else 'best round'}"
+            if "inf" in keys:
+                r = ratios[fleet]["inf"]
+                cpu = [sum(table[c]["inf"]["cpu_us_per_token"].values()) for c in (fleet, "plain")]
+                lines.append(f"{tag}, saturation: output tok/s {r['throughput_ratio']:.2f}x plain "
+                             f"({verdict(r['throughput_ratio'] >= 0.9)}: >= 0.9x); CPU per output token "
+                             f"{cpu[0]:.0f} vs {cpu[1]:.0f} µs = {cpu[0] / cpu[1]:.2f}x "
+                             f"({verdict(cpu[0] <= 1.3 * cpu[1])}: <= 1.3x)")
+            if "2" in keys:
+                added = ratios[fleet]["2"]["ttft_p50_added_ms"]
+                lines.append(f"{tag}, 2 req/s: p50 TTFT {added:+.1f} ms over plain ({verdict(added <= 3)}: <= +3 ms)")
+            if "8" in keys:
+                tpot = ratios[fleet]["8"]["tpot_p50_ratio"]
+                lines.append(f"{tag}, 8 req/s: p50 TPOT {tpot:.2f}x plain ({verdict(tpot <= 1.2)}: <= 1.2x)")
+            probes = table[fleet]["probe_ms"], table["plain"]["probe_ms"]
+            if probes[0] and probes[1]:
+                added = probes[0]["http"] - probes[1]["http"]
+                lines.append(f"{tag}, idle 1-token request: {probes[0]['http']:.1f} vs {probes[1]['http']:.1f} ms, "
+                             f"{added:+.1f} ms ({verdict(added <= 3)}: <= +3 ms)")
     return lines
 
 
