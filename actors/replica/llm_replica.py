@@ -172,12 +172,10 @@ class LLMReplica:
             async for batch in self.outboxes.get(subscriber).batches():
                 yield batch
         finally:
-            orphans = self.outboxes.close(subscriber)
-            for request_id in orphans:
-                if request_id in self.requests and self.engine is not None:
-                    await self.engine.abort(request_id)
-            if orphans:
-                logger.info("reader %s left; aborted its %d requests", subscriber, len(orphans))
+            orphans = [rid for rid in self.outboxes.close(subscriber) if rid in self.requests]
+            if orphans and self.engine is not None:
+                logger.info("reader %s left; aborting its %d requests", subscriber, len(orphans))
+                await self.engine.abort(orphans)
 
     def delta_stats(self) -> dict[str, int]:
         """Items sent on the multiplexed streams and the request deltas (engine outputs) they carried."""
