@@ -32,11 +32,12 @@ logger = logging.getLogger("rayfleet.migration")
 
 @dataclass(frozen=True)
 class Destination:
-    """The replica a request moves to: its id, its actor handle, and the Ray node it runs on."""
+    """The replica a request moves to: its id, its actor handle, the Ray node it runs on and the GPUs it sees."""
 
     replica_id: str
     handle: Any
     node_id: str
+    gpu_uuids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,17 @@ class SourceMigration:
     """One migration of `request` from this replica (`src_id`, on `src_node_id`) to `dst`."""
 
     def __init__(self, request: ActiveRequest, migrator: EngineKVMigrator, block_size: int, src_id: str,
-                 src_node_id: str, dst: Destination, migration_id: str, mode: str, limits: MigrationLimits):
+                 src_node_id: str, src_gpu_uuid: str | None, dst: Destination, migration_id: str, mode: str,
+                 limits: MigrationLimits):
         self.request = request
         self.migrator = migrator
         self.block_size = block_size
         self.src_id = src_id
         self.src_node_id = src_node_id
         self.dst = dst
+        # GPU to GPU by CUDA IPC when the destination sees the source's GPU; else host-staged rows, which
+        # travel by name on one node and by value to another.
+        self.transport = "device" if src_gpu_uuid is not None and src_gpu_uuid in dst.gpu_uuids else "host"
         self.migration_id = migration_id
         self.mode = mode
         self.limits = limits
@@ -103,10 +108,8 @@ class SourceMigration:
         finally:
             # Every stage that maps the chunks' rows has returned by now (the engines hold mappings). After a
             # handoff the destination has scattered them (its first token is out), so their pages can serve
-            # the next export; otherwise a local resume may still read them, and they are unlinked.
-            migrated = result is not None and result.handoff is not None
-            for chunk in self.chunks:
-                chunk.recycle() if migrated else chunk.release()
+            # the next export; otherwise a local resume may still read them.
+            await self.migrator.release(self.chunks, recycle=result is not None and result.handoff is not None)
 
     async def _run(self) -> MigrationResult:
         try:
@@ -150,7 +153,7 @@ class SourceMigration:
         sent = 0
         for _ in range(self.limits.max_stages):
             try:
-                chunk = await self.migrator.export_complete_blocks(self.request_id, sent)
+                chunk = await self.migrator.export_complete_blocks(self.request_id, sent, self.transport)
             except KVRequestNotFoundError:
                 raise MigrationOutcome("finished_on_source", "the request finished during pre-copy") from None
             self.stages += 1
@@ -165,7 +168,7 @@ class SourceMigration:
         self.request.leaving = True
         self.last_source_token_at = self.request.last_token_wall
         sent = self.chunks[-1].end_block if self.chunks else 0
-        final = await self.migrator.stop_and_export(self.request_id, sent)
+        final = await self.migrator.stop_and_export(self.request_id, sent, transport=self.transport)
         if final is None:
             self.request.leaving = False
             raise MigrationOutcome("finished_on_source", "the request finished before the final stage")

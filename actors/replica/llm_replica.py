@@ -79,6 +79,7 @@ class LLMReplica:
         self.engine = None
         self.migrator = None  # set with live migration
         self.kv_rpc = None  # the connector's worker RPCs, whenever the connector is installed
+        self.gpu_uuids: tuple[str, ...] = ()  # GPUs the engine's worker sees, its own first (migration by CUDA IPC)
         self.accepting = False
         self.load_stats = EngineLoad()
         self.requests: dict[str, ActiveRequest] = {}
@@ -110,6 +111,7 @@ class LLMReplica:
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.load_stats)])
         if connector:
             self.kv_rpc = EngineKVMigrator(self.engine)
+            self.gpu_uuids = tuple(await self.kv_rpc.gpu_uuids())
         if self.live_migration:
             self.migrator = self.kv_rpc
         self.accepting = True
@@ -126,6 +128,7 @@ class LLMReplica:
             "kv_blocks_total": int(config.cache_config.num_gpu_blocks or 0),
             "kv_block_size": int(config.cache_config.block_size),
             "max_model_len": int(config.model_config.max_model_len),
+            "gpu_uuids": list(self.gpu_uuids),
             "pid": os.getpid(),
             # Set by the Helm chart on KubeRay Pods: which Pod (and worker group) a drained replica frees.
             "pod": os.environ.get("RAYFLEET_POD_NAME", ""),
@@ -302,8 +305,9 @@ class LLMReplica:
             return asdict(MigrationRecord(migration_id=migration_id, request_id=request_id, src=self.replica_id,
                                           dst=dst.replica_id, mode=mode, outcome="failed", reason=why,
                                           started_at=time.time()))
-        migration = SourceMigration(request, self.migrator, self.kv_block_size, self.replica_id, _node_id(), dst,
-                                    migration_id, mode, self.migration_limits)
+        gpus = self.gpu_uuids
+        migration = SourceMigration(request, self.migrator, self.kv_block_size, self.replica_id, _node_id(),
+                                    gpus[0] if gpus else None, dst, migration_id, mode, self.migration_limits)
         result = await migration.run()
         if result.handoff is not None:
             self.hand_off(request, result.handoff)
@@ -415,3 +419,4 @@ def _node_id() -> str:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # outside Ray (unit use)
         return ""
+
