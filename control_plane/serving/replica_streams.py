@@ -15,6 +15,7 @@ sent, so no delta can arrive for a request nobody listens to yet.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import uuid
@@ -35,12 +36,14 @@ class ReplicaStream:
         self.subscriber = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.listeners: dict[str, asyncio.Queue[RequestDelta]] = {}
         self.failure: BaseException | None = None
-        self.reader = asyncio.create_task(self._read(replica.deltas.options(num_returns="streaming")
-                                                     .remote(self.subscriber)))
+        # A fresh context: the stream must not belong to the request that happens to open it. Ray counts a
+        # call made inside a request's actor task as that task's child, and Serve cancels a request whose
+        # client left recursively, which would end the stream of every request on the replica.
+        self.reader = asyncio.create_task(self._read(), context=contextvars.Context())
 
-    async def _read(self, stream) -> None:
+    async def _read(self) -> None:
         try:
-            async for ref in stream:
+            async for ref in self.replica.deltas.options(num_returns="streaming").remote(self.subscriber):
                 for delta in (await ref).deltas:
                     listener = self.listeners.get(delta.request_id)
                     if listener is not None:  # else the client left: the request was aborted
