@@ -54,6 +54,7 @@ async def test_concurrent_streams_match_their_non_streamed_outputs_exactly(fleet
 
 
 async def test_a_client_leaving_mid_batch_aborts_only_its_request(fleet, async_client):
+    """A disconnect aborts the request in the engine, while its neighbours on the shared stream finish."""
     async def leave_after_three_chunks() -> None:
         stream = await async_client.chat.completions.create(model="tiny-a", messages=prompt(99), max_tokens=900,
                                                             stream=True, **GREEDY)

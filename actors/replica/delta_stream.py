@@ -62,6 +62,23 @@ class BatchStats:
     deltas: int = 0
 
 
+async def read_chunks(queue: asyncio.Queue[RequestDelta]) -> AsyncIterator[ReplicaChunk]:
+    """A request's chunks from its queue of deltas, up to its end, error (raised) or handoff (the last chunk);
+    what queued up while the reader was busy comes merged, so it is derendered as one chunk."""
+    while True:
+        deltas = [await queue.get()]
+        while not queue.empty():
+            deltas.append(queue.get_nowait())
+        for delta in coalesce(deltas):
+            if delta.error is not None:
+                raise delta.error
+            if delta.chunk is None:
+                return
+            yield delta.chunk
+            if delta.chunk.handoff is not None:
+                return
+
+
 class Outbox:
     """What one reader has not received yet, per request, in the order it was produced."""
 

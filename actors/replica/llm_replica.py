@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator
 
 from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migration_engine_kwargs
 from rayfleet.actors.replica.active_request import ActiveRequest
-from rayfleet.actors.replica.delta_stream import Outboxes, coalesce
+from rayfleet.actors.replica.delta_stream import Outboxes, read_chunks
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
 from rayfleet.actors.replica.engine_stats import EngineLoad, stat_logger_factory
 from rayfleet.actors.kv.store_config import KVStoreConfig
@@ -220,18 +220,8 @@ class LLMReplica:
     async def _drain(self, request: ActiveRequest) -> AsyncIterator[ReplicaChunk]:
         """Yield the request's chunks; when the reader lags, what has queued up goes out as one chunk
         (merging only what is already queued adds no latency when the reader keeps up)."""
-        while True:
-            deltas = [await request.queue.get()]
-            while not request.queue.empty():
-                deltas.append(request.queue.get_nowait())
-            for delta in coalesce(deltas):
-                if delta.error is not None:
-                    raise delta.error
-                if delta.chunk is None:
-                    return
-                yield delta.chunk
-                if delta.chunk.handoff is not None:
-                    return
+        async for chunk in read_chunks(request.queue):
+            yield chunk
 
     async def _pump(self, request: ActiveRequest, prompt_token_ids: list[int], sampling_params) -> None:
         """Run the request in the engine and feed its queue; leaves the queue open when it moves out."""

@@ -21,7 +21,7 @@ import os
 import uuid
 from typing import AsyncIterator, Awaitable, Callable
 
-from rayfleet.actors.replica.delta_stream import coalesce
+from rayfleet.actors.replica.delta_stream import read_chunks
 from rayfleet.actors.replica.protocol import GenerateCall, ReplicaChunk, ReplicaNotAccepting, RequestDelta
 
 logger = logging.getLogger("rayfleet.ingress")
@@ -66,18 +66,8 @@ class ReplicaStream:
         listener = self.listeners[request_id] = asyncio.Queue()
         try:
             await start(self.subscriber)
-            while True:
-                deltas = [await listener.get()]
-                while not listener.empty():  # this reader lagged: derender what queued up as one chunk
-                    deltas.append(listener.get_nowait())
-                for delta in coalesce(deltas):
-                    if delta.error is not None:
-                        raise delta.error
-                    if delta.chunk is None:
-                        return
-                    yield delta.chunk
-                    if delta.chunk.handoff is not None:
-                        return
+            async for chunk in read_chunks(listener):
+                yield chunk
         finally:
             # A request that migrated away and back listens here again under a newer queue: keep that one.
             if self.listeners.get(request_id) is listener:
