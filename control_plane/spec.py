@@ -190,14 +190,24 @@ def load_spec(path: str | Path) -> FleetSpec:
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
     spec = parse_spec(data)
-    return spec.model_copy(update={"pools": [_resolve_model_path(pool, path.parent) for pool in spec.pools]})
+    pools = [pool.model_copy(update={"model": _resolve_path(pool.model, path.parent, f"pools[{pool.name}].model")})
+             for pool in spec.pools]
+    # Policy parameters that are paths (e.g. the chimera router's table) resolve the same way, here, because
+    # the policies run in other processes (the ingress, the controller) that have neither the variables nor
+    # the spec's folder.
+    policies = {kind: ref.model_copy(update={"params": {
+        key: _resolve_path(value, path.parent, f"policies.{kind}.params.{key}")
+        if isinstance(value, str) and ("$" in value or value.startswith(("./", "../"))) else value
+        for key, value in ref.params.items()}})
+        for kind in ("router", "admission", "scaler", "migration") if (ref := getattr(spec.policies, kind))}
+    return spec.model_copy(update={"pools": pools, "policies": spec.policies.model_copy(update=policies)})
 
 
-def _resolve_model_path(pool: PoolSpec, base: Path) -> PoolSpec:
-    """`$VARS` in a model path are expanded; `./x` and `../x` are relative to the spec file."""
-    model = os.path.expandvars(pool.model)
-    if "$" in model:
-        raise SpecError(f"pools[{pool.name}].model: environment variable not set in '{pool.model}'")
-    if model.startswith(("./", "../")):
-        model = str((base / model).resolve())
-    return pool.model_copy(update={"model": model})
+def _resolve_path(value: str, base: Path, field: str) -> str:
+    """`$VARS` are expanded; `./x` and `../x` are relative to the spec file."""
+    resolved = os.path.expandvars(value)
+    if "$" in resolved:
+        raise SpecError(f"{field}: environment variable not set in '{value}'")
+    if resolved.startswith(("./", "../")):
+        resolved = str((base / resolved).resolve())
+    return resolved

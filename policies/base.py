@@ -147,6 +147,9 @@ class RequestInfo:
     workflow_stage: str | None = None
     arrival_time: float = field(default_factory=time.time)
     exclude_replicas: frozenset[str] = frozenset()  # e.g. the replica that just failed this request
+    embedding: tuple[float, ...] | None = None  # prompt embedding, for routers with `needs_embeddings`
+    latency_weight: float | None = None  # lambda: quality points one second of latency is worth (None: spec's)
+    latency_slo_s: float | None = None  # best quality within this predicted latency, instead of lambda
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,18 @@ class RoutingDecision:
     pool: str
     replica_id: str
     reason: str = ""
+    predicted_output_tokens: int | None = None  # the router's length prediction (the replica's backlog uses it)
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """A finished request, as the ingress tells a learning router."""
+
+    request_id: str
+    pool: str
+    replica_id: str
+    output_tokens: int
+    latency_s: float
 
 
 class NoReplicaAvailable(RuntimeError):
@@ -186,6 +201,25 @@ class MigrationDecision:
 class Router(Protocol):
     def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
         """Pick a pool and a routable replica; raise NoReplicaAvailable when none fits."""
+
+
+@runtime_checkable
+class LearningRouter(Router, Protocol):
+    """A router that learns from outcomes (Chimera). With `needs_embeddings` the ingress embeds each `auto`
+    request's prompt into `RequestInfo.embedding`, and the offline table's prompts once at start."""
+
+    needs_embeddings: bool
+
+    def table_prompts(self) -> list[str]: ...
+
+    def fit_table(self, embeddings) -> None: ...
+
+    def observe(self, outcome: RequestOutcome) -> None: ...
+
+    def feedback(self, request_id: str, score: float) -> bool:
+        """Learn a verdict on a routed request; False when the request is unknown to the router."""
+
+    def explain(self, limit: int = 20) -> list[dict]: ...
 
 
 @runtime_checkable

@@ -1,4 +1,4 @@
-"""Built-in routers: round robin, and least load by tokens in flight.
+"""Built-in routers: random, round robin, least load by tokens in flight, and one fixed pool.
 
 A router sees the request and a fleet snapshot and names a pool and a replica. `model=auto` (no pool named)
 lets it choose the pool too; the built-ins then take every pool as a candidate, which Chimera-style routers
@@ -7,7 +7,9 @@ refine with predicted quality and length.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import random
 
 from rayfleet.policies.base import (
     FleetSnapshot,
@@ -29,6 +31,17 @@ def candidates(request: RequestInfo, snapshot: FleetSnapshot) -> list[ReplicaSna
         where = f"pool '{request.pool}'" if request.pool else "the fleet"
         raise NoReplicaAvailable(f"no ready replica in {where}")
     return found
+
+
+class RandomRouter:
+    """A uniformly random candidate (seeded); the baseline that knows nothing."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
+        chosen = self._rng.choice(sorted(candidates(request, snapshot), key=lambda r: r.replica_id))
+        return RoutingDecision(pool=chosen.pool, replica_id=chosen.replica_id, reason="random")
 
 
 class RoundRobinRouter:
@@ -60,3 +73,16 @@ class LeastLoadRouter:
         chosen = min(candidates(request, snapshot), key=lambda r: (self.load(r), r.replica_id))
         return RoutingDecision(pool=chosen.pool, replica_id=chosen.replica_id,
                                reason=f"least_load ({self.load(chosen):.0f} tokens)")
+
+
+class FixedPoolRouter:
+    """`model=auto` always goes to one pool (e.g. the most accurate model: `best_model_only`), least load inside."""
+
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+        self._least_load = LeastLoadRouter()
+
+    def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
+        pinned = request if request.pool is not None else dataclasses.replace(request, pool=self.pool)
+        decision = self._least_load.route(pinned, snapshot)
+        return dataclasses.replace(decision, reason=f"fixed pool {decision.pool}")

@@ -16,6 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAYFLEET_DEMO_MODELS", str(REPO / ".demo-models"))
+os.environ.setdefault("RAYFLEET_TASK_MODELS", str(REPO / "actors" / "tasks" / "trained"))
 API_KEY = "test-key-1"
 
 

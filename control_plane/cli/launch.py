@@ -100,7 +100,10 @@ def _wait_with_progress(handle, spec, wait_s: float) -> dict:
 def load_any_spec(path: str | None):
     from rayfleet.control_plane.spec import SpecError, load_spec
 
+    from rayfleet.actors.tasks import TRAINED_MODELS_DIR
+
     os.environ.setdefault("RAYFLEET_DEMO_MODELS", str(Path(DEFAULT_DEMO_MODELS).resolve()))
+    os.environ.setdefault("RAYFLEET_TASK_MODELS", str(TRAINED_MODELS_DIR))
     try:
         return load_spec(path or str(DEMO_SPEC))
     except SpecError as error:
@@ -115,6 +118,25 @@ def ensure_demo_models(spec) -> None:
     if any(Path(p.model).parent == demo_dir and not Path(p.model).exists() for p in spec.pools):
         logger.info("building demo models in %s", demo_dir)
         build_demo_models(demo_dir, DEMO_MODELS)
+
+
+def routing_decisions(limit: int) -> dict:
+    """The ingress' recent routing decisions, over a Serve handle (no URL or API key needed)."""
+    from ray import serve
+
+    return serve.get_app_handle("rayfleet").routing_decisions.remote(limit).result(timeout_s=30)
+
+
+def render_routing(routing: dict) -> str:
+    lines = [f"router {routing['router']}: last {len(routing['decisions'])} decisions"]
+    for d in routing["decisions"]:
+        stage = f" workflow {d['workflow_id']} stage {d['workflow_stage']}" if d.get("workflow_id") else ""
+        lines.append(f"  {d['request_id']} -> {d['pool']} / {d['replica_id']}: {d['why']}{stage}")
+        for c in d["candidates"]:
+            lines.append(f"      {c['pool']:<14} quality {c['quality']:.2f}  length {c['output_tokens']:6.1f}  "
+                         f"latency {1e3 * c['latency_s']:7.1f} ms  backlog {c['backlog_tokens']:>5}  "
+                         f"objective {c['objective']:+.3f}")
+    return "\n".join(lines)
 
 
 def render_status(status: dict) -> str:

@@ -14,7 +14,9 @@ from rayfleet.control_plane.cli.launch import (
     deploy,
     ensure_demo_models,
     load_any_spec,
+    render_routing,
     render_status,
+    routing_decisions,
 )
 
 
@@ -33,10 +35,14 @@ def cmd_status(args) -> None:
 
     connect(args.address, start_local=False)
     status = ray.get(controller().status.remote())
+    if args.routing:
+        status["routing"] = routing_decisions(args.routing)
     if args.json:
         print(json.dumps(status, indent=2))
         return
     print(render_status(status))
+    if args.routing:
+        print(render_routing(status["routing"]))
 
 
 def cmd_scale(args) -> None:
@@ -113,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="pools, replicas, load, recent migrations")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--routing", type=int, nargs="?", const=10, default=0, metavar="N",
+                        help="also the router's last N decisions (default 10) with each candidate's predicted "
+                             "quality, length and latency")
     status.set_defaults(func=cmd_status)
 
     scale = sub.add_parser("scale", help="set a pool's replica count (drains replicas on scale-down)")
@@ -141,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the quick start: demo fleet + sample workload, then results")
     demo.add_argument("--spec", help="fleet spec (default: the embedded CPU demo)")
-    demo.add_argument("--requests", type=int, default=24, help="sample workload size (default 24)")
-    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--requests", type=int, default=24, help="task questions to ask (default 24)")
+    demo.add_argument("--max-tokens", type=int, default=16)
     demo.add_argument("--keep-serving", action="store_true", help="stay up after the workload (Ctrl-C stops)")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -22,7 +22,9 @@ class AdminRoutes(FleetGateway):
     @router.get("/v1/fleet/status")
     async def fleet_status(self, request: Request) -> JSONResponse:
         authenticate(self, request)
-        return JSONResponse(await self.controller.status.remote())
+        status = await self.controller.status.remote()
+        status["routing"] = self.routing_decisions(10)
+        return JSONResponse(status)
 
     @router.post("/v1/fleet/scale")
     async def fleet_scale(self, request: Request) -> JSONResponse:

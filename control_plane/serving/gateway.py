@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator
 import ray
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 
+from rayfleet.actors.embedding.embedder import get_or_create_embedder
 from rayfleet.actors.replica.protocol import GenerateCall
 from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
@@ -26,7 +27,15 @@ from rayfleet.control_plane.serving.rendering import PoolRenderer
 from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
 from rayfleet.control_plane.spec import FleetSpec, parse_spec
 from rayfleet.policies import registry
-from rayfleet.policies.base import AdmissionVerdict, FleetSnapshot, NoReplicaAvailable, RequestInfo
+from rayfleet.policies.base import (
+    AdmissionVerdict,
+    FleetSnapshot,
+    LearningRouter,
+    NoReplicaAvailable,
+    RequestInfo,
+    RequestOutcome,
+    RoutingDecision,
+)
 
 logger = logging.getLogger("rayfleet.ingress")
 
@@ -38,17 +47,21 @@ def overlay_local_load(snapshot: FleetSnapshot, ledgers: dict[str, TokenLedger])
     """The controller's view is up to one tick old; this ingress knows its own in-flight requests now."""
     tokens: dict[str, int] = {}
     requests: dict[str, int] = {}
+    remaining: dict[str, int] = {}  # decode work still expected: predicted length (else max_tokens) - output
     for ledger in ledgers.values():
         if ledger.placement is not None:
             rid = ledger.placement.replica_id
             tokens[rid] = tokens.get(rid, 0) + len(ledger.call.prompt_token_ids) + ledger.output_tokens
             requests[rid] = requests.get(rid, 0) + 1
+            expected = ledger.call.predicted_output_tokens or ledger.call.sampling_params.max_tokens or 0
+            remaining[rid] = remaining.get(rid, 0) + max(expected - ledger.output_tokens, 0)
     pools = {}
     for name, pool in snapshot.pools.items():
         replicas = tuple(
             dataclasses.replace(
                 r,
                 tokens_in_flight=max(r.tokens_in_flight, tokens.get(r.replica_id, 0)),
+                predicted_remaining_tokens=max(r.predicted_remaining_tokens, remaining.get(r.replica_id, 0)),
                 num_running=max(r.num_running + r.num_waiting, requests.get(r.replica_id, 0)) - r.num_waiting,
             )
             for r in pool.replicas
@@ -76,6 +89,10 @@ class FleetGateway:
                           for pool in self.spec.pools}
         self._renderers_started = asyncio.Lock()
         self._started = False
+        # A learning router (Chimera) gets outcomes; one that needs embeddings gets the fleet's embedder.
+        self.learning_router = self.router if isinstance(self.router, LearningRouter) else None
+        self.embedder = None
+        self._router_started = asyncio.Lock()
         self._view: tuple[FleetSnapshot, dict[str, Any]] | None = None
         self._view_at = 0.0
         self.ledgers: dict[str, TokenLedger] = {}
@@ -88,6 +105,37 @@ class FleetGateway:
             if not self._started:
                 await asyncio.gather(*(r.start() for r in self.renderers.values()))
                 self._started = True
+
+    async def ensure_router(self) -> None:
+        """Start the embedder and fit the router's offline table (once, on the first request that needs it)."""
+        router = self.learning_router
+        if router is None or not router.needs_embeddings or self.embedder is not None:
+            return
+        async with self._router_started:
+            if self.embedder is None:
+                embedder = get_or_create_embedder(NAMESPACE)
+                prompts = router.table_prompts()
+                if prompts:
+                    router.fit_table(await embedder.embed.remote(prompts))
+                logger.info("router %s: %d table rows embedded", self.spec.policies.router.name, len(prompts))
+                self.embedder = embedder
+
+    async def embed(self, text: str) -> tuple[float, ...] | None:
+        """The prompt's embedding for the router; None (the router falls back to priors) if the embedder fails."""
+        if self.embedder is None or not text:
+            return None
+        try:
+            [vector] = await self.embedder.embed.remote([text])
+        except Exception:
+            logger.exception("prompt embedding failed; routing on priors")
+            return None
+        return tuple(vector.tolist())
+
+    def routing_decisions(self, limit: int = 20) -> dict:
+        """The router's recent decisions with each candidate's predictions (also called over a Serve handle
+        by `rayfleet status --routing`)."""
+        decisions = self.learning_router.explain(limit) if self.learning_router is not None else []
+        return {"router": self.spec.policies.router.name, "decisions": decisions}
 
     async def fleet_view(self, fresh: bool = False) -> tuple[FleetSnapshot, dict[str, Any]]:
         if fresh or self._view is None or time.monotonic() - self._view_at > VIEW_TTL_S:
@@ -116,8 +164,8 @@ class FleetGateway:
                            max_tokens=call.sampling_params.max_tokens or 0, priority=call.priority,
                            workflow_id=call.workflow_id, prompt_token_ids=tuple(call.prompt_token_ids))
 
-    async def admit_and_place(self, info: RequestInfo) -> tuple[Placement, str]:
-        """Admission (queue, 429 or 503) then routing; returns the placement and the chosen pool."""
+    async def admit_and_place(self, info: RequestInfo) -> tuple[Placement, RoutingDecision]:
+        """Admission (queue, 429 or 503) then routing; returns the placement and the router's decision."""
         deadline = time.monotonic() + self.spec.ingress.request_timeout_s
         while True:
             snapshot, handles = await self.fleet_view()
@@ -145,7 +193,7 @@ class FleetGateway:
         handle = handles.get(decision.replica_id)
         if handle is None:
             raise NoReplicaAvailable(f"router chose {decision.replica_id}, which is no longer ready")
-        return Placement(decision.replica_id, handle), decision.pool
+        return Placement(decision.replica_id, handle), decision
 
     def open_ledger(self, call: GenerateCall, placement: Placement | None) -> TokenLedger:
         ledger = TokenLedger(call=call, placement=placement)
@@ -169,6 +217,10 @@ class FleetGateway:
                 yield choice
         finally:
             self.ledgers.pop(ledger.request_id, None)
+            if self.learning_router is not None and ledger.done and ledger.hops:
+                self.learning_router.observe(RequestOutcome(
+                    request_id=ledger.request_id, pool=pool, replica_id=ledger.hops[-1],
+                    output_tokens=ledger.output_tokens, latency_s=time.monotonic() - ledger.started_at))
             if ledger.migrations or ledger.replays:
                 logger.info("request %s finished after %d migrations and %d replays over %s",
                             ledger.request_id, ledger.migrations, ledger.replays, " -> ".join(ledger.hops))

@@ -13,18 +13,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from rayfleet.control_plane.serving import admin_api, openai_api
+from rayfleet.control_plane.serving import admin_api, openai_api, routing_api
 from rayfleet.control_plane.serving.admin_api import AdminRoutes
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError, error_response_json
 from rayfleet.control_plane.serving.grpc_servicer import GrpcServicer
 from rayfleet.control_plane.serving.openai_api import OpenAIRoutes
 from rayfleet.control_plane.serving.rendering import RenderError
+from rayfleet.control_plane.serving.routing_api import RoutingRoutes
 
 logger = logging.getLogger("rayfleet.ingress")
 
 app = FastAPI(title="rayfleet", description="OpenAI-compatible endpoint of a rayfleet LLM fleet")
 app.include_router(openai_api.router)
 app.include_router(admin_api.router)
+app.include_router(routing_api.router)
 
 
 @app.exception_handler(OpenAIHTTPError)
@@ -52,5 +54,5 @@ INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 @serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": INGRESS_ENV}},
                   max_ongoing_requests=2048)
 @serve.ingress(app)
-class OpenAIIngress(OpenAIRoutes, AdminRoutes, GrpcServicer):
+class OpenAIIngress(OpenAIRoutes, AdminRoutes, RoutingRoutes, GrpcServicer):
     """The fleet's endpoint; constructed from the fleet spec as a dict (`FleetSpec.model_dump()`)."""

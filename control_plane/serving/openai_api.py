@@ -9,7 +9,9 @@ replica produced a token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import time
 from typing import Any, AsyncIterator
 
@@ -31,6 +33,10 @@ from rayfleet.policies.base import RequestInfo
 router = APIRouter()
 
 HTTP_KEY_HINT = "'Authorization: Bearer <key>'"
+# Per-request routing objective (Chimera): lambda in quality points per second, or a latency SLO.
+LATENCY_WEIGHT_HEADER = "x-rayfleet-latency-weight"
+LATENCY_SLO_HEADER = "x-rayfleet-latency-slo-ms"
+ROUTE_HEADER = "x-rayfleet-route"  # response header: the pool that answered and why the router chose it
 
 
 def authenticate(gateway: FleetGateway, request: Request) -> None:
@@ -45,6 +51,34 @@ async def json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise OpenAIHTTPError(400, "request body must be a JSON object", "invalid_request_error")
     return body
+
+
+def header_number(request: Request, name: str) -> float | None:
+    """A non-negative number from a request header; a 400 naming the header otherwise."""
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise OpenAIHTTPError(400, f"header {name} must be a finite number >= 0, got {raw!r}",
+                              "invalid_request_error", param=name)
+    return value
+
+
+def embedding_text(body: dict[str, Any]) -> str:
+    """What the router embeds: the last user message of a chat request, or a completion's prompt."""
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # content parts: their text
+                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return content if isinstance(content, str) else ""
+    return ""
 
 
 class OpenAIRoutes(FleetGateway):
@@ -99,16 +133,26 @@ class OpenAIRoutes(FleetGateway):
             raise OpenAIHTTPError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
                                   "invalid_request_error", param=".".join(map(str, first["loc"])) or None)
         info = self._request_info(rendered[0], pool, request, body)
-        placement, chosen_pool = await self.admit_and_place(info)
-        if chosen_pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
-            renderer = self.renderers[chosen_pool]
+        if pool is None and self.learning_router is not None and self.learning_router.needs_embeddings:
+            await self.ensure_router()
+            info = dataclasses.replace(info, embedding=await self.embed(embedding_text(body)))
+        placement, decision = await self.admit_and_place(info)
+        if decision.pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
+            renderer = self.renderers[decision.pool]
+            ids = [r.request_id for r in rendered]
             rendered = await renderer.render(kind, body)
+            for r, request_id in zip(rendered, ids):  # keep the id the router knows (feedback names it)
+                r.generate.request_id = request_id
         # Ledgers open now, not when the stream starts: admission of the next request must count this one.
-        ledgers = [self.open_ledger(self._call(r, info), placement if i == 0 else None)
+        ledgers = [self.open_ledger(self._call(r, info, decision.predicted_output_tokens),
+                                    placement if i == 0 else None)
                    for i, r in enumerate(rendered)]
+        headers = {ROUTE_HEADER: f"{decision.pool}; {decision.reason}"}
         if rendered[0].generate.stream:
-            return StreamingResponse(self._stream(renderer, rendered, ledgers), media_type="text/event-stream")
-        return JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True))
+            return StreamingResponse(self._stream(renderer, rendered, ledgers), media_type="text/event-stream",
+                                     headers=headers)
+        return JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True),
+                            headers=headers)
 
     @staticmethod
     def _request_info(rendered: RenderedRequest, pool: str | None, request: Request,
@@ -125,13 +169,15 @@ class OpenAIRoutes(FleetGateway):
             priority=int(body.get("priority") or 0),
             workflow_id=request.headers.get("x-rayfleet-workflow-id"),
             workflow_stage=request.headers.get("x-rayfleet-workflow-stage"),
+            latency_weight=header_number(request, LATENCY_WEIGHT_HEADER),
+            latency_slo_s=None if (slo_ms := header_number(request, LATENCY_SLO_HEADER)) is None else slo_ms / 1e3,
         )
 
     @staticmethod
-    def _call(rendered: RenderedRequest, info: RequestInfo) -> GenerateCall:
+    def _call(rendered: RenderedRequest, info: RequestInfo, predicted_output_tokens: int | None) -> GenerateCall:
         return GenerateCall(request_id=rendered.request_id, prompt_token_ids=rendered.prompt_token_ids,
                             sampling_params=rendered.generate.sampling_params, priority=info.priority,
-                            workflow_id=info.workflow_id)
+                            workflow_id=info.workflow_id, predicted_output_tokens=predicted_output_tokens)
 
     async def _stream(self, renderer: PoolRenderer, rendered: list[RenderedRequest],
                       ledgers: list[TokenLedger]) -> AsyncIterator[str]:
