@@ -19,7 +19,14 @@ from .block_copy import BlockIds, gather_blocks, gather_to_host, scatter_blocks,
 from .device_rows import DeviceRows, gather_to_device, visible_gpu_uuids
 from .layout import KVCacheLayers, KVLayout, KVLayoutError
 from .mover import BlockMover, Transfer
-from .shared_rows import SharedRows, gather_to_shared, live_files, scatter_rows, share_rows, sweep_orphans
+from .shared_rows import (
+    SharedRows,
+    gather_to_shared,
+    live_files,
+    scatter_rows,
+    share_rows,
+    sweep_orphans,
+)
 
 __all__ = [
     "BlockIds",

@@ -11,6 +11,14 @@ Files live in /dev/shm (tmpfs: memory, never disk). The process that asked for t
 unlinks them when done; a mapping stays valid after the unlink, so a process that mapped the rows may keep
 reading them. A file's name carries the pid of the process that wrote it, so `sweep_orphans` can remove the
 files of a process that died before its owner unlinked them.
+
+Fresh tmpfs pages cost more than the copy into them: the kernel allocates and zeroes each 4 KiB page on its
+first write fault (a gather into a new file ran at ~1 GB/s here, into pages already allocated at ~3 GB/s;
+MAP_POPULATE only moves that cost into mmap). So an owner that knows no process will read the rows again
+`recycle`s the file instead of unlinking it: it is renamed into its writer's pool, and the writer's next
+`allocate` renames it back under a new name, pages still allocated. The pool is bounded per writer process
+(`RAYFLEET_KV_POOL_BYTES`, default 512 MiB; 0 disables it), and pool files of a dead writer are swept like
+any other orphan.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from .layout import KVCacheLayers
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "rayfleet-kv-"
+POOL_PREFIX = "rayfleet-kvpool-"  # free files with warm pages, `POOL_PREFIX<writer pid>-<id>`
+POOL_BYTES = int(os.environ.get("RAYFLEET_KV_POOL_BYTES", str(512 << 20)))
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class SharedRows:
         rows = cls(f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}", num_rows, row_bytes)
         if rows.nbytes == 0:
             return rows, torch.empty((0, row_bytes), dtype=torch.uint8)
+        _take_pooled(rows.path, rows.nbytes)
         return rows, _map(rows.path, rows.nbytes).view(num_rows, row_bytes)
 
     @property
@@ -70,6 +81,41 @@ class SharedRows:
         """Remove the file; mappings already made stay readable until dropped."""
         if self.nbytes:
             self.path.unlink(missing_ok=True)
+
+    def recycle(self) -> None:
+        """Give the file to its writer's pool for its next `allocate` (warm pages), or unlink it when the pool
+        is full. Only when no process will read these rows again: the next gather overwrites them."""
+        writer = self.name[len(PREFIX):].split("-", 1)[0]
+        pooled = [SHM_DIR / name for name in live_files(f"{POOL_PREFIX}{writer}-")]
+        held = sum(_size(path) for path in pooled)
+        if not self.nbytes or held + self.nbytes > POOL_BYTES:
+            self.unlink()
+            return
+        try:
+            os.rename(self.path, SHM_DIR / f"{POOL_PREFIX}{writer}-{uuid.uuid4().hex[:16]}")
+        except FileNotFoundError:  # already unlinked
+            pass
+
+
+def _take_pooled(path: Path, nbytes: int) -> bool:
+    """Rename the largest free file of this process' pool to `path`, sized to `nbytes`; False if none."""
+    pooled = sorted((SHM_DIR / name for name in live_files(f"{POOL_PREFIX}{os.getpid()}-")), key=_size,
+                    reverse=True)
+    for candidate in pooled:
+        try:
+            os.rename(candidate, path)
+        except FileNotFoundError:  # taken by another thread of this process
+            continue
+        os.truncate(path, nbytes)  # a larger file would fail the reader's size check; growing adds fresh pages
+        return True
+    return False
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _map(path: Path, nbytes: int) -> torch.Tensor:
@@ -143,11 +189,12 @@ def sweep_orphans() -> int:
     behind, and the next replica to start on the node removes them.
     """
     removed = 0
-    for name in live_files():
-        pid = name[len(PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            (SHM_DIR / name).unlink(missing_ok=True)
-            removed += 1
+    for prefix in (PREFIX, POOL_PREFIX):
+        for name in live_files(prefix):
+            pid = name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                (SHM_DIR / name).unlink(missing_ok=True)
+                removed += 1
     return removed
 
 

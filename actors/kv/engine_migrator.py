@@ -190,11 +190,12 @@ class EngineKVMigrator:
         """GPUs the engine's worker sees, its own first (empty on a CPU): device rows it can open."""
         return await self._rpc("rayfleet_gpu_uuids")
 
-    async def release(self, chunks: list[KVChunk]) -> None:
+    async def release(self, chunks: list[KVChunk], recycle: bool = False) -> None:
         """Free rows this engine exported once every stage that maps them has returned: shared files are
-        unlinked here, device rows freed by the engine's worker."""
+        unlinked here (or, with `recycle`, once no engine reads them again, kept warm for the engine's next
+        export), device rows freed by the engine's worker."""
         for chunk in chunks:
-            chunk.release()
+            chunk.recycle() if recycle else chunk.release()
         device = [chunk.device.name for chunk in chunks if chunk.device is not None]
         if device:
             await self._rpc("rayfleet_release_rows", device)

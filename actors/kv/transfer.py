@@ -107,6 +107,12 @@ class KVChunk:
         if self.shared is not None:
             self.shared.unlink()
 
+    def recycle(self) -> None:
+        """`release`, once no engine will read the rows again (the destination has scattered them): the
+        file's warm pages go to the writer's next gather (`SharedRows.recycle`)."""
+        if self.shared is not None:
+            self.shared.recycle()
+
     @property
     def rows_name(self) -> str:
         return self.device.name if self.device is not None else self.shared.name

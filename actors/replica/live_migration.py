@@ -109,11 +109,15 @@ class SourceMigration:
                     total_s=time.time() - self.started, started_at=self.started)
 
     async def run(self) -> MigrationResult:
+        result = None
         try:
-            return await self._run()
+            result = await self._run()
+            return result
         finally:
-            # Every stage that maps the chunks' rows has returned by now (the engines hold mappings).
-            await self.migrator.release(self.chunks)
+            # Every stage that maps the chunks' rows has returned by now (the engines hold mappings). After a
+            # handoff the destination has scattered them (its first token is out), so their pages can serve
+            # the next export; otherwise a local resume may still read them.
+            await self.migrator.release(self.chunks, recycle=result is not None and result.handoff is not None)
 
     async def _run(self) -> MigrationResult:
         try:

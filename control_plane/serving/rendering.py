@@ -112,6 +112,26 @@ class StopStringGuard:
         return emit
 
 
+def detokenize_stream_deltas_inline(serving_derender) -> None:
+    """Detokenize stream deltas on the event loop instead of vLLM's tokenizer thread pool.
+
+    vLLM's derenderer sends every stream delta's detokenization to a thread pool to keep its loop free for
+    large payloads; a stream delta is a few tokens, and the hop (a thread wake-up, two future callbacks, the
+    GIL handed back and forth) cost the ingress several times the decode itself at saturation (profile in
+    docs/profiles/serving-before). Whole responses and chat parsing replays keep vLLM's executor.
+    """
+    derenderer = getattr(serving_derender, "online_derenderer", None)
+    detokenize = getattr(derenderer, "_detokenize_delta", None)
+    if detokenize is None or not hasattr(derenderer, "_detokenize_delta_async"):
+        logger.warning("vLLM's derenderer changed shape; stream deltas stay on its thread pool")
+        return
+
+    async def detokenize_delta(*args, **kwargs):
+        return detokenize(*args, **kwargs)
+
+    derenderer._detokenize_delta_async = detokenize_delta
+
+
 def _ok(result):
     if isinstance(result, ErrorResponse):
         raise RenderError(result)
@@ -154,6 +174,7 @@ class PoolRenderer:
         )
         await init_render_app_state(vllm_config, self.state, args)
         self.vllm_config = vllm_config
+        detokenize_stream_deltas_inline(self.state.serving_derender)
         self.max_model_len = model_config.max_model_len
         logger.info("renderer for pool %s ready (max_model_len %d)", self.pool, self.max_model_len)
 
