@@ -45,7 +45,6 @@ def start_fleet(replicas: int):
     from rayfleet.control_plane.cli.launch import load_any_spec
     from rayfleet.control_plane.controller import get_or_create_controller
 
-    os.environ.setdefault("RAYFLEET_TASK_MODELS", str(REPO / "examples" / "task-models"))
     ray.init(num_cpus=16, include_dashboard=False, namespace="rayfleet", log_to_driver=False)
     spec = load_any_spec(str(FLEET))
     rollout = next(p for p in spec.pools if p.rollout).model_copy(update={"initial_replicas": replicas,

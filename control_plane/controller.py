@@ -5,6 +5,11 @@ It reconciles the spec (desired replicas per pool) into LLMReplica actors, healt
 (no new requests; in-flight ones finish, or move out when a migration policy is active), and runs the
 policies on a periodic tick over a FleetSnapshot. Durable state goes to the state store so a restarted
 controller re-adopts its replicas (they are named, detached actors).
+
+Ray re-runs only the constructor of a restarted actor, so the constructor itself starts the control loop (as
+Ray Serve's own controller does), and nothing in it may fail for good: a state store that cannot be reached
+yet is retried by the loop, which re-adopts the replicas it finds by their actor names meanwhile and starts
+new ones only once it knows the desired counts.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from rayfleet.actors.replica.protocol import WeightUpdate
 from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE, FleetError, replica_actor_name
 from rayfleet.control_plane.kuberay import CLUSTER_NAME_ENV, KubeRayScaler
 from rayfleet.control_plane.spec import FleetSpec, PoolSpec, SpecError, parse_spec
-from rayfleet.control_plane.state_store import open_state_store
+from rayfleet.control_plane.state_store import DurableState
 from rayfleet.control_plane.telemetry import FleetMetrics
 from rayfleet.policies import registry
 from rayfleet.policies.base import (
@@ -52,6 +57,7 @@ class ReplicaRecord:
     failed_checks: int = 0
     drain_started: float | None = None
     start_task: asyncio.Task | None = None
+    readopted: bool = False  # taken back after a controller restart: may already serve requests
 
     def snapshot(self, pool: PoolSpec) -> ReplicaSnapshot:
         load = self.load
@@ -77,15 +83,17 @@ class ReplicaRecord:
 
 
 class FleetController:
-    def __init__(self, spec: dict[str, Any]):
+    async def __init__(self, spec: dict[str, Any]):  # Ray runs an async constructor on the actor's loop
         self.spec: FleetSpec = parse_spec(spec)
         logging.basicConfig(level=self.spec.log_level)
-        self.store = open_state_store(self.spec.state_store, self.spec.name)
-        # Pools added at runtime (add_pool) are part of the fleet until removed, across controller restarts.
-        self.spec = self._with_pools(self.store.get("added_pools", []))
+        if self.spec.state_store == "memory://":
+            logger.warning("state_store is memory://: a restarted controller re-adopts its replicas but forgets "
+                           "runtime scaling and migration history; use Redis to keep them")
+        self.store = DurableState(self.spec.state_store, self.spec.name)
+        self.state_loaded = False  # desired counts read from the store (or it is memory://)
+        self.added_pools: list[dict[str, Any]] = []  # pools added at runtime (add_pool), kept in the store
         self.replicas: dict[str, ReplicaRecord] = {}
         self.desired: dict[str, int] = {p.name: p.start_replicas for p in self.spec.pools}
-        self.desired.update({k: v for k, v in self.store.get("desired", {}).items() if k in self.desired})
         self.restarts: dict[str, int] = {}
         self.migrations: list[MigrationRecord] = []
         self.metrics = FleetMetrics()
@@ -94,7 +102,9 @@ class FleetController:
         # Created once, here, before any replica: the engines only find it by name (see kv_prefix_store).
         self.kv_store = get_or_create_kv_store(self.spec.kv_store) if self.spec.kv_store is not None else None
         self._loop_task: asyncio.Task | None = None
+        self.ticks = 0  # completed control-loop iterations since this process started
         self._readopt()
+        await self.run()
 
     def _build_policies(self) -> None:
         policies = self.spec.policies
@@ -103,10 +113,39 @@ class FleetController:
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self) -> None:
-        """Start the reconcile/health/policy loop (idempotent)."""
+        """Start the reconcile/health/policy loop (idempotent; the constructor already does)."""
         if self._loop_task is None or self._loop_task.done():
-            self.store.put("spec", self.spec.model_dump())
             self._loop_task = asyncio.create_task(self._loop())
+
+    def _load_state(self) -> bool:
+        """Once the store answers: the desired counts it holds and the registry's drain states."""
+        if self.state_loaded:
+            return True
+        if not self.store.connect():
+            return False
+        try:
+            stored = self.store.get("desired", {}) or {}
+            registry = self.store.get("replicas", {}) or {}
+            added = self.store.get("added_pools", []) or []
+        except Exception as error:
+            logger.warning("state store read failed (%s); retrying", type(error).__name__)
+            return False
+        # Pools added at runtime (add_pool) are part of the fleet until removed, across controller restarts.
+        self.added_pools, self.spec = added, self._with_pools(added)
+        for pool in self.spec.pools:
+            self.desired.setdefault(pool.name, pool.start_replicas)
+        self.desired.update({k: v for k, v in stored.items() if k in self.desired})
+        for replica_id, info in registry.items():
+            record = self.replicas.get(replica_id)
+            if record is not None and info.get("state") == ReplicaState.DRAINING.value:
+                self._begin_drain(record, reason="draining before the controller restarted")
+        self.state_loaded = True
+        self.store.put("spec", self.spec.without_secrets().model_dump(mode="json"))
+        self.store.put("desired", self.desired)
+        self.store.put("added_pools", self.added_pools)
+        self._persist_registry()
+        logger.info("controller state loaded: desired %s, %d replicas adopted", self.desired, len(self.replicas))
+        return True
 
     async def wait_ready(self, timeout_s: float = 600.0) -> dict[str, int]:
         """Wait until every pool has its desired number of READY replicas."""
@@ -129,14 +168,17 @@ class FleetController:
         last_policy_tick = 0.0
         while True:
             try:
+                self.store.heal(time.time())
                 await self._check_health()
                 now = time.monotonic()
                 if now - last_policy_tick >= self.spec.policies.tick_s:
                     last_policy_tick = now
                     await self._run_policies()
-                self._reconcile()
+                if self._load_state():  # no new replicas before the desired counts are known
+                    self._reconcile()
                 await self._progress_drains()
                 self.metrics.observe(self.snapshot())
+                self.ticks += 1
             except Exception:  # the loop must survive any single bad tick
                 logger.exception("controller tick failed")
             await asyncio.sleep(min(self.spec.health.check_period_s, self.spec.policies.tick_s))
@@ -221,7 +263,7 @@ class FleetController:
 
     async def _probe(self, record: ReplicaRecord):
         timeout = self.spec.health.check_timeout_s
-        await asyncio.wait_for(record.handle.check_health.remote(), timeout=timeout)
+        await asyncio.wait_for(record.handle.check_health.remote(self.spec.health.stall_timeout_s), timeout=timeout)
         return await asyncio.wait_for(record.handle.load.remote(), timeout=timeout)
 
     async def _mark_dead(self, record: ReplicaRecord, reason: str) -> None:
@@ -256,13 +298,15 @@ class FleetController:
 
     def add_pool(self, pool: dict[str, Any]) -> dict[str, Any]:
         """Add a pool to the running fleet (e.g. an RL job's rollout pool); its replicas start now."""
+        if not self.state_loaded:
+            raise FleetError("add_pool: the controller has not read its state store yet; try again")
         if any(p.name == pool.get("name") for p in self.spec.pools):
             raise FleetError(f"add_pool: the fleet already has a pool '{pool.get('name')}'")
-        added = self.store.get("added_pools", []) + [pool]
         self.spec = self._with_pools([pool])
+        self.added_pools = self.added_pools + [pool]
         name = self.spec.pools[-1].name
         self.desired[name] = self.spec.pools[-1].start_replicas
-        self.store.put("added_pools", added)
+        self.store.put("added_pools", self.added_pools)
         self.store.put("desired", self.desired)
         logger.info("pool %s added with %d replicas", name, self.desired[name])
         self._reconcile()
@@ -270,12 +314,12 @@ class FleetController:
 
     async def remove_pool(self, name: str) -> dict[str, Any]:
         """Stop a pool added with add_pool and forget it."""
-        added = self.store.get("added_pools", [])
-        if name not in [p["name"] for p in added]:
+        if name not in [p["name"] for p in self.added_pools]:
             raise FleetError(f"remove_pool: '{name}' was not added at runtime (pools from the spec stay)")
         self.spec = self.spec.model_copy(update={"pools": [p for p in self.spec.pools if p.name != name]})
         self.desired.pop(name, None)
-        self.store.put("added_pools", [p for p in added if p["name"] != name])
+        self.added_pools = [p for p in self.added_pools if p["name"] != name]
+        self.store.put("added_pools", self.added_pools)
         self.store.put("desired", self.desired)
         records = [r for r in self.replicas.values() if r.pool == name]
         await asyncio.gather(*(self._stop(r) for r in records), return_exceptions=True)
@@ -311,7 +355,7 @@ class FleetController:
 
     async def _progress_drains(self) -> None:
         for record in [r for r in self.replicas.values() if r.state is ReplicaState.DRAINING]:
-            if record.start_task is not None and not record.start_task.done():
+            if record.start_task is not None and not record.start_task.done() and not record.readopted:
                 record.start_task.cancel()
                 await self._stop(record)
                 continue
@@ -427,13 +471,23 @@ class FleetController:
         if src is None or dst is None:
             missing = decision.src if src is None else decision.dst
             raise FleetError(f"migrate: unknown replica '{missing}'")
+        if src.pool != dst.pool:  # same architecture is not enough: two fine-tunes must not swap requests
+            raise FleetError(f"migrate: {decision.dst} is in pool {dst.pool}, not {src.pool}; a request moves only "
+                             "within its pool")
         if dst.state is not ReplicaState.READY:
             raise FleetError(f"migrate: destination {decision.dst} is {dst.state.value}, not ready")
         if decision.mode not in ("precopy", "stop_and_copy"):
             raise FleetError(f"migrate: mode must be 'precopy' or 'stop_and_copy', got '{decision.mode}'")
         migration_id = f"mig-{uuid.uuid4().hex[:8]}"
-        destination = Destination(decision.dst, dst.handle, dst.facts.get("node_id", ""))
-        result = await src.handle.migrate_out.remote(decision.request_id, destination, migration_id, decision.mode)
+        destination = Destination(decision.dst, dst.handle, dst.facts.get("node_id", ""),
+                                  tuple(dst.facts.get("gpu_uuids", ())))
+        try:  # bounded: one stuck migration must not hold up the control loop
+            result = await asyncio.wait_for(
+                src.handle.migrate_out.remote(decision.request_id, destination, migration_id, decision.mode),
+                timeout=self.spec.health.migration_timeout_s)
+        except asyncio.TimeoutError:
+            raise FleetError(f"migrate: {migration_id} of {decision.request_id} did not finish within "
+                             f"{self.spec.health.migration_timeout_s:.0f} s") from None
         record = MigrationRecord(**result)
         self.migrations.append(record)
         del self.migrations[:-500]
@@ -468,7 +522,7 @@ class FleetController:
         return self.snapshot(), handles
 
     def get_spec(self) -> dict[str, Any]:
-        return self.spec.model_dump()
+        return self.spec.without_secrets().model_dump(mode="json")
 
     def status(self) -> dict[str, Any]:
         snapshot = self.snapshot()
@@ -490,6 +544,7 @@ class FleetController:
                       for name, p in snapshot.pools.items()},
             "replicas": replicas,
             "migrations": [asdict(m) for m in self.migrations[-20:]],
+            "controller": {"ticks": self.ticks, "pid": os.getpid(), "state_store_connected": self.store.connected},
         }
 
     # ---------------------------------------------------------------- durability
@@ -498,20 +553,46 @@ class FleetController:
                                     for rid, r in self.replicas.items()})
 
     def _readopt(self) -> None:
-        """After a controller restart, take back the replicas the store says are ours and still live."""
-        for replica_id, info in (self.store.get("replicas") or {}).items():
-            if info["pool"] not in self.desired:
+        """After a controller restart, take back this fleet's live replicas, found by their actor names (Ray
+        knows them whether or not the state store is reachable). Each becomes ready once it answers a health
+        check; the store's registry later restores which ones were draining."""
+        prefix = replica_actor_name("")
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            name = actor["name"]
+            if actor["namespace"] != NAMESPACE or not name.startswith(prefix):
+                continue
+            replica_id = name[len(prefix):]
+            pool = replica_id.rsplit("-", 1)[0]
+            if pool not in self.desired:
                 continue
             try:
-                handle = ray.get_actor(replica_actor_name(replica_id), namespace=NAMESPACE)
-            except ValueError:
+                handle = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:  # gone meanwhile
                 continue
-            record = ReplicaRecord(replica_id=replica_id, pool=info["pool"], handle=handle,
-                                   state=ReplicaState(info["state"]))
-            if record.state is ReplicaState.STARTING:
-                record.state = ReplicaState.READY  # the health loop demotes it if its engine is not up
+            record = ReplicaRecord(replica_id=replica_id, pool=pool, handle=handle, readopted=True)
             self.replicas[replica_id] = record
-            logger.info("re-adopted replica %s (%s)", replica_id, info["state"])
+            record.start_task = asyncio.create_task(self._await_readopted(record))
+            logger.info("re-adopting replica %s of pool %s", replica_id, pool)
+
+    async def _await_readopted(self, record: ReplicaRecord) -> None:
+        """A re-adopted replica is ready when its engine answers (it may still have been starting)."""
+        deadline = time.monotonic() + self.spec.health.start_timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(record.handle.check_health.remote(), self.spec.health.check_timeout_s)
+                record.facts = await record.handle.engine_facts.remote()
+                break
+            except ray.exceptions.RayActorError as error:
+                await self._mark_dead(record, f"lost while the controller restarted: {type(error).__name__}")
+                return
+            except Exception as error:
+                if time.monotonic() > deadline:
+                    await self._mark_dead(record, f"not ready after re-adoption: {type(error).__name__}")
+                    return
+                await asyncio.sleep(1.0)
+        if record.state is ReplicaState.STARTING:
+            record.state = ReplicaState.READY
+            logger.info("re-adopted replica %s is ready", record.replica_id)
 
 
 def _kuberay_scaler():

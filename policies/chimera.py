@@ -103,12 +103,12 @@ class IdleLatency:
 
     @classmethod
     def fit(cls, rows: list[LabelledOutcome]) -> IdleLatency:
-        tokens = np.array([r.output_tokens for r in rows], dtype=np.float64)
-        latency = np.array([r.latency_s for r in rows], dtype=np.float64)
-        if len(rows) < 2 or np.ptp(tokens) == 0:
-            return cls(0.0, float(latency.mean() / max(tokens.mean(), 1.0)) if len(rows) else 0.01)
-        slope, intercept = np.polyfit(tokens, latency, 1)
-        return cls(max(float(intercept), 0.0), max(float(slope), 1e-4))
+        """Expected seconds per output token (total latency over total tokens): a line fitted to short, noisy
+        outputs (a few tokens each, on a shared machine) extrapolates worse than this ratio."""
+        if not rows:
+            return cls(0.0, 0.01)
+        tokens = sum(max(r.output_tokens, 1) for r in rows)
+        return cls(0.0, max(sum(r.latency_s for r in rows) / tokens, 1e-4))
 
     def seconds(self, tokens: float) -> float:
         return self.overhead_s + tokens * self.per_token_s
@@ -154,7 +154,7 @@ class ChimeraRouter:
 
     def __init__(self, table: str | None = None, rows: list[LabelledOutcome] | None = None,
                  latency_weight: float = 0.05, k: int = 16,
-                 prior_weight: float = 0.5, capacity: int = 4096, embedding_dim: int = 384,
+                 prior_weight: float = 0.1, capacity: int = 4096, embedding_dim: int = 384,
                  max_decisions: int = 200, max_pending: int = 20_000, default_output_tokens: int = 16):
         if latency_weight < 0:
             raise ValueError("latency_weight must be >= 0")
@@ -234,7 +234,8 @@ class ChimeraRouter:
     def workflow_remaining(self, pool: str, stage: tuple[int, int] | None, this_stage: float) -> float:
         if stage is None:
             return this_stage
-        later = (self.stage_tokens.get((pool, j), self.default_output_tokens) for j in range(stage[0] + 1, stage[1] + 1))
+        later = (self.stage_tokens.get((pool, j), self.default_output_tokens)
+                 for j in range(stage[0] + 1, stage[1] + 1))
         return this_stage + sum(later)
 
     def latency(self, replica: ReplicaSnapshot, tokens: float) -> tuple[float, int]:

@@ -16,7 +16,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAYFLEET_DEMO_MODELS", str(REPO / ".demo-models"))
+os.environ.setdefault("RAYFLEET_TASK_MODELS", str(REPO / "actors" / "tasks" / "trained"))
 API_KEY = "test-key-1"
+OTHER_TENANT_KEY = "test-key-of-tenant-b"  # a second user: sees and reaches none of API_KEY's requests
+ADMIN_KEY = "test-admin-key-0123456789"
 
 
 def free_port() -> int:
@@ -102,14 +105,17 @@ def fleet_spec_dict(demo_models: Path, redis_url: str, port: int) -> dict:
             {"name": "cold", "model": str(demo_models / "tiny-llama-a"), "min_replicas": 0, "max_replicas": 1,
              "resources": {"num_cpus": 1}, "env": env, "engine_args": engine},
         ],
-        "ingress": {"host": "127.0.0.1", "port": port, "api_keys": [API_KEY]},
+        "ingress": {"host": "127.0.0.1", "port": port,
+                    "api_keys": [API_KEY, {"name": "tenant-b", "key": OTHER_TENANT_KEY},
+                                 {"name": "ops", "key": ADMIN_KEY, "role": "admin"}],
+                    "chunk_timeout_s": 30},
         "policies": {"router": {"name": "least_load"},
                      "admission": {"name": "queue_limit", "params": {"max_in_flight_per_replica": 48}},
                      # Drains by migration on the "mig" pool only; a threshold above 1 never rebalances,
                      # so the tests' explicit migrations are the only others.
                      "migration": {"name": "llumnix", "params": {"pools": ["mig"], "imbalance_threshold": 2.0}},
                      "tick_s": 0.5},
-        "health": {"check_period_s": 0.5, "check_timeout_s": 10},
+        "health": {"check_period_s": 0.5, "check_timeout_s": 10, "stall_timeout_s": 10},
         "state_store": redis_url,
     }
 

@@ -23,11 +23,11 @@ from rayfleet.actors.rl.sample_store import SampleStore
 from rayfleet.actors.rl.samples import Sample
 from rayfleet.actors.rl.trainer import GRPOTrainer, TrainerSpec
 from rayfleet.actors.rl.weight_sync import WeightStore, WeightSync, WeightSyncError, publish
-from rayfleet.actors.tasks import generate
+from rayfleet.actors.tasks import TRAINED_MODELS_DIR, generate
 from rayfleet.control_plane.rl.rollout_pool import RolloutPool
 
 REPO = Path(__file__).resolve().parents[1]
-TASK_MODELS = REPO / "examples" / "task-models"
+TASK_MODELS = TRAINED_MODELS_DIR
 TASK_MODEL = TASK_MODELS / "task-small"
 POOL = "rl"
 # Held-out reward rise of the short job below must exceed this: the spread of the same job's final held-out

@@ -14,11 +14,12 @@ from rayfleet.actors.rl.grpo import build_batch, group_advantages, grpo_loss, to
 from rayfleet.actors.rl.rollout import TaskStream, held_out, label_versions, render_prompt
 from rayfleet.actors.rl.samples import Sample, SampleGroup
 from rayfleet.actors.rl.trainer import GRPOTrainer, TrainerSpec
+from rayfleet.actors.tasks import TRAINED_MODELS_DIR
 from rayfleet.policies import registry
 from rayfleet.policies.rl import Admission, DeferredSync, EagerSync, StalenessBound
 
 REPO = Path(__file__).resolve().parents[1]
-TASK_MODEL = REPO / "examples" / "task-models" / "task-small"
+TASK_MODEL = TRAINED_MODELS_DIR / "task-small"
 
 
 # ---------------------------------------------------------------------- staleness bound and admission

@@ -152,7 +152,10 @@ class SchedulerPrefixStore:
         hit = 0
         if asked:
             began = time.perf_counter()
-            hit = self._store.contains_prefix(self._chain(request, claimable)[local_blocks:])
+            try:
+                hit = self._store.contains_prefix(self._chain(request, claimable)[local_blocks:])
+            except Exception as error:  # a store that cannot answer in time holds nothing for this step
+                logger.warning("rayfleet: KV store lookup failed (%s); computing the prefix", type(error).__name__)
             # Accounting only (sent with the next metadata); the claim itself stays side-effect free.
             self._lookup_counts["store_lookup_s"] += time.perf_counter() - began
             self._lookup_counts["store_lookups"] += 1
@@ -234,7 +237,11 @@ class WorkerPrefixStore:
         self._failed = set()
         for job in loads:
             began = time.perf_counter()
-            blocks = self._store.get(job.hashes)
+            try:
+                blocks = self._store.get(job.hashes)
+            except Exception as error:  # unreachable or too slow: every block is recomputed, as if evicted
+                logger.warning("rayfleet: KV store get failed (%s)", type(error).__name__)
+                blocks = [None] * len(job.hashes)
             usable = next((i for i, block in enumerate(blocks)
                            if block is None or block.size != self._bytes_per_block), len(blocks))
             if usable:

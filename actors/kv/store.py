@@ -73,6 +73,9 @@ def as_block_array(block: BlockValue) -> np.ndarray:
     return np.frombuffer(block, dtype=np.uint8)
 
 
+STORE_CALL_TIMEOUT_S = 10.0
+
+
 @dataclass(frozen=True)
 class KVStoreClient:
     """Handles to a store's shards. Picklable: pass it to any Ray actor or task, on any node, to share the
@@ -119,7 +122,10 @@ class KVStoreClient:
         by_shard: dict[int, list[int]] = {}
         for position, block_hash in enumerate(block_hashes):
             by_shard.setdefault(shard_of(block_hash, len(self.shards)), []).append(position)
-        replies = ray.get([call(self.shards[shard], positions) for shard, positions in by_shard.items()])
+        # Bounded: these calls run inside an engine step, which a stuck shard must not hold up (the
+        # callers treat a timeout as a miss: the engine computes the blocks itself).
+        replies = ray.get([call(self.shards[shard], positions) for shard, positions in by_shard.items()],
+                          timeout=STORE_CALL_TIMEOUT_S)
         return list(zip(by_shard.values(), replies, strict=True))
 
     def _gather(self, block_hashes: Sequence[BlockHash], method: Callable[[Any], Any]) -> list:

@@ -21,6 +21,7 @@ class EngineLoad:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     steps: int = 0
+    last_step_at: float = 0.0  # monotonic time of the engine's last completed step
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     window_s: float = 10.0
@@ -58,6 +59,7 @@ def stat_logger_factory(load: EngineLoad):
                 self.load.num_waiting = scheduler_stats.num_waiting_reqs
                 self.load.kv_cache_usage = scheduler_stats.kv_cache_usage
                 self.load.steps += 1
+                self.load.last_step_at = now
                 prefix = scheduler_stats.prefix_cache_stats
                 if prefix is not None:
                     self.load.prefix_cache_queries += prefix.queries

@@ -83,4 +83,5 @@ def mixture(weights: dict[tuple[str, str], float], seed: int, count: int) -> lis
     rng = random.Random(seed)
     cells = sorted(weights)
     chosen = rng.choices(cells, weights=[weights[c] for c in cells], k=count)
-    return [_instance(name, difficulty, (seed * 1_000_003 + i) % MAX_SEED) for i, (name, difficulty) in enumerate(chosen)]
+    return [_instance(name, difficulty, (seed * 1_000_003 + i) % MAX_SEED)
+            for i, (name, difficulty) in enumerate(chosen)]

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure(args):
+    from rayfleet.actors.tasks import TRAINED_MODELS_DIR
     from rayfleet.control_plane.rl.config import RLConfigError, load_rl_config
 
+    os.environ.setdefault("RAYFLEET_TASK_MODELS", str(TRAINED_MODELS_DIR))  # the configs' ${RAYFLEET_TASK_MODELS}
     try:
         config = load_rl_config(args.config)
     except RLConfigError as error:

@@ -17,6 +17,7 @@ from typing import Any
 from rayfleet.actors.replica.protocol import GenerateCall
 from rayfleet.actors.rl.rollout import Completion, label_versions
 from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
+from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
 from rayfleet.policies.base import NoReplicaAvailable
 
 logger = logging.getLogger("rayfleet.rl.pool")
@@ -33,6 +34,7 @@ class RolloutPool:
         self.in_flight: dict[str, int] = {}
         self.replays = 0
         self.changed = asyncio.Event()  # membership or versions changed
+        self.streams = ReplicaStreams()  # one multiplexed stream per replica, as the ingress reads them
 
     async def refresh(self) -> None:
         snapshot, handles = await self.controller.fleet_view.remote()
@@ -105,7 +107,7 @@ class RolloutPool:
         segments: list[tuple[int, list]] = []  # (first token, the engine's version spans) per engine request
         hops, segment_start, finish_reason = 0, 0, None
         try:
-            async for choice in follow(ledger, place, self.max_replays):
+            async for choice in follow(ledger, place, self.streams, self.max_replays):
                 if len(ledger.hops) != hops:  # a new engine request (replay): its spans count from here
                     hops, segment_start = len(ledger.hops), len(tokens)
                 tokens += choice.token_ids or []

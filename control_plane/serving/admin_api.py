@@ -1,5 +1,11 @@
-"""The admin routes: fleet status, scale a pool, live-migrate a request (what `rayfleet status|scale|migrate`
-do over Ray, over HTTP). Each forwards to the FleetController by name; its `FleetError`s become 400s."""
+"""The admin routes: fleet status, scale a pool, drain a replica, live-migrate a request (what `rayfleet
+status|scale|drain|migrate` do over Ray, over HTTP). Each forwards to the FleetController by name; its
+`FleetError`s become 400s.
+
+Every control needs an admin key (`auth.require_admin`, through `admin_principal` here); a user key gets 403.
+`/v1/fleet/status` answers both: an admin sees the whole fleet, a user the pools' readiness and only its own
+requests in flight at this ingress.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from rayfleet.control_plane.controller_api import FleetError
+from rayfleet.control_plane.serving.auth import Principal, require_admin
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.gateway import FleetGateway
-from rayfleet.control_plane.serving.openai_api import authenticate, json_body
+from rayfleet.control_plane.serving.openai_api import authenticate
+from rayfleet.control_plane.serving.request_limits import read_json_body
 
 router = APIRouter()
+
+
+def admin_principal(gateway: FleetGateway, request: Request) -> Principal:
+    """The caller of an admin route: 401 without a valid key, 403 with a user key. Routes of other front ends
+    that control the fleet (the dashboard's) call this too."""
+    return require_admin(authenticate(gateway, request))
 
 
 class AdminRoutes(FleetGateway):
@@ -21,26 +35,45 @@ class AdminRoutes(FleetGateway):
 
     @router.get("/v1/fleet/status")
     async def fleet_status(self, request: Request) -> JSONResponse:
-        authenticate(self, request)
-        status = await self.controller.status.remote()
-        status["routing"] = self.routing_decisions(10)
-        return JSONResponse(status)
+        principal = authenticate(self, request)
+        if principal.admin:
+            status = await self.controller.status.remote()
+            status["routing"] = self.routing_decisions(10)
+            return JSONResponse(status)
+        snapshot, _ = await self.fleet_view()
+        mine = [{"request_id": rid, "output_tokens": ledger.output_tokens, "migrations": ledger.migrations,
+                 "replays": ledger.replays}
+                for rid, ledger in list(self.ledgers.items()) if ledger.owner == principal.name]
+        return JSONResponse({
+            "fleet": self.spec.name,
+            "pools": {name: {"ready": len(pool.routable_replicas), "desired": pool.desired_replicas}
+                      for name, pool in snapshot.pools.items()},
+            "requests": mine,
+        })
 
     @router.post("/v1/fleet/scale")
     async def fleet_scale(self, request: Request) -> JSONResponse:
         """{"pool": name, "replicas": n}; same as `rayfleet scale`."""
-        authenticate(self, request)
-        body = await json_body(request)
+        body = await self._admin_body(request)
         return JSONResponse(await _control(self.controller.scale, body, ("pool", str), ("replicas", int)))
+
+    @router.post("/v1/fleet/drain")
+    async def fleet_drain(self, request: Request) -> JSONResponse:
+        """{"replica_id": id}; same as `rayfleet drain`."""
+        body = await self._admin_body(request)
+        return JSONResponse(await _control(self.controller.drain, body, ("replica_id", str)))
 
     @router.post("/v1/fleet/migrate")
     async def fleet_migrate(self, request: Request) -> JSONResponse:
         """{"request_id", "src", "dst", "mode"?}; same as `rayfleet migrate`. Returns the record."""
-        authenticate(self, request)
-        body = await json_body(request)
+        body = await self._admin_body(request)
         body.setdefault("mode", "precopy")
         return JSONResponse(await _control(self.controller.migrate, body, ("request_id", str), ("src", str),
                                            ("dst", str), ("mode", str)))
+
+    async def _admin_body(self, request: Request) -> dict[str, Any]:
+        admin_principal(self, request)
+        return await read_json_body(request, self.spec.ingress.limits)
 
 
 async def _control(method, body: dict[str, Any], *fields: tuple[str, type]):

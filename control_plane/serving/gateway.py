@@ -1,4 +1,4 @@
-"""What every front end of the ingress shares: API keys, the fleet view, admission, placement and ledgers.
+"""What every front end of the ingress shares: callers (`auth.py`), the fleet view, admission, placement, ledgers.
 
 The HTTP routes (`openai_api.py`, `admin_api.py`) and the gRPC servicer (`grpc_servicer.py`) are mixins over
 one `FleetGateway`; `ingress.py` assembles them into the Serve deployment. The gateway knows the controller
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, AsyncIterator
 
@@ -21,9 +20,11 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateToken
 from rayfleet.actors.embedding.embedder import get_or_create_embedder
 from rayfleet.actors.replica.protocol import GenerateCall
 from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
+from rayfleet.control_plane.serving.auth import KeyRing, Principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
 from rayfleet.control_plane.serving.rendering import PoolRenderer
+from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
 from rayfleet.control_plane.spec import FleetSpec, parse_spec
 from rayfleet.policies import registry
 from rayfleet.policies.base import (
@@ -40,6 +41,9 @@ logger = logging.getLogger("rayfleet.ingress")
 
 VIEW_TTL_S = 0.25  # the routing view is refreshed from the controller at most this often
 QUEUE_WAIT_S = 0.05
+# While the controller restarts (Ray re-creates it in seconds) the last view keeps routing, up to this age.
+STALE_VIEW_MAX_S = 60.0
+REPLACEMENT_POLL_S = 0.5
 
 
 def overlay_local_load(snapshot: FleetSnapshot, ledgers: dict[str, TokenLedger]) -> FleetSnapshot:
@@ -79,10 +83,7 @@ class FleetGateway:
         policies = self.spec.policies
         self.router = registry.create("router", policies.router.name, policies.router.params)
         self.admission = registry.create("admission", policies.admission.name, policies.admission.params)
-        self.api_keys = set(self.spec.ingress.api_keys)
-        if self.spec.ingress.api_keys_env:
-            self.api_keys |= {k.strip() for k in os.environ.get(self.spec.ingress.api_keys_env, "").split(",")
-                              if k.strip()}
+        self.keys = KeyRing.from_spec(self.spec.ingress)
         self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         self.renderers = {pool.name: PoolRenderer(pool.name, pool.model, pool.engine_args)
                           for pool in self.spec.pools}
@@ -95,6 +96,7 @@ class FleetGateway:
         self._view: tuple[FleetSnapshot, dict[str, Any]] | None = None
         self._view_at = 0.0
         self.ledgers: dict[str, TokenLedger] = {}
+        self.replica_streams = ReplicaStreams()
 
     async def ensure_renderers(self) -> None:
         if self._started:
@@ -137,19 +139,22 @@ class FleetGateway:
 
     async def fleet_view(self, fresh: bool = False) -> tuple[FleetSnapshot, dict[str, Any]]:
         if fresh or self._view is None or time.monotonic() - self._view_at > VIEW_TTL_S:
-            self._view = await self.controller.fleet_view.remote()
-            self._view_at = time.monotonic()
+            try:
+                self._view = await self.controller.fleet_view.remote()
+                self._view_at = time.monotonic()
+            except ray.exceptions.RayActorError as error:
+                # Restarting controller: route on the last view (replicas outlive it), within bounds.
+                if self._view is None or time.monotonic() - self._view_at > STALE_VIEW_MAX_S:
+                    raise OpenAIHTTPError(503, "The fleet controller is restarting; retry shortly.",
+                                          "ServiceUnavailableError", retry_after_s=5) from None
+                logger.warning("controller unreachable (%s); routing on a %.1f s old view", type(error).__name__,
+                               time.monotonic() - self._view_at)
         snapshot, handles = self._view
         return overlay_local_load(snapshot, self.ledgers), handles
 
-    def authenticate(self, authorization: str, how: str) -> None:
-        """Check an `Authorization: Bearer <key>` value; `how` tells the client where to send the key."""
-        if not self.api_keys:
-            return
-        scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
-            raise OpenAIHTTPError(401, f"Incorrect API key provided. Send {how}.",
-                                  err_type="invalid_request_error", param="authorization")
+    def authenticate(self, authorization: str, how: str) -> Principal:
+        """The caller of an `Authorization: Bearer <key>` value; `how` tells the client where to send the key."""
+        return self.keys.authenticate(authorization, how)
 
     @staticmethod
     def unserved_pools(snapshot: FleetSnapshot) -> list[str]:
@@ -165,9 +170,16 @@ class FleetGateway:
     async def admit_and_place(self, info: RequestInfo) -> tuple[Placement, RoutingDecision]:
         """Admission (queue, 429 or 503) then routing; returns the placement and the router's decision."""
         deadline = time.monotonic() + self.spec.ingress.request_timeout_s
+        replacement_deadline = time.monotonic() + self.spec.ingress.replay_wait_s
         while True:
             snapshot, handles = await self.fleet_view()
             decision = self.admission.admit(info, snapshot)
+            if (decision.verdict is AdmissionVerdict.REJECT and self._replacement_coming(info, snapshot)
+                    and time.monotonic() < replacement_deadline):
+                # The pool's replicas are all being replaced (a crash, a rollout of a one-replica pool): wait
+                # for one, as a request that lost its replica does, rather than refuse.
+                await asyncio.sleep(REPLACEMENT_POLL_S)
+                continue
             if decision.verdict is AdmissionVerdict.REJECT:
                 status = 503 if "no ready replica" in decision.reason else 429
                 raise OpenAIHTTPError(status, f"Request rejected: {decision.reason}.",
@@ -184,6 +196,25 @@ class FleetGateway:
                                       retry_after_s=5)
             await asyncio.sleep(QUEUE_WAIT_S)
 
+    @staticmethod
+    def _replacement_coming(info: RequestInfo, snapshot: FleetSnapshot) -> bool:
+        """The request's pool should be serving (desired > 0) and has no ready replica now."""
+        pool = snapshot.pools.get(info.pool) if info.pool else None
+        return pool is not None and pool.desired_replicas > 0 and not pool.routable_replicas
+
+    async def place_when_ready(self, info: RequestInfo, exclude: frozenset[str]) -> Placement:
+        """A replica for a request that lost its own: waits, bounded, for one to be ready (e.g. the lost one's
+        replacement, when the pool had no other)."""
+        deadline = time.monotonic() + self.spec.ingress.replay_wait_s
+        while True:
+            try:
+                placement, _ = await self.place(info, exclude)
+                return placement
+            except NoReplicaAvailable:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(REPLACEMENT_POLL_S)
+
     async def place(self, info: RequestInfo, exclude: frozenset[str], snapshot=None, handles=None):
         if snapshot is None:
             snapshot, handles = await self.fleet_view(fresh=True)
@@ -193,8 +224,13 @@ class FleetGateway:
             raise NoReplicaAvailable(f"router chose {decision.replica_id}, which is no longer ready")
         return Placement(decision.replica_id, handle), decision
 
-    def open_ledger(self, call: GenerateCall, placement: Placement | None) -> TokenLedger:
-        ledger = TokenLedger(call=call, placement=placement)
+    def open_ledger(self, call: GenerateCall, placement: Placement | None, owner: Principal,
+                    pool: str) -> TokenLedger:
+        if call.request_id in self.ledgers:
+            raise OpenAIHTTPError(409, f"request id '{call.request_id}' is already in flight; choose another",
+                                  "invalid_request_error", param="request_id")
+        ledger = TokenLedger(call=call, placement=placement, owner=owner.name,
+                             grammar_continues=self.spec.pool(pool).live_migration)
         self.ledgers[call.request_id] = ledger
         return ledger
 
@@ -207,11 +243,12 @@ class FleetGateway:
         info = self.info_from_call(ledger.call, pool)
 
         async def place(call: GenerateCall, exclude: frozenset[str]) -> Placement:
-            placement, _ = await self.place(info, exclude)
-            return placement
+            return await self.place_when_ready(info, exclude)
 
+        ingress = self.spec.ingress
         try:
-            async for choice in follow(ledger, place):
+            async for choice in follow(ledger, place, self.replica_streams, ingress.max_replays,
+                                       ingress.chunk_timeout_s):
                 yield choice
         finally:
             self.ledgers.pop(ledger.request_id, None)

@@ -24,10 +24,12 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateLogPr
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
 from rayfleet.actors.replica.protocol import GenerateCall
+from rayfleet.control_plane.serving.auth import Principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.gateway import FleetGateway, logger
-from rayfleet.control_plane.serving.ledger import TokenLedger
+from rayfleet.control_plane.serving.ledger import ReplayImpossible, TokenLedger
 from rayfleet.control_plane.serving.rendering import PoolRenderer, RenderError, RenderedRequest
+from rayfleet.control_plane.serving.request_limits import check_prompt_tokens, check_request, read_json_body
 from rayfleet.policies.base import RequestInfo
 
 router = APIRouter()
@@ -39,18 +41,8 @@ LATENCY_SLO_HEADER = "x-rayfleet-latency-slo-ms"
 ROUTE_HEADER = "x-rayfleet-route"  # response header: the pool that answered and why the router chose it
 
 
-def authenticate(gateway: FleetGateway, request: Request) -> None:
-    gateway.authenticate(request.headers.get("authorization", ""), HTTP_KEY_HINT)
-
-
-async def json_body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OpenAIHTTPError(400, f"request body is not valid JSON: {error}", "invalid_request_error")
-    if not isinstance(body, dict):
-        raise OpenAIHTTPError(400, "request body must be a JSON object", "invalid_request_error")
-    return body
+def authenticate(gateway: FleetGateway, request: Request) -> Principal:
+    return gateway.authenticate(request.headers.get("authorization", ""), HTTP_KEY_HINT)
 
 
 def header_number(request: Request, name: str) -> float | None:
@@ -121,17 +113,14 @@ class OpenAIRoutes(FleetGateway):
         return model
 
     async def _serve(self, kind: str, request: Request):
-        authenticate(self, request)
-        body = await json_body(request)
-        pool = self._pool_for(body.get("model"))
+        principal = authenticate(self, request)
+        limits = self.spec.ingress.limits
+        body = await read_json_body(request, limits)
+        check_request(body, limits, principal)
+        pool = self._pool_for(body["model"])
         await self.ensure_renderers()
         renderer = self.renderers[pool or self.spec.pools[0].name]
-        try:
-            rendered = await renderer.render(kind, body)
-        except ValidationError as error:
-            first = error.errors()[0]
-            raise OpenAIHTTPError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
-                                  "invalid_request_error", param=".".join(map(str, first["loc"])) or None)
+        rendered = await self._render(renderer, kind, body)
         info = self._request_info(rendered[0], pool, request, body)
         if pool is None and self.learning_router is not None and self.learning_router.needs_embeddings:
             await self.ensure_router()
@@ -139,10 +128,15 @@ class OpenAIRoutes(FleetGateway):
         placement, decision = await self.admit_and_place(info)
         if decision.pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
             renderer = self.renderers[decision.pool]
-            rendered = await renderer.render(kind, body)
+            ids = [r.request_id for r in rendered]
+            rendered = await self._render(renderer, kind, body)
+            for r, request_id in zip(rendered, ids):  # keep the id the router knows (feedback names it)
+                r.generate.request_id = request_id
+        # A request id the client chose is scoped by its tenant: no one can reach another tenant's request.
+        scope = principal.scoped_id if "request_id" in body else str
         # Ledgers open now, not when the stream starts: admission of the next request must count this one.
-        ledgers = [self.open_ledger(self._call(r, info, decision.predicted_output_tokens),
-                                    placement if i == 0 else None)
+        ledgers = [self.open_ledger(self._call(r, info, scope(r.request_id), decision.predicted_output_tokens),
+                                    placement if i == 0 else None, principal, decision.pool)
                    for i, r in enumerate(rendered)]
         headers = {ROUTE_HEADER: f"{decision.pool}; {decision.reason}"}
         if rendered[0].generate.stream:
@@ -150,6 +144,19 @@ class OpenAIRoutes(FleetGateway):
                                      headers=headers)
         return JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True),
                             headers=headers)
+
+    async def _render(self, renderer: PoolRenderer, kind: str, body: dict[str, Any]) -> list[RenderedRequest]:
+        """vLLM's rendering and, before any stream starts, the checks vLLM would otherwise make in the engine."""
+        try:
+            rendered = await renderer.render(kind, body)
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise OpenAIHTTPError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
+                                  "invalid_request_error", param=".".join(map(str, first["loc"])) or None)
+        for r in rendered:
+            check_prompt_tokens(len(r.prompt_token_ids), self.spec.ingress.limits)
+            renderer.verify(r.generate.sampling_params, r.prompt_token_ids)
+        return rendered
 
     @staticmethod
     def _request_info(rendered: RenderedRequest, pool: str | None, request: Request,
@@ -163,7 +170,7 @@ class OpenAIRoutes(FleetGateway):
             max_tokens=params.max_tokens or 0,
             prompt_text=text if isinstance(text, str) else json.dumps(text)[:8192],
             prompt_token_ids=tuple(rendered.prompt_token_ids),
-            priority=int(body.get("priority") or 0),
+            priority=getattr(rendered.openai_request, "priority", 0) or 0,
             workflow_id=request.headers.get("x-rayfleet-workflow-id"),
             workflow_stage=request.headers.get("x-rayfleet-workflow-stage"),
             latency_weight=header_number(request, LATENCY_WEIGHT_HEADER),
@@ -171,8 +178,9 @@ class OpenAIRoutes(FleetGateway):
         )
 
     @staticmethod
-    def _call(rendered: RenderedRequest, info: RequestInfo, predicted_output_tokens: int | None) -> GenerateCall:
-        return GenerateCall(request_id=rendered.request_id, prompt_token_ids=rendered.prompt_token_ids,
+    def _call(rendered: RenderedRequest, info: RequestInfo, request_id: str,
+              predicted_output_tokens: int | None) -> GenerateCall:
+        return GenerateCall(request_id=request_id, prompt_token_ids=rendered.prompt_token_ids,
                             sampling_params=rendered.generate.sampling_params, priority=info.priority,
                             workflow_id=info.workflow_id, predicted_output_tokens=predicted_output_tokens)
 
@@ -193,6 +201,9 @@ class OpenAIRoutes(FleetGateway):
                 yield f"data: {self._usage_chunk(rendered, completion_tokens).model_dump_json(exclude_none=True)}\n\n"
         except RenderError as error:
             yield f"data: {error.response.model_dump_json()}\n\n"
+        except ReplayImpossible as error:
+            logger.warning("stream of %s ended: %s", rendered[0].request_id, error)
+            yield f"data: {OpenAIHTTPError(503, str(error)).body().model_dump_json()}\n\n"
         except Exception as error:
             logger.exception("stream of %s failed", rendered[0].request_id)
             failure = OpenAIHTTPError(500, f"generation failed ({type(error).__name__}); the request was aborted")

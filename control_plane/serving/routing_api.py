@@ -12,9 +12,11 @@ import math
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from rayfleet.control_plane.serving.admin_api import admin_principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.gateway import FleetGateway
-from rayfleet.control_plane.serving.openai_api import authenticate, json_body
+from rayfleet.control_plane.serving.openai_api import authenticate
+from rayfleet.control_plane.serving.request_limits import read_json_body
 
 router = APIRouter()
 
@@ -26,7 +28,7 @@ class RoutingRoutes(FleetGateway):
     async def feedback(self, request: Request) -> JSONResponse:
         """{"request_id": the response's id, "score": number in [0, 1]}; 404 when the request is unknown."""
         authenticate(self, request)
-        body = await json_body(request)
+        body = await read_json_body(request, self.spec.ingress.limits)
         request_id, score = body.get("request_id"), body.get("score")
         if not isinstance(request_id, str) or not request_id:
             raise OpenAIHTTPError(400, "'request_id' must be a non-empty string (the response's id)",
@@ -44,5 +46,5 @@ class RoutingRoutes(FleetGateway):
 
     @router.get("/v1/fleet/routing")
     async def fleet_routing(self, request: Request, limit: int = 20) -> JSONResponse:
-        authenticate(self, request)
+        admin_principal(self, request)  # decisions name every tenant's requests
         return JSONResponse(self.routing_decisions(limit))
