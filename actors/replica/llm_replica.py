@@ -151,9 +151,10 @@ class LLMReplica:
         if self.engine is None:
             raise ReplicaNotAccepting(f"replica {self.replica_id} has no engine yet")
         await self.engine.check_health()
-        # Requests stopped for a migration are out of the engine on purpose: a slow destination is not a stall.
+        # Requests stopped for a migration are out of the engine on purpose: a slow destination is not a stall;
+        # nor is generation paused for a weight update (bounded by the update's own timeout).
         in_engine = [r for r in self.requests.values() if not r.leaving]
-        if stall_timeout_s is not None and in_engine:
+        if stall_timeout_s is not None and in_engine and not (self.weights and self.weights.updating):
             busy_since = min(r.arrival_monotonic for r in in_engine)
             idle = time.monotonic() - max(self.load_stats.last_step_at, busy_since)
             if idle > stall_timeout_s:

@@ -39,6 +39,11 @@ class EngineWeights:
         self._lock = asyncio.Lock()
         self.healthy = True  # False after a failed update, until one succeeds
 
+    @property
+    def updating(self) -> bool:
+        """An update is under way: generation is paused on purpose."""
+        return self._lock.locked()
+
     async def version(self, timeout_s: float = 10.0) -> str:
         return await asyncio.wait_for(self.engine.get_weight_version(), timeout_s)
 
