@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from rayfleet.actors.replica.protocol import GenerateCall
 
@@ -23,6 +24,7 @@ class ActiveRequest:
     num_cached_tokens: int | None = None  # the engine's prefix hit (local cache + KV loaded by the connector)
     arrival_time: float = field(default_factory=time.time)
     task: asyncio.Task | None = None
+    span: Any = None  # this replica's tracing span of the request (ended when it finishes or leaves)
     # Set while the request is being moved out: the engine's abort output then must not end the
     # client's stream; the migration puts a handoff (or resumes locally) instead.
     leaving: bool = False

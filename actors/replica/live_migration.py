@@ -17,6 +17,7 @@ to the destination, or resume the request locally.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -67,7 +68,8 @@ class SourceMigration:
     """One migration of `request` from this replica (`src_id`, on `src_node_id`) to `dst`."""
 
     def __init__(self, request: ActiveRequest, migrator: EngineKVMigrator, block_size: int, src_id: str,
-                 src_node_id: str, dst: Destination, migration_id: str, mode: str, limits: MigrationLimits):
+                 src_node_id: str, dst: Destination, migration_id: str, mode: str, limits: MigrationLimits,
+                 trace_headers: dict[str, str] | None = None):
         self.request = request
         self.migrator = migrator
         self.block_size = block_size
@@ -77,6 +79,7 @@ class SourceMigration:
         self.migration_id = migration_id
         self.mode = mode
         self.limits = limits
+        self.trace_headers = trace_headers  # the destination continues the request's trace under these
         self.chunks: list[KVChunk] = []
         self.stages = 0
         self.started = time.time()
@@ -117,8 +120,9 @@ class SourceMigration:
             await self._drop_destination()
             return MigrationResult(self.record("aborted", f"before the stop: {type(error).__name__}: {error}"))
         try:
+            call = dataclasses.replace(self.request.call, trace_headers=self.trace_headers)
             first_token_at, recomputed = await self.dst.handle.resume_migrated.remote(
-                self.migration_id, self.request.call, final, self.request.output_tokens,
+                self.migration_id, call, final, self.request.output_tokens,
                 self.limits.resume_timeout_s)
         except Exception as error:  # destination refused, died or timed out: the source takes it back
             logger.warning("migration %s: destination %s failed (%s); resuming %s on the source",

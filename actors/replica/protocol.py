@@ -24,6 +24,8 @@ class GenerateCall:
     priority: int = 0
     workflow_id: str | None = None
     predicted_output_tokens: int | None = None
+    # W3C trace context of the span this call continues (`actors/observability/tracing.py`); None untraced.
+    trace_headers: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -75,11 +75,13 @@ async def run_workload(base_url: str, models: list[str], requests: int, max_toke
                        api_key: str = "rayfleet-demo") -> list[Result]:
     from openai import AsyncOpenAI
     from tqdm.asyncio import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=300)
     jobs = [one_request(client, models[i % len(models)], PROMPTS[i % len(PROMPTS)], max_tokens, stream=i % 2 == 0)
             for i in range(requests)]
-    return await tqdm.gather(*jobs, desc="sample workload", unit="req")
+    with logging_redirect_tqdm():  # log lines print above the bar instead of through it
+        return await tqdm.gather(*jobs, desc="sample workload", unit="req")
 
 
 def report(results: list[Result], wall_s: float) -> str:
@@ -112,6 +114,7 @@ def run_demo(args) -> None:
     print(report(results, time.perf_counter() - started))
     print(render_status(ray.get(controller().status.remote())))
     print(f"\nOpenAI endpoint: {url}  (try: curl {url}/models)")
+    print(f"Ops dashboard:   {url.removesuffix('/v1')}/dashboard")
     if args.keep_serving:
         print("serving until Ctrl-C")
         try:

@@ -1,5 +1,6 @@
-"""The admin routes: fleet status, scale a pool, live-migrate a request (what `rayfleet status|scale|migrate`
-do over Ray, over HTTP). Each forwards to the FleetController by name; its `FleetError`s become 400s."""
+"""The admin routes: fleet status, scale a pool, drain a replica, live-migrate a request (what
+`rayfleet status|scale|drain|migrate` do over Ray, over HTTP). Each forwards to the FleetController by name;
+its `FleetError`s become 400s, and the controller records each action in its audit log."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rayfleet.control_plane.serving.gateway import FleetGateway
 from rayfleet.control_plane.serving.openai_api import authenticate, json_body
 
 router = APIRouter()
+ORIGIN = "admin-api"
 
 
 class AdminRoutes(FleetGateway):
@@ -29,7 +31,14 @@ class AdminRoutes(FleetGateway):
         """{"pool": name, "replicas": n}; same as `rayfleet scale`."""
         authenticate(self, request)
         body = await json_body(request)
-        return JSONResponse(await _control(self.controller.scale, body, ("pool", str), ("replicas", int)))
+        return JSONResponse(await control(self.controller.scale, body, ORIGIN, ("pool", str), ("replicas", int)))
+
+    @router.post("/v1/fleet/drain")
+    async def fleet_drain(self, request: Request) -> JSONResponse:
+        """{"replica_id": id}; same as `rayfleet drain`: its requests move out (or finish), then it stops."""
+        authenticate(self, request)
+        body = await json_body(request)
+        return JSONResponse(await control(self.controller.drain, body, ORIGIN, ("replica_id", str)))
 
     @router.post("/v1/fleet/migrate")
     async def fleet_migrate(self, request: Request) -> JSONResponse:
@@ -37,12 +46,13 @@ class AdminRoutes(FleetGateway):
         authenticate(self, request)
         body = await json_body(request)
         body.setdefault("mode", "precopy")
-        return JSONResponse(await _control(self.controller.migrate, body, ("request_id", str), ("src", str),
-                                           ("dst", str), ("mode", str)))
+        return JSONResponse(await control(self.controller.migrate, body, ORIGIN, ("request_id", str), ("src", str),
+                                          ("dst", str), ("mode", str)))
 
 
-async def _control(method, body: dict[str, Any], *fields: tuple[str, type]):
-    """Call a controller method with the body's typed fields; a field of the wrong type is a 400 naming it."""
+async def control(method, body: dict[str, Any], origin: str, *fields: tuple[str, type]):
+    """Call a controller method with the body's typed fields, naming who asks (`origin`, for the audit log);
+    a field of the wrong type is a 400 naming it."""
     args = []
     for name, kind in fields:
         value = body.get(name)
@@ -50,6 +60,6 @@ async def _control(method, body: dict[str, Any], *fields: tuple[str, type]):
             raise OpenAIHTTPError(400, f"'{name}' must be a {kind.__name__}", "invalid_request_error", name)
         args.append(value)
     try:
-        return await method.remote(*args)
+        return await method.remote(*args, origin=origin)
     except FleetError as error:  # Ray re-raises the controller's error as an instance of its class
         raise OpenAIHTTPError(400, str(getattr(error, "cause", error)), "invalid_request_error") from None

@@ -44,6 +44,7 @@ POOL_METADATA_KEY = "rayfleet-pool"
 # HTTP statuses of the ingress' errors -> gRPC status codes
 GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+HTTP_STATUS = {code: status for status, code in GRPC_STATUS.items()}  # for the requests metric's label
 
 
 class GrpcRequestError(Exception):
@@ -127,31 +128,44 @@ class GrpcServicer(FleetGateway):
 
     async def Generate(self, request, grpc_context):  # noqa: N802 (the RPC's name)
         """Tokens in, tokens out, through admission, routing and the ledger like HTTP requests."""
+        metadata = grpc_context.invocation_metadata()
+        client = self.begin_request("grpc VllmEngine/Generate", dict(metadata), "unknown")
         try:
             self._grpc_authenticate(grpc_context)
-            pool = pool_from_metadata(grpc_context.invocation_metadata(), list(self.renderers))
+            pool = pool_from_metadata(metadata, list(self.renderers))
+            client.pool = pool
             await self.ensure_renderers()
             config = self.renderers[pool].state.vllm_config.model_config
             call = call_from_proto(request, config.max_model_len, config.get_vocab_size())
-            placement, _ = await self.admit_and_place(self.info_from_call(call, pool))
+            placement, _ = await self.admit_and_place(self.info_from_call(call, pool), client.trace)
         except OpenAIHTTPError as error:
+            self.end_request(client, error.status, error)
             _fail(grpc_context, GRPC_STATUS.get(error.status, grpc.StatusCode.INTERNAL), error.message)
         except GrpcRequestError as error:
+            self.end_request(client, HTTP_STATUS.get(error.code, 400), error)
             _fail(grpc_context, error.code, error.details)
-        ledger = self.open_ledger(call, placement)
+        ledger = self.open_ledger(call, placement, client)
         prompt_tokens = len(call.prompt_token_ids)
         outputs: dict[int, GenerateTokensChoice] = {}
-        async for choice in self.follow(ledger, pool):
-            cached = ledger.num_cached_tokens or 0
-            if request.stream and choice.finish_reason is None:
-                yield chunk_response(choice, prompt_tokens, cached)
-                continue
-            total = outputs.setdefault(choice.index, GenerateTokensChoice(index=choice.index, token_ids=[]))
-            total.token_ids.extend(choice.token_ids or [])
-            if choice.finish_reason is not None:
-                ids = (choice.token_ids or []) if request.stream else total.token_ids
-                yield complete_response(choice.index, ids, choice.finish_reason, choice.stop_reason,
-                                        prompt_tokens, cached, choice.logprobs)
+        status, failure = 499, None  # until the stream ends one way or another
+        try:
+            async for choice in self.follow(ledger, pool):
+                cached = ledger.num_cached_tokens or 0
+                if request.stream and choice.finish_reason is None:
+                    yield chunk_response(choice, prompt_tokens, cached)
+                    continue
+                total = outputs.setdefault(choice.index, GenerateTokensChoice(index=choice.index, token_ids=[]))
+                total.token_ids.extend(choice.token_ids or [])
+                if choice.finish_reason is not None:
+                    ids = (choice.token_ids or []) if request.stream else total.token_ids
+                    yield complete_response(choice.index, ids, choice.finish_reason, choice.stop_reason,
+                                            prompt_tokens, cached, choice.logprobs)
+            status = 200
+        except Exception as error:
+            status, failure = 500, error
+            raise
+        finally:
+            self.end_request(client, status, failure)
 
     async def HealthCheck(self, request, grpc_context):  # noqa: N802
         snapshot, _ = await self.fleet_view()

@@ -12,15 +12,17 @@ Either way the client sees one uninterrupted stream with no duplicated or missin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 from vllm.v1.engine.exceptions import EngineDeadError
 
+from rayfleet.actors.observability import tracing
 from rayfleet.actors.replica.protocol import GenerateCall, Handoff, ReplicaNotAccepting
 
 logger = logging.getLogger("rayfleet.ledger")
@@ -53,7 +55,10 @@ class TokenLedger:
     migrations: int = 0
     replays: int = 0
     num_cached_tokens: int | None = None
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.monotonic)  # when the client's request arrived
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    trace: Any = None  # the client request's tracing context: each hop's span is its child
 
     @property
     def request_id(self) -> str:
@@ -69,6 +74,9 @@ class TokenLedger:
 
     def record(self, choice: GenerateTokensStreamChoice) -> None:
         self.delivered.setdefault(choice.index, []).extend(choice.token_ids or [])
+        if choice.token_ids:
+            self.last_token_at = time.monotonic()
+            self.first_token_at = self.first_token_at or self.last_token_at
         if choice.finish_reason is not None:
             self.finished.add(choice.index)
 
@@ -114,8 +122,8 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2) -> A
     call = ledger.call
     if ledger.placement is None:
         ledger.placement = await place(call, frozenset())
-    ledger.hops.append(ledger.placement.replica_id)
-    stream = ledger.placement.replica.generate.options(num_returns="streaming").remote(call)
+    hop = _start_hop(ledger, "generate")
+    stream = _generate(ledger, call, hop)
     try:
         while not ledger.done:
             try:
@@ -139,8 +147,9 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2) -> A
                     ledger.record(unsent)
                     yield unsent
                 ledger.migrations += 1
+                tracing.end_span(hop, **{"rayfleet.handed_off_to": handoff.replica_id})
                 ledger.placement = Placement(handoff.replica_id, handoff.replica)
-                ledger.hops.append(handoff.replica_id)
+                hop = _start_hop(ledger, "attach")
                 stream = handoff.replica.attach.options(num_returns="streaming").remote(ledger.request_id)
             except REPLICA_LOST as error:
                 if ledger.replays >= max_replays:
@@ -151,12 +160,28 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2) -> A
                 logger.warning("request %s lost replica %s (%s); replaying %d tokens elsewhere",
                                ledger.request_id, lost, type(error).__name__, len(replay.prompt_token_ids))
                 ledger.replays += 1
+                tracing.end_span(hop, error)
+                hop = None  # until the replay is placed
                 ledger.placement = await place(replay, frozenset(exclude))
-                ledger.hops.append(ledger.placement.replica_id)
-                stream = ledger.placement.replica.generate.options(num_returns="streaming").remote(replay)
+                hop = _start_hop(ledger, "replay")
+                stream = _generate(ledger, replay, hop)
     finally:
+        tracing.end_span(hop, **{"rayfleet.output_tokens": ledger.output_tokens})
         if not ledger.done and ledger.placement is not None:
             _abort_quietly(ledger)
+
+
+def _start_hop(ledger: TokenLedger, kind: str):
+    """The span of the request's stay on the replica it is placed on now (generate, attach or replay)."""
+    ledger.hops.append(ledger.placement.replica_id)
+    return tracing.start_span(f"hop {kind}", ledger.trace, tracing.SpanKind.CLIENT,
+                              {"rayfleet.replica": ledger.placement.replica_id, "rayfleet.hop": len(ledger.hops)})
+
+
+def _generate(ledger: TokenLedger, call: GenerateCall, hop):
+    """Start `call` on the placed replica; the replica continues the trace under the hop's span."""
+    call = dataclasses.replace(call, trace_headers=tracing.headers_of(hop))
+    return ledger.placement.replica.generate.options(num_returns="streaming").remote(call)
 
 
 def _abort_quietly(ledger: TokenLedger) -> None:

@@ -23,7 +23,7 @@ from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
 from rayfleet.actors.replica.protocol import GenerateCall
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
-from rayfleet.control_plane.serving.gateway import FleetGateway, logger
+from rayfleet.control_plane.serving.gateway import ClientRequest, FleetGateway, logger
 from rayfleet.control_plane.serving.ledger import TokenLedger
 from rayfleet.control_plane.serving.rendering import PoolRenderer, RenderError, RenderedRequest
 from rayfleet.policies.base import RequestInfo
@@ -31,6 +31,18 @@ from rayfleet.policies.base import RequestInfo
 router = APIRouter()
 
 HTTP_KEY_HINT = "'Authorization: Bearer <key>'"
+
+
+CLIENT_CLOSED = 499  # the status nginx records for a client that went away before its response ended
+
+
+def error_status(error: Exception) -> int:
+    """The HTTP status the ingress answers `error` with (see the handlers in `ingress.py`)."""
+    if isinstance(error, OpenAIHTTPError):
+        return error.status
+    if isinstance(error, RenderError):
+        return error.status_code
+    return 500
 
 
 def authenticate(gateway: FleetGateway, request: Request) -> None:
@@ -87,9 +99,19 @@ class OpenAIRoutes(FleetGateway):
         return model
 
     async def _serve(self, kind: str, request: Request):
+        """One OpenAI request under its root span; counted by pool and status when its response ends."""
+        client = self.begin_request(f"POST {request.url.path}", request.headers, "unknown")
+        try:
+            return await self._serve_traced(kind, request, client)
+        except Exception as error:
+            self.end_request(client, error_status(error), error)
+            raise
+
+    async def _serve_traced(self, kind: str, request: Request, client: ClientRequest):
         authenticate(self, request)
         body = await json_body(request)
         pool = self._pool_for(body.get("model"))
+        client.pool = pool or "auto"
         await self.ensure_renderers()
         renderer = self.renderers[pool or self.spec.pools[0].name]
         try:
@@ -99,16 +121,21 @@ class OpenAIRoutes(FleetGateway):
             raise OpenAIHTTPError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
                                   "invalid_request_error", param=".".join(map(str, first["loc"])) or None)
         info = self._request_info(rendered[0], pool, request, body)
-        placement, chosen_pool = await self.admit_and_place(info)
+        client.span.set_attribute("rayfleet.request_id", info.request_id)
+        placement, chosen_pool = await self.admit_and_place(info, client.trace)
+        client.pool = chosen_pool
         if chosen_pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
             renderer = self.renderers[chosen_pool]
             rendered = await renderer.render(kind, body)
         # Ledgers open now, not when the stream starts: admission of the next request must count this one.
-        ledgers = [self.open_ledger(self._call(r, info), placement if i == 0 else None)
+        ledgers = [self.open_ledger(self._call(r, info), placement if i == 0 else None, client)
                    for i, r in enumerate(rendered)]
         if rendered[0].generate.stream:
-            return StreamingResponse(self._stream(renderer, rendered, ledgers), media_type="text/event-stream")
-        return JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True))
+            return StreamingResponse(self._stream(renderer, rendered, ledgers, client),
+                                     media_type="text/event-stream")
+        response = JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True))
+        self.end_request(client, 200)
+        return response
 
     @staticmethod
     def _request_info(rendered: RenderedRequest, pool: str | None, request: Request,
@@ -134,9 +161,10 @@ class OpenAIRoutes(FleetGateway):
                             workflow_id=info.workflow_id)
 
     async def _stream(self, renderer: PoolRenderer, rendered: list[RenderedRequest],
-                      ledgers: list[TokenLedger]) -> AsyncIterator[str]:
+                      ledgers: list[TokenLedger], client: ClientRequest) -> AsyncIterator[str]:
         n = ledgers[0].call.sampling_params.n
         completion_tokens = 0
+        status, failure = CLIENT_CLOSED, None  # until the stream ends one way or another
         try:
             for position, (r, ledger) in enumerate(zip(rendered, ledgers)):
                 async for choice in self.follow(ledger, renderer.pool):
@@ -148,14 +176,18 @@ class OpenAIRoutes(FleetGateway):
             options = rendered[0].generate.stream_options
             if options is not None and options.include_usage:
                 yield f"data: {self._usage_chunk(rendered, completion_tokens).model_dump_json(exclude_none=True)}\n\n"
+            status = 200
         except RenderError as error:
+            status, failure = error.status_code, error
             yield f"data: {error.response.model_dump_json()}\n\n"
         except Exception as error:
             logger.exception("stream of %s failed", rendered[0].request_id)
-            failure = OpenAIHTTPError(500, f"generation failed ({type(error).__name__}); the request was aborted")
-            yield f"data: {failure.body().model_dump_json()}\n\n"
+            status, failure = 500, error
+            in_band = OpenAIHTTPError(500, f"generation failed ({type(error).__name__}); the request was aborted")
+            yield f"data: {in_band.body().model_dump_json()}\n\n"
         finally:
             self.close_ledgers(ledgers)
+            self.end_request(client, status, failure)
         yield "data: [DONE]\n\n"
 
     @staticmethod
