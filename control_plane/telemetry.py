@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from rayfleet.actors.observability.metrics import SteadyGauge
 from rayfleet.policies.base import FleetSnapshot, MigrationRecord
 
 DOWNTIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
@@ -91,7 +92,7 @@ class IngressMetrics:
         self.duration = Histogram("rayfleet_request_duration_seconds", "Request arrival to its last token",
                                   boundaries=DURATION_BUCKETS_S, tag_keys=pool)
         self.output_tokens = Counter("rayfleet_output_tokens_total", "Tokens sent to clients", tag_keys=pool)
-        self.queue_depth = Gauge("rayfleet_admission_queue_depth", "Requests waiting in this ingress for "
+        self.queue_depth = SteadyGauge("rayfleet_admission_queue_depth", "Requests waiting in this ingress for "
                                  "admission", tag_keys=("model",))
         self.replays = Counter("rayfleet_replays_total", "Requests replayed on another replica after theirs "
                                "was lost", tag_keys=pool)

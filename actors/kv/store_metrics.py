@@ -7,9 +7,10 @@ and shard. Names follow `control_plane/telemetry.py`'s conventions (scraped with
 
 from __future__ import annotations
 
-from ray.util.metrics import Counter, Gauge
+from ray.util.metrics import Counter
 
 from rayfleet.actors.kv.store_tiers import KVStoreStats
+from rayfleet.actors.observability.metrics import SteadyGauge
 
 TIERS = ("memory", "disk")
 
@@ -26,8 +27,8 @@ class StoreMetrics:
                               tag_keys=("store", "shard"))
         self.evictions = Counter("rayfleet_kv_store_evictions_total", "Blocks that left a tier for lack of room",
                                  tag_keys=tier)
-        self.used = Gauge("rayfleet_kv_store_used_bytes", "Bytes held per tier", tag_keys=tier)
-        self.capacity = Gauge("rayfleet_kv_store_capacity_bytes", "Capacity per tier", tag_keys=tier)
+        self.used = SteadyGauge("rayfleet_kv_store_used_bytes", "Bytes held per tier", tag_keys=tier)
+        self.capacity = SteadyGauge("rayfleet_kv_store_capacity_bytes", "Capacity per tier", tag_keys=tier)
         self._seen: dict[str, int] = {}
 
     def observe(self, stats: KVStoreStats) -> None:

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migration_engine_kwargs
 from rayfleet.actors.replica.active_request import ActiveRequest
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
-from rayfleet.actors.replica.engine_stats import EngineLoad, stat_logger_factory
+from rayfleet.actors.replica.engine_stats import EngineLoad, engine_metrics_logger, stat_logger_factory
 from rayfleet.actors.kv.store_config import KVStoreConfig
 from rayfleet.actors.observability import tracing
 from rayfleet.actors.observability.logs import configure_actor_logging
@@ -130,9 +130,7 @@ class LLMReplica:
         this process that nothing scrapes)."""
         loggers = [stat_logger_factory(self.load_stats)]
         if self.log_engine_metrics:
-            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
-
-            loggers.append(RayPrometheusStatLogger)
+            loggers.append(engine_metrics_logger(self.load_stats))
         return loggers
 
     def engine_facts(self) -> dict[str, Any]:
@@ -376,6 +374,8 @@ class LLMReplica:
 
     # ---------------------------------------------------------------- load
     def load(self) -> ReplicaLoad:
+        """What the controller reads each health tick (also when it keeps vLLM's gauges exported)."""
+        self.load_stats.republish_engine_gauges()
         facts = self.engine_facts() if self.engine is not None else {}
         progress = tuple(self._progress(rid, request) for rid, request in self.requests.items())
         return ReplicaLoad(

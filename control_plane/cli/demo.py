@@ -104,7 +104,8 @@ def run_demo(args) -> None:
     if args.address:
         connect(args.address, start_local=False)
     else:
-        ray.init(num_cpus=LOCAL_LOGICAL_CPUS, include_dashboard=False, namespace="rayfleet",
+        # A cluster of the demo's own ("local"), even when `rayfleet up` left one running on this machine.
+        ray.init(address="local", num_cpus=LOCAL_LOGICAL_CPUS, include_dashboard=False, namespace="rayfleet",
                  log_to_driver=False)
     url = deploy(spec, wait_s=600)
     models = [p.name for p in spec.pools] + ["auto"]

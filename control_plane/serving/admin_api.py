@@ -30,24 +30,35 @@ class AdminRoutes(FleetGateway):
     async def fleet_scale(self, request: Request) -> JSONResponse:
         """{"pool": name, "replicas": n}; same as `rayfleet scale`."""
         authenticate(self, request)
-        body = await json_body(request)
-        return JSONResponse(await control(self.controller.scale, body, ORIGIN, ("pool", str), ("replicas", int)))
+        return await run_control(self, "scale", request, ORIGIN)
 
     @router.post("/v1/fleet/drain")
     async def fleet_drain(self, request: Request) -> JSONResponse:
         """{"replica_id": id}; same as `rayfleet drain`: its requests move out (or finish), then it stops."""
         authenticate(self, request)
-        body = await json_body(request)
-        return JSONResponse(await control(self.controller.drain, body, ORIGIN, ("replica_id", str)))
+        return await run_control(self, "drain", request, ORIGIN)
 
     @router.post("/v1/fleet/migrate")
     async def fleet_migrate(self, request: Request) -> JSONResponse:
         """{"request_id", "src", "dst", "mode"?}; same as `rayfleet migrate`. Returns the record."""
         authenticate(self, request)
-        body = await json_body(request)
+        return await run_control(self, "migrate", request, ORIGIN)
+
+
+# The controller's control methods and the typed body fields each takes, in order.
+CONTROLS = {
+    "scale": (("pool", str), ("replicas", int)),
+    "drain": (("replica_id", str),),
+    "migrate": (("request_id", str), ("src", str), ("dst", str), ("mode", str)),
+}
+
+
+async def run_control(gateway: FleetGateway, action: str, request: Request, origin: str) -> JSONResponse:
+    """One control action from a JSON body, on behalf of `origin` (the audit log's "who")."""
+    body = await json_body(request)
+    if action == "migrate":
         body.setdefault("mode", "precopy")
-        return JSONResponse(await control(self.controller.migrate, body, ORIGIN, ("request_id", str), ("src", str),
-                                          ("dst", str), ("mode", str)))
+    return JSONResponse(await control(getattr(gateway.controller, action), body, origin, *CONTROLS[action]))
 
 
 async def control(method, body: dict[str, Any], origin: str, *fields: tuple[str, type]):

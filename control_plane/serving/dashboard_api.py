@@ -24,10 +24,10 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from rayfleet.control_plane.serving.admin_api import control
+from rayfleet.control_plane.serving.admin_api import CONTROLS, run_control
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.gateway import FleetGateway
-from rayfleet.control_plane.serving.openai_api import authenticate, json_body
+from rayfleet.control_plane.serving.openai_api import authenticate
 
 router = APIRouter()
 ORIGIN = "dashboard"
@@ -72,25 +72,13 @@ class DashboardRoutes(FleetGateway):
         return StreamingResponse(self._state_events(request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @router.post("/dashboard/api/scale")
-    async def dashboard_scale(self, request: Request) -> JSONResponse:
+    @router.post("/dashboard/api/{action}")
+    async def dashboard_control(self, action: str, request: Request) -> JSONResponse:
+        """scale, drain or migrate, with the bodies of `/v1/fleet/*`."""
         authorize_dashboard(self, request)
-        body = await json_body(request)
-        return JSONResponse(await control(self.controller.scale, body, ORIGIN, ("pool", str), ("replicas", int)))
-
-    @router.post("/dashboard/api/drain")
-    async def dashboard_drain(self, request: Request) -> JSONResponse:
-        authorize_dashboard(self, request)
-        body = await json_body(request)
-        return JSONResponse(await control(self.controller.drain, body, ORIGIN, ("replica_id", str)))
-
-    @router.post("/dashboard/api/migrate")
-    async def dashboard_migrate(self, request: Request) -> JSONResponse:
-        authorize_dashboard(self, request)
-        body = await json_body(request)
-        body.setdefault("mode", "precopy")
-        return JSONResponse(await control(self.controller.migrate, body, ORIGIN, ("request_id", str),
-                                          ("src", str), ("dst", str), ("mode", str)))
+        if action not in CONTROLS:
+            raise OpenAIHTTPError(404, f"no dashboard action '{action}'; actions: {', '.join(CONTROLS)}")
+        return await run_control(self, action, request, ORIGIN)
 
     async def fleet_state(self) -> dict[str, Any]:
         """Everything the page shows, in one snapshot."""
