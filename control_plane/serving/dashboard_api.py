@@ -90,7 +90,7 @@ class DashboardRoutes(FleetGateway):
             **status,
             "kv_store": kv_store,
             "audit": audit,
-            "routing": list(self.routing_log)[-ROUTING_SHOWN:],
+            "routing": list(self.telemetry.routing_log)[-ROUTING_SHOWN:],
             "ingress": {"in_flight": len(self.ledgers), "router": self.spec.policies.router.name,
                         "migration_policy": self.spec.policies.migration.name},
         }

@@ -9,13 +9,11 @@ most every `VIEW_TTL_S`, with this ingress' own in-flight requests laid over it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator
 
 import ray
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
@@ -27,8 +25,8 @@ from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
 from rayfleet.control_plane.serving.rendering import PoolRenderer
+from rayfleet.control_plane.serving.request_telemetry import ClientRequest, RequestTelemetry
 from rayfleet.control_plane.spec import FleetSpec, parse_spec
-from rayfleet.control_plane.telemetry import IngressMetrics
 from rayfleet.policies import registry
 from rayfleet.policies.base import AdmissionVerdict, FleetSnapshot, NoReplicaAvailable, RequestInfo
 
@@ -36,21 +34,6 @@ logger = logging.getLogger("rayfleet.ingress")
 
 VIEW_TTL_S = 0.25  # the routing view is refreshed from the controller at most this often
 QUEUE_WAIT_S = 0.05
-ROUTING_LOG_SIZE = 200  # recent routing decisions kept for the ops dashboard
-
-
-@dataclass
-class ClientRequest:
-    """One client request as the ingress' telemetry sees it: its root span, and its outcome counted once."""
-
-    span: Any
-    pool: str  # metric label: the pool named (or `auto`), then the pool chosen
-    started_at: float = field(default_factory=time.monotonic)
-    finished: bool = False
-
-    @property
-    def trace(self):
-        return tracing.context_of(self.span)
 
 
 def overlay_local_load(snapshot: FleetSnapshot, ledgers: dict[str, TokenLedger]) -> FleetSnapshot:
@@ -84,9 +67,7 @@ class FleetGateway:
         self.spec: FleetSpec = parse_spec(spec)
         configure_actor_logging(self.spec.log_level)
         tracing.setup_tracing(self.spec.tracing, "ingress")
-        self.metrics = IngressMetrics()
-        self.routing_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=ROUTING_LOG_SIZE)
-        self._queued: dict[str, int] = {}
+        self.telemetry = RequestTelemetry(self.spec)
         policies = self.spec.policies
         self.router = registry.create("router", policies.router.name, policies.router.params)
         self.admission = registry.create("admission", policies.admission.name, policies.admission.params)
@@ -94,8 +75,6 @@ class FleetGateway:
         if self.spec.ingress.api_keys_env:
             self.api_keys |= {k.strip() for k in os.environ.get(self.spec.ingress.api_keys_env, "").split(",")
                               if k.strip()}
-        for model in [*(pool.name for pool in self.spec.pools), "auto"]:  # each series exists from the start
-            self.metrics.queue_depth.set(0, tags={"model": model})
         self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         self.renderers = {pool.name: PoolRenderer(pool.name, pool.model, pool.engine_args)
                           for pool in self.spec.pools}
@@ -142,44 +121,42 @@ class FleetGateway:
 
     async def admit_and_place(self, info: RequestInfo, trace=None) -> tuple[Placement, str]:
         """Admission (queue, 429 or 503) then routing; returns the placement and the chosen pool."""
-        span = tracing.start_span("admission", trace, attributes={"rayfleet.admission": self.spec.policies.admission.name})
-        model = info.pool or "auto"
-        waits = 0
+        snapshot, handles = await self._admit(info, trace)
+        try:
+            return await self.place(info, frozenset(), snapshot, handles, trace)
+        except NoReplicaAvailable as error:
+            raise OpenAIHTTPError(503, f"{error}; retry later.", "ServiceUnavailableError", retry_after_s=5) from None
+
+    async def _admit(self, info: RequestInfo, trace) -> tuple[FleetSnapshot, dict[str, Any]]:
+        """Wait, queued, until the admission policy admits; 429 or 503 when it rejects or the wait runs out."""
+        span = tracing.start_span("admission", trace, attributes={"rayfleet.policy": self.spec.policies.admission.name})
+        model, polls = info.pool or "auto", 0
         deadline = time.monotonic() + self.spec.ingress.request_timeout_s
         try:
             while True:
                 snapshot, handles = await self.fleet_view()
                 decision = self.admission.admit(info, snapshot)
+                if decision.verdict is AdmissionVerdict.ADMIT:
+                    tracing.end_span(span, **{"rayfleet.verdict": "admit", "rayfleet.queued_polls": polls})
+                    return snapshot, handles
                 if decision.verdict is AdmissionVerdict.REJECT:
                     status = 503 if "no ready replica" in decision.reason else 429
                     raise OpenAIHTTPError(status, f"Request rejected: {decision.reason}.",
                                           err_type="ServiceUnavailableError" if status == 503 else "RateLimitError",
                                           retry_after_s=decision.retry_after_s)
-                if decision.verdict is AdmissionVerdict.ADMIT:
-                    tracing.end_span(span, **{"rayfleet.verdict": "admit", "rayfleet.queued_polls": waits})
-                    span = None
-                    try:
-                        return await self.place(info, frozenset(), snapshot, handles, trace)
-                    except NoReplicaAvailable as error:
-                        raise OpenAIHTTPError(503, f"{error}; retry later.", "ServiceUnavailableError",
-                                              retry_after_s=5) from None
                 if time.monotonic() > deadline:
                     raise OpenAIHTTPError(429, "Request queued too long; retry later.", "RateLimitError",
                                           retry_after_s=5)
-                if waits == 0:
-                    self._count_queued(model, +1)
-                waits += 1
+                if polls == 0:
+                    self.telemetry.queued(model, +1)
+                polls += 1
                 await asyncio.sleep(QUEUE_WAIT_S)
         except BaseException as error:  # rejected, or the client left while queued
             tracing.end_span(span, error, **{"rayfleet.verdict": "reject"})
             raise
         finally:
-            if waits:
-                self._count_queued(model, -1)
-
-    def _count_queued(self, model: str, change: int) -> None:
-        self._queued[model] = self._queued.get(model, 0) + change
-        self.metrics.queue_depth.set(self._queued[model], tags={"model": model})
+            if polls:
+                self.telemetry.queued(model, -1)
 
     async def place(self, info: RequestInfo, exclude: frozenset[str], snapshot=None, handles=None, trace=None):
         if snapshot is None:
@@ -196,30 +173,8 @@ class FleetGateway:
             raise
         tracing.end_span(span, **{"rayfleet.pool": decision.pool, "rayfleet.replica": decision.replica_id,
                                   "rayfleet.reason": decision.reason})
-        self._record_decision(info, decision)
+        self.telemetry.decided(info, decision)
         return Placement(decision.replica_id, handle), decision.pool
-
-    def _record_decision(self, info: RequestInfo, decision) -> None:
-        """Count the decision and keep it (with whatever the router explains, e.g. candidates) for the dashboard."""
-        model, router = info.pool or "auto", self.spec.policies.router.name
-        self.metrics.routing_decisions.inc(tags={"model": model, "pool": decision.pool, "router": router})
-        self.routing_log.append({"at": time.time(), "request_id": info.request_id, "model": model,
-                                 "router": router, **dataclasses.asdict(decision)})
-
-    # ---------------------------------------------------------------- client requests (telemetry)
-    def begin_request(self, name: str, headers: Mapping[str, str], pool: str) -> ClientRequest:
-        """The root span of a client request, continuing the client's own trace when it sends `traceparent`."""
-        span = tracing.start_span(name, tracing.extract(headers), tracing.SpanKind.SERVER,
-                                  {"rayfleet.model": pool})
-        return ClientRequest(span=span, pool=pool)
-
-    def end_request(self, client: ClientRequest, status: int, error: BaseException | None = None) -> None:
-        """Count the request by pool and status and end its root span (once)."""
-        if client.finished:
-            return
-        client.finished = True
-        self.metrics.requests.inc(tags={"pool": client.pool, "status": str(status)})
-        tracing.end_span(client.span, error, **{"rayfleet.pool": client.pool, "http.status_code": status})
 
     def open_ledger(self, call: GenerateCall, placement: Placement | None, client: ClientRequest) -> TokenLedger:
         ledger = TokenLedger(call=call, placement=placement, started_at=client.started_at, trace=client.trace)
@@ -243,21 +198,7 @@ class FleetGateway:
                 yield choice
         finally:
             self.ledgers.pop(ledger.request_id, None)
-            self._observe_ledger(ledger, pool)
+            self.telemetry.finished(ledger, pool)
             if ledger.migrations or ledger.replays:
                 logger.info("request %s finished after %d migrations and %d replays over %s",
                             ledger.request_id, ledger.migrations, ledger.replays, " -> ".join(ledger.hops))
-
-    def _observe_ledger(self, ledger: TokenLedger, pool: str) -> None:
-        """Latencies as the client saw them: arrival to first token, between tokens, arrival to last token."""
-        tags = {"pool": pool}
-        if ledger.replays:
-            self.metrics.replays.inc(ledger.replays, tags=tags)
-        if ledger.first_token_at is None:
-            return
-        self.metrics.output_tokens.inc(ledger.output_tokens, tags=tags)
-        self.metrics.ttft.observe(ledger.first_token_at - ledger.started_at, tags=tags)
-        self.metrics.duration.observe(ledger.last_token_at - ledger.started_at, tags=tags)
-        if ledger.output_tokens > 1:
-            self.metrics.tpot.observe((ledger.last_token_at - ledger.first_token_at) / (ledger.output_tokens - 1),
-                                      tags=tags)

@@ -129,7 +129,7 @@ class GrpcServicer(FleetGateway):
     async def Generate(self, request, grpc_context):  # noqa: N802 (the RPC's name)
         """Tokens in, tokens out, through admission, routing and the ledger like HTTP requests."""
         metadata = grpc_context.invocation_metadata()
-        client = self.begin_request("grpc VllmEngine/Generate", dict(metadata), "unknown")
+        client = self.telemetry.begin("grpc VllmEngine/Generate", dict(metadata))
         try:
             self._grpc_authenticate(grpc_context)
             pool = pool_from_metadata(metadata, list(self.renderers))
@@ -139,10 +139,10 @@ class GrpcServicer(FleetGateway):
             call = call_from_proto(request, config.max_model_len, config.get_vocab_size())
             placement, _ = await self.admit_and_place(self.info_from_call(call, pool), client.trace)
         except OpenAIHTTPError as error:
-            self.end_request(client, error.status, error)
+            self.telemetry.end(client, error.status, error)
             _fail(grpc_context, GRPC_STATUS.get(error.status, grpc.StatusCode.INTERNAL), error.message)
         except GrpcRequestError as error:
-            self.end_request(client, HTTP_STATUS.get(error.code, 400), error)
+            self.telemetry.end(client, HTTP_STATUS.get(error.code, 400), error)
             _fail(grpc_context, error.code, error.details)
         ledger = self.open_ledger(call, placement, client)
         prompt_tokens = len(call.prompt_token_ids)
@@ -165,7 +165,7 @@ class GrpcServicer(FleetGateway):
             status, failure = 500, error
             raise
         finally:
-            self.end_request(client, status, failure)
+            self.telemetry.end(client, status, failure)
 
     async def HealthCheck(self, request, grpc_context):  # noqa: N802
         snapshot, _ = await self.fleet_view()

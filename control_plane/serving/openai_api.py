@@ -23,7 +23,8 @@ from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
 from rayfleet.actors.replica.protocol import GenerateCall
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
-from rayfleet.control_plane.serving.gateway import ClientRequest, FleetGateway, logger
+from rayfleet.control_plane.serving.gateway import FleetGateway, logger
+from rayfleet.control_plane.serving.request_telemetry import ClientRequest
 from rayfleet.control_plane.serving.ledger import TokenLedger
 from rayfleet.control_plane.serving.rendering import PoolRenderer, RenderError, RenderedRequest
 from rayfleet.policies.base import RequestInfo
@@ -100,11 +101,11 @@ class OpenAIRoutes(FleetGateway):
 
     async def _serve(self, kind: str, request: Request):
         """One OpenAI request under its root span; counted by pool and status when its response ends."""
-        client = self.begin_request(f"POST {request.url.path}", request.headers, "unknown")
+        client = self.telemetry.begin(f"POST {request.url.path}", request.headers)
         try:
             return await self._serve_traced(kind, request, client)
         except Exception as error:
-            self.end_request(client, error_status(error), error)
+            self.telemetry.end(client, error_status(error), error)
             raise
 
     async def _serve_traced(self, kind: str, request: Request, client: ClientRequest):
@@ -134,7 +135,7 @@ class OpenAIRoutes(FleetGateway):
             return StreamingResponse(self._stream(renderer, rendered, ledgers, client),
                                      media_type="text/event-stream")
         response = JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True))
-        self.end_request(client, 200)
+        self.telemetry.end(client, 200)
         return response
 
     @staticmethod
@@ -187,7 +188,7 @@ class OpenAIRoutes(FleetGateway):
             yield f"data: {in_band.body().model_dump_json()}\n\n"
         finally:
             self.close_ledgers(ledgers)
-            self.end_request(client, status, failure)
+            self.telemetry.end(client, status, failure)
         yield "data: [DONE]\n\n"
 
     @staticmethod
