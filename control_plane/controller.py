@@ -402,7 +402,8 @@ class FleetController:
         if decision.mode not in ("precopy", "stop_and_copy"):
             raise FleetError(f"migrate: mode must be 'precopy' or 'stop_and_copy', got '{decision.mode}'")
         migration_id = f"mig-{uuid.uuid4().hex[:8]}"
-        destination = Destination(decision.dst, dst.handle, dst.facts.get("node_id", ""))
+        destination = Destination(decision.dst, dst.handle, dst.facts.get("node_id", ""),
+                                  tuple(dst.facts.get("gpu_uuids", ())))
         result = await src.handle.migrate_out.remote(decision.request_id, destination, migration_id, decision.mode)
         record = MigrationRecord(**result)
         self.migrations.append(record)

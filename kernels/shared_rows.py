@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,13 +78,18 @@ def _map(path: Path, nbytes: int) -> torch.Tensor:
 
 
 def gather_to_shared(cache: KVCacheLayers, block_ids: BlockIds) -> SharedRows:
-    """Gather blocks `block_ids` of every layer into a new shared-memory file, row i = block i."""
+    """Gather blocks `block_ids` of every layer into a new shared-memory file, row i = block i.
+
+    On a GPU the mapping is page-locked for the copy, so the gather kernel writes host memory directly
+    (one pass over the blocks), and this returns once the rows are complete."""
     ids = checked_block_ids(cache, block_ids)
     rows, tensor = SharedRows.allocate(len(ids), cache.layout.block_bytes)
     if cache.device.type == "cpu":
         gather_blocks(cache, ids, out=tensor)
-    elif len(ids):  # a file mapping is not pinned: gather on the device, then one copy to the host
-        tensor.copy_(gather_blocks(cache, ids))
+    elif len(ids):
+        with page_locked(tensor):
+            gather_blocks(cache, ids, out=tensor)
+            torch.cuda.current_stream(cache.device).synchronize()
     return rows
 
 
@@ -95,10 +102,33 @@ def share_rows(rows: torch.Tensor) -> SharedRows:
 
 
 def scatter_rows(cache: KVCacheLayers, rows: torch.Tensor, block_ids: BlockIds) -> None:
-    """Scatter host rows (a mapped `SharedRows`, or any `[n, block_bytes]` uint8 tensor) into `block_ids`."""
-    if cache.device.type != "cpu" and len(rows):
-        rows = rows.to(cache.device)
-    scatter_blocks(cache, rows, block_ids)
+    """Scatter rows into `block_ids`: host rows (a mapped `SharedRows`, any `[n, block_bytes]` uint8 tensor) or,
+    on a GPU, rows on a device (an opened `DeviceRows`; a peer GPU's rows are first copied over the link)."""
+    if cache.device.type == "cpu" or not len(rows):
+        scatter_blocks(cache, rows, block_ids)
+    elif rows.device.type == "cuda":
+        scatter_blocks(cache, rows.to(cache.device), block_ids)
+        torch.cuda.current_stream(cache.device).synchronize()
+    else:  # host rows: the kernel reads them straight from page-locked memory
+        with page_locked(rows):
+            scatter_blocks(cache, rows, block_ids)
+            torch.cuda.current_stream(cache.device).synchronize()
+
+
+@contextmanager
+def page_locked(rows: torch.Tensor) -> Iterator[None]:
+    """Register a host tensor's memory with CUDA (cudaHostRegister) for the duration, unless already pinned."""
+    if rows.is_pinned():
+        yield
+        return
+    cudart = torch.cuda.cudart()
+    status = cudart.cudaHostRegister(rows.data_ptr(), rows.numel() * rows.element_size(), 0)
+    if int(status) != 0:
+        raise RuntimeError(f"cudaHostRegister of {rows.numel()} bytes failed with CUDA error {int(status)}")
+    try:
+        yield
+    finally:
+        cudart.cudaHostUnregister(rows.data_ptr())
 
 
 def live_files(prefix: str = PREFIX) -> list[str]:

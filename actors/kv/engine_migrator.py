@@ -10,7 +10,7 @@ extension). A migration of request ``rid`` from engine A to engine B, with ``mig
     final = await src.stop_and_export(rid, first_block=chunk.end_block)   # abort on A + the rest of the KV
     if final is None: ...                                          # it finished on A first: nothing to move
     await dst.stage(mig, final.chunk)
-    chunk.release(); final.chunk.release()                         # exported rows belong to the caller
+    await src.release([chunk, final.chunk])                        # exported rows belong to the caller
     resume = EngineKVMigrator.resume(final, params, num_prompt_tokens, rid, mig)
     async for out in engine_b.generate({"prompt_token_ids": resume.prompt_token_ids},
                                        resume.sampling_params, rid): ...
@@ -127,19 +127,20 @@ class EngineKVMigrator:
             self._layout = KVLayoutDescriptor.from_wire(await self._rpc("rayfleet_kv_layout"))
         return self._layout
 
-    async def export_complete_blocks(self, request_id: str, first_block: int = 0) -> KVChunk:
+    async def export_complete_blocks(self, request_id: str, first_block: int = 0, transport: str = "host") -> KVChunk:
         """Pre-copy: the request's complete blocks from ``first_block`` on; the request keeps running.
 
         Raises :class:`KVRequestNotFoundError` when the engine tracks no such live request (finished,
         or not yet seen by the engine's first step after submission).
         """
-        wire = await self._rpc("rayfleet_export_blocks", request_id, first_block)
+        wire = await self._rpc("rayfleet_export_blocks", request_id, first_block, transport)
         if wire["status"] != "live":
             raise KVRequestNotFoundError(f"request {request_id!r} is not running on this engine "
                                          f"({wire['status']})")
         return KVChunk.from_wire(wire["chunk"])
 
-    async def stop_and_export(self, request_id: str, first_block: int = 0, timeout_s: float = 10.0) -> FinalKV | None:
+    async def stop_and_export(self, request_id: str, first_block: int = 0, timeout_s: float = 10.0,
+                              transport: str = "host") -> FinalKV | None:
         """Abort the request and export its KV from ``first_block`` on, plus its token list.
 
         Returns None if the request finished normally before the stop took effect. The engine frees the
@@ -150,7 +151,7 @@ class EngineKVMigrator:
         await self._engine.abort(request_id)
         deadline = time.monotonic() + timeout_s
         while True:
-            wire = await self._rpc("rayfleet_export_final", request_id, first_block)
+            wire = await self._rpc("rayfleet_export_final", request_id, first_block, transport)
             status = wire["status"]
             if status == "ready":
                 return FinalKV(KVChunk.from_wire(wire["chunk"]), list(wire["all_token_ids"]), wire["num_computed_tokens"])
@@ -178,6 +179,19 @@ class EngineKVMigrator:
         finally:
             if local is not chunk:
                 local.release()
+
+    async def gpu_uuids(self) -> list[str]:
+        """GPUs the engine's worker sees, its own first (empty on a CPU): device rows it can open."""
+        return await self._rpc("rayfleet_gpu_uuids")
+
+    async def release(self, chunks: list[KVChunk]) -> None:
+        """Free rows this engine exported once every stage that maps them has returned: shared files are
+        unlinked here, device rows freed by the engine's worker."""
+        for chunk in chunks:
+            chunk.release()
+        device = [chunk.device.name for chunk in chunks if chunk.device is not None]
+        if device:
+            await self._rpc("rayfleet_release_rows", device)
 
     async def drop_staged(self, migration_id: str) -> bool:
         """Free staged data that will not be resumed; True if there was any."""

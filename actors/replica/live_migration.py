@@ -33,11 +33,12 @@ logger = logging.getLogger("rayfleet.migration")
 
 @dataclass(frozen=True)
 class Destination:
-    """The replica a request moves to: its id, its actor handle, and the Ray node it runs on."""
+    """The replica a request moves to: its id, its actor handle, the Ray node it runs on and the GPUs it sees."""
 
     replica_id: str
     handle: Any
     node_id: str
+    gpu_uuids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,17 @@ class SourceMigration:
     """One migration of `request` from this replica (`src_id`, on `src_node_id`) to `dst`."""
 
     def __init__(self, request: ActiveRequest, migrator: EngineKVMigrator, block_size: int, src_id: str,
-                 src_node_id: str, dst: Destination, migration_id: str, mode: str, limits: MigrationLimits,
-                 trace_headers: dict[str, str] | None = None):
+                 src_node_id: str, src_gpu_uuid: str | None, dst: Destination, migration_id: str, mode: str,
+                 limits: MigrationLimits, trace_headers: dict[str, str] | None = None):
         self.request = request
         self.migrator = migrator
         self.block_size = block_size
         self.src_id = src_id
         self.src_node_id = src_node_id
         self.dst = dst
+        # GPU to GPU by CUDA IPC when the destination sees the source's GPU; else host-staged rows, which
+        # travel by name on one node and by value to another.
+        self.transport = "device" if src_gpu_uuid is not None and src_gpu_uuid in dst.gpu_uuids else "host"
         self.migration_id = migration_id
         self.mode = mode
         self.limits = limits
@@ -103,8 +107,7 @@ class SourceMigration:
             return await self._run()
         finally:
             # Every stage that maps the chunks' rows has returned by now (the engines hold mappings).
-            for chunk in self.chunks:
-                chunk.release()
+            await self.migrator.release(self.chunks)
 
     async def _run(self) -> MigrationResult:
         try:
@@ -149,7 +152,7 @@ class SourceMigration:
         sent = 0
         for _ in range(self.limits.max_stages):
             try:
-                chunk = await self.migrator.export_complete_blocks(self.request_id, sent)
+                chunk = await self.migrator.export_complete_blocks(self.request_id, sent, self.transport)
             except KVRequestNotFoundError:
                 raise MigrationOutcome("finished_on_source", "the request finished during pre-copy") from None
             self.stages += 1
@@ -164,7 +167,7 @@ class SourceMigration:
         self.request.leaving = True
         self.last_source_token_at = self.request.last_token_wall
         sent = self.chunks[-1].end_block if self.chunks else 0
-        final = await self.migrator.stop_and_export(self.request_id, sent)
+        final = await self.migrator.stop_and_export(self.request_id, sent, transport=self.transport)
         if final is None:
             self.request.leaving = False
             raise MigrationOutcome("finished_on_source", "the request finished before the final stage")

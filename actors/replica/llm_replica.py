@@ -82,6 +82,7 @@ class LLMReplica:
         self.engine = None
         self.migrator = None  # set with live migration
         self.kv_rpc = None  # the connector's worker RPCs, whenever the connector is installed
+        self.gpu_uuids: tuple[str, ...] = ()  # GPUs the engine's worker sees, its own first (migration by CUDA IPC)
         self.accepting = False
         self.load_stats = EngineLoad()
         self.requests: dict[str, ActiveRequest] = {}
@@ -116,6 +117,7 @@ class LLMReplica:
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=self._stat_loggers())
         if connector:
             self.kv_rpc = EngineKVMigrator(self.engine)
+            self.gpu_uuids = tuple(await self.kv_rpc.gpu_uuids())
         if self.live_migration:
             self.migrator = self.kv_rpc
         self.accepting = True
@@ -141,6 +143,7 @@ class LLMReplica:
             "kv_blocks_total": int(config.cache_config.num_gpu_blocks or 0),
             "kv_block_size": int(config.cache_config.block_size),
             "max_model_len": int(config.model_config.max_model_len),
+            "gpu_uuids": list(self.gpu_uuids),
             "pid": os.getpid(),
             # Set by the Helm chart on KubeRay Pods: which Pod (and worker group) a drained replica frees.
             "pod": os.environ.get("RAYFLEET_POD_NAME", ""),
@@ -302,8 +305,9 @@ class LLMReplica:
         span = tracing.start_span("migrate_out", tracing.context_of(request.span), tracing.SpanKind.PRODUCER,
                                   {"rayfleet.migration_id": migration_id, "rayfleet.mode": mode,
                                    "rayfleet.src": self.replica_id, "rayfleet.dst": dst.replica_id})
-        migration = SourceMigration(request, self.migrator, self.kv_block_size, self.replica_id, _node_id(), dst,
-                                    migration_id, mode, self.migration_limits,
+        gpus = self.gpu_uuids
+        migration = SourceMigration(request, self.migrator, self.kv_block_size, self.replica_id, _node_id(),
+                                    gpus[0] if gpus else None, dst, migration_id, mode, self.migration_limits,
                                     trace_headers=tracing.headers_of(span))
         result = await migration.run()
         tracing.end_span(span, **{f"rayfleet.{key}": result.record[key] for key in
@@ -451,3 +455,4 @@ def _node_id() -> str:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # outside Ray (unit use)
         return ""
+
