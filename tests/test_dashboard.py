@@ -38,7 +38,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def mig_restored(fleet):
-    """Scaling and draining change the "mig" pool; later tests expect its two ready replicas back."""
+    """Scaling and draining change the "mig" pool; later tests expect its two ready replicas back. (Scaling runs
+    before migrating and draining, so that the replica it starts is ready by the time this waits for it.)"""
     yield
     ray.get(fleet.controller.scale.remote("mig", 2))
     fleet.wait_for(lambda: len(mig_replicas(fleet)) == 2 and len(fleet.replicas("mig", "draining")) == 0,
@@ -132,21 +133,6 @@ def test_page_goes_live_with_the_fleets_replica_count_and_no_console_errors(dash
     dashboard.expect(dashboard.page.get_by_test_id("fleet-name")).to_have_text(status["fleet"])
 
 
-def test_migrating_a_request_from_the_page_moves_it(dashboard, fleet, client, mig_pool):  # noqa: F811
-    stream = LongStream(client)
-    stream.start()
-    src = stream.where(fleet)
-    chip = dashboard.row(src).get_by_test_id("request").filter(has_text=stream.request_id[-10:])
-    chip.click(timeout=10_000)
-    dst = next(r for r in mig_pool if r != src)
-    dashboard.page.get_by_test_id("migrate-dst").select_option(dst)
-    dashboard.confirm()
-    dashboard.expect(dashboard.page.get_by_test_id("toast")).to_contain_text(f"{stream.request_id}: migrated")
-    assert stream.finished_whole(), (stream.tokens, stream.finish_reason)
-    audit = dashboard.page.get_by_test_id("audit").locator("tr").nth(1)
-    dashboard.expect(audit).to_contain_text(re.compile(r"dashboard\s*migrate.*request_id=" + stream.request_id))
-
-
 def test_scaling_a_pool_from_the_page_shows_the_new_replica_live(dashboard, fleet):
     pool = fleet.status()["pools"]["mig"]
     target = pool["desired"] + 1 if pool["desired"] < pool["max"] else pool["desired"] - 1
@@ -162,6 +148,21 @@ def test_scaling_a_pool_from_the_page_shows_the_new_replica_live(dashboard, flee
     assert fleet.status()["pools"]["mig"]["desired"] == target
     audit = dashboard.page.get_by_test_id("audit").locator("tr").nth(1)
     dashboard.expect(audit).to_contain_text(re.compile(r"dashboard\s*scale\s*pool=mig replicas=" + str(target)))
+
+
+def test_migrating_a_request_from_the_page_moves_it(dashboard, fleet, client, mig_pool):  # noqa: F811
+    stream = LongStream(client)
+    stream.start()
+    src = stream.where(fleet)
+    chip = dashboard.row(src).get_by_test_id("request").filter(has_text=stream.request_id[-10:])
+    chip.click(timeout=10_000)
+    dst = next(r for r in mig_pool if r != src)
+    dashboard.page.get_by_test_id("migrate-dst").select_option(dst)
+    dashboard.confirm()
+    dashboard.expect(dashboard.page.get_by_test_id("toast")).to_contain_text(f"{stream.request_id}: migrated")
+    assert stream.finished_whole(), (stream.tokens, stream.finish_reason)
+    audit = dashboard.page.get_by_test_id("audit").locator("tr").nth(1)
+    dashboard.expect(audit).to_contain_text(re.compile(r"dashboard\s*migrate.*request_id=" + stream.request_id))
 
 
 def test_draining_a_replica_from_the_page_moves_its_requests(dashboard, fleet, client, mig_pool):  # noqa: F811
