@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.actors.observability.tracing import TracingConfig
+from rayfleet.control_plane import llm_config
 
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 RESERVED_MODEL_NAMES = {"auto"}
@@ -46,6 +48,9 @@ class ResourcesSpec(Strict):
 class PoolSpec(Strict):
     """A pool of identical replicas of one model; `name` is the `model` clients ask for."""
 
+    # The JSON Schema (the Helm chart's values schema) admits Ray Serve LLM's keys too.
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=llm_config.add_to_json_schema)
+
     name: str
     model: str = Field(description="Local model directory or Hugging Face id.")
     served_model_name: str | None = None
@@ -53,6 +58,11 @@ class PoolSpec(Strict):
         default_factory=dict, description="Passed through to vLLM's AsyncEngineArgs."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Environment of the replica actors.")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime_env of the replica actors (pip, working_dir, env_vars...); "
+        "`env` is merged into its env_vars.")
+    log_engine_metrics: bool = Field(
+        True, description="Export vLLM's engine metrics through Ray's metrics endpoint (vLLM's RayPrometheusStatLogger).")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
@@ -72,6 +82,21 @@ class PoolSpec(Strict):
         "must produce identical KV bytes for identical tokens (same model, dtype, KV layout, block size, "
         "parallelism). None: derived by the engine from exactly those.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_llm_config_vocabulary(cls, data: Any) -> Any:
+        """Ray Serve LLM's LLMConfig keys (see `llm_config.py`) become rayfleet's fields."""
+        return llm_config.translate(data) if llm_config.uses_llm_config(data) else data
+
+    @classmethod
+    def from_llm_config(cls, config: Any, **overrides: Any) -> PoolSpec:
+        """A pool from a `ray.serve.llm.LLMConfig` (or its dict), plus rayfleet fields such as `tags`."""
+        data = config.model_dump(exclude_unset=True) if hasattr(config, "model_dump") else dict(config)
+        try:
+            return cls.model_validate({**data, **overrides})
+        except ValidationError as error:
+            raise SpecError(format_validation_error(error)) from None
 
     @field_validator("name")
     @classmethod
@@ -206,6 +231,8 @@ class FleetSpec(Strict):
         None, description="A fleet-wide KV block store shared by every replica of pools with use_kv_store: "
         "prefix reuse across replicas and offload. None: no store.",
     )
+    tracing: TracingConfig | None = Field(
+        None, description="OpenTelemetry tracing of every request (OTLP export); None: off.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("state_store")

@@ -79,7 +79,8 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=16, include_dashboard=False, namespace="rayfleet", log_to_driver=False)
+        # address="local": a cluster of the suite's own, even when `rayfleet up` left one running here.
+        ray.init(address="local", num_cpus=16, include_dashboard=False, namespace="rayfleet", log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -119,8 +120,18 @@ def fleet_spec_dict(demo_models: Path, redis_url: str, port: int) -> dict:
 
 
 @pytest.fixture(scope="session")
-def fleet(ray_cluster, demo_models, redis_url):
-    """A deployed fleet: controller + OpenAI ingress + one replica each of tiny-a and tiny-b."""
+def otlp_receiver():
+    """Where the test fleet's processes export their trace spans (tests/otlp_receiver.py)."""
+    from otlp_receiver import OTLPReceiver
+
+    receiver = OTLPReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def fleet(ray_cluster, demo_models, redis_url, otlp_receiver):
+    """A deployed fleet: controller + OpenAI ingress + one replica each of tiny-a and tiny-b, traced."""
     from ray import serve
 
     from rayfleet.control_plane.cli.launch import grpc_options
@@ -131,6 +142,7 @@ def fleet(ray_cluster, demo_models, redis_url):
     port, grpc_port = free_port(), free_port()
     spec_dict = fleet_spec_dict(demo_models, redis_url, port)
     spec_dict["ingress"]["grpc_port"] = grpc_port
+    spec_dict["tracing"] = {"otlp_endpoint": otlp_receiver.endpoint, "export_delay_s": 0.5}
     spec = parse_spec(spec_dict)
     serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options(spec))
     serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)

@@ -21,6 +21,7 @@ import ray
 
 from rayfleet.actors.kv.block_hash import BlockHash
 from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.actors.kv.store_metrics import StoreMetrics
 from rayfleet.actors.kv.store_tiers import KVStoreStats, TieredBlockStore
 
 if TYPE_CHECKING:
@@ -41,6 +42,17 @@ class KVStore(TieredBlockStore):
     def __init__(self, config: KVStoreConfig, shard: int) -> None:
         super().__init__(config.memory_bytes, config.shard_disk_dir(shard), config.disk_bytes, config.pin_memory)
         self._config = config
+        self._metrics = StoreMetrics(config.name, shard)
+        self._metrics.observe(self.stats())
+
+    def put(self, block_hashes: Sequence[BlockHash], blocks: Sequence[np.ndarray]) -> None:
+        super().put(block_hashes, blocks)
+        self._metrics.observe(self.stats())
+
+    def get(self, block_hashes: Sequence[BlockHash]) -> list[np.ndarray | None]:
+        blocks = super().get(block_hashes)
+        self._metrics.observe(self.stats())
+        return blocks
 
     def config(self) -> KVStoreConfig:
         return self._config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from rayfleet.actors.replica.delta_stream import Outbox
 from rayfleet.actors.replica.protocol import GenerateCall, RequestDelta
@@ -25,6 +26,7 @@ class ActiveRequest:
     arrival_time: float = field(default_factory=time.time)
     arrival_monotonic: float = field(default_factory=time.monotonic)
     task: asyncio.Task | None = None
+    span: Any = None  # this replica's tracing span of the request (ended when it finishes or leaves)
     # Set while the request is being moved out: the engine's abort output then must not end the
     # client's stream; the migration puts a handoff (or resumes locally) instead.
     leaving: bool = False

@@ -21,6 +21,7 @@ to the destination, or resume the request locally.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -77,7 +78,7 @@ class SourceMigration:
 
     def __init__(self, request: ActiveRequest, migrator: EngineKVMigrator, block_size: int, src_id: str,
                  src_node_id: str, src_gpu_uuid: str | None, dst: Destination, migration_id: str, mode: str,
-                 limits: MigrationLimits):
+                 limits: MigrationLimits, trace_headers: dict[str, str] | None = None):
         self.request = request
         self.migrator = migrator
         self.block_size = block_size
@@ -90,6 +91,7 @@ class SourceMigration:
         self.migration_id = migration_id
         self.mode = mode
         self.limits = limits
+        self.trace_headers = trace_headers  # the destination continues the request's trace under these
         self.chunks: list[KVChunk] = []
         self.stages = 0
         self.started = time.time()
@@ -150,8 +152,9 @@ class SourceMigration:
             await self._send(final.chunk)
             # Bounded here too: a destination that hangs (or whose death Ray has not noticed yet) must not
             # hold the stopped request; the destination itself gives up after resume_timeout_s.
+            call = dataclasses.replace(self.request.call, trace_headers=self.trace_headers)
             first_token_at, recomputed = await asyncio.wait_for(self.dst.handle.resume_migrated.remote(
-                self.migration_id, self.request.call, final, len(final.all_token_ids) - self.request.prompt_len,
+                self.migration_id, call, final, len(final.all_token_ids) - self.request.prompt_len,
                 self.limits.resume_timeout_s), self.limits.resume_timeout_s + DESTINATION_GRACE_S)
         except Exception as error:  # destination refused, died or timed out: the source takes it back
             logger.warning("migration %s: destination %s failed (%s); resuming %s on the source",

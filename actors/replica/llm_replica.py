@@ -26,8 +26,10 @@ from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migrat
 from rayfleet.actors.replica.active_request import ActiveRequest
 from rayfleet.actors.replica.delta_stream import Outboxes, read_chunks
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
-from rayfleet.actors.replica.engine_stats import EngineLoad, stat_logger_factory
+from rayfleet.actors.replica.engine_stats import EngineLoad, engine_metrics_logger, stat_logger_factory
 from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.actors.observability import tracing
+from rayfleet.actors.observability.logs import configure_actor_logging
 from rayfleet.actors.replica.protocol import (
     DeltaBatch,
     GenerateCall,
@@ -70,7 +72,8 @@ class LLMReplica:
     def __init__(self, replica_id: str, pool: str, model: str, engine_args: dict[str, Any],
                  served_model_name: str | None = None, live_migration: bool = True,
                  migration_limits: MigrationLimits | None = None, kv_store: KVStoreConfig | None = None,
-                 kv_store_namespace: str | None = None):
+                 kv_store_namespace: str | None = None, log_engine_metrics: bool = True,
+                 tracing_config: tracing.TracingConfig | None = None):
         self.replica_id = replica_id
         self.pool = pool
         self.model = model
@@ -80,6 +83,8 @@ class LLMReplica:
         self.migration_limits = migration_limits or MigrationLimits()
         self.kv_store = kv_store
         self.kv_store_namespace = kv_store_namespace
+        self.log_engine_metrics = log_engine_metrics
+        self.tracing_config = tracing_config
         self.engine = None
         self.migrator = None  # set with live migration
         self.kv_rpc = None  # the connector's worker RPCs, whenever the connector is installed
@@ -89,7 +94,8 @@ class LLMReplica:
         self.requests: dict[str, ActiveRequest] = {}
         self.unclaimed: dict[str, tuple[float, ActiveRequest]] = {}  # finished before the ingress attached
         self.outboxes = Outboxes()
-        logging.basicConfig(level=os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
+        configure_actor_logging(os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
+        tracing.setup_tracing(tracing_config, f"replica {replica_id}")
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> dict[str, Any]:
@@ -111,9 +117,12 @@ class LLMReplica:
             # The engine's processes are not Ray workers: they join this cluster to reach the store. An
             # explicit address, since "auto" may find another cluster on a shared machine.
             os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        if self.tracing_config is not None and self.tracing_config.trace_engines:
+            # vLLM's own `llm_request` span per request (queue, prefill and decode times) joins the trace.
+            engine_args.setdefault("otlp_traces_endpoint", self.tracing_config.otlp_endpoint)
         args = AsyncEngineArgs(model=self.model, served_model_name=[self.served_model_name], **engine_args)
         started = time.monotonic()
-        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.load_stats)])
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=self._stat_loggers())
         if connector:
             self.kv_rpc = EngineKVMigrator(self.engine)
             self.gpu_uuids = tuple(await self.kv_rpc.gpu_uuids())
@@ -124,6 +133,15 @@ class LLMReplica:
         logger.info("replica %s (%s) ready in %.1f s: %s", self.replica_id, self.pool,
                     time.monotonic() - started, facts)
         return facts
+
+    def _stat_loggers(self) -> list:
+        """The load signals the controller reads, and vLLM's engine metrics exported through Ray's metrics
+        endpoint, as Ray Serve LLM does (vLLM's default Prometheus logger would write to a registry inside
+        this process that nothing scrapes)."""
+        loggers = [stat_logger_factory(self.load_stats)]
+        if self.log_engine_metrics:
+            loggers.append(engine_metrics_logger(self.load_stats))
+        return loggers
 
     def engine_facts(self) -> dict[str, Any]:
         config = self.engine.vllm_config
@@ -164,6 +182,7 @@ class LLMReplica:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        tracing.flush()
 
     # ---------------------------------------------------------------- serving
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaChunk]:
@@ -203,6 +222,10 @@ class LLMReplica:
         if call.request_id in self.requests:
             raise ValueError(f"request id {call.request_id} is already running on {self.replica_id}")
         request = self._admit(call)
+        request.span = tracing.start_span("replica.generate", call.trace_headers, tracing.SpanKind.SERVER,
+                                          {"rayfleet.replica": self.replica_id, "rayfleet.pool": self.pool,
+                                           "rayfleet.request_id": call.request_id,
+                                           "rayfleet.prompt_tokens": len(call.prompt_token_ids)})
         params = call.sampling_params
         if self.migrator is not None and params.n == 1:
             params = self.migrator.tag(params, call.request_id, continued=call.continued_tokens)
@@ -256,7 +279,8 @@ class LLMReplica:
         rid = request.call.request_id
         try:
             async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
-                                                     request_id=rid, priority=request.call.priority):
+                                                     request_id=rid, priority=request.call.priority,
+                                                     trace_headers=tracing.headers_of(request.span)):
                 if request.leaving and output.finished and _aborted(output):
                     return  # stopped by the migration, which decides what the client sees next
                 chunk = self._to_chunk(request, output, params)
@@ -271,6 +295,7 @@ class LLMReplica:
         except Exception as error:  # surfaced to the ingress through the stream
             logger.exception("request %s failed on %s", rid, self.replica_id)
             request.deliver(RequestDelta(rid, error=error))
+            _end_span(request, error)
             self._finish(request)
 
     def _finish(self, request: ActiveRequest) -> None:
@@ -284,6 +309,7 @@ class LLMReplica:
         if request.arrived and not request.attached:
             # Finished here before the ingress (told by the source's handoff) attached: keep its stream.
             self.unclaimed[rid] = (now, request)
+        _end_span(request)
 
     def _to_chunk(self, request: ActiveRequest, output, params) -> ReplicaChunk:
         from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
@@ -325,10 +351,17 @@ class LLMReplica:
             return asdict(MigrationRecord(migration_id=migration_id, request_id=request_id, src=self.replica_id,
                                           dst=dst.replica_id, mode=mode, outcome="failed", reason=why,
                                           started_at=time.time()))
+        span = tracing.start_span("migrate_out", tracing.context_of(request.span), tracing.SpanKind.PRODUCER,
+                                  {"rayfleet.migration_id": migration_id, "rayfleet.mode": mode,
+                                   "rayfleet.src": self.replica_id, "rayfleet.dst": dst.replica_id})
         gpus = self.gpu_uuids
         migration = SourceMigration(request, self.migrator, self.kv_block_size, self.replica_id, _node_id(),
-                                    gpus[0] if gpus else None, dst, migration_id, mode, self.migration_limits)
+                                    gpus[0] if gpus else None, dst, migration_id, mode, self.migration_limits,
+                                    trace_headers=tracing.headers_of(span))
         result = await migration.run()
+        tracing.end_span(span, **{f"rayfleet.{key}": result.record[key] for key in
+                                  ("outcome", "reason", "stages", "blocks_moved", "bytes_moved", "downtime_s",
+                                   "recomputed_tokens")})
         if result.handoff is not None:
             if request.finished:  # it ended here while moving (a stop string): the copy there is not needed
                 await dst.handle.abort.remote(request_id)
@@ -349,6 +382,7 @@ class LLMReplica:
         """End the client's stream here with a pointer to the replica that continues it."""
         self.requests.pop(request.call.request_id, None)
         request.deliver(RequestDelta(request.call.request_id, chunk=ReplicaChunk(handoff=handoff)))
+        _end_span(request, **{"rayfleet.handed_off_to": handoff.replica_id})
 
     def continue_locally(self, request: ActiveRequest, final: FinalKV, migration_id: str | None) -> None:
         """The request stopped for a migration that did not happen: it goes on here, from its own KV.
@@ -406,12 +440,16 @@ class LLMReplica:
         request = ActiveRequest(call=call, prompt_len=len(call.prompt_token_ids),
                                 max_tokens=call.sampling_params.max_tokens or 0, output_tokens=output_tokens,
                                 arrived=True)
+        request.span = tracing.start_span("replica.resume", call.trace_headers, tracing.SpanKind.CONSUMER,
+                                          {"rayfleet.replica": self.replica_id, "rayfleet.request_id": call.request_id,
+                                           "rayfleet.migration_id": migration_id})
         self.resume_request(request, final, migration_id)
         try:
             await asyncio.wait_for(request.first_output.wait(), timeout=timeout_s)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as error:
             await self.engine.abort(call.request_id)
             self.requests.pop(call.request_id, None)
+            _end_span(request, error)
             raise
         return request.last_token_wall, len(final.all_token_ids) - (request.num_cached_tokens or 0)
 
@@ -422,6 +460,8 @@ class LLMReplica:
 
     # ---------------------------------------------------------------- load
     def load(self) -> ReplicaLoad:
+        """What the controller reads each health tick (also when it keeps vLLM's gauges exported)."""
+        self.load_stats.republish_engine_gauges()
         facts = self.engine_facts() if self.engine is not None else {}
         progress = tuple(self._progress(rid, request) for rid, request in self.requests.items())
         return ReplicaLoad(
@@ -471,6 +511,13 @@ def _token_logprobs(token_ids, logprobs, num_top: int | None):
 
     # The method reads no instance state; calling it unbound keeps one conversion (vLLM's).
     return ServingTokens._create_tokens_logprobs(None, token_ids, logprobs, num_top)
+
+
+def _end_span(request: ActiveRequest, error: BaseException | None = None, **attributes: object) -> None:
+    """End the request's span on this replica once (it finishes, leaves, or fails)."""
+    if request.span is not None:
+        tracing.end_span(request.span, error, **{"rayfleet.output_tokens": request.output_tokens, **attributes})
+        request.span = None
 
 
 def _node_id() -> str:

@@ -28,6 +28,8 @@ class GenerateCall:
     # The prompt's last `continued_tokens` are output the client already has (a replay after a failure):
     # the engine's structured-output grammar must resume after them (actors/kv/continuation.py).
     continued_tokens: int = 0
+    # W3C trace context of the span this call continues (`actors/observability/tracing.py`); None untraced.
+    trace_headers: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
