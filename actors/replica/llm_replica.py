@@ -13,6 +13,7 @@ unchanged, and Ray places the actor on the resources the pool asks for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import logging
 import os
@@ -56,6 +57,7 @@ class ReplicaLoad:
     decode_tokens_per_s: float
     requests: tuple[RequestProgress, ...]
     max_model_len: int
+    requests_started: int = 0
 
 
 class LLMReplica:
@@ -80,6 +82,10 @@ class LLMReplica:
         self.accepting = False
         self.load_stats = EngineLoad()
         self.requests: dict[str, ActiveRequest] = {}
+        self.requests_started = 0
+        self.handoffs: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)  # P/D handoff records
+        self._tasks: set[asyncio.Task] = set()  # background work the replica must keep a reference to
+        self._write_aheads: dict[str, list[asyncio.Task]] = {}  # migration id -> its write-ahead requests
         logging.basicConfig(level=os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
 
     # ---------------------------------------------------------------- lifecycle
@@ -151,9 +157,12 @@ class LLMReplica:
         if call.request_id in self.requests:
             raise ValueError(f"request id {call.request_id} is already running on {self.replica_id}")
         request = self._admit(call)
+        self.requests_started += 1
         params = call.sampling_params
         if self.migrator is not None and params.n == 1:
             params = self.migrator.tag(params, call.request_id)
+            if call.handoff_to is not None:
+                self._background(self._hand_over_after_first_token(request, call.handoff_to))
         request.task = asyncio.create_task(self._pump(request, call.prompt_token_ids, params))
         async for chunk in self._drain(request):
             yield chunk
@@ -245,6 +254,8 @@ class LLMReplica:
             if not tokens and out.finish_reason is None:
                 continue
             request.output_tokens += len(tokens)
+            if out.index == 0:
+                request.output_token_ids += tokens
             if tokens:
                 request.first_token_at = request.first_token_at or now
                 request.last_token_at = now
@@ -283,6 +294,28 @@ class LLMReplica:
             self.resume_request(request, result.local_resume.final, result.local_resume.migration_id)
         return result.record
 
+    async def _hand_over_after_first_token(self, request: ActiveRequest, dst: Destination) -> None:
+        """Prefill/decode disaggregation (DistServe): once the request's first token is out, move it with its
+        KV to the decode replica the router chose. A refusal (no room there) leaves it decoding here."""
+        await request.first_output.wait()
+        rid = request.call.request_id
+        if self.requests.get(rid) is not request or request.output_tokens >= request.max_tokens:
+            return  # finished with its first token, or already gone
+        record = await self.migrate_out(rid, dst, f"pd-{rid}", "stop_and_copy")
+        self.handoffs.append(record)
+        logger.info("prefill/decode handoff of %s to %s: %s (downtime %.1f ms, %d blocks)", rid, dst.replica_id,
+                    record["outcome"], record["downtime_s"] * 1e3, record["blocks_moved"])
+
+    def _background(self, work) -> asyncio.Task:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def handoff_records(self) -> list[dict[str, Any]]:
+        """The prefill/decode handoffs this replica made (MigrationRecord fields), oldest first."""
+        return list(self.handoffs)
+
     def hand_off(self, request: ActiveRequest, handoff: Handoff) -> None:
         """End the client's stream here with a pointer to the replica that continues it."""
         self.requests.pop(request.call.request_id, None)
@@ -303,10 +336,23 @@ class LLMReplica:
             return False, f"{self.replica_id} has {free} free KV blocks, the request needs {kv_blocks}"
         return True, ""
 
-    async def stage_kv(self, migration_id: str, chunk) -> None:
+    async def stage_kv(self, migration_id: str, chunk, write_ahead_tokens: list[int] | None = None) -> None:
+        """Stage a chunk; with `write_ahead_tokens` (the tokens its blocks hold, plus the next one) also write
+        the staged blocks into this engine's KV cache now, while the source keeps decoding."""
         await self.migrator.stage(migration_id, chunk)
+        if write_ahead_tokens is not None and self.migrator.can_write_ahead:
+            request_id = f"{migration_id}-ahead-{chunk.end_block}"
+            self._write_aheads.setdefault(migration_id, []).append(
+                self._background(self.migrator.write_ahead(migration_id, write_ahead_tokens, request_id)))
+
+    def _stop_write_aheads(self, migration_id: str) -> None:
+        """Abort write-aheads still running: the resume loads what they did not write (vLLM aborts a
+        cancelled generate); those done left their blocks in the prefix cache."""
+        for task in self._write_aheads.pop(migration_id, ()):
+            task.cancel()
 
     async def drop_migration(self, migration_id: str) -> bool:
+        self._stop_write_aheads(migration_id)
         return await self.migrator.drop_staged(migration_id)
 
     async def resume_migrated(self, migration_id: str, call: GenerateCall, final, output_tokens: int,
@@ -318,6 +364,7 @@ class LLMReplica:
         """
         if not self.accepting:
             raise ReplicaNotAccepting(f"replica {self.replica_id} stopped accepting")
+        self._stop_write_aheads(migration_id)
         request = ActiveRequest(call=call, prompt_len=len(call.prompt_token_ids),
                                 max_tokens=call.sampling_params.max_tokens or 0, output_tokens=output_tokens)
         self.resume_request(request, final, migration_id)
@@ -349,6 +396,7 @@ class LLMReplica:
             decode_tokens_per_s=self.load_stats.decode_tokens_per_s(),
             requests=progress,
             max_model_len=facts.get("max_model_len", 0),
+            requests_started=self.requests_started,
         )
 
     @staticmethod

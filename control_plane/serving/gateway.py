@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 import ray
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 
-from rayfleet.actors.replica.protocol import GenerateCall
+from rayfleet.actors.replica.protocol import Destination, GenerateCall
 from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
@@ -42,18 +42,7 @@ def overlay_local_load(snapshot: FleetSnapshot, ledgers: dict[str, TokenLedger])
             rid = ledger.placement.replica_id
             tokens[rid] = tokens.get(rid, 0) + len(ledger.call.prompt_token_ids) + ledger.output_tokens
             requests[rid] = requests.get(rid, 0) + 1
-    pools = {}
-    for name, pool in snapshot.pools.items():
-        replicas = tuple(
-            dataclasses.replace(
-                r,
-                tokens_in_flight=max(r.tokens_in_flight, tokens.get(r.replica_id, 0)),
-                num_running=max(r.num_running + r.num_waiting, requests.get(r.replica_id, 0)) - r.num_waiting,
-            )
-            for r in pool.replicas
-        )
-        pools[name] = dataclasses.replace(pool, replicas=replicas)
-    return dataclasses.replace(snapshot, pools=pools)
+    return snapshot.with_local_load(tokens, requests)
 
 
 class FleetGateway:
@@ -143,7 +132,11 @@ class FleetGateway:
         handle = handles.get(decision.replica_id)
         if handle is None:
             raise NoReplicaAvailable(f"router chose {decision.replica_id}, which is no longer ready")
-        return Placement(decision.replica_id, handle), decision.pool
+        handoff = None
+        decode = snapshot.replica(decision.handoff_replica_id) if decision.handoff_replica_id else None
+        if decode is not None and decode.replica_id in handles:
+            handoff = Destination(decode.replica_id, handles[decode.replica_id], decode.node_id)
+        return Placement(decision.replica_id, handle, handoff), decision.pool
 
     def open_ledger(self, call: GenerateCall, placement: Placement | None) -> TokenLedger:
         ledger = TokenLedger(call=call, placement=placement)

@@ -12,6 +12,7 @@ Either way the client sees one uninterrupted stream with no duplicated or missin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from rayfleet.actors.replica.protocol import GenerateCall, Handoff, ReplicaNotAccepting
+from rayfleet.actors.replica.protocol import Destination, GenerateCall, Handoff, ReplicaNotAccepting
 
 logger = logging.getLogger("rayfleet.ledger")
 
@@ -33,6 +34,13 @@ REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, ReplicaNot
 class Placement:
     replica_id: str
     replica: object  # Ray actor handle
+    handoff: Destination | None = None  # prefill/decode: where the request goes after its first token
+
+    def start(self, call: GenerateCall):
+        """The replica's stream of `call` (told where to hand it over, for a prefill placement)."""
+        if self.handoff is not None:
+            call = dataclasses.replace(call, handoff_to=self.handoff)
+        return self.replica.generate.options(num_returns="streaming").remote(call)
 
 
 # Picks a replica for a call, never one of `exclude`; raises NoReplicaAvailable when none is left.
@@ -115,7 +123,7 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2) -> A
     if ledger.placement is None:
         ledger.placement = await place(call, frozenset())
     ledger.hops.append(ledger.placement.replica_id)
-    stream = ledger.placement.replica.generate.options(num_returns="streaming").remote(call)
+    stream = ledger.placement.start(call)
     try:
         while not ledger.done:
             try:
@@ -153,7 +161,7 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2) -> A
                 ledger.replays += 1
                 ledger.placement = await place(replay, frozenset(exclude))
                 ledger.hops.append(ledger.placement.replica_id)
-                stream = ledger.placement.replica.generate.options(num_returns="streaming").remote(replay)
+                stream = ledger.placement.start(replay)
     finally:
         if not ledger.done and ledger.placement is not None:
             _abort_quietly(ledger)
