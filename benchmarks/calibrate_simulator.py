@@ -2,13 +2,14 @@
 
 One real vLLM CPU engine (`AsyncLLM`, EngineCore in its own process, rayfleet's KV connector installed as in the
 fleet), with the engine arguments and environment of the bursty workload (`bursty_workload.ENGINE`, `ENV`:
-tiny-llama-b, float32, one OpenMP thread, block size 32). Two kinds of points:
+tiny-llama-b, float32, one OpenMP thread, block size 32) but a large KV pool, so no batch here is preempted.
+Two kinds of points:
 
 - **prefill**: one request of L prompt tokens and one output token, alone on the engine; its time to first
   token is one step with L prefill tokens (plus the front end's fixed cost, the same for every step);
-- **decode**: B requests of C prompt tokens each, 48 output tokens past the last prefill, EOS ignored, submitted together; once all
-  have their first token, the mean gap between consecutive outputs of the batch is one decode step of B
-  sequences over B * C context tokens.
+- **decode**: B requests of C prompt tokens each, EOS ignored, submitted together, with 48 output tokens past
+  the last prefill; once all have their first token, the mean gap between consecutive outputs of a request
+  is one decode step of B sequences over B * C context tokens.
 
 A least-squares fit gives `step_s = base + prefill_token * prefill_tokens + decode_seq * B + context_token * ctx`
 (the simulator's `StepTimeModel`). The points and the fit go to `benchmarks/results/sim_calibration_cpu.json`;
@@ -82,6 +83,9 @@ async def measure(engine, args) -> dict:
                     inside = [t for t in times if start < t <= end]
                     if len(inside) > 4 and inside[-1] > inside[0]:
                         gaps.append((inside[-1] - inside[0]) / (len(inside) - 1))
+            if not gaps:
+                print(f"decode batch {batch} x {context}: no decode-only stretch measured; skipped", flush=True)
+                continue
             decode.append({"batch": batch, "context": context, "seconds": statistics.median(gaps)})
             print(f"decode batch {batch:3d} x {context:4d} ctx: {decode[-1]['seconds'] * 1e3:6.2f} ms/step", flush=True)
     return {"prefill": prefill, "decode": decode}
@@ -112,7 +116,9 @@ async def main_async(args) -> dict:
     from rayfleet.actors.kv.engine_migrator import migration_engine_kwargs
 
     os.environ.update(ENV)
-    engine_args = AsyncEngineArgs(model=str(DEMO_MODELS / "tiny-llama-b"), **ENGINE, **migration_engine_kwargs())
+    # The bursty engine without its small KV pool (80 blocks): big decode batches must not preempt here.
+    engine = {k: v for k, v in ENGINE.items() if k != "num_gpu_blocks_override"}
+    engine_args = AsyncEngineArgs(model=str(DEMO_MODELS / "tiny-llama-b"), **engine, **migration_engine_kwargs())
     engine = AsyncLLM.from_engine_args(engine_args)
     try:
         scheduler = engine.vllm_config.scheduler_config

@@ -88,7 +88,8 @@ class LlumnixMigrationPolicy:
     def __init__(self, triggers: list[str] | None = None, max_migrations_per_tick: int = 2,
                  horizon_s: float = 2.0, priority_headroom_blocks: int = 64, priority_gain_s: float = 1.0,
                  min_gain_ratio: float = 1.5, mode: str = "precopy", cooldown_s: float = 5.0,
-                 pools: list[str] | None = None, costs: dict | MigrationCosts | None = None) -> None:
+                 pools: list[str] | None = None, costs: dict | MigrationCosts | None = None,
+                 max_destinations: int = 8) -> None:
         if mode not in ("precopy", "stop_and_copy"):
             raise ValueError(f"mode must be 'precopy' or 'stop_and_copy', got '{mode}'")
         unknown = set(triggers or ()) - set(TRIGGERS)
@@ -104,6 +105,7 @@ class LlumnixMigrationPolicy:
         self.cooldown_s = cooldown_s
         self.pools = set(pools) if pools else None
         self.costs = costs if isinstance(costs, MigrationCosts) else MigrationCosts(**(costs or {}))
+        self.max_destinations = max_destinations
         self.refused: list[tuple[str, str]] = []  # (request id, why) of the last plan
 
     # ---------------------------------------------------------------- the model
@@ -119,22 +121,31 @@ class LlumnixMigrationPolicy:
 
     def view(self, replica: ReplicaSnapshot) -> _ReplicaView:
         bs = replica.kv_block_size
-        running = [r for r in replica.requests if r.running]
+        tpot = self.tpot(replica)
+        steps = self.horizon_s / tpot
+        running, unstarted = [], []
+        held = growth = 0
+        has_priority = False
+        for r in replica.requests:  # one pass: this runs for every replica that may need room, every tick
+            has_priority = has_priority or r.priority < 0
+            if not r.running:
+                unstarted.append(r)
+                continue
+            running.append(r)
+            tokens = r.total_tokens
+            blocks = -(-tokens // bs)
+            held += blocks
+            growth += -(-(tokens + min(steps, r.remaining_tokens)) // bs) - blocks
         # Requests without a first token are queued in the engine or being prefilled (they hold blocks);
         # the engine's waiting count says how many of the newest are still queued (vLLM admits in order).
-        unstarted = sorted((r for r in replica.requests if not r.running), key=lambda r: r.arrival_time)
+        unstarted.sort(key=lambda r: r.arrival_time)
         queued = unstarted[len(unstarted) - min(replica.num_waiting, len(unstarted)):]
-        held = sum(self.blocks(r.total_tokens, bs) for r in running)
         # The engine's own count is the truth (it includes blocks of prompts being prefilled); the requests'
         # sum is the floor when the engine's count is stale.
         used = max(held, round(replica.kv_cache_usage * replica.kv_blocks_total))
-        tpot = self.tpot(replica)
-        steps = self.horizon_s / tpot
-        growth = sum(self.blocks(r.total_tokens + min(steps, r.remaining_tokens), bs) - self.blocks(r.total_tokens, bs)
-                     for r in running)
         return _ReplicaView(replica, max(replica.kv_blocks_total - used, 0),
                             sum(self.blocks(r.prompt_tokens + 1, bs) for r in queued), running, queued,
-                            any(r.priority < 0 for r in replica.requests), tpot, growth)
+                            has_priority, tpot, int(growth))
 
     def footprint(self, request: RequestProgress, view: _ReplicaView) -> int:
         """Blocks `request` holds by the end of the horizon, decoding at `view`'s pace."""
@@ -173,9 +184,17 @@ class LlumnixMigrationPolicy:
         for name, pool in snapshot.pools.items():
             if self.pools is not None and name not in self.pools:
                 continue
-            ready = [self.view(r) for r in pool.routable_replicas if r.kv_blocks_total]
-            if not ready:
+            replicas = [r for r in pool.routable_replicas if r.kv_blocks_total]
+            if not replicas:
                 continue
+            # A full view reads every request of a replica; at 1,000 replicas only the replicas that may
+            # need room and the few with the most room (the destinations worth trying) get one.
+            roomiest = sorted(replicas, key=lambda r: (r.kv_cache_usage, r.num_waiting))[:self.max_destinations]
+            views = {r.replica_id: self.view(r) for r in roomiest}
+            for replica in replicas:
+                if replica.replica_id not in views and self._may_need_room(replica):
+                    views[replica.replica_id] = self.view(replica)
+            ready = list(views.values())
             if "drain" in self.triggers:
                 for replica in pool.replicas:
                     if replica.replica_id in draining and replica.kv_blocks_total:
@@ -189,6 +208,15 @@ class LlumnixMigrationPolicy:
                     decisions.append(move)
                     budget -= 1
         return decisions
+
+    def _may_need_room(self, replica: ReplicaSnapshot) -> bool:
+        """A cheap upper bound on the triggers, from the replica's counters alone."""
+        free = replica.kv_blocks_total * (1.0 - replica.kv_cache_usage)
+        steps = self.horizon_s / self.tpot(replica)
+        most_growth = replica.num_running * (steps / max(replica.kv_block_size, 1) + 1)
+        return ((replica.num_waiting > 0 and "queue" in self.triggers)
+                or (free < most_growth and "preemption" in self.triggers)
+                or (free < self.priority_headroom_blocks and "priority" in self.triggers))
 
     def _movable(self, request: RequestProgress, src: _ReplicaView, recent: set[str]) -> str:
         """Why `request` cannot move ("" when it can): it would finish before its pre-copy does."""

@@ -100,3 +100,15 @@ def test_kv_store_is_off_by_default_and_reuses_the_store_config():
 
 def test_kv_store_errors_name_the_field_path():
     assert "kv_store.disk_bytes" in error_of({"pools": [POOL], "kv_store": {"disk_bytes": 1 << 30}})
+
+
+def test_prefill_decode_pools_must_match():
+    prefill = {**POOL, "name": "pre", "role": "prefill"}
+    decode = {**POOL, "name": "dec", "role": "decode", "prefill_pool": "pre"}
+    spec = parse_spec({"pools": [prefill, decode]})
+    assert spec.pool("dec").prefill_pool == "pre"
+    assert "pools[1].prefill_pool: no pool named 'nope'" in error_of(
+        {"pools": [prefill, {**decode, "prefill_pool": "nope"}]})
+    assert "only a pool with role 'decode'" in error_of({"pools": [prefill, {**decode, "role": "both"}]})
+    assert "same model" in error_of({"pools": [prefill, {**decode, "model": "/models/other"}]})
+    assert "role: Input should be 'both', 'prefill' or 'decode'" in error_of({"pools": [{**POOL, "role": "x"}]})

@@ -325,6 +325,9 @@ class LLMReplica:
         """Continue `request` on this engine from KV staged under `migration_id` (one token computed)."""
         resume = EngineKVMigrator.resume(final, request.call.sampling_params, request.prompt_len,
                                          request.call.request_id, migration_id)
+        # The engine's own token list (the reader may not have seen its last tokens): later outputs follow it,
+        # and a write-ahead of a later migration names blocks by these tokens.
+        request.output_token_ids = list(final.all_token_ids[request.prompt_len:])
         self.requests[request.call.request_id] = request
         request.task = asyncio.create_task(self._pump(request, resume.prompt_token_ids, resume.sampling_params))
 

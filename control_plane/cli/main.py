@@ -1,4 +1,5 @@
-"""`rayfleet`: bring a fleet up, look at it, scale it, migrate requests, take it down (`rayfleet --help`)."""
+"""`rayfleet`: bring a fleet up, look at it, scale it, migrate requests, take it down, or simulate its policies
+at any scale (`rayfleet --help`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import subprocess
 import sys
 
+from rayfleet.control_plane.cli import simulate
 from rayfleet.control_plane.cli.launch import (
     connect,
     controller,
@@ -145,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--keep-serving", action="store_true", help="stay up after the workload (Ctrl-C stops)")
     demo.set_defaults(func=cmd_demo)
+
+    simulate.add_parser(sub)
     return parser
 
 

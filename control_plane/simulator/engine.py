@@ -19,17 +19,36 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from rayfleet.control_plane.simulator.profiles import ReplicaProfile
 from rayfleet.control_plane.simulator.workload import TraceRequest
 from rayfleet.policies.base import PoolRole, ReplicaSnapshot, ReplicaState, RequestProgress
 
-if TYPE_CHECKING:
-    from rayfleet.control_plane.simulator.fleet import FleetSimulator
-
 WAITING, PREFILL, DECODING, MOVING, DONE = "waiting", "prefill", "decoding", "moving", "done"
 RATE_WINDOW_S = 10.0  # the replica's decode rate window (actors/replica/engine_stats.py uses the same)
+
+
+class ReplicaHost(Protocol):
+    """What a simulated replica needs from the simulation around it (the fleet simulator)."""
+
+    now: float
+
+    def at(self, when: float, action: Callable[[], None]) -> None: ...
+
+    def contention(self) -> float: ...
+
+    def import_cost(self, request: SimRequest) -> float: ...
+
+    def count_tokens(self, tokens: int, now: float) -> None: ...
+
+    def moved(self, downtime_s: float) -> None: ...
+
+    def finished(self, request: SimRequest) -> None: ...
+
+    def hand_off(self, request: SimRequest, src: SimReplica) -> None: ...
+
+    def replica_idle_check(self, replica: SimReplica) -> None: ...
 
 
 @dataclass(eq=False)
@@ -70,7 +89,7 @@ class SimRequest:
 
 @dataclass
 class SimReplica:
-    sim: FleetSimulator
+    sim: ReplicaHost
     replica_id: str
     pool: str
     model: str
@@ -93,6 +112,8 @@ class SimReplica:
     requests_started: int = 0
     preemptions: int = 0
     _tokens: deque = field(default_factory=deque)  # (time, tokens generated in a step)
+    _tokens_sum: int = 0
+    last_step_end_s: float = 0.0
     _scheduled: list = field(default_factory=list)
     _kicked: bool = False
     _preempted_now: bool = False
@@ -143,6 +164,8 @@ class SimReplica:
         if request.state == DECODING:
             self.n_dec -= 1
             self.dec_ctx -= request.computed
+            if self.k > request.join_step:  # it decoded in the step that just ended: its last token
+                request.last_token_s = self.last_step_end_s
         self.running.pop(request, None)
         self.prefilling.pop(request, None)
         if request in self.waiting:
@@ -158,11 +181,12 @@ class SimReplica:
         return decoded + others
 
     def decode_rate(self, now: float) -> float:
+        """Tokens per second over the last RATE_WINDOW_S, as the live replica's EngineLoad reports it."""
         while self._tokens and now - self._tokens[0][0] > RATE_WINDOW_S:
-            self._tokens.popleft()
+            self._tokens_sum -= self._tokens.popleft()[1]
         if not self._tokens:
             return 0.0
-        return sum(t for _, t in self._tokens) / max(now - self._tokens[0][0], 1.0)
+        return self._tokens_sum / max(now - self._tokens[0][0], 1.0)
 
     def snapshot(self, now: float) -> ReplicaSnapshot:
         requests = []
@@ -310,7 +334,7 @@ class SimReplica:
                 request.first_token_s = now
             if request.paused_at is not None:  # its first token after a move
                 request.downtime_s += now - request.paused_at
-                self.sim.result.downtimes.append(now - request.paused_at)
+                self.sim.moved(now - request.paused_at)
                 request.paused_at = None
             self.prefilling.pop(request, None)
             if request.generated >= request.output:
@@ -322,8 +346,10 @@ class SimReplica:
                 self.sim.hand_off(request, self)
         self._scheduled = []
         self._tokens.append((now, produced))
+        self._tokens_sum += produced
         self.sim.count_tokens(produced, now)
         self.k += 1
+        self.last_step_end_s = now
         self.busy = False
         actions, self.at_boundary = self.at_boundary, []
         for action in actions:

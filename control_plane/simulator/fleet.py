@@ -263,6 +263,9 @@ class FleetSimulator:
         # The ingress knows where it just sent a request: the next route sees it at once.
         self._view = self._view.with_local_load(*self._local_load(replica))
 
+    def moved(self, downtime_s: float) -> None:
+        self.result.downtimes.append(downtime_s)
+
     def finished(self, request: SimRequest) -> None:
         self._in_flight.pop(request.rid, None)
         self.result.finish(request)
