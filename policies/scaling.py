@@ -54,16 +54,49 @@ class TokensInFlightScaler:
 
 
 @dataclass
-class _PoolForecast:
-    """A pool's arrival rate: a sliding-window rate, its Holt's linear smoothing, and the errors of the
-    forecasts it made one lead time ago (their spread is the forecast's uncertainty)."""
+class _Forecast:
+    """Holt's linear smoothing of one series, and the spread of its own forecasts one lead time ahead,
+    measured when their time comes (so the uncertainty is the forecaster's real error, not an assumption)."""
 
+    alpha: float
+    beta: float
+    lead_s: float
     level: float | None = None
     trend: float = 0.0
-    error_variance: float | None = None  # of lead-time forecasts, measured when their time came
+    error_variance: float | None = None
     last_at: float | None = None
+    pending: deque = field(default_factory=deque)  # (time it is for, forecast made then)
+
+    def observe(self, value: float, now: float) -> None:
+        while self.pending and self.pending[0][0] <= now:
+            _, forecast = self.pending.popleft()
+            error = (value - forecast) ** 2
+            self.error_variance = error if self.error_variance is None else (
+                self.error_variance + self.alpha * (error - self.error_variance))
+        if self.level is None:
+            self.level = value
+        elif now > self.last_at:
+            elapsed = now - self.last_at
+            predicted = self.level + self.trend * elapsed
+            level, self.level = self.level, max(predicted + self.alpha * (value - predicted), 0.0)
+            self.trend += self.beta * ((self.level - level) / elapsed - self.trend)
+        self.last_at = now
+        self.pending.append((now + self.lead_s, self.mean()))
+
+    def mean(self) -> float:
+        return max(self.level + self.trend * self.lead_s, 0.0) if self.level is not None else 0.0
+
+    def upper(self, z: float, floor_variance: float = 0.0) -> float:
+        """The forecast's `z`-quantile one lead time ahead (normal errors)."""
+        variance = self.error_variance if self.error_variance is not None else floor_variance
+        return self.mean() + z * math.sqrt(max(variance, floor_variance))
+
+
+@dataclass
+class _PoolForecast:
+    rate: _Forecast  # arrivals per second, over a sliding window
+    tokens: float = 0.0  # tokens in flight now (the KV the pool's requests hold)
     arrivals: deque = field(default_factory=deque)  # (time, requests that arrived since the previous look)
-    pending: deque = field(default_factory=deque)  # (time it is for, forecast mean) not yet checked
     started: dict[str, int] = field(default_factory=dict)  # replica id -> requests_started last seen
     below_since: float | None = None  # when the forecast first allowed fewer replicas (scale-in delay)
     finished_g: float = 0.0  # mean KV token-steps of a finished request, E[g(s, o)]
@@ -81,31 +114,33 @@ class PredictiveScaler:
 
     HARMONY's point (uncertainty-aware forecasting and decisions for cloud resources) is to provision for a
     quantile of the forecast demand over the time a decision takes to act, not for its mean and not for what
-    is already here. Per pool, every tick:
+    is already here. Demand is the KV the pool's requests hold (tokens in flight: what exhausts a replica).
+    What is forecast is the arrival rate, the demand's exogenous driver (tokens in flight also depend on the
+    capacity serving them: extrapolating them chases the scaler's own effect). Per pool, every tick:
 
-    - **arrival rate** from the replicas' `requests_started` counters over a sliding `window_s`, smoothed
-      with Holt's linear method (level and trend);
-    - **forecast** at the lead time `startup_s` (a replica started now serves only then): mean
-      `level + trend * startup_s`; its spread is measured, not assumed: each forecast is checked against the
-      rate observed when its time comes, and the mean squared error of those checks is the variance (a
-      Poisson count's until the first forecast comes due). The `quantile` of that normal is the rate to
-      provision for;
-    - **service rate of one replica** from the stability condition of LLM serving under KV limits (Nie, Si &
-      Zhou, arXiv 2605.04595): mu = M / (b * E[g]), M the replica's KV tokens, b the engine's step time,
-      g(s, o) = o*s + o(o+1)/2 the KV token-steps a request of prompt s and output o holds over its life;
-    - **replicas** = ceil(rate / (mu * target_utilization)), never fewer than today's tokens in flight need.
-      The utilization target is where the pool still meets its latency SLO (the simulator's sweeps measure
-      it). Scale-out is immediate; scale-in waits until the forecast has allowed fewer replicas for
-      `downscale_delay_s`, then removes one per tick (the controller drains it by migration).
+    - **arrival rate** from the replicas' `requests_started` counters over a sliding `window_s`, forecast one
+      lead time (`startup_s`: a replica started now serves only then) ahead with Holt's linear method (level
+      and trend), with its measured uncertainty (every forecast is checked against the rate observed when its
+      time comes; the mean squared error is the variance) and taken at the `quantile`;
+    - turned into the KV demand it implies once enough requests have finished to know their size: by Little's
+      law a pool receiving lambda requests per second holds lambda * b * E[g] tokens, where g(s, o) = o*s +
+      o(o+1)/2 is the KV token-steps a request of prompt s and output o holds over its life and b the engine's
+      step time. This is the stability condition of LLM serving under KV limits (Nie, Si & Zhou, arXiv
+      2605.04595): a replica of M KV tokens sustains at most mu = M / (b * E[g]) requests per second;
+    - never below the **tokens in flight** now.
 
-    Until `learn_after` requests have finished in a pool, E[g] is unknown and the scaler falls back to
-    tokens in flight per replica (the reactive rule, without its damping).
+    The pool gets ceil(demand / (target_utilization * M)) replicas. The utilization target is where the pool still meets its latency SLO (the simulator's
+    sweeps measure it). Scale-out is immediate; scale-in waits until the forecast has allowed fewer replicas for
+    `downscale_delay_s`, then removes one per tick (the controller drains each by migration).
     """
 
-    def __init__(self, startup_s: float = 60.0, quantile: float = 0.9, target_utilization: float = 0.7,
-                 downscale_delay_s: float = 120.0, window_s: float = 30.0, level_smoothing: float = 0.2,
+    def __init__(self, startup_s: float = 60.0, quantile: float = 0.9, target_utilization: float = 0.6,
+                 downscale_delay_s: float = 30.0, window_s: float = 30.0, level_smoothing: float = 0.2,
                  trend_smoothing: float = 0.05, default_step_s: float = 0.05, learn_after: int = 20,
-                 target_tokens_per_replica: int | None = None) -> None:
+                 signals: list[str] | None = None) -> None:
+        unknown = set(signals or ()) - {"tokens", "rate"}
+        if unknown:
+            raise ValueError(f"signals: unknown {sorted(unknown)}; allowed: tokens, rate")
         self.startup_s = startup_s
         self.window_s = window_s
         self.z = NormalDist().inv_cdf(quantile)
@@ -115,12 +150,16 @@ class PredictiveScaler:
         self.beta = trend_smoothing
         self.default_step_s = default_step_s
         self.learn_after = learn_after
-        self.target_tokens = target_tokens_per_replica
+        self.signals = frozenset(signals or ("tokens", "rate"))
         self._pools: dict[str, _PoolForecast] = {}
 
     def desired_replicas(self, snapshot: FleetSnapshot) -> dict[str, int]:
-        return {name: self._decide(pool, self._pools.setdefault(name, _PoolForecast()), snapshot.taken_at)
-                for name, pool in snapshot.pools.items()}
+        return {name: self._decide(pool, self._state(name), snapshot.taken_at) for name, pool in snapshot.pools.items()}
+
+    def _state(self, pool: str) -> _PoolForecast:
+        if pool not in self._pools:
+            self._pools[pool] = _PoolForecast(_Forecast(self.alpha, self.beta, self.startup_s))
+        return self._pools[pool]
 
     # ---------------------------------------------------------------- observations
     def _observe(self, pool: PoolSnapshot, state: _PoolForecast, now: float) -> None:
@@ -129,29 +168,15 @@ class PredictiveScaler:
         for replica in pool.replicas:
             started[replica.replica_id] = replica.requests_started
             arrivals += max(replica.requests_started - state.started.get(replica.replica_id, 0), 0)
+        first = not state.started and state.rate.last_at is None
         state.started = started
         self._learn_requests(pool, state)
-        if state.last_at is None:  # the counters so far are history, not this tick's arrivals
-            state.last_at = now
+        state.tokens = float(sum(r.tokens_in_flight for r in pool.replicas))
+        if first:  # the counters so far are history, not this tick's arrivals
+            state.rate.last_at = now
             return
-        elapsed = now - state.last_at
-        if elapsed <= 0:
-            return
-        state.last_at = now
         state.arrivals.append((now, arrivals))
-        rate = state.window_rate(now, self.window_s)
-        while state.pending and state.pending[0][0] <= now:
-            _, forecast = state.pending.popleft()
-            error = (rate - forecast) ** 2
-            state.error_variance = error if state.error_variance is None else (
-                state.error_variance + self.alpha * (error - state.error_variance))
-        if state.level is None:
-            state.level = rate
-        else:
-            predicted = state.level + state.trend * elapsed
-            level, state.level = state.level, max(predicted + self.alpha * (rate - predicted), 0.0)
-            state.trend += self.beta * ((state.level - level) / elapsed - state.trend)
-        state.pending.append((now + self.startup_s, self.mean_forecast(state)))
+        state.rate.observe(state.window_rate(now, self.window_s), now)
 
     @staticmethod
     def _learn_requests(pool: PoolSnapshot, state: _PoolForecast) -> None:
@@ -164,44 +189,46 @@ class PredictiveScaler:
         state.outputs = seen
 
     # ---------------------------------------------------------------- decisions
-    def mean_forecast(self, state: _PoolForecast) -> float:
-        return max(state.level + state.trend * self.startup_s, 0.0) if state.level is not None else 0.0
-
-    def forecast(self, state: _PoolForecast) -> float:
-        """Upper-quantile arrival rate one lead time ahead (requests per second)."""
-        mean = self.mean_forecast(state)
-        # Until forecasts have come due, the spread of a Poisson count over the window.
-        variance = state.error_variance if state.error_variance is not None else mean / self.window_s
-        return mean + self.z * math.sqrt(variance)
+    def step_seconds(self, pool: PoolSnapshot) -> float:
+        """The pool's engine step time: running requests over tokens per second, summed over replicas (one
+        replica's ratio is noisy: one that just got busy reports a rate averaged over a mostly idle window)."""
+        live = [r for r in pool.replicas if r.routable and r.decode_tokens_per_s > 0]
+        running = sum(r.num_running for r in live)
+        rate = sum(r.decode_tokens_per_s for r in live)
+        return running / rate if running and rate else self.default_step_s
 
     def service_rate(self, pool: PoolSnapshot, state: _PoolForecast) -> float:
-        """Requests per second one replica sustains (mu); 0 while E[g] is not known yet."""
-        if state.finished < self.learn_after or state.finished_g <= 0:
+        """Requests per second one replica sustains (mu = M / (b * E[g])); 0 while E[g] is not known yet."""
+        kv = [r.kv_tokens_total for r in pool.replicas if r.routable and r.kv_tokens_total]
+        if state.finished < self.learn_after or state.finished_g <= 0 or not kv:
             return 0.0
-        live = [r for r in pool.replicas if r.routable and r.kv_tokens_total]
-        if not live:
-            return 0.0
-        kv_tokens = sum(r.kv_tokens_total for r in live) / len(live)
-        steps = [r.num_running / r.decode_tokens_per_s for r in live if r.decode_tokens_per_s > 0 and r.num_running]
-        step_s = max(steps) if steps else self.default_step_s
-        return kv_tokens / (step_s * state.finished_g)
+        return (sum(kv) / len(kv)) / (self.step_seconds(pool) * state.finished_g)
+
+    def demand(self, pool: PoolSnapshot, state: _PoolForecast) -> float:
+        """KV demand (tokens) to provision for: the upper-quantile forecast of what the arrival rate one lead
+        time ahead implies, and never less than what the pool holds now."""
+        forecasts = []
+        if "tokens" in self.signals:
+            forecasts.append(state.tokens)
+        kv = [r.kv_tokens_total for r in pool.replicas if r.routable and r.kv_tokens_total]
+        mu = self.service_rate(pool, state)
+        if "rate" in self.signals and mu:
+            # Until forecasts come due, the spread of a Poisson count over the window.
+            rate = state.rate.upper(self.z, floor_variance=state.rate.mean() / self.window_s)
+            forecasts.append(rate / mu * (sum(kv) / len(kv)))
+        return max(forecasts, default=0.0)
 
     def _decide(self, pool: PoolSnapshot, state: _PoolForecast, now: float) -> int:
         self._observe(pool, state, now)
-        live = [r for r in pool.replicas if r.routable]
-        per_replica_tokens = self.target_tokens or (
-            self.target_utilization * max((r.kv_tokens_total for r in live), default=0))
-        tokens = sum(r.tokens_in_flight for r in live)
-        floor = math.ceil(tokens / per_replica_tokens) if per_replica_tokens else pool.desired_replicas
-        mu = self.service_rate(pool, state)
-        want = math.ceil(self.forecast(state) / (mu * self.target_utilization)) if mu else floor
-        want = min(max(want, floor, pool.min_replicas), pool.max_replicas)
+        kv = [r.kv_tokens_total for r in pool.replicas if r.routable and r.kv_tokens_total]
+        if not kv:
+            return pool.desired_replicas  # nothing reported yet: nothing to size against
+        per_replica = self.target_utilization * sum(kv) / len(kv)
+        want = min(max(math.ceil(self.demand(pool, state) / per_replica), pool.min_replicas), pool.max_replicas)
         current = pool.desired_replicas
         if want >= current:
             state.below_since = None
             return want
         state.below_since = now if state.below_since is None else state.below_since
-        if now - state.below_since >= self.downscale_delay_s:
-            state.below_since = now  # one replica per delay: drains are migrations, spread them out
-            return current - 1
-        return current
+        # One replica per tick once the forecast has stayed below for the delay: each removal is a drain.
+        return current - 1 if now - state.below_since >= self.downscale_delay_s else current

@@ -213,8 +213,7 @@ def test_predictive_scaler_scales_ahead_of_a_rising_arrival_rate():
     the 0.7 target: at t = 29 today's 5.8 req/s need 4 replicas. With a 10 s start-up the scaler provisions
     for the rate it forecasts 10 s ahead (~7.3 req/s: 5), while tokens in flight would keep one replica."""
     scaler = PredictiveScaler(startup_s=10.0, window_s=3.0, quantile=0.9, level_smoothing=0.5,
-                              trend_smoothing=0.3, target_utilization=0.7, learn_after=5,
-                              target_tokens_per_replica=1000)
+                              trend_smoothing=0.3, target_utilization=0.7, learn_after=5)
     desired = 1
     for t in range(30):
         # Each second's requests show up in one snapshot and are gone (finished) in the next.
@@ -228,7 +227,7 @@ def test_predictive_scaler_scales_ahead_of_a_rising_arrival_rate():
 
 
 def test_predictive_scaler_scales_in_only_after_its_delay_and_one_at_a_time():
-    scaler = PredictiveScaler(startup_s=5.0, window_s=5.0, downscale_delay_s=10.0, target_tokens_per_replica=1000)
+    scaler = PredictiveScaler(startup_s=5.0, window_s=5.0, downscale_delay_s=10.0)
     wanted = [scaler.desired_replicas(pool_at(float(t), started("a1", 0), desired=4))["a"] for t in range(25)]
     assert wanted[:10] == [4] * 10  # idle, but the delay has not passed
     assert 3 in wanted and min(wanted) >= 1

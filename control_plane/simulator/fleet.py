@@ -23,6 +23,7 @@ controller and the ingress give them. What the simulator plays:
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -234,10 +235,7 @@ class FleetSimulator:
         info = self._info(request)
         decision = self.admission.admit(info, view)
         if decision.verdict is AdmissionVerdict.ADMIT:
-            try:
-                routed = self.router.route(info, view)
-            except NoReplicaAvailable:
-                routed = None
+            routed = self._route(info, view)
             self.result.request_decision_s.append(time.perf_counter() - began)
             if routed is None:
                 self._end_unserved(request, "no replica available (503)")
@@ -249,6 +247,21 @@ class FleetSimulator:
             self._end_unserved(request, f"rejected (429): {decision.reason}")
             return
         self.at(self.now + QUEUE_WAIT_S, lambda: self._admit(request))
+
+    def _route(self, info: RequestInfo, view: FleetSnapshot):
+        """The router's choice; a replica the view still shows but that stopped accepting (drained, stopped)
+        refuses the call and the ledger places the request again without it, at most twice (as live)."""
+        excluded: set[str] = set()
+        for _ in range(3):
+            try:
+                routed = self.router.route(dataclasses.replace(info, exclude_replicas=frozenset(excluded)), view)
+            except NoReplicaAvailable:
+                return None
+            replica = self.replicas.get(routed.replica_id)
+            if replica is not None and replica.accepting:
+                return routed
+            excluded.add(routed.replica_id)
+        return None
 
     def _end_unserved(self, request: SimRequest, why: str) -> None:
         self._in_flight.pop(request.rid, None)

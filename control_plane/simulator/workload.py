@@ -54,14 +54,19 @@ def bursty(count: int, rate: float, shape: float = 0.25, prompt_median: float = 
 def diurnal_with_bursts(duration_s: float, base_rate: float, amplitude: float = 0.6, period_s: float = 3600.0,
                         bursts: int = 3, burst_factor: float = 2.5, burst_s: float = 120.0, shape: float = 0.5,
                         seed: int = 0, **lengths) -> list[TraceRequest]:
-    """A day compressed into `period_s`: rate(t) = base * (1 + amplitude * sin(2 pi t / period)), times
-    `burst_factor` during `bursts` windows of `burst_s` at random times; Gamma arrivals by thinning."""
+    """A day compressed into `period_s`: rate(t) = base * (1 + amplitude * sin(2 pi t / period)), lowest at 0,
+    times up to `burst_factor` during `bursts` flash crowds of `burst_s` at random times (the factor rises
+    linearly to its peak at the middle and falls back: crowds build over minutes, as in public traces);
+    Gamma arrivals by thinning."""
     rng = random.Random(seed)
     windows = sorted(rng.uniform(0, duration_s - burst_s) for _ in range(bursts))
 
+    def crowd(t: float) -> float:
+        return max((1 - abs(2 * (t - w) / burst_s - 1) for w in windows if w <= t < w + burst_s), default=0.0)
+
     def rate(t: float) -> float:
         r = base_rate * (1 + amplitude * math.sin(2 * math.pi * t / period_s - math.pi / 2))
-        return r * (burst_factor if any(w <= t < w + burst_s for w in windows) else 1.0)
+        return r * (1 + (burst_factor - 1) * crowd(t))
 
     peak = base_rate * (1 + amplitude) * burst_factor
     candidates = gamma_arrivals(rng, peak, shape, int(peak * duration_s * 1.2) + 10)
