@@ -7,7 +7,7 @@ section, as the controller and the ingress build them) over simulated replicas (
   `bench_migration_downtime.py --bursty-only`, `benchmarks/results/bursty_trace_*.json`) on the CPU profile
   calibrated here, and compare p50/p99 TTFT and TPOT with what the live fleet measured.
 - `scale`: Llumnix's setting (LLaMA-7B on A10s, `a10-llama-7b`): a BurstGPT-shaped trace (Gamma arrivals with
-  CV 2, log-normal prompt and output lengths) at 0.5 req/s per replica, on 16, 64 and 1,000 replicas. Routers
+  CV 2, log-normal prompt and output lengths) at 0.6 req/s per replica, on 16, 64 and 1,000 replicas. Routers
   round robin, least load, power of two; migration `none` or `llumnix`; KV-aware admission on and off. At 1,000
   replicas the point is the policies' decision time per controller tick (goal: under 50 ms).
 - `scaling`: a diurnal trace with bursts (a day compressed into an hour) on a pool of 2-64 replicas: the
@@ -277,7 +277,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--traces", type=Path, default=REPO / "benchmarks" / "results", help="live bursty traces")
     parser.add_argument("--replicas", type=int, nargs="+", default=[16, 64, 1000])
-    parser.add_argument("--rate-per-replica", type=float, default=0.5, help="scale: mean req/s per replica")
+    parser.add_argument("--rate-per-replica", type=float, default=0.6, help="scale: mean req/s per replica")
     parser.add_argument("--duration-s", type=float, default=300.0, help="scale: seconds of arrivals (16, 64)")
     parser.add_argument("--big-duration-s", type=float, default=60.0, help="scale: seconds simulated at 1,000")
     parser.add_argument("--day-s", type=float, default=3600.0, help="scaling: the compressed day")
@@ -285,7 +285,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--slo-ttft-s", type=float, default=2.0)
     parser.add_argument("--slo-tpot-s", type=float, default=0.1)
     parser.add_argument("--pd-ttft-s", type=float, default=1.0)
-    parser.add_argument("--pd-tpot-slos", type=float, nargs="+", default=[0.025, 0.03, 0.04, 0.06, 0.1])
+    parser.add_argument("--pd-tpot-slos", type=float, nargs="+", default=[0.03, 0.05, 0.1])
     parser.add_argument("--pd-requests", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--doc", type=Path, default=DOC)
