@@ -11,7 +11,8 @@ section, as the controller and the ingress build them) over simulated replicas (
   round robin, least load, power of two; migration `none` or `llumnix`; KV-aware admission on and off. At 1,000
   replicas the point is the policies' decision time per controller tick (goal: under 50 ms).
 - `scaling`: a diurnal trace with bursts (a day compressed into an hour) on a pool of 2-64 replicas: the
-  predictive scaler against the reactive `tokens_in_flight`, both draining by migration (`llumnix` drains):
+  predictive scaler against the reactive `tokens_in_flight`, each at several settings of its knob (a frontier
+  of replica-hours against SLO violations), both draining by migration (`llumnix` drains):
   SLO violations and replica-hours.
 - `pd`: a prefill-heavy mix on 8 A100s (`a100-llama-13b`): colocated (vLLM v1's chunked prefill, and without
   chunking as in DistServe's vLLM baseline) against prefill/decode disaggregation at every split, goodput =
@@ -20,6 +21,10 @@ section, as the controller and the ingress build them) over simulated replicas (
 
     python benchmarks/bench_simulator.py                  # everything (~20-30 min of one core); no lock needed
     python benchmarks/bench_simulator.py --only scale --quick
+
+The plot needs matplotlib, which the project does not install: put it beside the venv
+(`pip install --no-deps --target /tmp/mpl matplotlib kiwisolver cycler fonttools pyparsing contourpy python-dateutil`)
+and run with `PYTHONPATH=/tmp/mpl`; without it the script says so and writes the tables only.
 """
 
 from __future__ import annotations
@@ -162,35 +167,54 @@ def scale_markdown(sc: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- scaling
 def scaling(args) -> dict[str, Any]:
+    """Each scaler at several settings (its knob trades replica-hours for SLO violations): the comparison is
+    between the two frontiers, at equal replica-hours."""
     p = profile("a10-llama-7b")
     trace = diurnal_with_bursts(args.day_s, base_rate=args.day_rate, period_s=args.day_s, seed=args.seed)
     pool = SimPool("m", p, 4, min_replicas=2, max_replicas=64)
-    scalers = {
-        "tokens_in_flight": {"name": "tokens_in_flight", "params": {"target_tokens_per_replica": 8000}},
-        "predictive": {"name": "predictive", "params": {"startup_s": p.startup_s, "target_utilization": 0.6,
-                                                          "default_step_s": 0.05}},
-    }
+    settings = [("tokens_in_flight", "target_tokens_per_replica", t) for t in args.reactive_targets]
+    settings += [("predictive", "target_utilization", u) for u in args.predictive_utilizations]
     rows = []
-    for name, scaler in scalers.items():
+    for name, knob, value in settings:
         began = time.monotonic()
-        result = simulate([pool], trace, {"router": {"name": "least_load"}, "scaler": scaler,
+        params = {knob: value, **({"startup_s": p.startup_s} if name == "predictive" else {})}
+        result = simulate([pool], trace, {"router": {"name": "least_load"}, "scaler": {"name": name, "params": params},
                                           "migration": llumnix(p, triggers=["drain"])})
         s = result.summary(args.slo_ttft_s, args.slo_tpot_s)
-        rows.append({"scaler": name, "requests": len(trace), "samples": result.replica_samples[::30], **s})
-        say(f"scaling {name}: SLO violations {s['slo_violations']} of {s['requests']}, replica-hours "
-            f"{s['replica_hours']:.1f}, TTFT p99 {s['ttft_p99_ms']:.0f} ms ({time.monotonic() - began:.0f} s)")
+        rows.append({"scaler": name, knob: value, "setting": f"{knob}={value:g}", "requests": len(trace), **s})
+        say(f"scaling {name} {knob}={value:g}: SLO violations {s['slo_violations']} of {s['requests']}, "
+            f"replica-hours {s['replica_hours']:.2f} ({time.monotonic() - began:.0f} s)")
     return {"profile": p.name, "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s,
             "day_s": args.day_s, "base_rate": args.day_rate, "rows": rows}
 
 
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on the polyline through `points` sorted by x (None outside their range)."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
 def scaling_markdown(sc: dict[str, Any]) -> str:
-    lines = [f"SLO: TTFT <= {sc['slo_ttft_s']:g} s and TPOT <= {sc['slo_tpot_s']:g} s.", "",
-             "| scaler | requests | SLO violations | attainment | replica-hours | TTFT p50 / p99 ms | TPOT p99 ms | "
-             "migrated (drains) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"SLO: TTFT <= {sc['slo_ttft_s']:g} s and TPOT <= {sc['slo_tpot_s']:g} s; "
+             f"{sc['rows'][0]['requests']} requests over {sc['day_s']:g} s.", "",
+             "| scaler | setting | SLO violations | attainment | replica-hours | TTFT p50 / p99 ms | preemptions | "
+             "drains by migration |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sc["rows"]:
-        lines.append(f"| {r['scaler']} | {r['requests']} | {r['slo_violations']} | {r['slo_attainment']:.1%} | "
+        lines.append(f"| {r['scaler']} | {r['setting']} | {r['slo_violations']} | {r['slo_attainment']:.1%} | "
                      f"{r['replica_hours']:.2f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
-                     f"{r['tpot_p99_ms']:.0f} | {r['migrated']} |")
+                     f"{r['preemptions']} | {r['migrated']} |")
+    reactive = [(r["replica_hours"], r["slo_violations"]) for r in sc["rows"] if r["scaler"] == "tokens_in_flight"]
+    lines.append("")
+    for r in (r for r in sc["rows"] if r["scaler"] == "predictive"):
+        same = interpolate(reactive, r["replica_hours"])
+        verdict = ("outside the reactive settings' range of replica-hours" if same is None else
+                   f"the reactive frontier at the same replica-hours: {same:.0f} "
+                   f"({'fewer' if r['slo_violations'] < same else 'MORE'} with predictive)")
+        lines.append(f"- predictive {r['setting']}: {r['slo_violations']} violations at {r['replica_hours']:.2f} "
+                     f"replica-hours; {verdict}")
     return "\n".join(lines)
 
 
@@ -254,9 +278,64 @@ def pd_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- plot
+def plot(results: dict[str, Any], path: Path) -> str:
+    """One figure, a panel per experiment present; matplotlib is optional (not a project dependency)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    panels = [part for part in ("scale", "scaling", "pd") if part in results]
+    if not panels:
+        return "nothing to plot"
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), dpi=110, squeeze=False)
+    for ax, part in zip(axes[0], panels):
+        rows = results[part]["rows"]
+        if part == "scale":
+            for replicas, marker in zip(sorted({r["replicas"] for r in rows if r["replicas"] < 500}), "os^"):
+                mine = [r for r in rows if r["replicas"] == replicas]
+                labels = [f"{r['router'].replace('_', ' ')}\n{r['migration']}/{r['admission'][:5]}" for r in mine]
+                ax.plot(range(len(mine)), [r["ttft_p99_ms"] / 1e3 for r in mine], marker=marker, ls="",
+                        label=f"{replicas} replicas")
+                ax.set_xticks(range(len(mine)), labels, fontsize=6, rotation=60)
+            ax.set_yscale("log")
+            ax.set_ylabel("p99 TTFT, s (log)")
+            ax.set_title("A10 LLaMA-7B, bursty BurstGPT-shaped trace", fontsize=9)
+        elif part == "scaling":
+            for scaler, marker in (("tokens_in_flight", "o-"), ("predictive", "s-")):
+                mine = sorted((r["replica_hours"], r["slo_violations"]) for r in rows if r["scaler"] == scaler)
+                ax.plot([m[0] for m in mine], [m[1] for m in mine], marker, label=scaler)
+            ax.set_xlabel("replica-hours")
+            ax.set_ylabel("SLO violations")
+            ax.set_title("diurnal + flash crowds: scaler frontiers", fontsize=9)
+        else:
+            slos = sorted({r["tpot_slo_s"] for r in rows})
+            for setup in ("colocated (chunked prefill)", "colocated (no chunking)"):
+                ax.plot([x * 1e3 for x in slos], [next(r["goodput_rps"] for r in rows if r["setup"] == setup
+                                                        and r["tpot_slo_s"] == x) for x in slos], "o-", label=setup)
+            best = [max(r["goodput_rps"] for r in rows if r["tpot_slo_s"] == x and "colocated" not in r["setup"])
+                    for x in slos]
+            ax.plot([x * 1e3 for x in slos], best, "s-", label="best P/D split")
+            ax.set_xlabel("TPOT SLO, ms")
+            ax.set_ylabel("goodput, req/s on 8 GPUs")
+            ax.set_title("A100 13B, prefill-heavy mix", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return f"plot written to {path}"
+
+
 # ---------------------------------------------------------------- driver
 RUNNERS = {"validation": (validation, validation_markdown), "scale": (scale, scale_markdown),
            "scaling": (scaling, scaling_markdown), "pd": (pd, pd_markdown)}
+
+
+def shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def write_doc(doc: Path, part: str, text: str) -> None:
@@ -280,7 +359,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rate-per-replica", type=float, default=0.6, help="scale: mean req/s per replica")
     parser.add_argument("--duration-s", type=float, default=300.0, help="scale: seconds of arrivals (16, 64)")
     parser.add_argument("--big-duration-s", type=float, default=60.0, help="scale: seconds simulated at 1,000")
-    parser.add_argument("--day-s", type=float, default=3600.0, help="scaling: the compressed day")
+    parser.add_argument("--day-s", type=float, default=1800.0, help="scaling: the compressed day")
+    parser.add_argument("--reactive-targets", type=int, nargs="+", default=[4000, 5000, 6000, 8000])
+    parser.add_argument("--predictive-utilizations", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--day-rate", type=float, default=6.0, help="scaling: mean req/s over the day")
     parser.add_argument("--slo-ttft-s", type=float, default=2.0)
     parser.add_argument("--slo-tpot-s", type=float, default=0.1)
@@ -312,11 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_docs:
             m = results[part]["meta"]
             header = (f"Generated by `{m['command']}` on {m['date']} ({m['machine']}; load average before "
-                      f"{m['load_before'][0]:.1f}; {m['wall_s']:.0f} s). Raw numbers: `{args.out.relative_to(REPO)}`.\n\n")
+                      f"{m['load_before'][0]:.1f}; {m['wall_s']:.0f} s). Raw numbers: `{shown(args.out)}`.\n\n")
             write_doc(args.doc, part, header + table)
     if not args.no_docs:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1, default=str))
+        say(plot(results, args.doc.with_suffix(".png")))
     return 0
 
 
