@@ -160,20 +160,27 @@ class SimReplica:
 
     def detach(self, request: SimRequest) -> None:
         """Take a request out between steps (it moves elsewhere with its KV); frees its blocks."""
-        request.computed, request.generated = self.progress(request)
+        if request.state == DECODING and self.k > request.join_step:  # it decoded in the step that just ended
+            request.last_token_s = self.last_step_end_s
+        request.computed, request.generated = self._drop(request)
+        request.state = MOVING
+
+    def _drop(self, request: SimRequest) -> tuple[int, int]:
+        """Out of every table of this engine, its blocks freed; returns its (computed, generated)."""
+        computed, generated = self.progress(request)
         if request.state == DECODING:
             self.n_dec -= 1
-            self.dec_ctx -= request.computed
-            if self.k > request.join_step:  # it decoded in the step that just ended: its last token
-                request.last_token_s = self.last_step_end_s
+            self.dec_ctx -= computed
         self.running.pop(request, None)
         self.prefilling.pop(request, None)
         if request in self.waiting:
             self.waiting.remove(request)
+        if request in self._scheduled:
+            self._scheduled.remove(request)
         self.free += request.blocks
         request.blocks = 0
         request.version += 1
-        request.state = MOVING
+        return computed, generated
 
     def tokens_in_flight(self) -> int:
         decoded = self.dec_ctx + self.n_dec  # each decoding request also holds its sampled, uncomputed token
@@ -294,19 +301,8 @@ class SimReplica:
         return True
 
     def _preempt(self, request: SimRequest) -> None:
-        computed, generated = self.progress(request)
-        if request.state == DECODING:
-            self.n_dec -= 1
-            self.dec_ctx -= computed
-        self.running.pop(request, None)
-        self.prefilling.pop(request, None)
-        if request in self._scheduled:
-            self._scheduled.remove(request)
-        self.free += request.blocks
-        request.blocks = 0
+        _, request.generated = self._drop(request)
         request.computed = 0  # vLLM recomputes a preempted request from scratch (prompt + outputs so far)
-        request.generated = generated
-        request.version += 1
         request.state = WAITING
         request.preemptions += 1
         self.preemptions += 1
