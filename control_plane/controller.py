@@ -45,6 +45,7 @@ from rayfleet.policies.base import (
     FleetSnapshot,
     MigrationDecision,
     MigrationRecord,
+    PoolRole,
     PoolSnapshot,
     ReplicaSnapshot,
     ReplicaState,
@@ -82,6 +83,7 @@ class ReplicaRecord:
             tokens_in_flight=load.tokens_in_flight if load else 0,
             predicted_remaining_tokens=load.predicted_remaining_tokens if load else 0,
             decode_tokens_per_s=load.decode_tokens_per_s if load else 0.0,
+            requests_started=load.requests_started if load else 0,
             requests=load.requests if load else (),
             node_id=self.facts.get("node_id", ""),
             accelerator=pool.resources.accelerator_type or ("GPU" if pool.resources.num_gpus else "CPU"),
@@ -476,7 +478,8 @@ class FleetController:
             pools[pool.name] = PoolSnapshot(
                 name=pool.name, model=pool.model, min_replicas=pool.min_replicas,
                 max_replicas=pool.max_replicas, desired_replicas=self.desired[pool.name], tags=dict(pool.tags),
-                replicas=tuple(r.snapshot(pool) for r in records), max_model_len=max_len)
+                replicas=tuple(r.snapshot(pool) for r in records), max_model_len=max_len,
+                role=PoolRole(pool.role), prefill_pool=pool.prefill_pool)
         return FleetSnapshot(pools=pools, migrations=tuple(self.migrations[-50:]))
 
     def fleet_view(self) -> tuple[FleetSnapshot, dict[str, Any]]:

@@ -77,6 +77,14 @@ class PoolSpec(Strict):
         True, description="When the fleet has a kv_store: load prompt prefixes other replicas computed from it, "
         "and put this pool's computed blocks into it (prefix reuse and offload)."
     )
+    role: Literal["both", "prefill", "decode"] = Field(
+        "both", description="Prefill/decode disaggregation: 'prefill' replicas compute a request's first token "
+        "and hand it with its KV to a 'decode' pool; 'both' (default) does everything.",
+    )
+    prefill_pool: str | None = Field(
+        None, description="For a 'decode' pool: the 'prefill' pool whose replicas prefill this pool's requests "
+        "(with the prefill_decode router). Same model and KV layout as this pool.",
+    )
     kv_store_namespace: str | None = Field(
         None, min_length=1, description="Hash namespace of this pool's blocks in the KV store. Pools sharing one "
         "must produce identical KV bytes for identical tokens (same model, dtype, KV layout, block size, "
@@ -248,6 +256,28 @@ class FleetSpec(Strict):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"pool names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _prefill_pools_match(self) -> FleetSpec:
+        pools = {pool.name: pool for pool in self.pools}
+        for i, pool in enumerate(self.pools):
+            if pool.prefill_pool is None:
+                continue
+            prefill = pools.get(pool.prefill_pool)
+            where = f"pools[{i}].prefill_pool"
+            if pool.role != "decode":
+                raise ValueError(f"{where}: only a pool with role 'decode' names a prefill pool (role is '{pool.role}')")
+            if prefill is None:
+                raise ValueError(f"{where}: no pool named '{pool.prefill_pool}'; pools: {', '.join(pools)}")
+            if prefill.role == "decode":
+                raise ValueError(f"{where}: '{prefill.name}' has role 'decode'; a prefill pool has role 'prefill' or 'both'")
+            if not (prefill.live_migration and pool.live_migration):
+                raise ValueError(f"{where}: the handoff is a live migration; both pools need live_migration: true")
+            kv_args = ("dtype", "kv_cache_dtype", "block_size")
+            if prefill.model != pool.model or any(prefill.engine_args.get(a) != pool.engine_args.get(a) for a in kv_args):
+                raise ValueError(f"{where}: '{prefill.name}' must serve the same model with the same "
+                                 f"{', '.join(kv_args)} (KV blocks are copied as they are)")
         return self
 
     def pool(self, name: str) -> PoolSpec:

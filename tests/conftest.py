@@ -110,9 +110,9 @@ def fleet_spec_dict(demo_models: Path, redis_url: str, port: int) -> dict:
                     "chunk_timeout_s": 30},
         "policies": {"router": {"name": "least_load"},
                      "admission": {"name": "queue_limit", "params": {"max_in_flight_per_replica": 48}},
-                     # Drains by migration on the "mig" pool only; a threshold above 1 never rebalances,
-                     # so the tests' explicit migrations are the only others.
-                     "migration": {"name": "llumnix", "params": {"pools": ["mig"], "imbalance_threshold": 2.0}},
+                     # Drains by migration on the "mig" pool only (no pressure triggers), so the tests'
+                     # explicit migrations are the only others.
+                     "migration": {"name": "llumnix", "params": {"pools": ["mig"], "triggers": ["drain"]}},
                      "tick_s": 0.5},
         "health": {"check_period_s": 0.5, "check_timeout_s": 10, "stall_timeout_s": 10},
         "state_store": redis_url,

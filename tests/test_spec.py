@@ -150,3 +150,15 @@ def test_tracing_section_names_its_fields():
     spec = parse_spec({"pools": [POOL], "tracing": {"otlp_endpoint": "http://otel:4318/v1/traces"}})
     assert spec.tracing.protocol == "http/protobuf" and spec.tracing.sample_ratio == 1.0
     assert "tracing.protocol" in error_of({"pools": [POOL], "tracing": {"otlp_endpoint": "x", "protocol": "udp"}})
+
+
+def test_prefill_decode_pools_must_match():
+    prefill = {**POOL, "name": "pre", "role": "prefill"}
+    decode = {**POOL, "name": "dec", "role": "decode", "prefill_pool": "pre"}
+    spec = parse_spec({"pools": [prefill, decode]})
+    assert spec.pool("dec").prefill_pool == "pre"
+    assert "pools[1].prefill_pool: no pool named 'nope'" in error_of(
+        {"pools": [prefill, {**decode, "prefill_pool": "nope"}]})
+    assert "only a pool with role 'decode'" in error_of({"pools": [prefill, {**decode, "role": "both"}]})
+    assert "same model" in error_of({"pools": [prefill, {**decode, "model": "/models/other"}]})
+    assert "role: Input should be 'both', 'prefill' or 'decode'" in error_of({"pools": [{**POOL, "role": "x"}]})

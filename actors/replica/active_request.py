@@ -18,6 +18,7 @@ class ActiveRequest:
     max_tokens: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     output_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)  # choice 0's tokens (migration writes ahead by them)
     first_token_at: float | None = None
     last_token_at: float | None = None
     last_token_wall: float | None = None  # wall clock: migration downtime spans two processes

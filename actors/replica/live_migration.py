@@ -31,20 +31,12 @@ from typing import Any
 from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, KVChunk, KVRequestNotFoundError
 from rayfleet.actors.replica.active_request import ActiveRequest
 from rayfleet.actors.replica.continuity import why_pinned
-from rayfleet.actors.replica.protocol import Handoff, MigrationLimits
+from rayfleet.actors.replica.protocol import Destination, Handoff, MigrationLimits
 
 logger = logging.getLogger("rayfleet.migration")
 DESTINATION_GRACE_S = 10.0  # beyond the destination's own resume timeout, before the source stops waiting
 
-
-@dataclass(frozen=True)
-class Destination:
-    """The replica a request moves to: its id, its actor handle, the Ray node it runs on and the GPUs it sees."""
-
-    replica_id: str
-    handle: Any
-    node_id: str
-    gpu_uuids: tuple[str, ...] = ()
+__all__ = ["Destination", "LocalResume", "MigrationOutcome", "MigrationResult", "SourceMigration"]
 
 
 @dataclass(frozen=True)
@@ -198,7 +190,7 @@ class SourceMigration:
                 raise MigrationOutcome("finished_on_source", "the request finished during pre-copy") from None
             self.stages += 1
             if chunk.num_blocks:
-                await self._send(chunk)
+                await self._send(chunk, self._write_ahead_tokens(chunk))
                 sent = chunk.end_block
             computed = self.request.prompt_len + self.request.output_tokens
             if computed // self.block_size - sent <= self.limits.last_stage_max_blocks:
@@ -215,13 +207,20 @@ class SourceMigration:
         self.stages += 1
         return final
 
-    async def _send(self, chunk: KVChunk) -> None:
+    async def _send(self, chunk: KVChunk, write_ahead: list[int] | None = None) -> None:
         """Stage a chunk on the destination: by name on this node, by value (Ray's object store) elsewhere."""
         self.chunks.append(chunk)
         if chunk.num_blocks:
             wire = chunk if self.dst.node_id == self.src_node_id else chunk.inline()
-            await asyncio.wait_for(self.dst.handle.stage_kv.remote(self.migration_id, wire),
+            await asyncio.wait_for(self.dst.handle.stage_kv.remote(self.migration_id, wire, write_ahead),
                                    self.limits.resume_timeout_s)
+
+    def _write_ahead_tokens(self, chunk: KVChunk) -> list[int] | None:
+        """The tokens a pre-copied chunk's blocks hold, plus the next one (the destination computes it when
+        it writes the blocks ahead); None when write-ahead is off or that token is not known here yet."""
+        needed = chunk.end_block * self.block_size + 1
+        tokens = self.request.call.prompt_token_ids + self.request.output_token_ids
+        return tokens[:needed] if self.limits.write_ahead and len(tokens) >= needed else None
 
     async def _stage_locally(self, final: FinalKV) -> LocalResume:
         local_id = f"{self.migration_id}-back"

@@ -15,6 +15,7 @@ unchanged, and Ray places the actor on the resources the pool asks for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import logging
 import os
@@ -64,6 +65,7 @@ class ReplicaLoad:
     decode_tokens_per_s: float
     requests: tuple[RequestProgress, ...]
     max_model_len: int
+    requests_started: int = 0
 
 
 class LLMReplica:
@@ -94,6 +96,10 @@ class LLMReplica:
         self.requests: dict[str, ActiveRequest] = {}
         self.unclaimed: dict[str, tuple[float, ActiveRequest]] = {}  # finished before the ingress attached
         self.outboxes = Outboxes()
+        self.requests_started = 0
+        self.handoffs: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)  # P/D handoff records
+        self._tasks: set[asyncio.Task] = set()  # background work the replica must keep a reference to
+        self._write_aheads: dict[str, list[asyncio.Task]] = {}  # migration id -> its write-ahead requests
         configure_actor_logging(os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
         tracing.setup_tracing(tracing_config, f"replica {replica_id}")
 
@@ -226,9 +232,12 @@ class LLMReplica:
                                           {"rayfleet.replica": self.replica_id, "rayfleet.pool": self.pool,
                                            "rayfleet.request_id": call.request_id,
                                            "rayfleet.prompt_tokens": len(call.prompt_token_ids)})
+        self.requests_started += 1
         params = call.sampling_params
         if self.migrator is not None and params.n == 1:
             params = self.migrator.tag(params, call.request_id, continued=call.continued_tokens)
+            if call.handoff_to is not None:
+                self._background(self._hand_over_after_first_token(request, call.handoff_to))
         request.task = asyncio.create_task(self._pump(request, call.prompt_token_ids, params))
         return request
 
@@ -323,6 +332,8 @@ class LLMReplica:
             if not tokens and out.finish_reason is None:
                 continue
             request.output_tokens += len(tokens)
+            if out.index == 0:
+                request.output_token_ids += tokens
             if tokens:
                 request.first_token_at = request.first_token_at or now
                 request.last_token_at = now
@@ -378,6 +389,28 @@ class LLMReplica:
             request.leaving = False
         return result.record
 
+    async def _hand_over_after_first_token(self, request: ActiveRequest, dst: Destination) -> None:
+        """Prefill/decode disaggregation (DistServe): once the request's first token is out, move it with its
+        KV to the decode replica the router chose. A refusal (no room there) leaves it decoding here."""
+        await request.first_output.wait()
+        rid = request.call.request_id
+        if self.requests.get(rid) is not request or request.output_tokens >= request.max_tokens:
+            return  # finished with its first token, or already gone
+        record = await self.migrate_out(rid, dst, f"pd-{rid}", "stop_and_copy")
+        self.handoffs.append(record)
+        logger.info("prefill/decode handoff of %s to %s: %s (downtime %.1f ms, %d blocks)", rid, dst.replica_id,
+                    record["outcome"], record["downtime_s"] * 1e3, record["blocks_moved"])
+
+    def _background(self, work) -> asyncio.Task:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def handoff_records(self) -> list[dict[str, Any]]:
+        """The prefill/decode handoffs this replica made (MigrationRecord fields), oldest first."""
+        return list(self.handoffs)
+
     def hand_off(self, request: ActiveRequest, handoff: Handoff) -> None:
         """End the client's stream here with a pointer to the replica that continues it."""
         self.requests.pop(request.call.request_id, None)
@@ -409,6 +442,9 @@ class LLMReplica:
         """Continue `request` on this engine from KV staged under `migration_id` (one token computed)."""
         resume = EngineKVMigrator.resume(final, request.call.sampling_params, request.prompt_len,
                                          request.call.request_id, migration_id, request.call.continued_tokens)
+        # The engine's own token list (the reader may not have seen its last tokens): later outputs follow it,
+        # and a write-ahead of a later migration names blocks by these tokens.
+        request.output_token_ids = list(final.all_token_ids[request.prompt_len:])
         self.requests[request.call.request_id] = request
         request.task = asyncio.create_task(self._pump(request, resume.prompt_token_ids, resume.sampling_params))
 
@@ -422,10 +458,23 @@ class LLMReplica:
             return False, f"{self.replica_id} has {free} free KV blocks, the request needs {kv_blocks}"
         return True, ""
 
-    async def stage_kv(self, migration_id: str, chunk) -> None:
+    async def stage_kv(self, migration_id: str, chunk, write_ahead_tokens: list[int] | None = None) -> None:
+        """Stage a chunk; with `write_ahead_tokens` (the tokens its blocks hold, plus the next one) also write
+        the staged blocks into this engine's KV cache now, while the source keeps decoding."""
         await self.migrator.stage(migration_id, chunk)
+        if write_ahead_tokens is not None and self.migrator.can_write_ahead:
+            request_id = f"{migration_id}-ahead-{chunk.end_block}"
+            self._write_aheads.setdefault(migration_id, []).append(
+                self._background(self.migrator.write_ahead(migration_id, write_ahead_tokens, request_id)))
+
+    def _stop_write_aheads(self, migration_id: str) -> None:
+        """Abort write-aheads still running: the resume loads what they did not write (vLLM aborts a
+        cancelled generate); those done left their blocks in the prefix cache."""
+        for task in self._write_aheads.pop(migration_id, ()):
+            task.cancel()
 
     async def drop_migration(self, migration_id: str) -> bool:
+        self._stop_write_aheads(migration_id)
         return await self.migrator.drop_staged(migration_id)
 
     async def resume_migrated(self, migration_id: str, call: GenerateCall, final, output_tokens: int,
@@ -437,6 +486,7 @@ class LLMReplica:
         """
         if not self.accepting:
             raise ReplicaNotAccepting(f"replica {self.replica_id} stopped accepting")
+        self._stop_write_aheads(migration_id)
         request = ActiveRequest(call=call, prompt_len=len(call.prompt_token_ids),
                                 max_tokens=call.sampling_params.max_tokens or 0, output_tokens=output_tokens,
                                 arrived=True)
@@ -475,6 +525,7 @@ class LLMReplica:
             decode_tokens_per_s=self.load_stats.decode_tokens_per_s(),
             requests=progress,
             max_model_len=facts.get("max_model_len", 0),
+            requests_started=self.requests_started,
         )
 
     @staticmethod

@@ -1,4 +1,5 @@
-"""`rayfleet`: bring a fleet up, look at it, scale it, migrate requests, take it down (`rayfleet --help`).
+"""`rayfleet`: bring a fleet up, look at it, scale it, migrate requests, take it down, or simulate its policies
+at any scale (`rayfleet --help`).
 
 Every command takes `--address` (before or after its name, as Ray's CLI does); errors are one line on stderr
 and exit status 1 (`-v` shows the traceback).
@@ -12,6 +13,7 @@ import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+from rayfleet.control_plane.cli import simulate
 from rayfleet.control_plane.cli.launch import (
     connect,
     controller,
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=16)
     demo.add_argument("--keep-serving", action="store_true", help="stay up after the workload (Ctrl-C stops)")
     demo.set_defaults(func=cmd_demo)
+
+    simulate.add_parser(sub)
     return parser
 
 

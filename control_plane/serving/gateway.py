@@ -20,7 +20,7 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateToken
 from rayfleet.actors.embedding.embedder import get_or_create_embedder
 from rayfleet.actors.observability import tracing
 from rayfleet.actors.observability.logs import configure_actor_logging
-from rayfleet.actors.replica.protocol import GenerateCall
+from rayfleet.actors.replica.protocol import Destination, GenerateCall
 from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
 from rayfleet.control_plane.serving.auth import KeyRing, Principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
@@ -61,19 +61,7 @@ def overlay_local_load(snapshot: FleetSnapshot, ledgers: dict[str, TokenLedger])
             requests[rid] = requests.get(rid, 0) + 1
             expected = ledger.call.predicted_output_tokens or ledger.call.sampling_params.max_tokens or 0
             remaining[rid] = remaining.get(rid, 0) + max(expected - ledger.output_tokens, 0)
-    pools = {}
-    for name, pool in snapshot.pools.items():
-        replicas = tuple(
-            dataclasses.replace(
-                r,
-                tokens_in_flight=max(r.tokens_in_flight, tokens.get(r.replica_id, 0)),
-                predicted_remaining_tokens=max(r.predicted_remaining_tokens, remaining.get(r.replica_id, 0)),
-                num_running=max(r.num_running + r.num_waiting, requests.get(r.replica_id, 0)) - r.num_waiting,
-            )
-            for r in pool.replicas
-        )
-        pools[name] = dataclasses.replace(pool, replicas=replicas)
-    return dataclasses.replace(snapshot, pools=pools)
+    return snapshot.with_local_load(tokens, requests, remaining)
 
 
 class FleetGateway:
@@ -254,7 +242,11 @@ class FleetGateway:
         tracing.end_span(span, **{"rayfleet.pool": decision.pool, "rayfleet.replica": decision.replica_id,
                                   "rayfleet.reason": decision.reason})
         self.telemetry.decided(info, decision)
-        return Placement(decision.replica_id, handle), decision
+        handoff = None
+        decode = snapshot.replica(decision.handoff_replica_id) if decision.handoff_replica_id else None
+        if decode is not None and decode.replica_id in handles:
+            handoff = Destination(decode.replica_id, handles[decode.replica_id], decode.node_id)
+        return Placement(decision.replica_id, handle, handoff), decision
 
     def open_ledger(self, call: GenerateCall, placement: Placement | None, owner: Principal, pool: str,
                     client: ClientRequest) -> TokenLedger:

@@ -25,7 +25,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from rayfleet.actors.observability import tracing
 from rayfleet.actors.replica.continuity import why_pinned
-from rayfleet.actors.replica.protocol import (GenerateCall, Handoff, ReplicaChunk, ReplicaNotAccepting,
+from rayfleet.actors.replica.protocol import (Destination, GenerateCall, Handoff, ReplicaChunk, ReplicaNotAccepting,
                                               UnknownRequest)
 
 logger = logging.getLogger("rayfleet.ledger")
@@ -45,6 +45,11 @@ REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, ReplicaNot
 class Placement:
     replica_id: str
     replica: object  # Ray actor handle
+    handoff: Destination | None = None  # prefill/decode: where the request goes after its first token
+
+    def prepare(self, call: GenerateCall) -> GenerateCall:
+        """`call` as this replica runs it (told where to hand it over, for a prefill placement)."""
+        return call if self.handoff is None else dataclasses.replace(call, handoff_to=self.handoff)
 
 
 # Picks a replica for a call, never one of `exclude`; raises NoReplicaAvailable when none is left.
@@ -222,7 +227,7 @@ def _start_hop(ledger: TokenLedger, kind: str):
 
 def _generate(ledger: TokenLedger, source: ChunkSource, call: GenerateCall, hop) -> AsyncIterator[ReplicaChunk]:
     """Start `call` on the placed replica; the replica continues the trace under the hop's span."""
-    call = dataclasses.replace(call, trace_headers=tracing.headers_of(hop))
+    call = ledger.placement.prepare(dataclasses.replace(call, trace_headers=tracing.headers_of(hop)))
     return source.generate(ledger.placement.replica_id, ledger.placement.replica, call)
 
 
