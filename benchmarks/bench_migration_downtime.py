@@ -87,6 +87,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--from-results", action="store_true",
                         help="re-render the doc, table and plot from --out's saved rows, measuring nothing")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/rayfleet-bench-migration"))
+    parser.add_argument("--trace-dir", type=Path, default=REPO / "benchmarks" / "results",
+                        help="where the bursty runs' per-request traces go (the simulator replays them)")
     args = parser.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",")]
     return args

@@ -57,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--store-mib", type=int, default=512, help="memory tier of the one store shard")
     parser.add_argument("--reps", type=int, default=2, help="repetitions, mode order alternating")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sync-loads", action="store_true",
+                        help="the store's first design: lookups and loads block the engine step (async_loads: false)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
 
@@ -121,7 +123,8 @@ def fleet_spec(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "name": "bench-prefix-reuse",
         "pools": [{**pool, "name": "shared", "use_kv_store": True}, {**pool, "name": "plain", "use_kv_store": False}],
-        "kv_store": {"name": "bench-prefix-kv", "memory_bytes": args.store_mib << 20, "pin_memory": False},
+        "kv_store": {"name": "bench-prefix-kv", "memory_bytes": args.store_mib << 20, "pin_memory": False,
+                     "async_loads": not args.sync_loads},
         "health": {"check_period_s": 5.0, "check_timeout_s": 30},
     }
 

@@ -8,8 +8,12 @@ replica: the situation Llumnix migrates out of (OSDI'24 §3: load imbalance, fra
 
 Contenders, one after another, the same engine arguments everywhere:
   least_load  rayfleet, least-load routing, migration policy `none`
-  llumnix     rayfleet, least-load routing, migration policy `llumnix` (pre-copy; threshold 0.2, 2 moves/tick)
+  llumnix     rayfleet, least-load routing, migration policy `llumnix` (pre-copy; moves only when they pay,
+              with the cost model's defaults measured on this machine)
   serve_llm   Ray Serve LLM, 2 replicas, its default power-of-two-choices router
+
+Each rayfleet run's requests (arrival times, lengths, TTFTs) are saved as `bursty_trace_<contender>_r<round>.json`
+next to the results: the fleet simulator replays them (`bench_simulator.py --only validation`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ KV_BLOCKS = 80  # 2560 tokens of KV per replica
 ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "gpu_memory_utilization": 0.3,
           "block_size": 32, "max_num_seqs": 32, "num_gpu_blocks_override": KV_BLOCKS}
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
-LLUMNIX = {"name": "llumnix", "params": {"imbalance_threshold": 0.2, "max_migrations_per_tick": 2,
-                                         "mode": "precopy", "min_remaining_tokens": 16, "cooldown_s": 5.0}}
+LLUMNIX = {"name": "llumnix", "params": {"max_migrations_per_tick": 2, "mode": "precopy", "cooldown_s": 5.0}}
+# What the simulator needs to replay a run: per-request arrays of `vllm bench serve`'s result, and its TPOTs.
+TRACE_KEYS = ("start_times", "input_lens", "output_lens", "ttfts", "median_tpot_ms", "p99_tpot_ms")
 COLUMNS = (("request_throughput", "req/s", "{:.2f}"), ("output_throughput", "out tok/s", "{:.0f}"),
            ("p50_ttft_ms", "TTFT p50 ms", "{:.0f}"), ("p99_ttft_ms", "TTFT p99 ms", "{:.0f}"),
            ("p50_tpot_ms", "TPOT p50 ms", "{:.1f}"), ("p99_tpot_ms", "TPOT p99 ms", "{:.1f}"),
@@ -76,13 +81,13 @@ def bursty_comparison(args: argparse.Namespace, say: Callable[[str], None]) -> d
     for round_index in range(args.bursty_rounds):
         for name in names if round_index % 2 == 0 else names[::-1]:
             results["runs"].append({"contender": name, "round": round_index,
-                                    **run_one(name, model_dir, dataset_path, args, say)})
+                                    **run_one(name, round_index, model_dir, dataset_path, args, say)})
     results["contenders"] = {name: median_run([r for r in results["runs"] if r["contender"] == name])
                              for name in names}
     return results
 
 
-def run_one(name: str, model_dir: Path, dataset_path: Path, args: argparse.Namespace,
+def run_one(name: str, round_index: int, model_dir: Path, dataset_path: Path, args: argparse.Namespace,
             say: Callable[[str], None]) -> dict[str, Any]:
     contender: Contender
     if name == "serve_llm":
@@ -110,6 +115,9 @@ def run_one(name: str, model_dir: Path, dataset_path: Path, args: argparse.Names
                                   for o in sorted({r["outcome"] for r in records})}
             moved = sorted(r["downtime_s"] for r in records if r["outcome"] == "migrated")
             kept["migration_downtime_ms_p50"] = moved[len(moved) // 2] * 1e3 if moved else None
+            trace = {key: bench[key] for key in TRACE_KEYS}
+            trace.update(migrations=kept["migrations"], migration_params=LLUMNIX["params"] if name == "llumnix" else {})
+            (args.trace_dir / f"bursty_trace_{name}_r{round_index}.json").write_text(json.dumps(trace))
         say(f"bursty {name}: {bench['completed']}/{args.bursty_prompts} ok, "
             + ", ".join(f"{title} {fmt.format(bench[key])}" for key, title, fmt in COLUMNS)
             + (f", migrations {kept['migrations']}" if "migrations" in kept else ""))

@@ -15,19 +15,28 @@ new ones only once it knows the desired counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 
 from rayfleet.actors.kv.store import get_or_create_kv_store
+from rayfleet.actors.observability import tracing
+from rayfleet.actors.observability.logs import configure_actor_logging
 from rayfleet.actors.replica.live_migration import Destination
+from rayfleet.control_plane.controller_api import (
+    CONTROLLER_NAME,
+    NAMESPACE,
+    AuditEntry,
+    FleetError,
+    replica_actor_name,
+)
 from rayfleet.actors.replica.protocol import WeightUpdate
-from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE, FleetError, replica_actor_name
 from rayfleet.control_plane.kuberay import CLUSTER_NAME_ENV, KubeRayScaler
 from rayfleet.control_plane.spec import FleetSpec, PoolSpec, SpecError, parse_spec
 from rayfleet.control_plane.state_store import DurableState
@@ -37,6 +46,7 @@ from rayfleet.policies.base import (
     FleetSnapshot,
     MigrationDecision,
     MigrationRecord,
+    PoolRole,
     PoolSnapshot,
     ReplicaSnapshot,
     ReplicaState,
@@ -74,6 +84,7 @@ class ReplicaRecord:
             tokens_in_flight=load.tokens_in_flight if load else 0,
             predicted_remaining_tokens=load.predicted_remaining_tokens if load else 0,
             decode_tokens_per_s=load.decode_tokens_per_s if load else 0.0,
+            requests_started=load.requests_started if load else 0,
             requests=load.requests if load else (),
             node_id=self.facts.get("node_id", ""),
             accelerator=pool.resources.accelerator_type or ("GPU" if pool.resources.num_gpus else "CPU"),
@@ -85,7 +96,8 @@ class ReplicaRecord:
 class FleetController:
     async def __init__(self, spec: dict[str, Any]):  # Ray runs an async constructor on the actor's loop
         self.spec: FleetSpec = parse_spec(spec)
-        logging.basicConfig(level=self.spec.log_level)
+        configure_actor_logging(self.spec.log_level)
+        tracing.setup_tracing(self.spec.tracing, "controller")
         if self.spec.state_store == "memory://":
             logger.warning("state_store is memory://: a restarted controller re-adopts its replicas but forgets "
                            "runtime scaling and migration history; use Redis to keep them")
@@ -95,6 +107,7 @@ class FleetController:
         self.replicas: dict[str, ReplicaRecord] = {}
         self.desired: dict[str, int] = {p.name: p.start_replicas for p in self.spec.pools}
         self.restarts: dict[str, int] = {}
+        self._replacements_due: dict[str, int] = {}  # replicas found dead and not replaced yet, per pool
         self.migrations: list[MigrationRecord] = []
         self.metrics = FleetMetrics()
         self._build_policies()
@@ -200,7 +213,9 @@ class FleetController:
             live = self._live(pool.name)
             missing = self.desired[pool.name] - len(live)
             for _ in range(max(missing, 0)):
-                self._start_replica(pool)
+                due = self._replacements_due.get(pool.name, 0)
+                self._replacements_due[pool.name] = max(due - 1, 0)
+                self._start_replica(pool, "replacement" if due else "scale")
             if missing < 0:
                 # Remove the least useful first: still starting, then least tokens in flight.
                 def cost(r: ReplicaRecord):
@@ -208,7 +223,7 @@ class FleetController:
                 for record in sorted(live, key=cost)[: -missing]:
                     self._begin_drain(record, reason="scale-down")
 
-    def _start_replica(self, pool: PoolSpec) -> ReplicaRecord:
+    def _start_replica(self, pool: PoolSpec, reason: str) -> ReplicaRecord:
         from rayfleet.actors.replica.llm_replica import LLMReplica
 
         replica_id = f"{pool.name}-{uuid.uuid4().hex[:6]}"
@@ -220,7 +235,7 @@ class FleetController:
             num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus,
             max_restarts=0,  # the controller replaces dead replicas itself (new id, fresh engine)
-            runtime_env={"env_vars": {"RAYFLEET_LOG_LEVEL": self.spec.log_level, **pool.env}},
+            runtime_env=self._runtime_env(pool),
         )
         if resources.accelerator_type:
             options["accelerator_type"] = resources.accelerator_type
@@ -231,13 +246,21 @@ class FleetController:
         kv_store = self.spec.kv_store if pool.use_kv_store else None
         handle = ray.remote(LLMReplica).options(**options).remote(
             replica_id, pool.name, pool.model, pool.engine_args, pool.served_model_name, pool.live_migration,
-            kv_store=kv_store, kv_store_namespace=pool.kv_store_namespace)
+            kv_store=kv_store, kv_store_namespace=pool.kv_store_namespace,
+            log_engine_metrics=pool.log_engine_metrics, tracing_config=self.spec.tracing)
         record = ReplicaRecord(replica_id=replica_id, pool=pool.name, handle=handle)
         self.replicas[replica_id] = record
         record.start_task = asyncio.create_task(self._await_start(record))
         self._persist_registry()
-        logger.info("starting replica %s of pool %s", replica_id, pool.name)
+        self.metrics.replica_starts.inc(tags={"pool": pool.name, "reason": reason})
+        logger.info("starting replica %s of pool %s (%s)", replica_id, pool.name, reason)
         return record
+
+    def _runtime_env(self, pool: PoolSpec) -> dict[str, Any]:
+        """The pool's Ray runtime_env, with its `env`, the log level and what vLLM's tracing reads."""
+        env_vars = {"RAYFLEET_LOG_LEVEL": self.spec.log_level, **tracing.engine_tracing_env(self.spec.tracing),
+                    **pool.runtime_env.get("env_vars", {}), **pool.env}
+        return {**pool.runtime_env, "env_vars": env_vars}
 
     async def _await_start(self, record: ReplicaRecord) -> None:
         try:
@@ -273,6 +296,8 @@ class FleetController:
         record.state = ReplicaState.DEAD
         record.last_error = reason
         self.restarts[record.pool] = self.restarts.get(record.pool, 0) + 1
+        if not was_draining:
+            self._replacements_due[record.pool] = self._replacements_due.get(record.pool, 0) + 1
         self.metrics.replica_failures.inc(tags={"pool": record.pool})
         logger.error("replica %s is dead (%s)%s", record.replica_id, reason,
                      "" if was_draining else "; starting a replacement")
@@ -285,15 +310,17 @@ class FleetController:
         # The replacement comes from _reconcile: live < desired for this pool now.
 
     # ---------------------------------------------------------------- scaling and draining
-    def scale(self, pool: str, replicas: int) -> dict[str, Any]:
-        spec = self._pool(pool)
-        if not spec.min_replicas <= replicas <= spec.max_replicas:
-            raise FleetError(f"scale {pool} to {replicas}: outside [min_replicas={spec.min_replicas}, "
-                             f"max_replicas={spec.max_replicas}] of the spec")
-        logger.info("scaling pool %s from %d to %d replicas", pool, self.desired[pool], replicas)
-        self.desired[pool] = replicas
-        self.store.put("desired", self.desired)
-        self._reconcile()
+    def scale(self, pool: str, replicas: int, origin: str = "api") -> dict[str, Any]:
+        with self._audited("scale", {"pool": pool, "replicas": replicas}, origin) as audit:
+            spec = self._pool(pool)
+            if not spec.min_replicas <= replicas <= spec.max_replicas:
+                raise FleetError(f"scale {pool} to {replicas}: outside [min_replicas={spec.min_replicas}, "
+                                 f"max_replicas={spec.max_replicas}] of the spec")
+            logger.info("scaling pool %s from %d to %d replicas", pool, self.desired[pool], replicas)
+            audit["detail"] = f"desired {self.desired[pool]} -> {replicas}"
+            self.desired[pool] = replicas
+            self.store.put("desired", self.desired)
+            self._reconcile()
         return {"pool": pool, "desired": replicas}
 
     def add_pool(self, pool: dict[str, Any]) -> dict[str, Any]:
@@ -334,16 +361,39 @@ class FleetController:
         except SpecError as error:
             raise FleetError(str(error)) from None
 
-    def drain(self, replica_id: str) -> dict[str, Any]:
+    def drain(self, replica_id: str, origin: str = "api") -> dict[str, Any]:
         """Drain one replica and lower its pool's desired count by one (the way to remove a *specific* one)."""
-        record = self.replicas.get(replica_id)
-        if record is None:
-            raise FleetError(f"unknown replica '{replica_id}'; known: {', '.join(sorted(self.replicas))}")
-        pool = self._pool(record.pool)
-        self.desired[record.pool] = max(self.desired[record.pool] - 1, pool.min_replicas)
-        self.store.put("desired", self.desired)
-        self._begin_drain(record, reason="drain requested")
+        with self._audited("drain", {"replica_id": replica_id}, origin) as audit:
+            record = self.replicas.get(replica_id)
+            if record is None:
+                raise FleetError(f"unknown replica '{replica_id}'; known: {', '.join(sorted(self.replicas))}")
+            pool = self._pool(record.pool)
+            self.desired[record.pool] = max(self.desired[record.pool] - 1, pool.min_replicas)
+            self.store.put("desired", self.desired)
+            self._begin_drain(record, reason=f"drain requested ({origin})")
+            audit["detail"] = f"{len(record.load.requests) if record.load else 0} requests to move or finish"
         return {"replica_id": replica_id, "state": record.state.value}
+
+    @contextlib.contextmanager
+    def _audited(self, action: str, params: dict[str, Any], origin: str) -> Iterator[dict[str, str]]:
+        """Record an operator action in the audit log: refused (a FleetError, re-raised) or done."""
+        audit = {"detail": ""}
+        try:
+            yield audit
+        except Exception as error:
+            outcome = "refused" if isinstance(error, FleetError) else "failed"
+            self._audit(AuditEntry(action, params, origin, outcome, f"{error}"))
+            raise
+        self._audit(AuditEntry(action, params, origin, "ok", audit["detail"]))
+
+    def _audit(self, entry: AuditEntry) -> None:
+        self.store.append("audit", asdict(entry))
+        logger.info("audit: %s %s by %s: %s%s", entry.action, entry.params, entry.origin, entry.outcome,
+                    f" ({entry.detail})" if entry.detail else "")
+
+    def audit_log(self, count: int = 100) -> list[dict[str, Any]]:
+        """The latest operator actions, oldest first."""
+        return self.store.tail("audit", count)
 
     def _begin_drain(self, record: ReplicaRecord, reason: str) -> None:
         if record.state is ReplicaState.DRAINING:
@@ -417,9 +467,14 @@ class FleetController:
         if decisions:
             await asyncio.gather(*(self._execute_migration(d) for d in decisions), return_exceptions=True)
 
-    async def migrate(self, request_id: str, src: str, dst: str, mode: str = "precopy") -> dict[str, Any]:
+    async def migrate(self, request_id: str, src: str, dst: str, mode: str = "precopy",
+                      origin: str = "api") -> dict[str, Any]:
         """Live-migrate one running request from replica `src` to replica `dst`."""
-        record = await self._execute_migration(MigrationDecision(request_id, src, dst, mode, reason="api"))
+        params = {"request_id": request_id, "src": src, "dst": dst, "mode": mode}
+        with self._audited("migrate", params, origin) as audit:
+            record = await self._execute_migration(MigrationDecision(request_id, src, dst, mode, reason=origin))
+            audit["detail"] = f"{record.outcome}: downtime {record.downtime_s * 1e3:.1f} ms, " \
+                              f"{record.bytes_moved} bytes{'; ' + record.reason if record.reason else ''}"
         return asdict(record)
 
     async def promote(self, pool: str, update: WeightUpdate) -> dict[str, Any]:
@@ -513,7 +568,8 @@ class FleetController:
             pools[pool.name] = PoolSnapshot(
                 name=pool.name, model=pool.model, min_replicas=pool.min_replicas,
                 max_replicas=pool.max_replicas, desired_replicas=self.desired[pool.name], tags=dict(pool.tags),
-                replicas=tuple(r.snapshot(pool) for r in records), max_model_len=max_len)
+                replicas=tuple(r.snapshot(pool) for r in records), max_model_len=max_len,
+                role=PoolRole(pool.role), prefill_pool=pool.prefill_pool)
         return FleetSnapshot(pools=pools, migrations=tuple(self.migrations[-50:]))
 
     def fleet_view(self) -> tuple[FleetSnapshot, dict[str, Any]]:
@@ -524,13 +580,15 @@ class FleetController:
     def get_spec(self) -> dict[str, Any]:
         return self.spec.without_secrets().model_dump(mode="json")
 
-    def status(self) -> dict[str, Any]:
+    def status(self, migrations: int = 20) -> dict[str, Any]:
+        """Pools, replicas with their load and requests, and the latest `migrations` records."""
         snapshot = self.snapshot()
         replicas = []
         for pool in snapshot.pools.values():
             for r in pool.replicas:
                 replicas.append({
                     "replica_id": r.replica_id, "pool": r.pool, "model": r.model, "state": r.state.value,
+                    "accelerator": r.accelerator,
                     "running": r.num_running, "waiting": r.num_waiting,
                     "kv_cache_usage": round(r.kv_cache_usage, 4), "tokens_in_flight": r.tokens_in_flight,
                     "decode_tokens_per_s": round(r.decode_tokens_per_s, 1), "node_id": r.node_id[:12],
@@ -540,12 +598,20 @@ class FleetController:
         return {
             "fleet": self.spec.name,
             "pools": {name: {"desired": p.desired_replicas, "min": p.min_replicas, "max": p.max_replicas,
-                             "ready": len(p.routable_replicas), "restarts": self.restarts.get(name, 0)}
+                             "ready": len(p.routable_replicas), "restarts": self.restarts.get(name, 0),
+                             "model": p.model, "tags": p.tags}
                       for name, p in snapshot.pools.items()},
             "replicas": replicas,
-            "migrations": [asdict(m) for m in self.migrations[-20:]],
+            "migrations": [asdict(m) for m in self.migrations[-migrations:]],
             "controller": {"ticks": self.ticks, "pid": os.getpid(), "state_store_connected": self.store.connected},
         }
+
+    async def kv_store_stats(self) -> list[dict[str, Any]] | None:
+        """Each KV store shard's hits, misses and tier usage; None when the fleet has no store."""
+        if self.kv_store is None:
+            return None
+        stats = await asyncio.gather(*(shard.stats.remote() for shard in self.kv_store.shards))
+        return [asdict(s) for s in stats]
 
     # ---------------------------------------------------------------- durability
     def _persist_registry(self) -> None:

@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.actors.observability.tracing import TracingConfig
+from rayfleet.control_plane import llm_config
 
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 RESERVED_MODEL_NAMES = {"auto"}
@@ -47,6 +49,9 @@ class ResourcesSpec(Strict):
 class PoolSpec(Strict):
     """A pool of identical replicas of one model; `name` is the `model` clients ask for."""
 
+    # The JSON Schema (the Helm chart's values schema) admits Ray Serve LLM's keys too.
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=llm_config.add_to_json_schema)
+
     name: str
     model: str = Field(description="Local model directory or Hugging Face id.")
     served_model_name: str | None = None
@@ -54,6 +59,11 @@ class PoolSpec(Strict):
         default_factory=dict, description="Passed through to vLLM's AsyncEngineArgs."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Environment of the replica actors.")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime_env of the replica actors (pip, working_dir, env_vars...); "
+        "`env` is merged into its env_vars.")
+    log_engine_metrics: bool = Field(
+        True, description="Export vLLM's engine metrics through Ray's metrics endpoint (vLLM's RayPrometheusStatLogger).")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
@@ -67,6 +77,14 @@ class PoolSpec(Strict):
     use_kv_store: bool = Field(
         True, description="When the fleet has a kv_store: load prompt prefixes other replicas computed from it, "
         "and put this pool's computed blocks into it (prefix reuse and offload)."
+    )
+    role: Literal["both", "prefill", "decode"] = Field(
+        "both", description="Prefill/decode disaggregation: 'prefill' replicas compute a request's first token "
+        "and hand it with its KV to a 'decode' pool; 'both' (default) does everything.",
+    )
+    prefill_pool: str | None = Field(
+        None, description="For a 'decode' pool: the 'prefill' pool whose replicas prefill this pool's requests "
+        "(with the prefill_decode router). Same model and KV layout as this pool.",
     )
     kv_store_namespace: str | None = Field(
         None, min_length=1, description="Hash namespace of this pool's blocks in the KV store. Pools sharing one "
@@ -88,6 +106,21 @@ class PoolSpec(Strict):
             raise ValueError("a rollout pool cannot use live_migration")
         engine_args = {"weight_transfer_config": {"backend": ROLLOUT_WEIGHT_BACKEND}, **(data.get("engine_args") or {})}
         return {**data, "live_migration": False, "engine_args": engine_args}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_llm_config_vocabulary(cls, data: Any) -> Any:
+        """Ray Serve LLM's LLMConfig keys (see `llm_config.py`) become rayfleet's fields."""
+        return llm_config.translate(data) if llm_config.uses_llm_config(data) else data
+
+    @classmethod
+    def from_llm_config(cls, config: Any, **overrides: Any) -> PoolSpec:
+        """A pool from a `ray.serve.llm.LLMConfig` (or its dict), plus rayfleet fields such as `tags`."""
+        data = config.model_dump(exclude_unset=True) if hasattr(config, "model_dump") else dict(config)
+        try:
+            return cls.model_validate({**data, **overrides})
+        except ValidationError as error:
+            raise SpecError(format_validation_error(error)) from None
 
     @field_validator("name")
     @classmethod
@@ -222,6 +255,8 @@ class FleetSpec(Strict):
         None, description="A fleet-wide KV block store shared by every replica of pools with use_kv_store: "
         "prefix reuse across replicas and offload. None: no store.",
     )
+    tracing: TracingConfig | None = Field(
+        None, description="OpenTelemetry tracing of every request (OTLP export); None: off.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("state_store")
@@ -237,6 +272,28 @@ class FleetSpec(Strict):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"pool names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _prefill_pools_match(self) -> FleetSpec:
+        pools = {pool.name: pool for pool in self.pools}
+        for i, pool in enumerate(self.pools):
+            if pool.prefill_pool is None:
+                continue
+            prefill = pools.get(pool.prefill_pool)
+            where = f"pools[{i}].prefill_pool"
+            if pool.role != "decode":
+                raise ValueError(f"{where}: only a pool with role 'decode' names a prefill pool (role is '{pool.role}')")
+            if prefill is None:
+                raise ValueError(f"{where}: no pool named '{pool.prefill_pool}'; pools: {', '.join(pools)}")
+            if prefill.role == "decode":
+                raise ValueError(f"{where}: '{prefill.name}' has role 'decode'; a prefill pool has role 'prefill' or 'both'")
+            if not (prefill.live_migration and pool.live_migration):
+                raise ValueError(f"{where}: the handoff is a live migration; both pools need live_migration: true")
+            kv_args = ("dtype", "kv_cache_dtype", "block_size")
+            if prefill.model != pool.model or any(prefill.engine_args.get(a) != pool.engine_args.get(a) for a in kv_args):
+                raise ValueError(f"{where}: '{prefill.name}' must serve the same model with the same "
+                                 f"{', '.join(kv_args)} (KV blocks are copied as they are)")
         return self
 
     def pool(self, name: str) -> PoolSpec:

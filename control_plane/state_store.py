@@ -146,6 +146,16 @@ class DurableState:
     def append(self, key: str, value: Any, keep: int = 1000) -> None:
         self._write(lambda store: store.append(key, value, keep))
 
+    def tail(self, key: str, count: int = 100) -> list[Any]:
+        """A list's last entries; empty while the store is down (what was appended then is not kept)."""
+        if not self.connected:
+            return []
+        try:
+            return self.store.tail(key, count)
+        except Exception as error:
+            self._mark_down(error)
+            return []
+
     def delete(self, key: str) -> None:
         self.latest.pop(key, None)
         self._write(lambda store: store.delete(key))

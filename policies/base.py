@@ -10,7 +10,9 @@ the controller carries it out. The types here are shaped for the policies to com
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -82,6 +84,7 @@ class ReplicaSnapshot:
     tokens_in_flight: int = 0  # prompt + generated tokens of unfinished requests (their KV footprint)
     predicted_remaining_tokens: int = 0  # decode work still expected (predicted length, else max_tokens)
     decode_tokens_per_s: float = 0.0  # recent decode throughput
+    requests_started: int = 0  # requests this replica has taken since it started (arrival-rate signal)
     requests: tuple[RequestProgress, ...] = ()
     node_id: str = ""
     accelerator: str = ""
@@ -97,6 +100,18 @@ class ReplicaSnapshot:
     def kv_blocks_free(self) -> int:
         return int(round(self.kv_blocks_total * (1.0 - self.kv_cache_usage)))
 
+    @property
+    def kv_tokens_total(self) -> int:
+        return self.kv_blocks_total * self.kv_block_size
+
+
+class PoolRole(str, enum.Enum):
+    """What a pool's replicas do with a request (prefill/decode disaggregation, DistServe-style)."""
+
+    BOTH = "both"  # prefill and decode (colocated)
+    PREFILL = "prefill"  # compute the first token, then hand the request with its KV to a decode pool
+    DECODE = "decode"  # decode requests a prefill pool handed over (and serve requests sent directly)
+
 
 @dataclass(frozen=True)
 class PoolSnapshot:
@@ -108,9 +123,12 @@ class PoolSnapshot:
     tags: dict[str, str] = field(default_factory=dict)
     replicas: tuple[ReplicaSnapshot, ...] = ()
     max_model_len: int = 0
+    role: PoolRole = PoolRole.BOTH
+    prefill_pool: str | None = None  # the pool that prefills this (decode) pool's requests
 
-    @property
+    @functools.cached_property
     def routable_replicas(self) -> tuple[ReplicaSnapshot, ...]:
+        # Cached: routers ask once per request, and a 1,000-replica pool is scanned once per snapshot.
         return tuple(replica for replica in self.replicas if replica.routable)
 
 
@@ -128,8 +146,30 @@ class FleetSnapshot:
         return None
 
     def routable_replicas(self, pool: str | None = None) -> tuple[ReplicaSnapshot, ...]:
-        pools = self.pools.values() if pool is None else [self.pools[pool]] if pool in self.pools else []
-        return tuple(replica for p in pools for replica in p.routable_replicas)
+        if pool is not None:
+            return self.pools[pool].routable_replicas if pool in self.pools else ()
+        return tuple(replica for p in self.pools.values() for replica in p.routable_replicas)
+
+    def with_local_load(self, tokens: dict[str, int], requests: dict[str, int],
+                        remaining: dict[str, int] | None = None) -> FleetSnapshot:
+        """This view with an ingress' own in-flight requests laid over it (per replica id: their tokens, count
+        and the decode tokens still expected of them). The controller's view is up to one tick old; an ingress
+        knows what it placed just now, so each replica shows at least that load. The live ingress and the
+        simulator both route on this."""
+        remaining = remaining or {}
+        pools = {}
+        for name, pool in self.pools.items():
+            replicas = tuple(
+                r if r.replica_id not in requests else dataclasses.replace(
+                    r,
+                    tokens_in_flight=max(r.tokens_in_flight, tokens.get(r.replica_id, 0)),
+                    predicted_remaining_tokens=max(r.predicted_remaining_tokens, remaining.get(r.replica_id, 0)),
+                    num_running=max(r.num_running + r.num_waiting, requests[r.replica_id]) - r.num_waiting,
+                )
+                for r in pool.replicas
+            )
+            pools[name] = dataclasses.replace(pool, replicas=replicas)
+        return dataclasses.replace(self, pools=pools)
 
 
 @dataclass(frozen=True)
@@ -158,6 +198,9 @@ class RoutingDecision:
     replica_id: str
     reason: str = ""
     predicted_output_tokens: int | None = None  # the router's length prediction (the replica's backlog uses it)
+    # Prefill/decode disaggregation: the replica that takes the request over, with its KV, after the first
+    # token (a migration at the first token). None: the chosen replica serves the request to its end.
+    handoff_replica_id: str | None = None
 
 
 @dataclass(frozen=True)

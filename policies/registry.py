@@ -47,7 +47,7 @@ def create(kind: str, name: str, params: dict[str, Any] | None = None):
         raise UnknownPolicy(f"policies.{kind}: unknown {kind} '{name}'; allowed: {', '.join(sorted(choices))}")
     try:
         policy = _load(choices[name])(**(params or {}))
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # unknown or bad parameters: the spec's error names the field
         raise UnknownPolicy(f"policies.{kind}.params: invalid parameters for '{name}': {error}") from None
     protocol = GROUPS[kind][1]
     if not isinstance(policy, protocol):

@@ -1,4 +1,5 @@
-"""Built-in routers: random, round robin, least load by tokens in flight, and one fixed pool.
+"""Built-in routers: random, round robin, least load by tokens in flight, one fixed pool, power of two choices,
+and prefill/decode placement.
 
 A router sees the request and a fleet snapshot and names a pool and a replica. `model=auto` (no pool named)
 lets it choose the pool too; the built-ins then take every pool as a candidate, which Chimera-style routers
@@ -14,6 +15,7 @@ import random
 from rayfleet.policies.base import (
     FleetSnapshot,
     NoReplicaAvailable,
+    PoolRole,
     ReplicaSnapshot,
     RequestInfo,
     RoutingDecision,
@@ -86,3 +88,44 @@ class FixedPoolRouter:
         pinned = request if request.pool is not None else dataclasses.replace(request, pool=self.pool)
         decision = self._least_load.route(pinned, snapshot)
         return dataclasses.replace(decision, reason=f"fixed pool {decision.pool}")
+class PowerOfTwoRouter:
+    """Two candidates at random, the one with fewer requests (running + queued): Ray Serve's default router
+    (`pow_2_router.py`), here over the fleet snapshot. O(1) per request at any fleet size."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+
+    def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
+        replicas = candidates(request, snapshot)
+        pair = self._rng.sample(replicas, 2) if len(replicas) > 1 else replicas
+        chosen = min(pair, key=lambda r: (r.num_running + r.num_waiting, r.tokens_in_flight))
+        return RoutingDecision(pool=chosen.pool, replica_id=chosen.replica_id, reason="power_of_two")
+
+
+class PrefillDecodeRouter:
+    """Prefill/decode disaggregation as placement (DistServe, OSDI'24, on rayfleet's migration).
+
+    A request for a pool that names a `prefill_pool` goes to that pool's replica with the fewest tokens in
+    flight (prefill is compute-bound: queued prompt tokens are its load), and the router also names the
+    decode replica that takes it over, with its KV, after the first token: the decode pool's replica with
+    the most free KV blocks after its requests' remaining growth (decode is memory-bound). Requests for other
+    pools are routed by least load.
+    """
+
+    def __init__(self, waiting_weight: int = 256) -> None:
+        self._least_load = LeastLoadRouter(waiting_weight)
+
+    @staticmethod
+    def decode_headroom(replica: ReplicaSnapshot) -> float:
+        tokens = replica.kv_tokens_total or 1
+        return 1.0 - (replica.tokens_in_flight + replica.predicted_remaining_tokens) / tokens
+
+    def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
+        pool = snapshot.pools.get(request.pool) if request.pool else None
+        if pool is None or pool.prefill_pool is None or pool.role is not PoolRole.DECODE:
+            return self._least_load.route(request, snapshot)
+        prefill = self._least_load.route(dataclasses.replace(request, pool=pool.prefill_pool), snapshot)
+        decode = max(candidates(request, snapshot), key=lambda r: (self.decode_headroom(r), r.replica_id))
+        # `pool` stays the one the client named: its renderer and its ledger; only the first replica differs.
+        return RoutingDecision(pool=pool.name, replica_id=prefill.replica_id, handoff_replica_id=decode.replica_id,
+                               reason=f"prefill on {prefill.replica_id}, decode on {decode.replica_id}")

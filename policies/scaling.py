@@ -1,10 +1,18 @@
-"""Built-in scalers: keep the spec's count, or follow tokens in flight per replica."""
+"""Built-in scalers: keep the spec's count, follow tokens in flight (reactive), or forecast demand (predictive).
+
+The controller clamps what a scaler wants to the pool's bounds and carries it out: new replicas start (they
+serve after their start-up time), surplus ones are drained, and with a migration policy that drains
+(`llumnix`) their running requests move out instead of holding the replica: scale-in by drain-by-migration.
+"""
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from dataclasses import dataclass, field
+from statistics import NormalDist
 
-from rayfleet.policies.base import FleetSnapshot
+from rayfleet.policies.base import FleetSnapshot, PoolSnapshot
 
 
 class StaticScaler:
@@ -43,3 +51,184 @@ class TokensInFlightScaler:
                 self._below[name] = 0
                 desired[name] = current
         return desired
+
+
+@dataclass
+class _Forecast:
+    """Holt's linear smoothing of one series, and the spread of its own forecasts one lead time ahead,
+    measured when their time comes (so the uncertainty is the forecaster's real error, not an assumption)."""
+
+    alpha: float
+    beta: float
+    lead_s: float
+    level: float | None = None
+    trend: float = 0.0
+    error_variance: float | None = None
+    last_at: float | None = None
+    pending: deque = field(default_factory=deque)  # (time it is for, forecast made then)
+
+    def observe(self, value: float, now: float) -> None:
+        while self.pending and self.pending[0][0] <= now:
+            _, forecast = self.pending.popleft()
+            error = (value - forecast) ** 2
+            self.error_variance = error if self.error_variance is None else (
+                self.error_variance + self.alpha * (error - self.error_variance))
+        if self.level is None:
+            self.level = value
+        elif now > self.last_at:
+            elapsed = now - self.last_at
+            predicted = self.level + self.trend * elapsed
+            level, self.level = self.level, max(predicted + self.alpha * (value - predicted), 0.0)
+            self.trend += self.beta * ((self.level - level) / elapsed - self.trend)
+        self.last_at = now
+        self.pending.append((now + self.lead_s, self.mean()))
+
+    def mean(self) -> float:
+        return max(self.level + self.trend * self.lead_s, 0.0) if self.level is not None else 0.0
+
+    def upper(self, z: float, floor_variance: float = 0.0) -> float:
+        """The forecast's `z`-quantile one lead time ahead (normal errors)."""
+        variance = self.error_variance if self.error_variance is not None else floor_variance
+        return self.mean() + z * math.sqrt(max(variance, floor_variance))
+
+
+@dataclass
+class _PoolForecast:
+    rate: _Forecast  # arrivals per second, over a sliding window
+    tokens: float = 0.0  # tokens in flight now (the KV the pool's requests hold)
+    arrivals: deque = field(default_factory=deque)  # (time, requests that arrived since the previous look)
+    started: dict[str, int] = field(default_factory=dict)  # replica id -> requests_started last seen
+    below_since: float | None = None  # when the forecast first allowed fewer replicas (scale-in delay)
+    finished_g: float = 0.0  # mean KV token-steps of a finished request, E[g(s, o)]
+    finished: int = 0
+    outputs: dict[str, tuple[int, int]] = field(default_factory=dict)  # request id -> (prompt, output) last seen
+
+    def window_rate(self, now: float, window_s: float) -> float:
+        while self.arrivals and now - self.arrivals[0][0] >= window_s:
+            self.arrivals.popleft()
+        return sum(count for _, count in self.arrivals) / window_s
+
+
+class PredictiveScaler:
+    """Scale each pool ahead of its forecast demand, at an upper quantile of the forecast (HARMONY-style).
+
+    HARMONY's point (uncertainty-aware forecasting and decisions for cloud resources) is to provision for a
+    quantile of the forecast demand over the time a decision takes to act, not for its mean and not for what
+    is already here. Demand is the KV the pool's requests hold (tokens in flight: what exhausts a replica).
+    What is forecast is the arrival rate, the demand's exogenous driver (tokens in flight also depend on the
+    capacity serving them: extrapolating them chases the scaler's own effect). Per pool, every tick:
+
+    - **arrival rate** from the replicas' `requests_started` counters over a sliding `window_s`, forecast one
+      lead time (`startup_s`: a replica started now serves only then) ahead with Holt's linear method (level
+      and trend), with its measured uncertainty (every forecast is checked against the rate observed when its
+      time comes; the mean squared error is the variance) and taken at the `quantile`;
+    - turned into the KV demand it implies once enough requests have finished to know their size: by Little's
+      law a pool receiving lambda requests per second holds lambda * b * E[g] tokens, where g(s, o) = o*s +
+      o(o+1)/2 is the KV token-steps a request of prompt s and output o holds over its life and b the engine's
+      step time. This is the stability condition of LLM serving under KV limits (Nie, Si & Zhou, arXiv
+      2605.04595): a replica of M KV tokens sustains at most mu = M / (b * E[g]) requests per second;
+    - never below the **tokens in flight** now.
+
+    The pool gets ceil(demand / (target_utilization * M)) replicas. The utilization target is where the pool still meets its latency SLO (the simulator's
+    sweeps measure it). Scale-out is immediate; scale-in waits until the forecast has allowed fewer replicas for
+    `downscale_delay_s`, then removes one per tick (the controller drains each by migration).
+    """
+
+    def __init__(self, startup_s: float = 60.0, quantile: float = 0.9, target_utilization: float = 0.6,
+                 downscale_delay_s: float = 30.0, window_s: float = 30.0, level_smoothing: float = 0.2,
+                 trend_smoothing: float = 0.05, default_step_s: float = 0.05, learn_after: int = 20,
+                 signals: list[str] | None = None) -> None:
+        unknown = set(signals or ()) - {"tokens", "rate"}
+        if unknown:
+            raise ValueError(f"signals: unknown {sorted(unknown)}; allowed: tokens, rate")
+        self.startup_s = startup_s
+        self.window_s = window_s
+        self.z = NormalDist().inv_cdf(quantile)
+        self.target_utilization = target_utilization
+        self.downscale_delay_s = downscale_delay_s
+        self.alpha = level_smoothing
+        self.beta = trend_smoothing
+        self.default_step_s = default_step_s
+        self.learn_after = learn_after
+        self.signals = frozenset(signals or ("tokens", "rate"))
+        self._pools: dict[str, _PoolForecast] = {}
+
+    def desired_replicas(self, snapshot: FleetSnapshot) -> dict[str, int]:
+        return {name: self._decide(pool, self._state(name), snapshot.taken_at) for name, pool in snapshot.pools.items()}
+
+    def _state(self, pool: str) -> _PoolForecast:
+        if pool not in self._pools:
+            self._pools[pool] = _PoolForecast(_Forecast(self.alpha, self.beta, self.startup_s))
+        return self._pools[pool]
+
+    # ---------------------------------------------------------------- observations
+    def _observe(self, pool: PoolSnapshot, state: _PoolForecast, now: float) -> None:
+        arrivals = 0
+        started = {}
+        for replica in pool.replicas:
+            started[replica.replica_id] = replica.requests_started
+            arrivals += max(replica.requests_started - state.started.get(replica.replica_id, 0), 0)
+        first = not state.started and state.rate.last_at is None
+        state.started = started
+        self._learn_requests(pool, state)
+        state.tokens = float(sum(r.tokens_in_flight for r in pool.replicas))
+        if first:  # the counters so far are history, not this tick's arrivals
+            state.rate.last_at = now
+            return
+        state.arrivals.append((now, arrivals))
+        state.rate.observe(state.window_rate(now, self.window_s), now)
+
+    @staticmethod
+    def _learn_requests(pool: PoolSnapshot, state: _PoolForecast) -> None:
+        seen = {r.request_id: (r.prompt_tokens, r.output_tokens) for replica in pool.replicas for r in replica.requests}
+        for request_id, (s, o) in state.outputs.items():
+            if request_id not in seen and o > 0:
+                state.finished += 1
+                g = o * s + o * (o + 1) / 2
+                state.finished_g += (g - state.finished_g) / min(state.finished, 500)
+        state.outputs = seen
+
+    # ---------------------------------------------------------------- decisions
+    def step_seconds(self, pool: PoolSnapshot) -> float:
+        """The pool's engine step time: running requests over tokens per second, summed over replicas (one
+        replica's ratio is noisy: one that just got busy reports a rate averaged over a mostly idle window)."""
+        live = [r for r in pool.replicas if r.routable and r.decode_tokens_per_s > 0]
+        running = sum(r.num_running for r in live)
+        rate = sum(r.decode_tokens_per_s for r in live)
+        return running / rate if running and rate else self.default_step_s
+
+    def service_rate(self, pool: PoolSnapshot, state: _PoolForecast) -> float:
+        """Requests per second one replica sustains (mu = M / (b * E[g])); 0 while E[g] is not known yet."""
+        kv = [r.kv_tokens_total for r in pool.replicas if r.routable and r.kv_tokens_total]
+        if state.finished < self.learn_after or state.finished_g <= 0 or not kv:
+            return 0.0
+        return (sum(kv) / len(kv)) / (self.step_seconds(pool) * state.finished_g)
+
+    def demand(self, pool: PoolSnapshot, state: _PoolForecast) -> float:
+        """KV demand (tokens) to provision for: the upper-quantile forecast of what the arrival rate one lead
+        time ahead implies, and never less than what the pool holds now."""
+        forecasts = []
+        if "tokens" in self.signals:
+            forecasts.append(state.tokens)
+        kv = [r.kv_tokens_total for r in pool.replicas if r.routable and r.kv_tokens_total]
+        mu = self.service_rate(pool, state)
+        if "rate" in self.signals and mu:
+            # Until forecasts come due, the spread of a Poisson count over the window.
+            rate = state.rate.upper(self.z, floor_variance=state.rate.mean() / self.window_s)
+            forecasts.append(rate / mu * (sum(kv) / len(kv)))
+        return max(forecasts, default=0.0)
+
+    def _decide(self, pool: PoolSnapshot, state: _PoolForecast, now: float) -> int:
+        self._observe(pool, state, now)
+        kv = [r.kv_tokens_total for r in pool.replicas if r.routable and r.kv_tokens_total]
+        if not kv:
+            return pool.desired_replicas  # nothing reported yet: nothing to size against
+        per_replica = self.target_utilization * sum(kv) / len(kv)
+        want = min(max(math.ceil(self.demand(pool, state) / per_replica), pool.min_replicas), pool.max_replicas)
+        current = pool.desired_replicas
+        if want >= current:
+            state.below_since = None
+            return want
+        state.below_since = now if state.below_since is None else state.below_since
+        # One replica per tick once the forecast has stayed below for the delay: each removal is a drain.
+        return current - 1 if now - state.below_since >= self.downscale_delay_s else current

@@ -79,8 +79,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        # The dashboard serves Ray's Jobs API (the RL job test submits through it).
-        ray.init(num_cpus=16, include_dashboard=True, dashboard_port=free_port(), namespace="rayfleet",
+        # address="local": a cluster of the suite's own, even when `rayfleet up` left one running here. The
+        # dashboard serves Ray's Jobs API (the RL job test submits through it).
+        ray.init(address="local", num_cpus=16, include_dashboard=True, dashboard_port=free_port(), namespace="rayfleet",
                  log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -111,9 +112,9 @@ def fleet_spec_dict(demo_models: Path, redis_url: str, port: int) -> dict:
                     "chunk_timeout_s": 30},
         "policies": {"router": {"name": "least_load"},
                      "admission": {"name": "queue_limit", "params": {"max_in_flight_per_replica": 48}},
-                     # Drains by migration on the "mig" pool only; a threshold above 1 never rebalances,
-                     # so the tests' explicit migrations are the only others.
-                     "migration": {"name": "llumnix", "params": {"pools": ["mig"], "imbalance_threshold": 2.0}},
+                     # Drains by migration on the "mig" pool only (no pressure triggers), so the tests'
+                     # explicit migrations are the only others.
+                     "migration": {"name": "llumnix", "params": {"pools": ["mig"], "triggers": ["drain"]}},
                      "tick_s": 0.5},
         "health": {"check_period_s": 0.5, "check_timeout_s": 10, "stall_timeout_s": 10},
         "state_store": redis_url,
@@ -121,8 +122,18 @@ def fleet_spec_dict(demo_models: Path, redis_url: str, port: int) -> dict:
 
 
 @pytest.fixture(scope="session")
-def fleet(ray_cluster, demo_models, redis_url):
-    """A deployed fleet: controller + OpenAI ingress + one replica each of tiny-a and tiny-b."""
+def otlp_receiver():
+    """Where the test fleet's processes export their trace spans (tests/otlp_receiver.py)."""
+    from otlp_receiver import OTLPReceiver
+
+    receiver = OTLPReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def fleet(ray_cluster, demo_models, redis_url, otlp_receiver):
+    """A deployed fleet: controller + OpenAI ingress + one replica each of tiny-a and tiny-b, traced."""
     from ray import serve
 
     from rayfleet.control_plane.cli.launch import grpc_options
@@ -133,6 +144,7 @@ def fleet(ray_cluster, demo_models, redis_url):
     port, grpc_port = free_port(), free_port()
     spec_dict = fleet_spec_dict(demo_models, redis_url, port)
     spec_dict["ingress"]["grpc_port"] = grpc_port
+    spec_dict["tracing"] = {"otlp_endpoint": otlp_receiver.endpoint, "export_delay_s": 0.5}
     spec = parse_spec(spec_dict)
     serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options(spec))
     serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)

@@ -2,12 +2,15 @@
 
 Two real vLLM CPU engines (AsyncLLM, tiny-llama-a, block size 32, prefix caching) share one KV store in a
 real local Ray cluster, as two replicas of a pool do. The engine processes reach the store through
-``RAY_ADDRESS``, like a replica's. Every test uses its own prompt (fresh hashes) and ends by checking that
-both engines' free KV blocks return to their values after warm-up.
+``RAY_ADDRESS``, like a replica's. Loads are asynchronous (the default) with budgets long enough that a
+loaded test machine never turns a hit into a recompute (the budgets have their own unit tests). Every test
+uses its own prompt (fresh hashes) and ends by checking that both engines' free KV blocks return to their
+values after warm-up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import numpy as np
@@ -28,7 +31,9 @@ def store(ray_cluster):
     from rayfleet.actors.kv.store import get_or_create_kv_store
     from rayfleet.actors.kv.store_config import KVStoreConfig
 
-    client = get_or_create_kv_store(KVStoreConfig(name="test-prefix-store", memory_bytes=64 << 20, pin_memory=False))
+    client = get_or_create_kv_store(KVStoreConfig(name="test-prefix-store", memory_bytes=64 << 20, pin_memory=False,
+                                                  lookup_budget_s=30.0, lookup_budget_per_block_s=None,
+                                                  load_budget_s=30.0))
     yield client
     client.shutdown()
 
@@ -152,6 +157,39 @@ def test_store_blocks_unusable_at_load_time_are_recomputed(engines, store):
         assert tokens == reference
         assert after["store_load_errors"] - before["store_load_errors"] == 1
         assert after["store_blocks_loaded"] - before["store_blocks_loaded"] == first_bad
+        await _assert_no_leak(engines)
+
+    engines.run(body())
+
+
+def test_a_shard_killed_mid_load_costs_a_recompute_and_the_engine_survives(engines, store):
+    """A computes a prompt and puts its blocks; B's lookup finds them; B's async load then waits on the shard
+    (held busy by a second call) and the shard is killed under it. The load fails, vLLM recomputes the blocks,
+    B's output is exact and B keeps serving. (The shard restarts empty: later tests put their own blocks.)"""
+    import ray
+
+    hold = lambda seconds: lambda shard: __import__("time").sleep(seconds)  # noqa: E731 - runs in the shard
+
+    async def body():
+        prompt = _prompt(5)
+        reference, _ = await generate_to_end(engines.a, prompt, _greedy(), "kill-a")
+        await engines.rpc_a.stats()  # returns once A's puts are in the store
+        shard = store.shards[0]
+        before = await engines.rpc_b.stats()
+        shard.__ray_call__.remote(hold(1.0))  # B's lookup queues behind this...
+        request = asyncio.ensure_future(generate_to_end(engines.b, prompt, _greedy(), "kill-b"))
+        await asyncio.sleep(0.5)
+        shard.__ray_call__.remote(hold(10.0))  # ...and its get, sent once the lookup answers, behind this
+        await asyncio.sleep(1.5)
+        ray.kill(shard, no_restart=False)
+        tokens, _ = await request
+        after = await engines.rpc_b.stats()
+        assert tokens == reference
+        assert after["store_hit_blocks"] - before["store_hit_blocks"] == STORE_BLOCKS  # claimed at lookup
+        assert after["store_load_errors"] - before["store_load_errors"] == 1  # then lost: recomputed
+        assert after["store_blocks_loaded"] == before["store_blocks_loaded"]
+        again, _ = await generate_to_end(engines.b, _prompt(6), _greedy(max_tokens=4), "kill-after")
+        assert len(again) == 4
         await _assert_no_leak(engines)
 
     engines.run(body())

@@ -1,4 +1,5 @@
-"""The KV store half of the connector without an engine or Ray: claims, load plans, saves, load errors.
+"""The KV store half of the connector without an engine or Ray: claims, load plans, saves, load errors,
+and the async path (lookups and loads in threads, their budgets, a failing store).
 
 A dict-backed fake store and minimal stand-ins for vLLM's Request, KVCacheBlocks and SchedulerOutput
 drive `SchedulerPrefixStore` and `WorkerPrefixStore` directly.
@@ -6,6 +7,8 @@ drive `SchedulerPrefixStore` and `WorkerPrefixStore` directly.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +17,7 @@ import torch
 from rayfleet.actors.kv.block_hash import block_hashes
 from rayfleet.actors.kv.metadata import RayfleetConnectorMetadata, StoreLoad, StoreSave
 from rayfleet.actors.kv.prefix_store import SchedulerPrefixStore, WorkerPrefixStore
+from rayfleet.actors.kv.store_config import KVStoreConfig
 from rayfleet.kernels import KVCacheLayers, gather_blocks
 
 BS = 4  # block size
@@ -21,15 +25,27 @@ NS = "units"
 
 
 class FakeStore:
+    """Answers from a dict; `gate` (when set) holds every answer until it opens; `broken` makes calls fail."""
+
     def __init__(self):
         self.blocks: dict[bytes, np.ndarray] = {}
         self.lookups = 0
+        self.gate: threading.Event | None = None
+        self.broken = False
 
-    def contains_prefix(self, hashes):
+    def _wait(self):
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.broken:
+            raise ConnectionError("shard gone")
+
+    def contains_prefix(self, hashes, timeout_s=None):
         self.lookups += 1
+        self._wait()
         return next((i for i, h in enumerate(hashes) if h not in self.blocks), len(hashes))
 
-    def get(self, hashes):
+    def get(self, hashes, timeout_s=None):
+        self._wait()
         return [self.blocks.get(h) for h in hashes]
 
     def put(self, hashes, blocks):
@@ -73,8 +89,11 @@ class FakeOutput:
     num_scheduled_tokens: dict[str, int]
 
 
-def scheduler(store: FakeStore) -> tuple[SchedulerPrefixStore, FakeManager]:
-    side = SchedulerPrefixStore(store, NS, BS)
+SYNC = KVStoreConfig(async_loads=False)
+
+
+def scheduler(store: FakeStore, config: KVStoreConfig = SYNC) -> tuple[SchedulerPrefixStore, FakeManager]:
+    side = SchedulerPrefixStore(store, NS, BS, config)
     manager = FakeManager()
     side.bind_kv_cache_manager(manager)
     return side, manager
@@ -197,3 +216,128 @@ def test_worker_loads_up_to_the_first_unusable_block_and_reports_the_rest():
     worker.flush()
     assert worker.stats()["store_blocks_saved"] == 0
     assert (worker.stats()["store_blocks_loaded"], worker.stats()["store_load_errors"]) == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- async path
+
+
+def eventually(probe, timeout_s: float = 5.0):
+    """The first non-None answer of `probe` (polled), or fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        answer = probe()
+        if answer is not None:
+            return answer
+        time.sleep(0.005)
+    raise AssertionError(f"no answer within {timeout_s} s")
+
+
+def test_async_lookup_asks_again_until_the_store_answers():
+    store = FakeStore()
+    tokens = list(range(100, 114))
+    hold(store, tokens, 3)
+    store.gate = threading.Event()
+    side, _ = scheduler(store, KVStoreConfig(lookup_budget_s=5.0, lookup_budget_per_block_s=None))
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert side.get_num_new_matched_tokens(request, BS) is None  # the lookup runs off the step
+    store.gate.set()
+    assert eventually(lambda: side.get_num_new_matched_tokens(request, BS)) == 2 * BS
+    assert store.lookups == 1  # asked again, looked up once
+
+
+def test_async_lookup_past_its_budget_is_computed_instead():
+    store = FakeStore()
+    tokens = list(range(100, 114))
+    hold(store, tokens, 3)
+    store.gate = threading.Event()  # a shard that does not answer
+    side, _ = scheduler(store, KVStoreConfig(lookup_budget_s=0.05, lookup_budget_per_block_s=None))
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    began = time.monotonic()
+    assert eventually(lambda: side.get_num_new_matched_tokens(request, BS)) == 0
+    assert 0.05 <= time.monotonic() - began < 2.0
+    side.update_state_after_alloc(request, FakeBlocks([7, 8, 9, 10]), 0)
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({}))
+    assert meta.store_loads == [] and meta.store_counts["store_lookup_timeouts"] == 1
+    store.gate.set()
+
+
+def test_short_hits_wait_at_most_what_their_prefill_costs():
+    """The per-block budget: one claimable block may make its request wait only one block's budget."""
+    store = FakeStore()
+    tokens = list(range(100, 106))  # one claimable block
+    hold(store, tokens, 1)
+    store.gate = threading.Event()
+    side, _ = scheduler(store, KVStoreConfig(lookup_budget_s=5.0, lookup_budget_per_block_s=0.02))
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    began = time.monotonic()
+    assert eventually(lambda: side.get_num_new_matched_tokens(request, 0)) == 0
+    assert time.monotonic() - began < 1.0
+    store.gate.set()
+
+
+def test_async_hit_is_claimed_as_an_async_load():
+    store = FakeStore()
+    tokens = list(range(100, 114))
+    hold(store, tokens, 3)
+    side, _ = scheduler(store, KVStoreConfig(lookup_budget_s=5.0))
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert eventually(lambda: side.get_num_new_matched_tokens(request, BS)) == 2 * BS
+    side.update_state_after_alloc(request, FakeBlocks([7, 8, 9, 10]), 2 * BS)
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({}))
+    assert meta.store_loads == [StoreLoad("r", block_hashes(tokens, BS, NS)[1:3], [8, 9], is_async=True)]
+
+
+def async_worker(store: FakeStore, load_budget_s: float = 5.0) -> tuple[WorkerPrefixStore, KVCacheLayers, list]:
+    cache = KVCacheLayers([torch.zeros((6, 8), dtype=torch.uint8) for _ in range(2)])
+    worker = WorkerPrefixStore(store, KVStoreConfig(load_budget_s=load_budget_s))
+    worker.register(cache)
+    hashes = block_hashes(list(range(12)), BS, NS)
+    worker.bind(RayfleetConnectorMetadata(store_loads=[StoreLoad("r", hashes, [3, 4, 5], is_async=True)]))
+    return worker, cache, hashes
+
+
+def test_async_load_is_scattered_between_steps_and_reported_finished():
+    store = FakeStore()
+    good = torch.arange(16, dtype=torch.uint8).view(1, 16)
+    store.gate = threading.Event()
+    worker, cache, hashes = async_worker(store)
+    for h in hashes:
+        store.blocks[h] = good[0].numpy()
+    worker.load()  # returns at once: the get runs in a thread
+    assert worker.take_finished_loads() is None
+    store.gate.set()
+    assert eventually(worker.take_finished_loads) == {"r"}
+    assert torch.equal(gather_blocks(cache, [3, 4, 5]), good.repeat(3, 1))
+    assert worker.take_load_errors() == set()
+
+
+def test_async_load_from_a_failed_shard_is_recomputed():
+    store = FakeStore()
+    store.broken = True
+    worker, cache, _ = async_worker(store)
+    worker.load()
+    assert eventually(worker.take_finished_loads) == {"r"}
+    assert worker.take_load_errors() == {3, 4, 5}  # every block: vLLM recomputes the request's prefix
+    assert worker.stats()["store_load_errors"] == 1
+
+
+def test_async_load_past_its_budget_is_recomputed_and_its_late_answer_dropped():
+    store = FakeStore()
+    store.gate = threading.Event()  # a slow shard
+    worker, cache, hashes = async_worker(store, load_budget_s=0.05)
+    for h in hashes:
+        store.blocks[h] = np.full(16, 9, np.uint8)
+    worker.load()
+    assert eventually(worker.take_finished_loads) == {"r"}
+    assert worker.take_load_errors() == {3, 4, 5}
+    store.gate.set()  # the late answer arrives after the blocks were handed back for recompute
+    time.sleep(0.05)
+    assert worker.take_finished_loads() is None
+    assert not gather_blocks(cache, [3, 4, 5]).any()  # never scattered
+    assert worker.stats()["store_load_timeouts"] == 1

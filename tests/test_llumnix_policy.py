@@ -1,6 +1,8 @@
-"""The `llumnix` migration policy as a pure function of fleet snapshots."""
+"""The `llumnix` migration policy as a pure function of fleet snapshots: moves happen when they pay."""
 
 from __future__ import annotations
+
+import pytest
 
 from rayfleet.policies import registry
 from rayfleet.policies.base import (
@@ -11,19 +13,26 @@ from rayfleet.policies.base import (
     ReplicaState,
     RequestProgress,
 )
-from rayfleet.policies.migration import LlumnixMigrationPolicy
+from rayfleet.policies.migration import LlumnixMigrationPolicy, MigrationCosts
 
 BLOCK = 32
+# Cheap moves, 20 ms per token: a move costs ~0.1 s of pause; decoding 400 more tokens takes 8 s.
+CHEAP = MigrationCosts(pause_s=0.1, block_transfer_s=0.0, stage_s=0.0, interference=0.0, default_tpot_s=0.02)
 
 
-def req(rid, tokens, priority=0, running=True, output=10, max_tokens=500):
-    return RequestProgress(request_id=rid, prompt_tokens=tokens - output, output_tokens=output,
-                           max_tokens=max_tokens, priority=priority, running=running)
+def req(rid, tokens, priority=0, running=True, output=10, max_tokens=500, arrival=0.0):
+    return RequestProgress(request_id=rid, prompt_tokens=tokens - output, output_tokens=output, max_tokens=max_tokens,
+                           priority=priority, running=running, arrival_time=arrival)
 
 
-def replica(rid, *requests, state=ReplicaState.READY, capacity=100):
+def replica(rid, *requests, state=ReplicaState.READY, capacity=100, used=None, waiting=None):
+    """`used`: KV blocks the engine reports in use (default: what the requests hold)."""
+    running = [r for r in requests if r.running]
+    held = sum(-(-r.total_tokens // BLOCK) for r in running) if used is None else used
     return ReplicaSnapshot(replica_id=rid, pool="p", model="m", state=state, kv_blocks_total=capacity,
-                           kv_block_size=BLOCK, requests=tuple(requests))
+                           kv_block_size=BLOCK, kv_cache_usage=held / capacity, requests=tuple(requests),
+                           num_running=len(running),
+                           num_waiting=len(requests) - len(running) if waiting is None else waiting)
 
 
 def fleet(*replicas, migrations=()):
@@ -32,55 +41,91 @@ def fleet(*replicas, migrations=()):
     return FleetSnapshot(pools={"p": pool}, taken_at=100.0, migrations=tuple(migrations))
 
 
-def test_registered_by_name():
-    assert isinstance(registry.create("migration", "llumnix", {"imbalance_threshold": 0.1}), LlumnixMigrationPolicy)
+def policy(**kwargs) -> LlumnixMigrationPolicy:
+    return LlumnixMigrationPolicy(costs=kwargs.pop("costs", CHEAP), **kwargs)
 
 
-def test_balanced_pool_needs_no_migration():
+def queue_blocked():
+    """Replica a: 90 of 100 blocks held by two long-running requests, and a queued prompt of 24 blocks that
+    cannot start until they finish (~8 s); replica b: nearly empty."""
+    a = replica("a", req("long-1", 1600), req("long-2", 1280), req("queued", 760, running=False, output=0))
+    b = replica("b", req("short", 320))
+    return fleet(a, b)
+
+
+def test_registered_by_name_with_its_parameters():
+    made = registry.create("migration", "llumnix", {"horizon_s": 1.0, "costs": {"pause_s": 0.5}})
+    assert isinstance(made, LlumnixMigrationPolicy) and made.costs.pause_s == 0.5
+    with pytest.raises(registry.UnknownPolicy, match="triggers"):
+        registry.create("migration", "llumnix", {"triggers": ["balance"]})
+
+
+def test_a_pool_without_pressure_needs_no_migration():
     snap = fleet(replica("a", req("r1", 640)), replica("b", req("r2", 640)))
-    assert LlumnixMigrationPolicy().plan(snap, frozenset()) == []
+    assert policy().plan(snap, frozenset()) == []
 
 
-def test_moves_cheapest_running_request_from_most_to_least_loaded():
-    snap = fleet(replica("a", req("big", 1600), req("small", 320), req("mid", 960)), replica("b"))
-    [decision] = LlumnixMigrationPolicy(max_migrations_per_tick=1).plan(snap, frozenset())
-    assert (decision.request_id, decision.src, decision.dst) == ("small", "a", "b")
+def test_a_queue_that_cannot_fit_triggers_a_move_of_a_request_that_frees_enough():
+    [decision] = policy().plan(queue_blocked(), frozenset())
+    # long-2 (40 blocks) is the smallest running request that frees the 14 blocks the queued prompt lacks.
+    assert (decision.request_id, decision.src, decision.dst) == ("long-2", "a", "b")
+    assert decision.reason.startswith("queue")
 
 
-def test_queued_demand_counts_so_a_congested_replica_sheds_running_requests():
-    """De-fragmentation: a big queued prompt makes its replica look full; a running request moves away."""
-    snap = fleet(replica("a", req("running", 640), req("queued-big", 2400, running=False, output=0)),
-                 replica("b", req("other", 640)))
-    [decision] = LlumnixMigrationPolicy(max_migrations_per_tick=1).plan(snap, frozenset())
-    assert (decision.request_id, decision.src) == ("running", "a")
+def test_a_move_that_cannot_pay_is_refused():
+    """The queued prompt lacks 14 blocks, but a running request frees 41 within 0.4 s; a move costs a 1 s pause."""
+    costly = MigrationCosts(pause_s=1.0, block_transfer_s=0.0, stage_s=0.0, interference=0.0, default_tpot_s=0.02)
+    a = replica("a", req("long", 1600), req("ending", 1280, output=480, max_tokens=500),
+                req("queued", 760, running=False, output=0))
+    planner = policy(costs=costly)
+    assert planner.plan(fleet(a, replica("b")), frozenset()) == []
+    assert any(rid == "long" and "gain 0.40 s < 1.5 x cost 1.00 s" in why for rid, why in planner.refused)
+
+
+def test_a_request_finishing_before_its_move_pays_stays():
+    a = replica("a", req("ending", 2880, output=495, max_tokens=500), req("queued", 760, running=False, output=0))
+    planner = policy()
+    assert planner.plan(fleet(a, replica("b")), frozenset()) == []
+    assert any(rid == "ending" and "finishes" in why for rid, why in planner.refused)
+
+
+def test_a_move_that_only_shifts_the_pressure_is_refused():
+    """Both replicas are full: there is no destination with room beside its own queue and growth."""
+    a = replica("a", req("long-1", 1600), req("long-2", 1280), req("queued", 760, running=False, output=0))
+    b = replica("b", req("other", 2880))
+    planner = policy()
+    assert planner.plan(fleet(a, b), frozenset()) == []
+    assert any("to spare beside its own queue and growth" in why for _, why in planner.refused)
+
+
+def test_preemption_risk_triggers_a_move():
+    """95 of 100 blocks held by requests that grow over the horizon: vLLM would preempt the newest."""
+    a = replica("a", req("old", 1600, arrival=1.0), req("new", 1408, arrival=2.0))
+    [decision] = policy(horizon_s=4.0).plan(fleet(a, replica("b")), frozenset())
+    assert decision.src == "a" and decision.dst == "b" and decision.reason.startswith("preemption")
 
 
 def test_high_priority_requests_stay_and_their_replica_keeps_headroom():
-    snap = fleet(replica("a", req("vip", 640, priority=-1)), replica("b", req("r", 640)))
-    decisions = LlumnixMigrationPolicy(priority_headroom_blocks=40).plan(snap, frozenset())
-    assert all(d.request_id != "vip" for d in decisions)
-    loads = LlumnixMigrationPolicy(priority_headroom_blocks=40)
-    assert loads.view(snap.pools["p"].replicas[0]).load > loads.view(snap.pools["p"].replicas[1]).load
+    a = replica("a", req("vip", 1600, priority=-1), req("normal", 1280))
+    [decision] = policy(priority_headroom_blocks=40).plan(fleet(a, replica("b")), frozenset())
+    assert decision.request_id == "normal" and decision.reason.startswith("priority")
 
 
-def test_draining_replica_moves_every_running_request_out():
+def test_a_draining_replica_moves_every_running_request_out_whatever_it_costs():
+    costly = MigrationCosts(pause_s=30.0, default_tpot_s=0.02)
     snap = fleet(replica("a", req("r1", 320), req("r2", 640), req("q", 100, running=False, output=0),
                          state=ReplicaState.DRAINING),
                  replica("b"), replica("c", req("x", 960)))
-    decisions = LlumnixMigrationPolicy().plan(snap, frozenset({"a"}))
+    decisions = policy(costs=costly).plan(snap, frozenset({"a"}))
     drains = [d for d in decisions if d.reason == "drain"]
     assert {d.request_id for d in drains} == {"r1", "r2"}
     assert all(d.src == "a" and d.dst in {"b", "c"} for d in drains)
 
 
-def test_recently_migrated_request_is_not_moved_again():
-    record = MigrationRecord(migration_id="m", request_id="small", src="b", dst="a", mode="precopy",
+def test_a_recently_migrated_request_is_not_moved_again():
+    record = MigrationRecord(migration_id="m", request_id="long-2", src="b", dst="a", mode="precopy",
                              outcome="migrated", started_at=99.0)
-    snap = fleet(replica("a", req("small", 320), req("big", 1600)), replica("b"), migrations=[record])
-    [decision] = LlumnixMigrationPolicy(max_migrations_per_tick=1).plan(snap, frozenset())
-    assert decision.request_id == "big"
-
-
-def test_requests_about_to_finish_are_left_alone():
-    snap = fleet(replica("a", req("ending", 1600, output=495, max_tokens=500)), replica("b"))
-    assert LlumnixMigrationPolicy(min_remaining_tokens=16).plan(snap, frozenset()) == []
+    snap = queue_blocked()
+    snap = FleetSnapshot(pools=snap.pools, taken_at=snap.taken_at, migrations=(record,))
+    [decision] = policy().plan(snap, frozenset())
+    assert decision.request_id == "long-1"

@@ -5,18 +5,20 @@ from __future__ import annotations
 import pytest
 
 from rayfleet.policies import registry
-from rayfleet.policies.admission import QueueLimitAdmission
+from rayfleet.policies.admission import KVAwareAdmission, QueueLimitAdmission
 from rayfleet.policies.base import (
     AdmissionVerdict,
     FleetSnapshot,
     NoReplicaAvailable,
+    PoolRole,
     PoolSnapshot,
     ReplicaSnapshot,
     ReplicaState,
     RequestInfo,
+    RequestProgress,
 )
-from rayfleet.policies.routing import LeastLoadRouter, RoundRobinRouter
-from rayfleet.policies.scaling import TokensInFlightScaler
+from rayfleet.policies.routing import LeastLoadRouter, PowerOfTwoRouter, PrefillDecodeRouter, RoundRobinRouter
+from rayfleet.policies.scaling import PredictiveScaler, TokensInFlightScaler
 
 
 def replica(rid, pool="a", state=ReplicaState.READY, tokens=0, waiting=0, running=0):
@@ -33,8 +35,9 @@ def snapshot(*replicas, desired=None):
                                                    replicas=tuple(rs)) for name, rs in pools.items()})
 
 
-def request(pool="a", exclude=frozenset()):
-    return RequestInfo(request_id="r", pool=pool, prompt_tokens=10, max_tokens=10, exclude_replicas=exclude)
+def request(pool="a", exclude=frozenset(), rid="r", prompt=10, max_tokens=10):
+    return RequestInfo(request_id=rid, pool=pool, prompt_tokens=prompt, max_tokens=max_tokens,
+                       exclude_replicas=exclude)
 
 
 def test_least_load_picks_fewest_tokens_in_flight():
@@ -89,7 +92,8 @@ def test_tokens_scaler_steps_up_at_once_and_down_after_a_delay():
 
 
 def test_registry_names_allowed_choices_and_bad_params():
-    with pytest.raises(registry.UnknownPolicy, match="allowed: best_model_only, chimera, least_load, random, round_robin"):
+    with pytest.raises(registry.UnknownPolicy,
+                       match="allowed: best_model_only, chimera, least_load, power_of_two, prefill_decode, random, round_robin"):
         registry.create("router", "fastest")
     with pytest.raises(registry.UnknownPolicy, match="policies.router.params"):
         registry.create("router", "least_load", {"nonsense": 1})
@@ -101,3 +105,131 @@ def test_builtins_are_registered_as_entry_points():
     from importlib.metadata import entry_points
 
     assert {"round_robin", "least_load"} <= {ep.name for ep in entry_points(group="rayfleet.routers")}
+
+
+def test_power_of_two_takes_the_less_busy_of_its_two_picks():
+    snap = snapshot(replica("a1", running=9, waiting=3), replica("a2", running=2))
+    router = PowerOfTwoRouter(seed=0)
+    assert {router.route(request(), snap).replica_id for _ in range(5)} == {"a2"}
+
+
+def test_prefill_decode_prefills_on_the_prefill_pool_and_names_the_decode_replica():
+    def kv(rid, pool, tokens=0, remaining=0):
+        return ReplicaSnapshot(replica_id=rid, pool=pool, model="m", state=ReplicaState.READY, kv_blocks_total=100,
+                               kv_block_size=16, tokens_in_flight=tokens, predicted_remaining_tokens=remaining)
+
+    pools = {
+        "p": PoolSnapshot(name="p", model="m", min_replicas=1, max_replicas=2, desired_replicas=2,
+                          role=PoolRole.PREFILL, replicas=(kv("p1", "p", tokens=900), kv("p2", "p", tokens=100))),
+        "d": PoolSnapshot(name="d", model="m", min_replicas=1, max_replicas=2, desired_replicas=2,
+                          role=PoolRole.DECODE, prefill_pool="p",
+                          replicas=(kv("d1", "d", tokens=800), kv("d2", "d", tokens=300, remaining=800))),
+    }
+    decision = PrefillDecodeRouter().route(request(pool="d"), FleetSnapshot(pools=pools))
+    # p2 has less prefill work queued; d1 keeps more KV free (800 < 300 + 800 tokens of demand).
+    assert (decision.pool, decision.replica_id, decision.handoff_replica_id) == ("d", "p2", "d1")
+    assert PrefillDecodeRouter().route(request(pool="p"), FleetSnapshot(pools=pools)).handoff_replica_id is None
+
+
+def kv_replica(rid, *requests, blocks=10, block_size=100, decode_rate=0.0):
+    running = [r for r in requests if r.running]
+    return ReplicaSnapshot(replica_id=rid, pool="a", model="m", state=ReplicaState.READY, kv_blocks_total=blocks,
+                           kv_block_size=block_size, requests=tuple(requests), num_running=len(running),
+                           num_waiting=len(requests) - len(running),
+                           tokens_in_flight=sum(r.total_tokens for r in requests), decode_tokens_per_s=decode_rate)
+
+
+def progress(rid, prompt, max_tokens, output=0):
+    return RequestProgress(request_id=rid, prompt_tokens=prompt, output_tokens=output, max_tokens=max_tokens)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_kv_aware_admission_admits_while_predicted_demand_fits():
+    """Capacity 2 x 1000 tokens; the running requests will hold 600 + 800 at their ends."""
+    snap = snapshot(kv_replica("a1", progress("x", 100, 500)), kv_replica("a2", progress("y", 200, 600)))
+    policy = KVAwareAdmission(target_utilization=1.0)
+    assert policy.admit(request(prompt=300, max_tokens=300), snap).verdict is AdmissionVerdict.ADMIT  # 2000
+    assert policy.admit(request(prompt=300, max_tokens=301), snap).verdict is AdmissionVerdict.QUEUE  # 2001
+
+
+def test_kv_aware_admission_queues_first_come_first_served_and_rejects_past_its_bound():
+    full = snapshot(kv_replica("a1", progress("x", 900, 100), decode_rate=50.0))
+    clock = Clock()
+    policy = KVAwareAdmission(target_utilization=1.0, max_queued_per_replica=2, clock=clock)
+    verdicts = [policy.admit(request(rid=f"q{i}", prompt=50, max_tokens=50), full).verdict for i in range(2)]
+    assert verdicts == [AdmissionVerdict.QUEUE] * 2
+    rejected = policy.admit(request(rid="q2", prompt=50, max_tokens=50), full)
+    assert rejected.verdict is AdmissionVerdict.REJECT and rejected.retry_after_s >= 1
+    room = snapshot(kv_replica("a1"))
+    # Room again: the second in line waits for the first, which then goes.
+    assert policy.admit(request(rid="q1", prompt=50, max_tokens=50), room).verdict is AdmissionVerdict.QUEUE
+    assert policy.admit(request(rid="q0", prompt=50, max_tokens=50), room).verdict is AdmissionVerdict.ADMIT
+    assert policy.admit(request(rid="q1", prompt=50, max_tokens=50), room).verdict is AdmissionVerdict.ADMIT
+
+
+def test_kv_aware_admission_forgets_a_queued_request_nobody_asks_for():
+    full = snapshot(kv_replica("a1", progress("x", 900, 100)))
+    clock = Clock()
+    policy = KVAwareAdmission(target_utilization=1.0, forget_after_s=2.0, clock=clock)
+    assert policy.admit(request(rid="gone", prompt=50, max_tokens=50), full).verdict is AdmissionVerdict.QUEUE
+    clock.now = 3.0  # its client left: the ingress stopped asking
+    room = snapshot(kv_replica("a1"))
+    assert policy.admit(request(rid="next", prompt=50, max_tokens=50), room).verdict is AdmissionVerdict.ADMIT
+
+
+def test_kv_aware_admission_learns_output_lengths_from_finished_requests():
+    """After requests that asked for 900 tokens finish with 100, a new one is predicted at 100, not 900."""
+    policy = KVAwareAdmission(target_utilization=1.0, learn_after=3)
+    for i in range(3):
+        running = snapshot(kv_replica("a1", progress(f"f{i}", 100, 900, output=100), blocks=20))
+        policy.admit(request(rid=f"probe{i}a"), FleetSnapshot(pools=running.pools, taken_at=2.0 * i))
+        policy.admit(request(rid=f"probe{i}b"), FleetSnapshot(pools=snapshot(kv_replica("a1")).pools,
+                                                             taken_at=2.0 * i + 1))
+    assert policy.expected_output(900, None) == 100
+    snap = snapshot(kv_replica("a1", blocks=3))  # 300 tokens
+    assert policy.admit(request(rid="new", prompt=150, max_tokens=900), snap).verdict is AdmissionVerdict.ADMIT
+
+
+def started(rid, count, tokens=0, requests=()):
+    return ReplicaSnapshot(replica_id=rid, pool="a", model="m", state=ReplicaState.READY, requests_started=count,
+                           tokens_in_flight=tokens, kv_blocks_total=100, kv_block_size=16, requests=tuple(requests))
+
+
+def pool_at(t, *replicas, desired=1, max_replicas=20):
+    pool = PoolSnapshot(name="a", model="m", min_replicas=1, max_replicas=max_replicas, desired_replicas=desired,
+                        replicas=replicas)
+    return FleetSnapshot(pools={"a": pool}, taken_at=t)
+
+
+def test_predictive_scaler_scales_ahead_of_a_rising_arrival_rate():
+    """Arrivals ramp up (0.2 t req/s at second t), each request 100 prompt + 100 output tokens. One replica
+    (1,600 KV tokens, 50 ms steps) sustains mu = 1600 / (0.05 * (100*100 + 100*101/2)) = 2.13 req/s, 1.49 at
+    the 0.7 target: at t = 29 today's 5.8 req/s need 4 replicas. With a 10 s start-up the scaler provisions
+    for the rate it forecasts 10 s ahead (~7.3 req/s: 5), while tokens in flight would keep one replica."""
+    scaler = PredictiveScaler(startup_s=10.0, window_s=3.0, quantile=0.9, level_smoothing=0.5,
+                              trend_smoothing=0.3, target_utilization=0.7, learn_after=5)
+    desired = 1
+    for t in range(30):
+        # Each second's requests show up in one snapshot and are gone (finished) in the next.
+        finished_now = [progress(f"t{t}-{i}", 100, 100, output=100) for i in range(3)]
+        snap = pool_at(float(t), started("a1", round(0.1 * t * t), tokens=500, requests=finished_now),
+                       desired=desired)
+        desired = scaler.desired_replicas(snap)["a"]
+    reactive = TokensInFlightScaler(target_tokens_per_replica=1000)
+    assert reactive.desired_replicas(pool_at(30.0, started("a1", 90, tokens=500)))["a"] == 1
+    assert desired >= 5
+
+
+def test_predictive_scaler_scales_in_only_after_its_delay_and_one_at_a_time():
+    scaler = PredictiveScaler(startup_s=5.0, window_s=5.0, downscale_delay_s=10.0)
+    wanted = [scaler.desired_replicas(pool_at(float(t), started("a1", 0), desired=4))["a"] for t in range(25)]
+    assert wanted[:10] == [4] * 10  # idle, but the delay has not passed
+    assert 3 in wanted and min(wanted) >= 1
+    assert all(later >= earlier - 1 for earlier, later in zip(wanted, wanted[1:]))

@@ -36,7 +36,9 @@ def test_second_replica_loads_the_prefix_the_first_computed(ray_cluster, demo_mo
     from rayfleet.actors.replica.llm_replica import LLMReplica
     from rayfleet.actors.replica.protocol import GenerateCall
 
-    config = KVStoreConfig(name="test-replica-kv", memory_bytes=64 << 20, pin_memory=False)
+    # Budgets long enough that a busy test machine never turns the hit into a recompute.
+    config = KVStoreConfig(name="test-replica-kv", memory_bytes=64 << 20, pin_memory=False, lookup_budget_s=30.0,
+                           lookup_budget_per_block_s=None, load_budget_s=30.0)
     store = get_or_create_kv_store(config)  # the controller's part
     engine = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "block_size": BLOCK_SIZE,
               "enable_prefix_caching": True}
@@ -49,6 +51,7 @@ def test_second_replica_loads_the_prefix_the_first_computed(ray_cluster, demo_mo
         prompt = [rng.randrange(10, 500) for _ in range(PROMPT_LEN)]
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         first, cached_first = _collect(ray, replicas[0], GenerateCall("kv-first", prompt, params))
+        ray.get(replicas[0].kv_stats.remote())  # returns once the first replica's puts are in the store
         second, cached_second = _collect(ray, replicas[1], GenerateCall("kv-second", prompt, params))
         stats = ray.get(replicas[1].kv_stats.remote())
         assert second == first

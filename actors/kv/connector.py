@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 
 class RayfleetKVConnector(KVConnectorBase_V1):
     """KV connector for live migration and, when ``kv_connector_extra_config`` names a KV store, prefix
-    reuse across replicas and offload (``kv_prefix_store.py``). Synchronous loads, single KV cache
-    group, world size 1."""
+    reuse across replicas and offload (``prefix_store.py``). Migration loads are synchronous, store loads
+    asynchronous (``KVStoreConfig.async_loads``); single KV cache group, world size 1."""
 
     _cache_hit_source = CacheHitSource.P2P
 
@@ -68,11 +68,11 @@ class RayfleetKVConnector(KVConnectorBase_V1):
             if store is not None:
                 config, namespace = store
                 self.store_scheduler = SchedulerPrefixStore(connect_store(config), namespace,
-                                                            vllm_config.cache_config.block_size)
+                                                            vllm_config.cache_config.block_size, config)
         else:
             self.worker_state = WorkerKVMigrationState(vllm_config, kv_cache_config)
             if store is not None:
-                self.store_worker = WorkerPrefixStore(connect_store(store[0]))
+                self.store_worker = WorkerPrefixStore(connect_store(store[0]), store[0])
 
     # -- worker side ---------------------------------------------------------------------------------
 
@@ -91,7 +91,8 @@ class RayfleetKVConnector(KVConnectorBase_V1):
             self.store_worker.bind(connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        # Loads are synchronous: the scheduler sets has_sync_kv_loads, so this runs before the forward.
+        # Migration loads (and store loads with async_loads off) are synchronous: the scheduler sets
+        # has_sync_kv_loads, so this runs before the forward. Async store loads only start here.
         self.worker_state.start_load()
         if self.store_worker is not None:
             self.store_worker.load()
@@ -109,7 +110,8 @@ class RayfleetKVConnector(KVConnectorBase_V1):
             self.store_worker.save()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return self.worker_state.take_finished_sending(), None
+        loaded = self.store_worker.take_finished_loads() if self.store_worker is not None else None
+        return self.worker_state.take_finished_sending(), loaded
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors = self.worker_state.take_load_errors()
@@ -136,7 +138,8 @@ class RayfleetKVConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         self.continuation.advance(request, rayfleet_params(request))  # before its first step here
         if self._uses_store(request):
-            return self.store_scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
+            tokens = self.store_scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+            return tokens, bool(tokens) and self.store_scheduler.async_loads
         return self.scheduler_state.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:

@@ -224,6 +224,23 @@ class EngineKVMigrator:
                                       continued=continued_tokens + num_generated)
         return ResumeRequest(list(final.all_token_ids), tagged)
 
+    @property
+    def can_write_ahead(self) -> bool:
+        """Blocks written ahead survive until the resume only in the prefix cache."""
+        return bool(self._engine.vllm_config.cache_config.enable_prefix_caching)
+
+    async def write_ahead(self, migration_id: str, token_ids: list[int], request_id: str) -> None:
+        """Write staged blocks of ``migration_id`` covering ``token_ids[:-1]`` into this engine's KV cache now.
+
+        A one-token request over ``token_ids`` claims them from the staging (kept for the resume) and
+        computes the last token; its blocks stay in the engine's prefix cache, so the resumed request finds
+        them as a local hit and loads only what came after (the last stage). Cancelling the task aborts it.
+        """
+        params = self.tag(SamplingParams(max_tokens=1, temperature=0, detokenize=False), request_id,
+                          load=migration_id, num_tokens=len(token_ids) - 1, keep_staged=True)
+        async for _ in self._engine.generate({"prompt_token_ids": token_ids}, params, request_id=request_id):
+            pass
+
     async def stats(self) -> dict[str, Any]:
         """The worker connector's counters (blocks/bytes exported and imported, loads, ...) and
         ``num_free_blocks``, the scheduler's free KV blocks as of the engine's last step."""

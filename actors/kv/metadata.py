@@ -44,6 +44,7 @@ class LoadJob:
     first_block: int
     block_ids: list[int]
     num_tokens: int  # tokens claimed from the connector
+    keep_staged: bool = False  # a write-ahead: the resume still needs the staging afterwards
 
 
 @dataclass
@@ -53,6 +54,7 @@ class StoreLoad:
     internal_id: str
     hashes: list[BlockHash]
     block_ids: list[int]
+    is_async: bool = False  # the request waits in WAITING_FOR_REMOTE_KVS; the worker reports it in get_finished
 
 
 @dataclass

@@ -79,7 +79,7 @@ class SchedulerKVMigrationState:
         self._tracked: dict[str, Request] = {}
         self._sent: dict[str, list[int]] = {}  # last block ids sent per tracked request
         self._announce: set[str] = set()  # tracked requests the worker has not heard of yet
-        self._pending_loads: dict[str, tuple[str, int]] = {}  # internal id -> (migration id, tokens)
+        self._pending_loads: dict[str, tuple[str, int, bool]] = {}  # internal id -> (migration id, tokens, keep)
         self._meta = RayfleetConnectorMetadata()
         self._reported_free_blocks = -1
 
@@ -96,7 +96,8 @@ class SchedulerKVMigrationState:
         self._tracked[request.request_id] = request
         self._announce.add(request.request_id)
         if params.get("load") is not None:
-            self._pending_loads[request.request_id] = (str(params["load"]), int(params["num_tokens"]))
+            self._pending_loads[request.request_id] = (str(params["load"]), int(params["num_tokens"]),
+                                                       bool(params.get("keep_staged")))
 
     def is_migration_load(self, request: Request) -> bool:
         """Whether the request resumes a migration (its KV comes from staging, not the store)."""
@@ -104,7 +105,7 @@ class SchedulerKVMigrationState:
 
     def _load_target(self, request: Request) -> int:
         """Tokens the staged KV covers, leaving at least one token to compute."""
-        _, num_tokens = self._pending_loads[request.request_id]
+        _, num_tokens, _ = self._pending_loads[request.request_id]
         return max(0, min(num_tokens, request.num_tokens - 1))
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
@@ -117,10 +118,12 @@ class SchedulerKVMigrationState:
         if request.request_id not in self._pending_loads:
             return
         target = self._load_target(request)
-        migration_id, _ = self._pending_loads.pop(request.request_id)
+        migration_id, _, keep = self._pending_loads.pop(request.request_id)
         if num_external_tokens == 0:
-            # The local prefix cache covers the staged KV (or nothing was staged): free the staging.
-            self._meta.drops.append(migration_id)
+            # The local prefix cache covers the staged KV (or nothing was staged): free the staging,
+            # unless a resume will still need it (this was a write-ahead).
+            if not keep:
+                self._meta.drops.append(migration_id)
             return
         # The local hit handed to get_num_new_matched_tokens is block aligned, so loading starts on a
         # block boundary; the partial last block is copied whole.
@@ -128,7 +131,7 @@ class SchedulerKVMigrationState:
         end_block = math.ceil(target / self._block_size)
         block_ids = blocks.get_block_ids()[0][first_block:end_block]
         self._meta.loads.append(
-            LoadJob(migration_id, first_block, list(block_ids), num_external_tokens)
+            LoadJob(migration_id, first_block, list(block_ids), num_external_tokens, keep_staged=keep)
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> RayfleetConnectorMetadata:
@@ -164,7 +167,7 @@ class SchedulerKVMigrationState:
         self._sent.pop(req_id, None)
         self._announce.discard(req_id)
         pending_load = self._pending_loads.pop(req_id, None)
-        if pending_load is not None:
+        if pending_load is not None and not pending_load[2]:  # a write-ahead's staging is the resume's
             self._meta.drops.append(pending_load[0])
         external_id = params["request_id"]
         if request.status != RequestStatus.FINISHED_ABORTED:
@@ -275,7 +278,8 @@ class WorkerKVMigrationState:
     def start_load(self) -> None:
         loads, self._loads = self._loads, []
         for job in loads:
-            staged = self._staged.pop(job.migration_id, None)
+            staged = self._staged.get(job.migration_id) if job.keep_staged else self._staged.pop(job.migration_id, None)
+            self._counters["write_ahead_loads"] += job.keep_staged
             covered = [False] * len(job.block_ids)
             for first, data in (staged.chunks.items() if staged is not None else ()):
                 lo = max(first, job.first_block)
@@ -426,7 +430,7 @@ class WorkerKVMigrationState:
 _COUNTERS = (
     "precopy_exports", "final_exports", "blocks_exported", "bytes_exported",
     "chunks_staged", "bytes_staged", "staged_dropped_by_engine",
-    "loads", "tokens_loaded", "blocks_imported", "bytes_imported", "load_errors",
+    "loads", "tokens_loaded", "blocks_imported", "bytes_imported", "load_errors", "write_ahead_loads",
     "aborts_released", "finals_expired",
     "export_s", "load_s",  # seconds in the kernels' gather (exports) and scatter (loads): the data path itself
 )

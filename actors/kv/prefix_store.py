@@ -6,17 +6,28 @@
 
 * Scheduler side (EngineCore process), :class:`SchedulerPrefixStore`:
   ``get_num_new_matched_tokens`` hashes the request's full blocks (``block_hash.block_hashes``), asks
-  the store how many leading blocks beyond the local prefix-cache hit it holds, and claims them as a
-  synchronous load, leaving at least one token to compute. ``update_state_after_alloc`` turns the claim
-  into a :class:`StoreLoad` (hashes -> freshly allocated block ids). ``build_connector_meta`` adds a
-  :class:`StoreSave` for every full block a request's forward completes this step that the engine did
-  not get from its prefix cache or the store, and that it has not put before.
-* Worker side, :class:`WorkerPrefixStore`: ``load`` (in ``start_load_kv``, before the forward) gets the
-  blocks and scatters them; a block the store lost since the lookup, and every block after it, is
-  reported through ``get_block_ids_with_load_errors``, and vLLM recomputes from there. ``save`` (in
-  ``wait_for_save``, after the forward and before the scheduler can free the blocks) gathers the completed
-  blocks and puts them. So a block an engine later evicts under memory pressure is still in the store
-  (offload), and any replica of the same namespace can load it.
+  the store how many leading blocks beyond the local prefix-cache hit it holds, and claims them, leaving at
+  least one token to compute. ``update_state_after_alloc`` turns the claim into a :class:`StoreLoad`
+  (hashes -> freshly allocated block ids). ``build_connector_meta`` adds a :class:`StoreSave` for every full
+  block a request's forward completes this step that the engine did not get from its prefix cache or the
+  store, and that it has not put before.
+* Worker side, :class:`WorkerPrefixStore`: loads get the blocks and scatter them; a block the store lost
+  since the lookup, and every block after it, is reported through ``get_block_ids_with_load_errors``, and
+  vLLM recomputes from there. ``save`` (in ``wait_for_save``, after the forward and before the scheduler can
+  free the blocks) gathers the completed blocks and puts them from a background thread. So a block an engine
+  later evicts under memory pressure is still in the store (offload), and any replica of the same namespace
+  can load it.
+
+With ``async_loads`` (the default) neither the lookup nor the load runs on the engine's step. The lookup goes
+to a thread at the request's first admission attempt; until it answers, ``get_num_new_matched_tokens`` says
+"ask again" (None: the scheduler skips the request and steps on with the others), for at most the lookup
+budget (``lookup_budget_s``, and ``lookup_budget_per_block_s`` per block it could supply: waiting never
+costs more than the prefill a hit saves); then the request is computed. A hit is claimed as an async load
+(vLLM's ``WAITING_FOR_REMOTE_KVS``): a thread gets the blocks, the worker scatters them between steps and
+reports the request in ``get_finished``; a load slower than ``load_budget_s`` or failing (a shard slow,
+restarting or gone) reports its blocks as load errors, and vLLM recomputes them. A store that misbehaves
+costs recomputation, never an engine. ``async_loads: false`` keeps the first, synchronous design (the store
+round trips on the step) for comparison.
 
 Blocks move in the kernels' row format (``rayfleet.kernels``: one row per block, all layers): a save is one
 gather, a load one scatter. Neither process is a Ray worker: both connect to the cluster named by ``RAY_ADDRESS``, which the
@@ -26,10 +37,11 @@ replica sets to its GCS address before it builds the engine. See docs/kv_connect
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,6 +73,8 @@ STORE_COUNTERS = (
     # Seconds spent waiting for the store: lookups (scheduler, on the step), loads (worker, on the step),
     # puts (worker, background thread).
     "store_lookup_s", "store_load_s", "store_put_s", "store_lookups", "store_loads", "store_puts",
+    # Async path: lookups given up after their budget, loads past theirs, lookup errors (shard failures).
+    "store_lookup_timeouts", "store_load_timeouts", "store_lookup_errors",
 )
 
 
@@ -110,21 +124,38 @@ class _Lookup:
     hit_blocks: int  # blocks claimed from the store
 
 
+@dataclass
+class _PendingLookup:
+    """A lookup running in a thread: how many of the chain's blocks from `first_block` the store holds."""
+
+    future: Future
+    first_block: int
+    asked_blocks: int
+    started: float = field(default_factory=time.monotonic)
+
+
 class SchedulerPrefixStore:
     """Scheduler side: plans loads at admission and saves after every step."""
 
-    def __init__(self, store: KVStoreClient, namespace: str, block_size: int):
+    def __init__(self, store: KVStoreClient, namespace: str, block_size: int, config: KVStoreConfig | None = None):
+        config = config or KVStoreConfig()
         self._store = store
         self._namespace = namespace
         self._block_size = block_size
+        self.async_loads = config.async_loads
+        self._lookup_budget_s = config.lookup_budget_s
+        self._lookup_budget_per_block_s = config.lookup_budget_per_block_s
         self._kv_cache_manager = None
         self._requests: dict[str, Request] = {}  # eligible live requests
         self._hashes: dict[str, list[BlockHash]] = {}  # chain of each request's full blocks, grown lazily
         self._lookups: dict[str, _Lookup] = {}  # last answer of get_num_new_matched_tokens
+        self._pending: dict[str, _PendingLookup] = {}  # async lookups, by request id
         self._saved_upto: dict[str, int] = {}  # blocks [0, n) are local, loaded or planned for saving
         self._seen: OrderedDict[BlockHash, None] = OrderedDict()
         self._lookup_counts: Counter[str] = Counter()  # sent to the worker in the next metadata
+        self._counts_lock = threading.Lock()  # lookup threads count too
         self._loads: list[StoreLoad] = []
+        self._lookup_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayfleet-kv-lookup")
 
     def bind_kv_cache_manager(self, kv_cache_manager) -> None:
         self._kv_cache_manager = kv_cache_manager
@@ -141,8 +172,31 @@ class SchedulerPrefixStore:
             self._hashes[request.request_id] = chain
         return chain[:num_blocks]
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
-        """Tokens beyond the (block-aligned) local hit the store holds. Only memoizes: may be called twice."""
+    def _contains(self, chain: list[BlockHash], timeout_s: float | None) -> int:
+        """Leading blocks of `chain` the store holds; 0 when a shard fails or is too slow (then compute)."""
+        began = time.perf_counter()
+        failed = 0
+        try:
+            return self._store.contains_prefix(chain, timeout_s=timeout_s)
+        except Exception as error:  # a shard slow, restarting or gone: the request is computed
+            logger.warning("rayfleet: KV store lookup failed (%s: %s); computing instead", type(error).__name__, error)
+            failed = 1
+            return 0
+        finally:
+            self._count(store_lookup_s=time.perf_counter() - began, store_lookups=1, store_lookup_errors=failed)
+
+    def _count(self, **counts: float) -> None:
+        with self._counts_lock:
+            self._lookup_counts.update(counts)
+
+    def _budget(self, asked_blocks: int) -> float:
+        if self._lookup_budget_per_block_s is None:
+            return self._lookup_budget_s
+        return min(self._lookup_budget_s, asked_blocks * self._lookup_budget_per_block_s)
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int | None:
+        """Tokens beyond the (block-aligned) local hit the store holds; None: ask again (lookup running).
+        Only memoizes: may be called again for the same request."""
         if request.request_id not in self._requests or request.skip_reading_prefix_cache:
             return 0
         local_blocks = num_computed_tokens // self._block_size
@@ -150,37 +204,52 @@ class SchedulerPrefixStore:
         claimable = (request.num_tokens - 1) // self._block_size
         asked = max(0, claimable - local_blocks)
         hit = 0
-        if asked:
-            began = time.perf_counter()
-            try:
-                hit = self._store.contains_prefix(self._chain(request, claimable)[local_blocks:])
-            except Exception as error:  # a store that cannot answer in time holds nothing for this step
-                logger.warning("rayfleet: KV store lookup failed (%s); computing the prefix", type(error).__name__)
-            # Accounting only (sent with the next metadata); the claim itself stays side-effect free.
-            self._lookup_counts["store_lookup_s"] += time.perf_counter() - began
-            self._lookup_counts["store_lookups"] += 1
+        if asked and not self.async_loads:
+            hit = self._contains(self._chain(request, claimable)[local_blocks:], None)
+        elif asked:
+            hit = self._async_hit(request, local_blocks, claimable)
+            if hit is None:
+                return None
         self._lookups[request.request_id] = _Lookup(local_blocks, asked, hit)
         return hit * self._block_size
 
+    def _async_hit(self, request: Request, local_blocks: int, claimable: int) -> int | None:
+        pending = self._pending.get(request.request_id)
+        if pending is None:
+            chain = self._chain(request, claimable)[local_blocks:]
+            budget = self._budget(len(chain))
+            pending = self._pending[request.request_id] = _PendingLookup(
+                self._lookup_threads.submit(self._contains, chain, budget), local_blocks, len(chain))
+        if not pending.future.done():
+            if time.monotonic() - pending.started < self._budget(pending.asked_blocks):
+                return None
+            pending.future.cancel()
+            self._pending[request.request_id] = _PendingLookup(_answered(0), pending.first_block, 0)
+            self._count(store_lookup_timeouts=1)
+            return 0
+        held_until = pending.first_block + pending.future.result()
+        return max(0, min(held_until, claimable) - local_blocks)
+
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         lookup = self._lookups.pop(request.request_id, None)
+        self._pending.pop(request.request_id, None)
         if lookup is None:
             return
         hit = num_external_tokens // self._block_size
         first = lookup.local_blocks
-        self._lookup_counts["store_lookup_blocks"] += lookup.asked_blocks
-        self._lookup_counts["store_hit_blocks"] += hit
+        self._count(store_lookup_blocks=lookup.asked_blocks, store_hit_blocks=hit)
         if hit:
             block_ids = blocks.get_block_ids()[0][first:first + hit]
             self._loads.append(StoreLoad(request.request_id, self._chain(request, first + hit)[first:],
-                                         list(block_ids)))
+                                         list(block_ids), is_async=self.async_loads))
         # What the engine did not compute itself is not saved again.
         self._saved_upto[request.request_id] = max(self._saved_upto.get(request.request_id, 0), first + hit)
 
     def add_to_meta(self, meta, scheduler_output: SchedulerOutput) -> None:
         """Fill ``meta.store_loads``, ``meta.store_saves`` and ``meta.store_counts`` for this step."""
         meta.store_loads, self._loads = self._loads, []
-        meta.store_counts, self._lookup_counts = dict(self._lookup_counts), Counter()
+        with self._counts_lock:
+            meta.store_counts, self._lookup_counts = dict(self._lookup_counts), Counter()
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             request = self._requests.get(req_id)
             if request is None:
@@ -204,25 +273,44 @@ class SchedulerPrefixStore:
                 meta.store_saves.append(StoreSave(req_id, [chain[i] for i in fresh], [block_ids[i] for i in fresh]))
 
     def request_finished(self, request: Request) -> None:
-        for table in (self._requests, self._hashes, self._lookups, self._saved_upto):
+        for table in (self._requests, self._hashes, self._lookups, self._saved_upto, self._pending):
             table.pop(request.request_id, None)
 
 
-class WorkerPrefixStore:
-    """Worker side: executes the step's loads before the forward and its saves after it."""
+def _answered(value: int) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
-    def __init__(self, store: KVStoreClient):
+
+@dataclass
+class _PendingLoad:
+    job: StoreLoad
+    future: Future  # the blocks, or None when the store failed
+    started: float = field(default_factory=time.monotonic)
+
+
+class WorkerPrefixStore:
+    """Worker side: executes the step's loads (before the forward, or in threads for async loads) and its
+    saves after the forward."""
+
+    def __init__(self, store: KVStoreClient, config: KVStoreConfig | None = None):
+        config = config or KVStoreConfig()
         self._store = store
+        self._load_budget_s = config.load_budget_s
         self._cache: KVCacheLayers | None = None
         self._bytes_per_block = 0
         self._loads: list[StoreLoad] = []
         self._saves: list[StoreSave] = []
         self._failed: set[str] = set()  # requests whose load failed this step: their KV is not saved
         self._load_errors: set[int] = set()
+        self._pending: dict[str, _PendingLoad] = {}  # async loads in flight, by request id
         self.counters: Counter[str] = Counter()
         # Puts wait for the shards; one background thread keeps them off the engine's step (in order).
         self._putter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayfleet-kv-put")
         self._last_put: Future | None = None
+        # Async loads wait for the shards in threads; a few, so one slow shard does not hold up the others.
+        self._loaders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rayfleet-kv-load")
 
     def register(self, cache: KVCacheLayers) -> None:
         self._cache = cache
@@ -233,30 +321,65 @@ class WorkerPrefixStore:
         self.counters.update(meta.store_counts)
 
     def load(self) -> None:
+        """Start this step's loads: async ones go to threads; synchronous ones complete here."""
         loads, self._loads = self._loads, []
         self._failed = set()
         for job in loads:
+            if job.is_async:
+                future = self._loaders.submit(self._fetch, job.hashes, self._load_budget_s)
+                self._pending[job.internal_id] = _PendingLoad(job, future)
+                continue
             began = time.perf_counter()
-            try:
-                blocks = self._store.get(job.hashes)
-            except Exception as error:  # unreachable or too slow: every block is recomputed, as if evicted
-                logger.warning("rayfleet: KV store get failed (%s)", type(error).__name__)
-                blocks = [None] * len(job.hashes)
-            usable = next((i for i, block in enumerate(blocks)
-                           if block is None or block.size != self._bytes_per_block), len(blocks))
-            if usable:
-                scatter_rows(self._cache, stack_rows(blocks[:usable]), job.block_ids[:usable])
-            if usable < len(blocks):
-                # Evicted (or of another size) since the lookup: vLLM recomputes from the first bad block.
-                logger.warning("rayfleet: KV store lost %d of %d blocks of %s since its lookup; recomputing",
-                               len(blocks) - usable, len(blocks), job.internal_id)
-                self._load_errors.update(job.block_ids[usable:])
+            if not self._apply(job, self._fetch(job.hashes, None)):
                 self._failed.add(job.internal_id)
-                self.counters["store_load_errors"] += 1
             self.counters["store_load_s"] += time.perf_counter() - began
-            self.counters["store_loads"] += 1
-            self.counters["store_blocks_loaded"] += usable
-            self.counters["store_bytes_loaded"] += usable * self._bytes_per_block
+
+    def take_finished_loads(self) -> set[str] | None:
+        """Requests whose async load ended since the last step (their blocks scattered now, between steps,
+        or reported as load errors when the store failed or ran past `load_budget_s`)."""
+        finished = set()
+        now = time.monotonic()
+        for request_id, pending in list(self._pending.items()):
+            if pending.future.done():
+                blocks = pending.future.result()
+            elif now - pending.started > self._load_budget_s:
+                blocks = None  # the thread's late answer is dropped: these blocks are recomputed
+                self.counters["store_load_timeouts"] += 1
+                logger.warning("rayfleet: KV store load of %s took over %.2f s; recomputing",
+                               request_id, self._load_budget_s)
+            else:
+                continue
+            self._apply(pending.job, blocks)
+            self.counters["store_load_s"] += now - pending.started
+            del self._pending[request_id]
+            finished.add(request_id)
+        return finished or None
+
+    def _fetch(self, hashes: list[BlockHash], timeout_s: float | None) -> list | None:
+        try:
+            return self._store.get(hashes, timeout_s=timeout_s)
+        except Exception as error:  # a shard slow, restarting or gone: recompute, never fail the engine
+            logger.warning("rayfleet: KV store get of %d blocks failed (%s: %s); recomputing", len(hashes),
+                           type(error).__name__, error)
+            return None
+
+    def _apply(self, job: StoreLoad, blocks: list | None) -> bool:
+        """Scatter the leading usable blocks; the rest are load errors (vLLM recomputes from the first)."""
+        blocks = blocks if blocks is not None else [None] * len(job.hashes)
+        usable = next((i for i, block in enumerate(blocks)
+                       if block is None or block.size != self._bytes_per_block), len(blocks))
+        if usable:
+            scatter_rows(self._cache, stack_rows(blocks[:usable]), job.block_ids[:usable])
+        if usable < len(blocks):
+            # Evicted (or of another size, or the shard failed) since the lookup.
+            logger.warning("rayfleet: KV store lost %d of %d blocks of %s since its lookup; recomputing",
+                           len(blocks) - usable, len(blocks), job.internal_id)
+            self._load_errors.update(job.block_ids[usable:])
+            self.counters["store_load_errors"] += 1
+        self.counters["store_loads"] += 1
+        self.counters["store_blocks_loaded"] += usable
+        self.counters["store_bytes_loaded"] += usable * self._bytes_per_block
+        return usable == len(blocks)
 
     def save(self) -> None:
         saves, self._saves = self._saves, []

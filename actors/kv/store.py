@@ -21,6 +21,7 @@ import ray
 
 from rayfleet.actors.kv.block_hash import BlockHash
 from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.actors.kv.store_metrics import StoreMetrics
 from rayfleet.actors.kv.store_tiers import KVStoreStats, TieredBlockStore
 
 if TYPE_CHECKING:
@@ -41,6 +42,17 @@ class KVStore(TieredBlockStore):
     def __init__(self, config: KVStoreConfig, shard: int) -> None:
         super().__init__(config.memory_bytes, config.shard_disk_dir(shard), config.disk_bytes, config.pin_memory)
         self._config = config
+        self._metrics = StoreMetrics(config.name, shard)
+        self._metrics.observe(self.stats())
+
+    def put(self, block_hashes: Sequence[BlockHash], blocks: Sequence[np.ndarray]) -> None:
+        super().put(block_hashes, blocks)
+        self._metrics.observe(self.stats())
+
+    def get(self, block_hashes: Sequence[BlockHash]) -> list[np.ndarray | None]:
+        blocks = super().get(block_hashes)
+        self._metrics.observe(self.stats())
+        return blocks
 
     def config(self) -> KVStoreConfig:
         return self._config
@@ -84,10 +96,11 @@ class KVStoreClient:
 
     shards: tuple[Any, ...]  # KVStore actor handles, index = shard number
 
-    def contains_prefix(self, block_hashes: Sequence[BlockHash]) -> int:
+    def contains_prefix(self, block_hashes: Sequence[BlockHash], timeout_s: float | None = None) -> int:
         """How many leading blocks of the chain the store holds: the prefix a replica can load instead
-        of computing. It may shrink before the `get` that follows if another client's puts evict."""
-        present = self._gather(block_hashes, lambda shard: shard.contains)
+        of computing. It may shrink before the `get` that follows if another client's puts evict.
+        `timeout_s`: raise `ray.exceptions.GetTimeoutError` past it (a slow or restarting shard)."""
+        present = self._gather(block_hashes, lambda shard: shard.contains, timeout_s)
         return next((i for i, held in enumerate(present) if not held), len(present))
 
     def put(self, block_hashes: Sequence[BlockHash], blocks: Sequence[BlockValue]) -> None:
@@ -101,10 +114,10 @@ class KVStoreClient:
 
         self._call_shards(block_hashes, put_on)
 
-    def get(self, block_hashes: Sequence[BlockHash]) -> list[np.ndarray | None]:
+    def get(self, block_hashes: Sequence[BlockHash], timeout_s: float | None = None) -> list[np.ndarray | None]:
         """The blocks in order as flat uint8 arrays, None where the store has none. The arrays are read-only
         views of Ray's object store: copy them into the KV cache rather than writing to them."""
-        return self._gather(block_hashes, lambda shard: shard.get)
+        return self._gather(block_hashes, lambda shard: shard.get, timeout_s)
 
     def stats(self) -> list[KVStoreStats]:
         """Each shard's statistics, index = shard number."""
@@ -116,22 +129,25 @@ class KVStoreClient:
             ray.kill(shard, no_restart=True)
 
     def _call_shards(
-        self, block_hashes: Sequence[BlockHash], call: Callable[[Any, list[int]], ray.ObjectRef]
+        self, block_hashes: Sequence[BlockHash], call: Callable[[Any, list[int]], ray.ObjectRef],
+        timeout_s: float | None = None,
     ) -> list[tuple[list[int], Any]]:
         """One call per shard involved, all in flight at once: (positions in `block_hashes`, reply) each."""
         by_shard: dict[int, list[int]] = {}
         for position, block_hash in enumerate(block_hashes):
             by_shard.setdefault(shard_of(block_hash, len(self.shards)), []).append(position)
-        # Bounded: these calls run inside an engine step, which a stuck shard must not hold up (the
+        # Bounded: these calls may run inside an engine step, which a stuck shard must not hold up (the
         # callers treat a timeout as a miss: the engine computes the blocks itself).
         replies = ray.get([call(self.shards[shard], positions) for shard, positions in by_shard.items()],
-                          timeout=STORE_CALL_TIMEOUT_S)
+                          timeout=STORE_CALL_TIMEOUT_S if timeout_s is None else timeout_s)
         return list(zip(by_shard.values(), replies, strict=True))
 
-    def _gather(self, block_hashes: Sequence[BlockHash], method: Callable[[Any], Any]) -> list:
+    def _gather(self, block_hashes: Sequence[BlockHash], method: Callable[[Any], Any],
+                timeout_s: float | None = None) -> list:
         """Calls `method(shard)` with each shard's hashes; its per-hash replies back in `block_hashes` order."""
         replies = self._call_shards(
-            block_hashes, lambda shard, positions: method(shard).remote([block_hashes[i] for i in positions])
+            block_hashes, lambda shard, positions: method(shard).remote([block_hashes[i] for i in positions]),
+            timeout_s,
         )
         results: list = [None] * len(block_hashes)
         for positions, reply in replies:
@@ -165,9 +181,8 @@ def get_or_create_kv_store(config: KVStoreConfig) -> KVStoreClient:
     # Shard 0 is the store's identity: check it before starting any other shard under a wrong config.
     first = shard_actor(0)
     existing: KVStoreConfig = ray.get(first.config.remote())
-    if existing != config:
-        differing = sorted(
-            field for field in KVStoreConfig.model_fields if getattr(existing, field) != getattr(config, field)
-        )
+    differing = sorted(field for field in KVStoreConfig.model_fields
+                       if field not in KVStoreConfig.CLIENT_FIELDS and getattr(existing, field) != getattr(config, field))
+    if differing:
         raise KVStoreConfigMismatch(f"KV store {config.name!r} runs with other values of: {', '.join(differing)}")
     return KVStoreClient((first, *(shard_actor(shard) for shard in range(1, config.num_shards))))

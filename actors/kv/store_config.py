@@ -7,6 +7,7 @@ numpy or the store's actors.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -34,6 +35,21 @@ class KVStoreConfig(BaseModel):
     detached: bool = Field(False, description="Shards outlive the driver that created them (a fleet-wide store).")
     # Shards are memory- and I/O-bound: by default they take no CPU slot an engine could use.
     shard_num_cpus: float = Field(0.0, ge=0, description="Logical CPUs each shard reserves.")
+
+    # How engines use the store (client side: engines with different values may share one store).
+    async_loads: bool = Field(
+        True, description="Look up and load off the engine's step (vLLM's async-load connector hooks): a request "
+        "waits for its blocks in WAITING_FOR_REMOTE_KVS while the engine steps on. False: both block the step.")
+    lookup_budget_s: float = Field(
+        0.05, gt=0, description="Longest a request waits for its store lookup; then it is computed instead.")
+    lookup_budget_per_block_s: float | None = Field(
+        0.002, gt=0, description="Tighter wait for short hits: at most this per block the store could supply "
+        "(about a block's prefill time), so a lookup never costs more than the compute it may save. None: "
+        "lookup_budget_s alone.")
+    load_budget_s: float = Field(
+        1.0, gt=0, description="Longest an async load may take; a slower (or dead) shard's blocks are recomputed.")
+
+    CLIENT_FIELDS: ClassVar[tuple[str, ...]] = ("async_loads", "lookup_budget_s", "lookup_budget_per_block_s", "load_budget_s")
 
     @field_validator("disk_dir")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from rayfleet.actors.replica.delta_stream import Outbox
 from rayfleet.actors.replica.protocol import GenerateCall, RequestDelta
@@ -17,6 +18,7 @@ class ActiveRequest:
     max_tokens: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     output_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)  # choice 0's tokens (migration writes ahead by them)
     first_token_at: float | None = None
     last_token_at: float | None = None
     last_token_wall: float | None = None  # wall clock: migration downtime spans two processes
@@ -25,6 +27,7 @@ class ActiveRequest:
     arrival_time: float = field(default_factory=time.time)
     arrival_monotonic: float = field(default_factory=time.monotonic)
     task: asyncio.Task | None = None
+    span: Any = None  # this replica's tracing span of the request (ended when it finishes or leaves)
     # Set while the request is being moved out: the engine's abort output then must not end the
     # client's stream; the migration puts a handoff (or resumes locally) instead.
     leaving: bool = False

@@ -21,6 +21,7 @@ to the destination, or resume the request locally.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -30,20 +31,12 @@ from typing import Any
 from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, KVChunk, KVRequestNotFoundError
 from rayfleet.actors.replica.active_request import ActiveRequest
 from rayfleet.actors.replica.continuity import why_pinned
-from rayfleet.actors.replica.protocol import Handoff, MigrationLimits
+from rayfleet.actors.replica.protocol import Destination, Handoff, MigrationLimits
 
 logger = logging.getLogger("rayfleet.migration")
 DESTINATION_GRACE_S = 10.0  # beyond the destination's own resume timeout, before the source stops waiting
 
-
-@dataclass(frozen=True)
-class Destination:
-    """The replica a request moves to: its id, its actor handle, the Ray node it runs on and the GPUs it sees."""
-
-    replica_id: str
-    handle: Any
-    node_id: str
-    gpu_uuids: tuple[str, ...] = ()
+__all__ = ["Destination", "LocalResume", "MigrationOutcome", "MigrationResult", "SourceMigration"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +70,7 @@ class SourceMigration:
 
     def __init__(self, request: ActiveRequest, migrator: EngineKVMigrator, block_size: int, src_id: str,
                  src_node_id: str, src_gpu_uuid: str | None, dst: Destination, migration_id: str, mode: str,
-                 limits: MigrationLimits):
+                 limits: MigrationLimits, trace_headers: dict[str, str] | None = None):
         self.request = request
         self.migrator = migrator
         self.block_size = block_size
@@ -90,6 +83,7 @@ class SourceMigration:
         self.migration_id = migration_id
         self.mode = mode
         self.limits = limits
+        self.trace_headers = trace_headers  # the destination continues the request's trace under these
         self.chunks: list[KVChunk] = []
         self.stages = 0
         self.started = time.time()
@@ -150,8 +144,9 @@ class SourceMigration:
             await self._send(final.chunk)
             # Bounded here too: a destination that hangs (or whose death Ray has not noticed yet) must not
             # hold the stopped request; the destination itself gives up after resume_timeout_s.
+            call = dataclasses.replace(self.request.call, trace_headers=self.trace_headers)
             first_token_at, recomputed = await asyncio.wait_for(self.dst.handle.resume_migrated.remote(
-                self.migration_id, self.request.call, final, len(final.all_token_ids) - self.request.prompt_len,
+                self.migration_id, call, final, len(final.all_token_ids) - self.request.prompt_len,
                 self.limits.resume_timeout_s), self.limits.resume_timeout_s + DESTINATION_GRACE_S)
         except Exception as error:  # destination refused, died or timed out: the source takes it back
             logger.warning("migration %s: destination %s failed (%s); resuming %s on the source",
@@ -195,7 +190,7 @@ class SourceMigration:
                 raise MigrationOutcome("finished_on_source", "the request finished during pre-copy") from None
             self.stages += 1
             if chunk.num_blocks:
-                await self._send(chunk)
+                await self._send(chunk, self._write_ahead_tokens(chunk))
                 sent = chunk.end_block
             computed = self.request.prompt_len + self.request.output_tokens
             if computed // self.block_size - sent <= self.limits.last_stage_max_blocks:
@@ -212,13 +207,20 @@ class SourceMigration:
         self.stages += 1
         return final
 
-    async def _send(self, chunk: KVChunk) -> None:
+    async def _send(self, chunk: KVChunk, write_ahead: list[int] | None = None) -> None:
         """Stage a chunk on the destination: by name on this node, by value (Ray's object store) elsewhere."""
         self.chunks.append(chunk)
         if chunk.num_blocks:
             wire = chunk if self.dst.node_id == self.src_node_id else chunk.inline()
-            await asyncio.wait_for(self.dst.handle.stage_kv.remote(self.migration_id, wire),
+            await asyncio.wait_for(self.dst.handle.stage_kv.remote(self.migration_id, wire, write_ahead),
                                    self.limits.resume_timeout_s)
+
+    def _write_ahead_tokens(self, chunk: KVChunk) -> list[int] | None:
+        """The tokens a pre-copied chunk's blocks hold, plus the next one (the destination computes it when
+        it writes the blocks ahead); None when write-ahead is off or that token is not known here yet."""
+        needed = chunk.end_block * self.block_size + 1
+        tokens = self.request.call.prompt_token_ids + self.request.output_token_ids
+        return tokens[:needed] if self.limits.write_ahead and len(tokens) >= needed else None
 
     async def _stage_locally(self, final: FinalKV) -> LocalResume:
         local_id = f"{self.migration_id}-back"

@@ -15,6 +15,7 @@ unchanged, and Ray places the actor on the resources the pool asks for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import logging
 import os
@@ -26,9 +27,11 @@ from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migrat
 from rayfleet.actors.replica.active_request import ActiveRequest
 from rayfleet.actors.replica.delta_stream import Outboxes, read_chunks
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
-from rayfleet.actors.replica.engine_stats import EngineLoad, stat_logger_factory
+from rayfleet.actors.replica.engine_stats import EngineLoad, engine_metrics_logger, stat_logger_factory
 from rayfleet.actors.replica.weight_update import EngineWeights
 from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.actors.observability import tracing
+from rayfleet.actors.observability.logs import configure_actor_logging
 from rayfleet.actors.replica.protocol import (
     DeltaBatch,
     GenerateCall,
@@ -65,6 +68,7 @@ class ReplicaLoad:
     decode_tokens_per_s: float
     requests: tuple[RequestProgress, ...]
     max_model_len: int
+    requests_started: int = 0
 
 
 class LLMReplica:
@@ -73,7 +77,8 @@ class LLMReplica:
     def __init__(self, replica_id: str, pool: str, model: str, engine_args: dict[str, Any],
                  served_model_name: str | None = None, live_migration: bool = True,
                  migration_limits: MigrationLimits | None = None, kv_store: KVStoreConfig | None = None,
-                 kv_store_namespace: str | None = None):
+                 kv_store_namespace: str | None = None, log_engine_metrics: bool = True,
+                 tracing_config: tracing.TracingConfig | None = None):
         self.replica_id = replica_id
         self.pool = pool
         self.model = model
@@ -83,6 +88,8 @@ class LLMReplica:
         self.migration_limits = migration_limits or MigrationLimits()
         self.kv_store = kv_store
         self.kv_store_namespace = kv_store_namespace
+        self.log_engine_metrics = log_engine_metrics
+        self.tracing_config = tracing_config
         self.engine = None
         self.migrator = None  # set with live migration
         self.weights: EngineWeights | None = None
@@ -93,7 +100,12 @@ class LLMReplica:
         self.requests: dict[str, ActiveRequest] = {}
         self.unclaimed: dict[str, tuple[float, ActiveRequest]] = {}  # finished before the ingress attached
         self.outboxes = Outboxes()
-        logging.basicConfig(level=os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
+        self.requests_started = 0
+        self.handoffs: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)  # P/D handoff records
+        self._tasks: set[asyncio.Task] = set()  # background work the replica must keep a reference to
+        self._write_aheads: dict[str, list[asyncio.Task]] = {}  # migration id -> its write-ahead requests
+        configure_actor_logging(os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
+        tracing.setup_tracing(tracing_config, f"replica {replica_id}")
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> dict[str, Any]:
@@ -115,9 +127,12 @@ class LLMReplica:
             # The engine's processes are not Ray workers: they join this cluster to reach the store. An
             # explicit address, since "auto" may find another cluster on a shared machine.
             os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        if self.tracing_config is not None and self.tracing_config.trace_engines:
+            # vLLM's own `llm_request` span per request (queue, prefill and decode times) joins the trace.
+            engine_args.setdefault("otlp_traces_endpoint", self.tracing_config.otlp_endpoint)
         args = AsyncEngineArgs(model=self.model, served_model_name=[self.served_model_name], **engine_args)
         started = time.monotonic()
-        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.load_stats)])
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=self._stat_loggers())
         if connector:
             self.kv_rpc = EngineKVMigrator(self.engine)
             self.gpu_uuids = tuple(await self.kv_rpc.gpu_uuids())
@@ -129,6 +144,15 @@ class LLMReplica:
         logger.info("replica %s (%s) ready in %.1f s: %s", self.replica_id, self.pool,
                     time.monotonic() - started, facts)
         return facts
+
+    def _stat_loggers(self) -> list:
+        """The load signals the controller reads, and vLLM's engine metrics exported through Ray's metrics
+        endpoint, as Ray Serve LLM does (vLLM's default Prometheus logger would write to a registry inside
+        this process that nothing scrapes)."""
+        loggers = [stat_logger_factory(self.load_stats)]
+        if self.log_engine_metrics:
+            loggers.append(engine_metrics_logger(self.load_stats))
+        return loggers
 
     def engine_facts(self) -> dict[str, Any]:
         config = self.engine.vllm_config
@@ -170,6 +194,7 @@ class LLMReplica:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        tracing.flush()
 
     # ---------------------------------------------------------------- serving
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaChunk]:
@@ -209,9 +234,16 @@ class LLMReplica:
         if call.request_id in self.requests:
             raise ValueError(f"request id {call.request_id} is already running on {self.replica_id}")
         request = self._admit(call)
+        request.span = tracing.start_span("replica.generate", call.trace_headers, tracing.SpanKind.SERVER,
+                                          {"rayfleet.replica": self.replica_id, "rayfleet.pool": self.pool,
+                                           "rayfleet.request_id": call.request_id,
+                                           "rayfleet.prompt_tokens": len(call.prompt_token_ids)})
+        self.requests_started += 1
         params = call.sampling_params
         if self.migrator is not None and params.n == 1:
             params = self.migrator.tag(params, call.request_id, continued=call.continued_tokens)
+            if call.handoff_to is not None:
+                self._background(self._hand_over_after_first_token(request, call.handoff_to))
         request.task = asyncio.create_task(self._pump(request, call.prompt_token_ids, params))
         return request
 
@@ -262,7 +294,8 @@ class LLMReplica:
         rid = request.call.request_id
         try:
             async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
-                                                     request_id=rid, priority=request.call.priority):
+                                                     request_id=rid, priority=request.call.priority,
+                                                     trace_headers=tracing.headers_of(request.span)):
                 if request.leaving and output.finished and _aborted(output):
                     return  # stopped by the migration, which decides what the client sees next
                 chunk = self._to_chunk(request, output, params)
@@ -277,6 +310,7 @@ class LLMReplica:
         except Exception as error:  # surfaced to the ingress through the stream
             logger.exception("request %s failed on %s", rid, self.replica_id)
             request.deliver(RequestDelta(rid, error=error))
+            _end_span(request, error)
             self._finish(request)
 
     def _finish(self, request: ActiveRequest) -> None:
@@ -290,6 +324,7 @@ class LLMReplica:
         if request.arrived and not request.attached:
             # Finished here before the ingress (told by the source's handoff) attached: keep its stream.
             self.unclaimed[rid] = (now, request)
+        _end_span(request)
 
     def _to_chunk(self, request: ActiveRequest, output, params) -> ReplicaChunk:
         from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
@@ -303,6 +338,8 @@ class LLMReplica:
             if not tokens and out.finish_reason is None:
                 continue
             request.output_tokens += len(tokens)
+            if out.index == 0:
+                request.output_token_ids += tokens
             if tokens:
                 request.first_token_at = request.first_token_at or now
                 request.last_token_at = now
@@ -347,10 +384,17 @@ class LLMReplica:
             return asdict(MigrationRecord(migration_id=migration_id, request_id=request_id, src=self.replica_id,
                                           dst=dst.replica_id, mode=mode, outcome="failed", reason=why,
                                           started_at=time.time()))
+        span = tracing.start_span("migrate_out", tracing.context_of(request.span), tracing.SpanKind.PRODUCER,
+                                  {"rayfleet.migration_id": migration_id, "rayfleet.mode": mode,
+                                   "rayfleet.src": self.replica_id, "rayfleet.dst": dst.replica_id})
         gpus = self.gpu_uuids
         migration = SourceMigration(request, self.migrator, self.kv_block_size, self.replica_id, _node_id(),
-                                    gpus[0] if gpus else None, dst, migration_id, mode, self.migration_limits)
+                                    gpus[0] if gpus else None, dst, migration_id, mode, self.migration_limits,
+                                    trace_headers=tracing.headers_of(span))
         result = await migration.run()
+        tracing.end_span(span, **{f"rayfleet.{key}": result.record[key] for key in
+                                  ("outcome", "reason", "stages", "blocks_moved", "bytes_moved", "downtime_s",
+                                   "recomputed_tokens")})
         if result.handoff is not None:
             if request.finished:  # it ended here while moving (a stop string): the copy there is not needed
                 await dst.handle.abort.remote(request_id)
@@ -367,10 +411,33 @@ class LLMReplica:
             request.leaving = False
         return result.record
 
+    async def _hand_over_after_first_token(self, request: ActiveRequest, dst: Destination) -> None:
+        """Prefill/decode disaggregation (DistServe): once the request's first token is out, move it with its
+        KV to the decode replica the router chose. A refusal (no room there) leaves it decoding here."""
+        await request.first_output.wait()
+        rid = request.call.request_id
+        if self.requests.get(rid) is not request or request.output_tokens >= request.max_tokens:
+            return  # finished with its first token, or already gone
+        record = await self.migrate_out(rid, dst, f"pd-{rid}", "stop_and_copy")
+        self.handoffs.append(record)
+        logger.info("prefill/decode handoff of %s to %s: %s (downtime %.1f ms, %d blocks)", rid, dst.replica_id,
+                    record["outcome"], record["downtime_s"] * 1e3, record["blocks_moved"])
+
+    def _background(self, work) -> asyncio.Task:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def handoff_records(self) -> list[dict[str, Any]]:
+        """The prefill/decode handoffs this replica made (MigrationRecord fields), oldest first."""
+        return list(self.handoffs)
+
     def hand_off(self, request: ActiveRequest, handoff: Handoff) -> None:
         """End the client's stream here with a pointer to the replica that continues it."""
         self.requests.pop(request.call.request_id, None)
         request.deliver(RequestDelta(request.call.request_id, chunk=ReplicaChunk(handoff=handoff)))
+        _end_span(request, **{"rayfleet.handed_off_to": handoff.replica_id})
 
     def continue_locally(self, request: ActiveRequest, final: FinalKV, migration_id: str | None) -> None:
         """The request stopped for a migration that did not happen: it goes on here, from its own KV.
@@ -397,6 +464,9 @@ class LLMReplica:
         """Continue `request` on this engine from KV staged under `migration_id` (one token computed)."""
         resume = EngineKVMigrator.resume(final, request.call.sampling_params, request.prompt_len,
                                          request.call.request_id, migration_id, request.call.continued_tokens)
+        # The engine's own token list (the reader may not have seen its last tokens): later outputs follow it,
+        # and a write-ahead of a later migration names blocks by these tokens.
+        request.output_token_ids = list(final.all_token_ids[request.prompt_len:])
         self.requests[request.call.request_id] = request
         request.task = asyncio.create_task(self._pump(request, resume.prompt_token_ids, resume.sampling_params))
 
@@ -410,10 +480,23 @@ class LLMReplica:
             return False, f"{self.replica_id} has {free} free KV blocks, the request needs {kv_blocks}"
         return True, ""
 
-    async def stage_kv(self, migration_id: str, chunk) -> None:
+    async def stage_kv(self, migration_id: str, chunk, write_ahead_tokens: list[int] | None = None) -> None:
+        """Stage a chunk; with `write_ahead_tokens` (the tokens its blocks hold, plus the next one) also write
+        the staged blocks into this engine's KV cache now, while the source keeps decoding."""
         await self.migrator.stage(migration_id, chunk)
+        if write_ahead_tokens is not None and self.migrator.can_write_ahead:
+            request_id = f"{migration_id}-ahead-{chunk.end_block}"
+            self._write_aheads.setdefault(migration_id, []).append(
+                self._background(self.migrator.write_ahead(migration_id, write_ahead_tokens, request_id)))
+
+    def _stop_write_aheads(self, migration_id: str) -> None:
+        """Abort write-aheads still running: the resume loads what they did not write (vLLM aborts a
+        cancelled generate); those done left their blocks in the prefix cache."""
+        for task in self._write_aheads.pop(migration_id, ()):
+            task.cancel()
 
     async def drop_migration(self, migration_id: str) -> bool:
+        self._stop_write_aheads(migration_id)
         return await self.migrator.drop_staged(migration_id)
 
     async def resume_migrated(self, migration_id: str, call: GenerateCall, final, output_tokens: int,
@@ -425,15 +508,20 @@ class LLMReplica:
         """
         if not self.accepting:
             raise ReplicaNotAccepting(f"replica {self.replica_id} stopped accepting")
+        self._stop_write_aheads(migration_id)
         request = ActiveRequest(call=call, prompt_len=len(call.prompt_token_ids),
                                 max_tokens=call.sampling_params.max_tokens or 0, output_tokens=output_tokens,
                                 arrived=True)
+        request.span = tracing.start_span("replica.resume", call.trace_headers, tracing.SpanKind.CONSUMER,
+                                          {"rayfleet.replica": self.replica_id, "rayfleet.request_id": call.request_id,
+                                           "rayfleet.migration_id": migration_id})
         self.resume_request(request, final, migration_id)
         try:
             await asyncio.wait_for(request.first_output.wait(), timeout=timeout_s)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as error:
             await self.engine.abort(call.request_id)
             self.requests.pop(call.request_id, None)
+            _end_span(request, error)
             raise
         return request.last_token_wall, len(final.all_token_ids) - (request.num_cached_tokens or 0)
 
@@ -444,6 +532,8 @@ class LLMReplica:
 
     # ---------------------------------------------------------------- load
     def load(self) -> ReplicaLoad:
+        """What the controller reads each health tick (also when it keeps vLLM's gauges exported)."""
+        self.load_stats.republish_engine_gauges()
         facts = self.engine_facts() if self.engine is not None else {}
         progress = tuple(self._progress(rid, request) for rid, request in self.requests.items())
         return ReplicaLoad(
@@ -457,6 +547,7 @@ class LLMReplica:
             decode_tokens_per_s=self.load_stats.decode_tokens_per_s(),
             requests=progress,
             max_model_len=facts.get("max_model_len", 0),
+            requests_started=self.requests_started,
         )
 
     @staticmethod
@@ -493,6 +584,13 @@ def _token_logprobs(token_ids, logprobs, num_top: int | None):
 
     # The method reads no instance state; calling it unbound keeps one conversion (vLLM's).
     return ServingTokens._create_tokens_logprobs(None, token_ids, logprobs, num_top)
+
+
+def _end_span(request: ActiveRequest, error: BaseException | None = None, **attributes: object) -> None:
+    """End the request's span on this replica once (it finishes, leaves, or fails)."""
+    if request.span is not None:
+        tracing.end_span(request.span, error, **{"rayfleet.output_tokens": request.output_tokens, **attributes})
+        request.span = None
 
 
 def _node_id() -> str:

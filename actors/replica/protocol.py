@@ -16,6 +16,16 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateToken
 
 
 @dataclass(frozen=True)
+class Destination:
+    """A replica a request moves to: its id, its actor handle, the Ray node it runs on and the GPUs it sees."""
+
+    replica_id: str
+    handle: Any
+    node_id: str
+    gpu_uuids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerateCall:
     """What the ingress asks a replica to run: rendered tokens and vLLM sampling params."""
 
@@ -28,6 +38,10 @@ class GenerateCall:
     # The prompt's last `continued_tokens` are output the client already has (a replay after a failure):
     # the engine's structured-output grammar must resume after them (actors/kv/continuation.py).
     continued_tokens: int = 0
+    # W3C trace context of the span this call continues (`actors/observability/tracing.py`); None untraced.
+    trace_headers: dict[str, str] | None = None
+    # Prefill/decode disaggregation: after its first token, the request moves with its KV to this replica.
+    handoff_to: Destination | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,9 @@ class MigrationLimits:
     last_stage_max_blocks: int = 16
     headroom_blocks: int = 1  # destination blocks kept free beyond what the request needs now
     resume_timeout_s: float = 30.0
+    # Write pre-copied blocks into the destination's KV cache while the source decodes, so the pause
+    # carries only the last stage (needs prefix caching on the destination).
+    write_ahead: bool = True
 
 
 class UnknownRequest(ReplicaError):

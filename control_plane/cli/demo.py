@@ -81,6 +81,7 @@ async def ask(client, task: TaskInstance, max_tokens: int, stream: bool) -> Resu
 async def run_workload(base_url: str, count: int, max_tokens: int, api_key: str) -> list[Result]:
     from openai import AsyncOpenAI
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=300)
     tasks = workload(count)
@@ -90,7 +91,8 @@ async def run_workload(base_url: str, count: int, max_tokens: int, api_key: str)
                                          max_tokens=1)
     results = []
     # Two waves: the second routes with what the first taught the router through feedback.
-    with tqdm(total=len(tasks), desc="task questions", unit="req") as bar:
+    # log lines print above the bar instead of through it
+    with logging_redirect_tqdm(), tqdm(total=len(tasks), desc="task questions", unit="req") as bar:
         for wave in (tasks[: len(tasks) // 2], tasks[len(tasks) // 2:]):
             for done in asyncio.as_completed([ask(client, t, max_tokens, stream=i % 3 == 0)
                                               for i, t in enumerate(wave)]):
@@ -128,7 +130,8 @@ def run_demo(args) -> None:
     if args.address:
         connect(args.address, start_local=False)
     else:
-        ray.init(num_cpus=LOCAL_LOGICAL_CPUS, include_dashboard=False, namespace="rayfleet",
+        # A cluster of the demo's own ("local"), even when `rayfleet up` left one running on this machine.
+        ray.init(address="local", num_cpus=LOCAL_LOGICAL_CPUS, include_dashboard=False, namespace="rayfleet",
                  log_to_driver=False)
     url = deploy(spec, wait_s=600)
     started = time.perf_counter()
@@ -136,6 +139,7 @@ def run_demo(args) -> None:
     print(report(results, time.perf_counter() - started))
     print(render_status(ray.get(controller().status.remote())))
     print(f"\nOpenAI endpoint: {url}  (try: curl {url}/models; routing decisions: curl {url}/fleet/routing)")
+    print(f"Ops dashboard:   {url.removesuffix('/v1')}/dashboard")
     if args.keep_serving:
         print("serving until Ctrl-C")
         try:

@@ -18,13 +18,16 @@ import ray
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 
 from rayfleet.actors.embedding.embedder import get_or_create_embedder
-from rayfleet.actors.replica.protocol import GenerateCall
+from rayfleet.actors.observability import tracing
+from rayfleet.actors.observability.logs import configure_actor_logging
+from rayfleet.actors.replica.protocol import Destination, GenerateCall
 from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
 from rayfleet.control_plane.serving.auth import KeyRing, Principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
 from rayfleet.control_plane.serving.rendering import PoolRenderer
 from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
+from rayfleet.control_plane.serving.request_telemetry import ClientRequest, RequestTelemetry
 from rayfleet.control_plane.spec import FleetSpec, parse_spec
 from rayfleet.policies import registry
 from rayfleet.policies.base import (
@@ -58,19 +61,7 @@ def overlay_local_load(snapshot: FleetSnapshot, ledgers: dict[str, TokenLedger])
             requests[rid] = requests.get(rid, 0) + 1
             expected = ledger.call.predicted_output_tokens or ledger.call.sampling_params.max_tokens or 0
             remaining[rid] = remaining.get(rid, 0) + max(expected - ledger.output_tokens, 0)
-    pools = {}
-    for name, pool in snapshot.pools.items():
-        replicas = tuple(
-            dataclasses.replace(
-                r,
-                tokens_in_flight=max(r.tokens_in_flight, tokens.get(r.replica_id, 0)),
-                predicted_remaining_tokens=max(r.predicted_remaining_tokens, remaining.get(r.replica_id, 0)),
-                num_running=max(r.num_running + r.num_waiting, requests.get(r.replica_id, 0)) - r.num_waiting,
-            )
-            for r in pool.replicas
-        )
-        pools[name] = dataclasses.replace(pool, replicas=replicas)
-    return dataclasses.replace(snapshot, pools=pools)
+    return snapshot.with_local_load(tokens, requests, remaining)
 
 
 class FleetGateway:
@@ -79,7 +70,9 @@ class FleetGateway:
 
     def __init__(self, spec: dict[str, Any]):
         self.spec: FleetSpec = parse_spec(spec)
-        logging.basicConfig(level=self.spec.log_level)
+        configure_actor_logging(self.spec.log_level)
+        tracing.setup_tracing(self.spec.tracing, "ingress")
+        self.telemetry = RequestTelemetry(self.spec)
         policies = self.spec.policies
         self.router = registry.create("router", policies.router.name, policies.router.params)
         self.admission = registry.create("admission", policies.admission.name, policies.admission.params)
@@ -167,34 +160,51 @@ class FleetGateway:
                            max_tokens=call.sampling_params.max_tokens or 0, priority=call.priority,
                            workflow_id=call.workflow_id, prompt_token_ids=tuple(call.prompt_token_ids))
 
-    async def admit_and_place(self, info: RequestInfo) -> tuple[Placement, RoutingDecision]:
+    async def admit_and_place(self, info: RequestInfo, trace=None) -> tuple[Placement, RoutingDecision]:
         """Admission (queue, 429 or 503) then routing; returns the placement and the router's decision."""
+        snapshot, handles = await self._admit(info, trace)
+        try:
+            return await self.place(info, frozenset(), snapshot, handles, trace)
+        except NoReplicaAvailable as error:
+            raise OpenAIHTTPError(503, f"{error}; retry later.", "ServiceUnavailableError", retry_after_s=5) from None
+
+    async def _admit(self, info: RequestInfo, trace) -> tuple[FleetSnapshot, dict[str, Any]]:
+        """Wait, queued, until the admission policy admits; 429 or 503 when it rejects or the wait runs out."""
+        span = tracing.start_span("admission", trace, attributes={"rayfleet.policy": self.spec.policies.admission.name})
+        model, polls = info.pool or "auto", 0
         deadline = time.monotonic() + self.spec.ingress.request_timeout_s
         replacement_deadline = time.monotonic() + self.spec.ingress.replay_wait_s
-        while True:
-            snapshot, handles = await self.fleet_view()
-            decision = self.admission.admit(info, snapshot)
-            if (decision.verdict is AdmissionVerdict.REJECT and self._replacement_coming(info, snapshot)
-                    and time.monotonic() < replacement_deadline):
-                # The pool's replicas are all being replaced (a crash, a rollout of a one-replica pool): wait
-                # for one, as a request that lost its replica does, rather than refuse.
-                await asyncio.sleep(REPLACEMENT_POLL_S)
-                continue
-            if decision.verdict is AdmissionVerdict.REJECT:
-                status = 503 if "no ready replica" in decision.reason else 429
-                raise OpenAIHTTPError(status, f"Request rejected: {decision.reason}.",
-                                      err_type="ServiceUnavailableError" if status == 503 else "RateLimitError",
-                                      retry_after_s=decision.retry_after_s)
-            if decision.verdict is AdmissionVerdict.ADMIT:
-                try:
-                    return await self.place(info, frozenset(), snapshot, handles)
-                except NoReplicaAvailable as error:
-                    raise OpenAIHTTPError(503, f"{error}; retry later.", "ServiceUnavailableError",
-                                          retry_after_s=5) from None
-            if time.monotonic() > deadline:
-                raise OpenAIHTTPError(429, "Request queued too long; retry later.", "RateLimitError",
-                                      retry_after_s=5)
-            await asyncio.sleep(QUEUE_WAIT_S)
+        try:
+            while True:
+                snapshot, handles = await self.fleet_view()
+                decision = self.admission.admit(info, snapshot)
+                if decision.verdict is AdmissionVerdict.ADMIT:
+                    tracing.end_span(span, **{"rayfleet.verdict": "admit", "rayfleet.queued_polls": polls})
+                    return snapshot, handles
+                if (decision.verdict is AdmissionVerdict.REJECT and self._replacement_coming(info, snapshot)
+                        and time.monotonic() < replacement_deadline):
+                    # The pool's replicas are all being replaced (a crash, a rollout of a one-replica pool): wait
+                    # for one, as a request that lost its replica does, rather than refuse.
+                    await asyncio.sleep(REPLACEMENT_POLL_S)
+                    continue
+                if decision.verdict is AdmissionVerdict.REJECT:
+                    status = 503 if "no ready replica" in decision.reason else 429
+                    raise OpenAIHTTPError(status, f"Request rejected: {decision.reason}.",
+                                          err_type="ServiceUnavailableError" if status == 503 else "RateLimitError",
+                                          retry_after_s=decision.retry_after_s)
+                if time.monotonic() > deadline:
+                    raise OpenAIHTTPError(429, "Request queued too long; retry later.", "RateLimitError",
+                                          retry_after_s=5)
+                if polls == 0:
+                    self.telemetry.queued(model, +1)
+                polls += 1
+                await asyncio.sleep(QUEUE_WAIT_S)
+        except BaseException as error:  # rejected, or the client left while queued
+            tracing.end_span(span, error, **{"rayfleet.verdict": "reject"})
+            raise
+        finally:
+            if polls:
+                self.telemetry.queued(model, -1)
 
     @staticmethod
     def _replacement_coming(info: RequestInfo, snapshot: FleetSnapshot) -> bool:
@@ -202,35 +212,50 @@ class FleetGateway:
         pool = snapshot.pools.get(info.pool) if info.pool else None
         return pool is not None and pool.desired_replicas > 0 and not pool.routable_replicas
 
-    async def place_when_ready(self, info: RequestInfo, exclude: frozenset[str]) -> Placement:
+    async def place_when_ready(self, info: RequestInfo, exclude: frozenset[str], trace=None) -> Placement:
         """A replica for a request that lost its own: waits, bounded, for one to be ready (e.g. the lost one's
         replacement, when the pool had no other)."""
         deadline = time.monotonic() + self.spec.ingress.replay_wait_s
         while True:
             try:
-                placement, _ = await self.place(info, exclude)
+                placement, _ = await self.place(info, exclude, trace=trace)
                 return placement
             except NoReplicaAvailable:
                 if time.monotonic() >= deadline:
                     raise
             await asyncio.sleep(REPLACEMENT_POLL_S)
 
-    async def place(self, info: RequestInfo, exclude: frozenset[str], snapshot=None, handles=None):
+    async def place(self, info: RequestInfo, exclude: frozenset[str], snapshot=None, handles=None,
+                    trace=None) -> tuple[Placement, RoutingDecision]:
         if snapshot is None:
             snapshot, handles = await self.fleet_view(fresh=True)
-        decision = self.router.route(dataclasses.replace(info, exclude_replicas=exclude), snapshot)
-        handle = handles.get(decision.replica_id)
-        if handle is None:
-            raise NoReplicaAvailable(f"router chose {decision.replica_id}, which is no longer ready")
-        return Placement(decision.replica_id, handle), decision
+        span = tracing.start_span("routing", trace, attributes={"rayfleet.router": self.spec.policies.router.name,
+                                                                "rayfleet.excluded": len(exclude)})
+        try:
+            decision = self.router.route(dataclasses.replace(info, exclude_replicas=exclude), snapshot)
+            handle = handles.get(decision.replica_id)
+            if handle is None:
+                raise NoReplicaAvailable(f"router chose {decision.replica_id}, which is no longer ready")
+        except NoReplicaAvailable as error:
+            tracing.end_span(span, error)
+            raise
+        tracing.end_span(span, **{"rayfleet.pool": decision.pool, "rayfleet.replica": decision.replica_id,
+                                  "rayfleet.reason": decision.reason})
+        self.telemetry.decided(info, decision)
+        handoff = None
+        decode = snapshot.replica(decision.handoff_replica_id) if decision.handoff_replica_id else None
+        if decode is not None and decode.replica_id in handles:
+            handoff = Destination(decode.replica_id, handles[decode.replica_id], decode.node_id)
+        return Placement(decision.replica_id, handle, handoff), decision
 
-    def open_ledger(self, call: GenerateCall, placement: Placement | None, owner: Principal,
-                    pool: str) -> TokenLedger:
+    def open_ledger(self, call: GenerateCall, placement: Placement | None, owner: Principal, pool: str,
+                    client: ClientRequest) -> TokenLedger:
         if call.request_id in self.ledgers:
             raise OpenAIHTTPError(409, f"request id '{call.request_id}' is already in flight; choose another",
                                   "invalid_request_error", param="request_id")
         ledger = TokenLedger(call=call, placement=placement, owner=owner.name,
-                             grammar_continues=self.spec.pool(pool).live_migration)
+                             grammar_continues=self.spec.pool(pool).live_migration,
+                             started_at=client.started_at, trace=client.trace)
         self.ledgers[call.request_id] = ledger
         return ledger
 
@@ -243,7 +268,7 @@ class FleetGateway:
         info = self.info_from_call(ledger.call, pool)
 
         async def place(call: GenerateCall, exclude: frozenset[str]) -> Placement:
-            return await self.place_when_ready(info, exclude)
+            return await self.place_when_ready(info, exclude, ledger.trace)
 
         ingress = self.spec.ingress
         try:
@@ -252,6 +277,7 @@ class FleetGateway:
                 yield choice
         finally:
             self.ledgers.pop(ledger.request_id, None)
+            self.telemetry.finished(ledger, pool)
             if self.learning_router is not None and ledger.done and ledger.hops:
                 self.learning_router.observe(RequestOutcome(
                     request_id=ledger.request_id, pool=pool, replica_id=ledger.hops[-1],

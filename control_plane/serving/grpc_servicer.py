@@ -32,6 +32,7 @@ from rayfleet.control_plane.serving.gateway import FleetGateway, logger
 from rayfleet.control_plane.serving.ledger import ReplayImpossible
 from rayfleet.control_plane.serving.rendering import RenderError
 from rayfleet.control_plane.serving.request_limits import check_counts, check_prompt_tokens
+from rayfleet.control_plane.serving.request_telemetry import ClientRequest
 
 # The generated messages name their module `vllm_engine_pb2` (protoc's flat layout), and Ray Serve pickles
 # requests from its gRPC proxy to the ingress: both processes import this module, which makes that name
@@ -52,6 +53,8 @@ GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUT
                403: grpc.StatusCode.PERMISSION_DENIED, 409: grpc.StatusCode.ALREADY_EXISTS,
                413: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
                503: grpc.StatusCode.UNAVAILABLE}
+# gRPC codes -> HTTP statuses, for the requests metric's label (the first status of a code wins)
+HTTP_STATUS = {code: status for status, code in reversed(GRPC_STATUS.items())}
 
 
 class GrpcRequestError(Exception):
@@ -138,9 +141,12 @@ class GrpcServicer(FleetGateway):
 
     async def Generate(self, request, grpc_context):  # noqa: N802 (the RPC's name)
         """Tokens in, tokens out, through admission, routing and the ledger like HTTP requests."""
+        metadata = grpc_context.invocation_metadata()
+        client = self.telemetry.begin("grpc VllmEngine/Generate", dict(metadata))
         try:
             principal = self._grpc_authenticate(grpc_context)
-            pool = pool_from_metadata(grpc_context.invocation_metadata(), list(self.renderers))
+            pool = pool_from_metadata(metadata, list(self.renderers))
+            client.pool = pool
             await self.ensure_renderers()
             renderer = self.renderers[pool]
             config = renderer.state.vllm_config.model_config
@@ -151,20 +157,24 @@ class GrpcServicer(FleetGateway):
             renderer.verify(call.sampling_params, call.prompt_token_ids)
             # Request ids are the client's: scoped by its tenant, so no one else can reach (or abort) them.
             call = dataclasses.replace(call, request_id=principal.scoped_id(call.request_id))
-            placement, _ = await self.admit_and_place(self.info_from_call(call, pool))
-            ledger = self.open_ledger(call, placement, principal, pool)
+            placement, _ = await self.admit_and_place(self.info_from_call(call, pool), client.trace)
+            ledger = self.open_ledger(call, placement, principal, pool, client)
         except OpenAIHTTPError as error:
+            self.telemetry.end(client, error.status, error)
             _fail(grpc_context, GRPC_STATUS.get(error.status, grpc.StatusCode.INTERNAL), error.message)
         except RenderError as error:
+            self.telemetry.end(client, error.status_code, error)
             _fail(grpc_context, GRPC_STATUS.get(error.status_code, grpc.StatusCode.INTERNAL), str(error))
         except GrpcRequestError as error:
+            self.telemetry.end(client, HTTP_STATUS.get(error.code, 400), error)
             _fail(grpc_context, error.code, error.details)
-        async for response in self._generate(request, grpc_context, ledger, pool):
+        async for response in self._generate(request, grpc_context, ledger, pool, client):
             yield response
 
-    async def _generate(self, request, grpc_context, ledger, pool: str):
+    async def _generate(self, request, grpc_context, ledger, pool: str, client: ClientRequest):
         prompt_tokens = len(ledger.call.prompt_token_ids)
         outputs: dict[int, GenerateTokensChoice] = {}
+        status, failure = 499, None  # until the stream ends one way or another
         try:
             async for choice in self.follow(ledger, pool):
                 cached = ledger.num_cached_tokens or 0
@@ -177,12 +187,17 @@ class GrpcServicer(FleetGateway):
                     ids = (choice.token_ids or []) if request.stream else total.token_ids
                     yield complete_response(choice.index, ids, choice.finish_reason, choice.stop_reason,
                                             prompt_tokens, cached, choice.logprobs)
+            status = 200
         except ReplayImpossible as error:
+            status, failure = 503, error
             _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(error))
         except Exception as error:
+            status, failure = 500, error
             logger.exception("gRPC stream of %s failed", ledger.request_id)
             _fail(grpc_context, grpc.StatusCode.INTERNAL,
                   f"generation failed ({type(error).__name__}); the request was aborted")
+        finally:
+            self.telemetry.end(client, status, failure)
 
     async def HealthCheck(self, request, grpc_context):  # noqa: N802
         snapshot, _ = await self.fleet_view()

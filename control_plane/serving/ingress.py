@@ -1,7 +1,8 @@
 """The ingress: one Ray Serve deployment that owns each client's stream, over HTTP and gRPC.
 
 It is assembled from one mixin per front end over the shared `FleetGateway`: the OpenAI routes
-(`openai_api.py`), the admin routes (`admin_api.py`) and vLLM's gRPC service (`grpc_servicer.py`). The
+(`openai_api.py`), the admin routes (`admin_api.py`), the ops dashboard (`dashboard_api.py`) and vLLM's gRPC
+service (`grpc_servicer.py`). The
 FastAPI app translates the errors raised anywhere below into OpenAI error bodies, once, here.
 """
 
@@ -17,8 +18,9 @@ from ray import serve
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-from rayfleet.control_plane.serving import admin_api, openai_api, routing_api
+from rayfleet.control_plane.serving import admin_api, dashboard_api, openai_api, routing_api
 from rayfleet.control_plane.serving.admin_api import AdminRoutes
+from rayfleet.control_plane.serving.dashboard_api import DashboardRoutes
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError, error_response_json
 from rayfleet.control_plane.serving.grpc_servicer import GrpcServicer
 from rayfleet.control_plane.serving.openai_api import OpenAIRoutes
@@ -31,6 +33,7 @@ app = FastAPI(title="rayfleet", description="OpenAI-compatible endpoint of a ray
 app.include_router(openai_api.router)
 app.include_router(admin_api.router)
 app.include_router(routing_api.router)
+app.include_router(dashboard_api.router)
 
 
 def _openapi() -> dict:
@@ -77,5 +80,5 @@ INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 @serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": INGRESS_ENV}},
                   max_ongoing_requests=2048)
 @serve.ingress(app)
-class OpenAIIngress(OpenAIRoutes, AdminRoutes, RoutingRoutes, GrpcServicer):
+class OpenAIIngress(OpenAIRoutes, AdminRoutes, RoutingRoutes, DashboardRoutes, GrpcServicer):
     """The fleet's endpoint; constructed from the fleet spec as a dict (`FleetSpec.model_dump()`)."""

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 from vllm.v1.engine.exceptions import EngineDeadError
 
+from rayfleet.actors.observability import tracing
 from rayfleet.actors.replica.continuity import why_pinned
-from rayfleet.actors.replica.protocol import (GenerateCall, Handoff, ReplicaChunk, ReplicaNotAccepting,
+from rayfleet.actors.replica.protocol import (Destination, GenerateCall, Handoff, ReplicaChunk, ReplicaNotAccepting,
                                               UnknownRequest)
 
 logger = logging.getLogger("rayfleet.ledger")
@@ -43,6 +45,11 @@ REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, ReplicaNot
 class Placement:
     replica_id: str
     replica: object  # Ray actor handle
+    handoff: Destination | None = None  # prefill/decode: where the request goes after its first token
+
+    def prepare(self, call: GenerateCall) -> GenerateCall:
+        """`call` as this replica runs it (told where to hand it over, for a prefill placement)."""
+        return call if self.handoff is None else dataclasses.replace(call, handoff_to=self.handoff)
 
 
 # Picks a replica for a call, never one of `exclude`; raises NoReplicaAvailable when none is left.
@@ -71,9 +78,12 @@ class TokenLedger:
     migrations: int = 0
     replays: int = 0
     num_cached_tokens: int | None = None
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.monotonic)  # when the client's request arrived
     owner: str = ""  # the tenant whose key opened the request
     grammar_continues: bool = True  # its pool's engines advance a grammar over replayed output
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    trace: Any = None  # the client request's tracing context: each hop's span is its child
 
     @property
     def request_id(self) -> str:
@@ -89,6 +99,9 @@ class TokenLedger:
 
     def record(self, choice: GenerateTokensStreamChoice) -> None:
         self.delivered.setdefault(choice.index, []).extend(choice.token_ids or [])
+        if choice.token_ids:
+            self.last_token_at = time.monotonic()
+            self.first_token_at = self.first_token_at or self.last_token_at
         if choice.finish_reason is not None:
             self.finished.add(choice.index)
 
@@ -139,8 +152,8 @@ async def follow(ledger: TokenLedger, place: PlaceFn, source: ChunkSource, max_r
     call = ledger.call
     if ledger.placement is None:
         ledger.placement = await place(call, frozenset())
-    ledger.hops.append(ledger.placement.replica_id)
-    stream = source.generate(ledger.placement.replica_id, ledger.placement.replica, call)
+    hop = _start_hop(ledger, "generate")
+    stream = _generate(ledger, source, call, hop)
     try:
         while not ledger.done:
             try:
@@ -163,8 +176,9 @@ async def follow(ledger: TokenLedger, place: PlaceFn, source: ChunkSource, max_r
                     ledger.record(unsent)
                     yield unsent
                 ledger.migrations += 1
+                tracing.end_span(hop, **{"rayfleet.handed_off_to": handoff.replica_id})
                 ledger.placement = Placement(handoff.replica_id, handoff.replica)
-                ledger.hops.append(handoff.replica_id)
+                hop = _start_hop(ledger, "attach")
                 stream = source.attach(handoff.replica_id, handoff.replica, ledger.request_id)
             except REPLICA_LOST as error:
                 if ledger.replays >= max_replays:
@@ -176,10 +190,13 @@ async def follow(ledger: TokenLedger, place: PlaceFn, source: ChunkSource, max_r
                 logger.warning("request %s lost replica %s (%s); replaying %d tokens elsewhere",
                                ledger.request_id, lost, type(error).__name__, len(replay.prompt_token_ids))
                 ledger.replays += 1
+                tracing.end_span(hop, error)
+                hop = None  # until the replay is placed
                 ledger.placement = await place(replay, frozenset(exclude))
-                ledger.hops.append(ledger.placement.replica_id)
-                stream = source.generate(ledger.placement.replica_id, ledger.placement.replica, replay)
+                hop = _start_hop(ledger, "replay")
+                stream = _generate(ledger, source, replay, hop)
     finally:
+        tracing.end_span(hop, **{"rayfleet.output_tokens": ledger.output_tokens})
         if not ledger.done and ledger.placement is not None:
             _abort_quietly(ledger)
 
@@ -199,6 +216,19 @@ async def _within(stream, timeout_s: float | None, ledger: TokenLedger):
             raise ReplicaStalled(f"no chunk of {ledger.request_id} from {ledger.placement.replica_id} "
                                  f"for {timeout_s:.0f} s") from None
         yield chunk
+
+
+def _start_hop(ledger: TokenLedger, kind: str):
+    """The span of the request's stay on the replica it is placed on now (generate, attach or replay)."""
+    ledger.hops.append(ledger.placement.replica_id)
+    return tracing.start_span(f"hop {kind}", ledger.trace, tracing.SpanKind.CLIENT,
+                              {"rayfleet.replica": ledger.placement.replica_id, "rayfleet.hop": len(ledger.hops)})
+
+
+def _generate(ledger: TokenLedger, source: ChunkSource, call: GenerateCall, hop) -> AsyncIterator[ReplicaChunk]:
+    """Start `call` on the placed replica; the replica continues the trace under the hop's span."""
+    call = ledger.placement.prepare(dataclasses.replace(call, trace_headers=tracing.headers_of(hop)))
+    return source.generate(ledger.placement.replica_id, ledger.placement.replica, call)
 
 
 def _abort_quietly(ledger: TokenLedger) -> None:

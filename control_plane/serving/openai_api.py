@@ -30,6 +30,7 @@ from rayfleet.control_plane.serving.gateway import FleetGateway, logger
 from rayfleet.control_plane.serving.ledger import ReplayImpossible, TokenLedger
 from rayfleet.control_plane.serving.rendering import PoolRenderer, RenderError, RenderedRequest
 from rayfleet.control_plane.serving.request_limits import check_prompt_tokens, check_request, read_json_body
+from rayfleet.control_plane.serving.request_telemetry import ClientRequest
 from rayfleet.policies.base import RequestInfo
 
 router = APIRouter()
@@ -39,6 +40,18 @@ HTTP_KEY_HINT = "'Authorization: Bearer <key>'"
 LATENCY_WEIGHT_HEADER = "x-rayfleet-latency-weight"
 LATENCY_SLO_HEADER = "x-rayfleet-latency-slo-ms"
 ROUTE_HEADER = "x-rayfleet-route"  # response header: the pool that answered and why the router chose it
+
+
+CLIENT_CLOSED = 499  # the status nginx records for a client that went away before its response ended
+
+
+def error_status(error: Exception) -> int:
+    """The HTTP status the ingress answers `error` with (see the handlers in `ingress.py`)."""
+    if isinstance(error, OpenAIHTTPError):
+        return error.status
+    if isinstance(error, RenderError):
+        return error.status_code
+    return 500
 
 
 def authenticate(gateway: FleetGateway, request: Request) -> Principal:
@@ -113,19 +126,31 @@ class OpenAIRoutes(FleetGateway):
         return model
 
     async def _serve(self, kind: str, request: Request):
+        """One OpenAI request under its root span; counted by pool and status when its response ends."""
+        client = self.telemetry.begin(f"POST {request.url.path}", request.headers)
+        try:
+            return await self._serve_traced(kind, request, client)
+        except Exception as error:
+            self.telemetry.end(client, error_status(error), error)
+            raise
+
+    async def _serve_traced(self, kind: str, request: Request, client: ClientRequest):
         principal = authenticate(self, request)
         limits = self.spec.ingress.limits
         body = await read_json_body(request, limits)
         check_request(body, limits, principal)
         pool = self._pool_for(body["model"])
+        client.pool = pool or "auto"
         await self.ensure_renderers()
         renderer = self.renderers[pool or self.spec.pools[0].name]
         rendered = await self._render(renderer, kind, body)
         info = self._request_info(rendered[0], pool, request, body)
+        client.span.set_attribute("rayfleet.request_id", info.request_id)
         if pool is None and self.learning_router is not None and self.learning_router.needs_embeddings:
             await self.ensure_router()
             info = dataclasses.replace(info, embedding=await self.embed(embedding_text(body)))
-        placement, decision = await self.admit_and_place(info)
+        placement, decision = await self.admit_and_place(info, client.trace)
+        client.pool = decision.pool
         if decision.pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
             renderer = self.renderers[decision.pool]
             ids = [r.request_id for r in rendered]
@@ -136,14 +161,16 @@ class OpenAIRoutes(FleetGateway):
         scope = principal.scoped_id if "request_id" in body else str
         # Ledgers open now, not when the stream starts: admission of the next request must count this one.
         ledgers = [self.open_ledger(self._call(r, info, scope(r.request_id), decision.predicted_output_tokens),
-                                    placement if i == 0 else None, principal, decision.pool)
+                                    placement if i == 0 else None, principal, decision.pool, client)
                    for i, r in enumerate(rendered)]
         headers = {ROUTE_HEADER: f"{decision.pool}; {decision.reason}"}
         if rendered[0].generate.stream:
-            return StreamingResponse(self._stream(renderer, rendered, ledgers), media_type="text/event-stream",
-                                     headers=headers)
-        return JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True),
-                            headers=headers)
+            return StreamingResponse(self._stream(renderer, rendered, ledgers, client),
+                                     media_type="text/event-stream", headers=headers)
+        response = JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True),
+                                headers=headers)
+        self.telemetry.end(client, 200)
+        return response
 
     async def _render(self, renderer: PoolRenderer, kind: str, body: dict[str, Any]) -> list[RenderedRequest]:
         """vLLM's rendering and, before any stream starts, the checks vLLM would otherwise make in the engine."""
@@ -185,9 +212,10 @@ class OpenAIRoutes(FleetGateway):
                             workflow_id=info.workflow_id, predicted_output_tokens=predicted_output_tokens)
 
     async def _stream(self, renderer: PoolRenderer, rendered: list[RenderedRequest],
-                      ledgers: list[TokenLedger]) -> AsyncIterator[str]:
+                      ledgers: list[TokenLedger], client: ClientRequest) -> AsyncIterator[str]:
         n = ledgers[0].call.sampling_params.n
         completion_tokens = 0
+        status, failure = CLIENT_CLOSED, None  # until the stream ends one way or another
         try:
             for position, (r, ledger) in enumerate(zip(rendered, ledgers)):
                 async for choice in self.follow(ledger, renderer.pool):
@@ -199,17 +227,22 @@ class OpenAIRoutes(FleetGateway):
             options = rendered[0].generate.stream_options
             if options is not None and options.include_usage:
                 yield f"data: {self._usage_chunk(rendered, completion_tokens).model_dump_json(exclude_none=True)}\n\n"
+            status = 200
         except RenderError as error:
+            status, failure = error.status_code, error
             yield f"data: {error.response.model_dump_json()}\n\n"
         except ReplayImpossible as error:
             logger.warning("stream of %s ended: %s", rendered[0].request_id, error)
+            status, failure = 503, error
             yield f"data: {OpenAIHTTPError(503, str(error)).body().model_dump_json()}\n\n"
         except Exception as error:
             logger.exception("stream of %s failed", rendered[0].request_id)
-            failure = OpenAIHTTPError(500, f"generation failed ({type(error).__name__}); the request was aborted")
-            yield f"data: {failure.body().model_dump_json()}\n\n"
+            status, failure = 500, error
+            in_band = OpenAIHTTPError(500, f"generation failed ({type(error).__name__}); the request was aborted")
+            yield f"data: {in_band.body().model_dump_json()}\n\n"
         finally:
             self.close_ledgers(ledgers)
+            self.telemetry.end(client, status, failure)
         yield "data: [DONE]\n\n"
 
     @staticmethod

@@ -1,0 +1,406 @@
+"""The fleet simulator's experiments: validation against this machine, then 16, 64 and 1,000 replicas.
+
+Every experiment runs rayfleet's own policy objects (`rayfleet.policies`, built by name from a spec's `policies`
+section, as the controller and the ingress build them) over simulated replicas (`control_plane/simulator`).
+
+- `validation`: replay the requests of this machine's live bursty runs (arrival times and lengths saved by
+  `bench_migration_downtime.py --bursty-only`, `benchmarks/results/bursty_trace_*.json`) on the CPU profile
+  calibrated here, and compare p50/p99 TTFT and TPOT with what the live fleet measured.
+- `scale`: Llumnix's setting (LLaMA-7B on A10s, `a10-llama-7b`): a BurstGPT-shaped trace (Gamma arrivals with
+  CV 2, log-normal prompt and output lengths) at 0.6 req/s per replica, on 16, 64 and 1,000 replicas. Routers
+  round robin, least load, power of two; migration `none` or `llumnix`; KV-aware admission on and off. At 1,000
+  replicas the point is the policies' decision time per controller tick (goal: under 50 ms).
+- `scaling`: a diurnal trace with bursts (a day compressed into an hour) on a pool of 2-64 replicas: the
+  predictive scaler against the reactive `tokens_in_flight`, each at several settings of its knob (a frontier
+  of replica-hours against SLO violations), both draining by migration (`llumnix` drains):
+  SLO violations and replica-hours.
+- `pd`: a prefill-heavy mix on 8 A100s (`a100-llama-13b`): colocated (vLLM v1's chunked prefill, and without
+  chunking as in DistServe's vLLM baseline) against prefill/decode disaggregation at every split, goodput =
+  the highest request rate with at least 90% of requests within both SLOs (DistServe's definition), for
+  several TPOT SLOs.
+
+    python benchmarks/bench_simulator.py                  # everything (~20-30 min of one core); no lock needed
+    python benchmarks/bench_simulator.py --only scale --quick
+
+The plot needs matplotlib, which the project does not install: put it beside the venv
+(`pip install --no-deps --target /tmp/mpl matplotlib kiwisolver cycler fonttools pyparsing contourpy python-dateutil`)
+and run with `PYTHONPATH=/tmp/mpl`; without it the script says so and writes the tables only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rayfleet.control_plane.simulator.fleet import FleetSimulator, SimConfig, SimPool
+from rayfleet.control_plane.simulator.metrics import percentile
+from rayfleet.control_plane.simulator.profiles import ReplicaProfile, profile
+from rayfleet.control_plane.simulator.workload import TraceRequest, bursty, diurnal_with_bursts, replay_vllm_bench
+from rayfleet.policies.base import PoolRole
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "simulator.json"
+DOC = REPO / "docs" / "benchmarks-simulator.md"
+SECTIONS = ("validation", "scale", "scaling", "pd")
+STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - STARTED:6.0f} s] {message}", flush=True)
+
+
+def llumnix(p: ReplicaProfile, **params) -> dict[str, Any]:
+    return {"name": "llumnix", "params": {"costs": p.migration_costs().__dict__, **params}}
+
+
+def simulate(pools: list[SimPool], trace: list[TraceRequest], policies: dict[str, Any],
+             until_s: float | None = None, target: str | None = None):
+    sim = FleetSimulator(SimConfig(pools=pools, policies=policies, target_pool=target))
+    return sim.run(trace, until_s=until_s)
+
+
+# ---------------------------------------------------------------- validation
+LIVE_POLICIES = {"least_load": {"router": {"name": "least_load"}, "migration": {"name": "none"}, "tick_s": 0.5},
+                 "llumnix": {"router": {"name": "least_load"}, "tick_s": 0.5}}
+
+
+def validation(args) -> dict[str, Any]:
+    p = profile("cpu-tiny-llama-b")
+    rows = []
+    for name, base in LIVE_POLICIES.items():
+        for path in sorted(args.traces.glob(f"bursty_trace_{name}_*.json")):
+            live = json.loads(path.read_text())
+            trace = replay_vllm_bench(path)
+            # The live llumnix contender's parameters, with this profile's costs.
+            policies = {**base, "migration": llumnix(p, **live["migration_params"])} if name == "llumnix" else base
+            s = simulate([SimPool("m", p, 2)], trace, policies).summary()
+            measured = {"ttft_p50_ms": percentile(live["ttfts"], 50) * 1e3,
+                        "ttft_p99_ms": percentile(live["ttfts"], 99) * 1e3,
+                        "tpot_p50_ms": live["median_tpot_ms"], "tpot_p99_ms": live["p99_tpot_ms"]}
+            row = {"contender": name, "trace": path.name, "requests": len(trace), "live": measured,
+                   "sim": {k: s[k] for k in measured}, "sim_migrated": s["migrated"],
+                   "live_migrations": live.get("migrations", {})}
+            row["error"] = {k: s[k] / measured[k] - 1 for k in measured if measured[k]}
+            rows.append(row)
+            say(f"validation {path.name}: " + ", ".join(f"{k} live {measured[k]:.0f} sim {s[k]:.0f}" for k in measured))
+    return {"profile": p.name, "rows": rows}
+
+
+def validation_markdown(v: dict[str, Any]) -> str:
+    if not v["rows"]:
+        return "(no live traces found: run `bench_migration_downtime.py --bursty-only` first)"
+    lines = ["| live run | requests | TTFT p50 ms live / sim | TTFT p99 ms live / sim | TPOT p50 ms live / sim | "
+             "TPOT p99 ms live / sim | migrations live / sim |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in v["rows"]:
+        cells = [f"{r['live'][k]:.0f} / {r['sim'][k]:.0f} ({r['error'][k]:+.0%})" for k in
+                 ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")]
+        live_mig = r["live_migrations"].get("migrated", 0) if r["live_migrations"] else 0
+        lines.append(f"| {r['trace']} | {r['requests']} | " + " | ".join(cells)
+                     + f" | {live_mig} / {r['sim_migrated']} |")
+    errors = [abs(e) for r in v["rows"] for e in r["error"].values()]
+    lines.append("")
+    lines.append(f"Mean absolute error over all cells: {statistics.mean(errors):.0%}; largest {max(errors):.0%}.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- scale
+SCALE_POLICIES = [("round_robin", "none", "queue_limit"), ("round_robin", "llumnix", "queue_limit"),
+                  ("least_load", "none", "queue_limit"), ("least_load", "llumnix", "queue_limit"),
+                  ("power_of_two", "none", "queue_limit"), ("power_of_two", "llumnix", "queue_limit"),
+                  ("least_load", "llumnix", "kv_aware"), ("least_load", "none", "kv_aware")]
+
+
+def scale(args) -> dict[str, Any]:
+    p = profile("a10-llama-7b")
+    rows = []
+    for replicas in args.replicas:
+        rate = args.rate_per_replica * replicas
+        big = replicas >= 500
+        duration = args.big_duration_s if big else args.duration_s
+        trace = bursty(int(rate * duration), rate=rate, shape=0.25, seed=args.seed)
+        combos = [c for c in SCALE_POLICIES if c[0] == "power_of_two"] if big else SCALE_POLICIES
+        for router, migration, admission in combos:
+            began = time.monotonic()
+            policies = {"router": {"name": router}, "admission": {"name": admission},
+                        "migration": llumnix(p) if migration == "llumnix" else {"name": "none"}}
+            result = simulate([SimPool("m", p, replicas)], trace, policies, until_s=duration if big else None)
+            s = result.summary()
+            rows.append({"replicas": replicas, "router": router, "migration": migration, "admission": admission,
+                         "rate": rate, "requests": len(trace), "wall_s": time.monotonic() - began, **s})
+            say(f"scale {replicas} {router}+{migration}+{admission}: TTFT p50 {s['ttft_p50_ms']:.0f} ms p99 "
+                f"{s['ttft_p99_ms']:.0f} ms, TPOT p99 {s['tpot_p99_ms']:.0f} ms, preemptions {s['preemptions']}, "
+                f"migrated {s['migrated']}, tick p50/max {s['tick_decision_p50_ms']:.1f}/"
+                f"{s['tick_decision_max_ms']:.1f} ms ({time.monotonic() - began:.0f} s)")
+    return {"profile": p.name, "rate_per_replica": args.rate_per_replica, "rows": rows}
+
+
+def scale_markdown(sc: dict[str, Any]) -> str:
+    lines = ["| replicas | router | migration | admission | TTFT p50 ms | TTFT p99 ms | TPOT p99 ms | rejected | "
+             "preemptions | migrated | tick decision p50 / max ms | routing per request us |",
+             "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sc["rows"]:
+        lines.append(f"| {r['replicas']} | {r['router']} | {r['migration']} | {r['admission']} | "
+                     f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['tpot_p99_ms']:.0f} | {r['failed']} | "
+                     f"{r['preemptions']} | {r['migrated']} | {r['tick_decision_p50_ms']:.1f} / "
+                     f"{r['tick_decision_max_ms']:.1f} | {r['request_decision_mean_us']:.0f} |")
+    lines.append("")
+    for replicas in sorted({r["replicas"] for r in sc["rows"]}):
+        mine = {(r["router"], r["migration"], r["admission"]): r for r in sc["rows"] if r["replicas"] == replicas}
+        rr = mine.get(("round_robin", "none", "queue_limit"))
+        for label, key in (("least_load + llumnix", ("least_load", "llumnix", "queue_limit")),
+                           ("round_robin + llumnix", ("round_robin", "llumnix", "queue_limit"))):
+            if rr and key in mine:
+                lines.append(f"- {replicas} replicas: p99 TTFT round robin / {label} = "
+                             f"{rr['ttft_p99_ms'] / mine[key]['ttft_p99_ms']:.1f}x (goal >= 3x; Llumnix: 12.1x)")
+        worst = max(r["tick_decision_max_ms"] for r in mine.values())
+        lines.append(f"- {replicas} replicas: largest decision time of a tick {worst:.1f} ms (goal < 50 ms)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- scaling
+def scaling(args) -> dict[str, Any]:
+    """Each scaler at several settings (its knob trades replica-hours for SLO violations): the comparison is
+    between the two frontiers, at equal replica-hours."""
+    p = profile("a10-llama-7b")
+    trace = diurnal_with_bursts(args.day_s, base_rate=args.day_rate, period_s=args.day_s, seed=args.seed)
+    pool = SimPool("m", p, 4, min_replicas=2, max_replicas=64)
+    settings = [("tokens_in_flight", "target_tokens_per_replica", t) for t in args.reactive_targets]
+    settings += [("predictive", "target_utilization", u) for u in args.predictive_utilizations]
+    rows = []
+    for name, knob, value in settings:
+        began = time.monotonic()
+        params = {knob: value, **({"startup_s": p.startup_s} if name == "predictive" else {})}
+        result = simulate([pool], trace, {"router": {"name": "least_load"}, "scaler": {"name": name, "params": params},
+                                          "migration": llumnix(p, triggers=["drain"])})
+        s = result.summary(args.slo_ttft_s, args.slo_tpot_s)
+        rows.append({"scaler": name, knob: value, "setting": f"{knob}={value:g}", "requests": len(trace), **s})
+        say(f"scaling {name} {knob}={value:g}: SLO violations {s['slo_violations']} of {s['requests']}, "
+            f"replica-hours {s['replica_hours']:.2f} ({time.monotonic() - began:.0f} s)")
+    return {"profile": p.name, "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s,
+            "day_s": args.day_s, "base_rate": args.day_rate, "rows": rows}
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on the polyline through `points` sorted by x (None outside their range)."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def scaling_markdown(sc: dict[str, Any]) -> str:
+    lines = [f"SLO: TTFT <= {sc['slo_ttft_s']:g} s and TPOT <= {sc['slo_tpot_s']:g} s; "
+             f"{sc['rows'][0]['requests']} requests over {sc['day_s']:g} s.", "",
+             "| scaler | setting | SLO violations | attainment | replica-hours | TTFT p50 / p99 ms | preemptions | "
+             "drains by migration |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sc["rows"]:
+        lines.append(f"| {r['scaler']} | {r['setting']} | {r['slo_violations']} | {r['slo_attainment']:.1%} | "
+                     f"{r['replica_hours']:.2f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+                     f"{r['preemptions']} | {r['migrated']} |")
+    reactive = [(r["replica_hours"], r["slo_violations"]) for r in sc["rows"] if r["scaler"] == "tokens_in_flight"]
+    lines.append("")
+    for r in (r for r in sc["rows"] if r["scaler"] == "predictive"):
+        same = interpolate(reactive, r["replica_hours"])
+        verdict = ("outside the reactive settings' range of replica-hours" if same is None else
+                   f"the reactive frontier at the same replica-hours: {same:.0f} "
+                   f"({'fewer' if r['slo_violations'] < same else 'MORE'} with predictive)")
+        lines.append(f"- predictive {r['setting']}: {r['slo_violations']} violations at {r['replica_hours']:.2f} "
+                     f"replica-hours; {verdict}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- prefill/decode
+def prefill_heavy(rate: float, count: int, seed: int) -> list[TraceRequest]:
+    return bursty(count, rate=rate, shape=1.0, prompt_median=1500, prompt_sigma=0.6, prompt_range=(128, 8000),
+                  output_median=64, output_sigma=0.7, output_range=(4, 512), exact_max_tokens=True, seed=seed)
+
+
+def goodput(run: Callable[[float], float], low: float = 0.5, high: float = 40.0, target: float = 0.9) -> float:
+    """The highest rate whose SLO attainment is >= target: doubling, then bisection (DistServe's goodput)."""
+    rate = low
+    if run(rate) < target:
+        return 0.0
+    while rate < high and run(rate * 2) >= target:
+        rate *= 2
+    lo, hi = rate, rate * 2
+    for _ in range(5):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if run(mid) >= target else (lo, mid)
+    return lo
+
+
+def pd(args) -> dict[str, Any]:
+    base = profile("a100-llama-13b")
+    setups = {"colocated (chunked prefill)": (0, base), "colocated (no chunking)": (0, base.scaled(max_batched_tokens=8192))}
+    setups.update({f"{n}P{8 - n}D": (n, base) for n in range(2, 7)})
+    rows = []
+    for tpot in args.pd_tpot_slos:
+        for name, (prefill, p) in setups.items():
+            def attainment(rate: float, prefill=prefill, p=p) -> float:
+                trace = prefill_heavy(rate, args.pd_requests, args.seed)
+                if prefill:
+                    pools = [SimPool("pre", p, prefill, role=PoolRole.PREFILL),
+                             SimPool("d", p, 8 - prefill, role=PoolRole.DECODE, prefill_pool="pre")]
+                    result = simulate(pools, trace, {"router": {"name": "prefill_decode"}}, target="d")
+                else:
+                    result = simulate([SimPool("d", p, 8)], trace, {"router": {"name": "least_load"}})
+                return result.slo_attainment(args.pd_ttft_s, tpot)
+
+            rate = goodput(attainment)
+            rows.append({"tpot_slo_s": tpot, "setup": name, "goodput_rps": rate})
+            say(f"pd TPOT <= {tpot * 1e3:.0f} ms, {name}: goodput {rate:.2f} req/s")
+    return {"profile": base.name, "ttft_slo_s": args.pd_ttft_s, "requests": args.pd_requests, "rows": rows}
+
+
+def pd_markdown(r: dict[str, Any]) -> str:
+    setups = list(dict.fromkeys(x["setup"] for x in r["rows"]))
+    slos = sorted({x["tpot_slo_s"] for x in r["rows"]})
+    lines = [f"Goodput (req/s on 8 GPUs at >= 90% of requests within TTFT <= {r['ttft_slo_s']:g} s and the TPOT SLO); "
+             f"best disaggregated split over colocated.", "",
+             "| TPOT SLO | " + " | ".join(setups) + " | best P/D / colocated (chunked) | best P/D / colocated (no chunking) |",
+             "| ---: |" + " ---: |" * (len(setups) + 2)]
+    for slo in slos:
+        mine = {x["setup"]: x["goodput_rps"] for x in r["rows"] if x["tpot_slo_s"] == slo}
+        best = max(v for k, v in mine.items() if "P" in k and "colocated" not in k)
+        chunked, plain = mine["colocated (chunked prefill)"], mine["colocated (no chunking)"]
+        ratio = lambda base: f"{best / base:.2f}x" if base else "inf"  # noqa: E731
+        lines.append(f"| {slo * 1e3:.0f} ms | " + " | ".join(f"{mine[s]:.2f}" for s in setups)
+                     + f" | {ratio(chunked)} | {ratio(plain)} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plot
+def plot(results: dict[str, Any], path: Path) -> str:
+    """One figure, a panel per experiment present; matplotlib is optional (not a project dependency)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    panels = [part for part in ("scale", "scaling", "pd") if part in results]
+    if not panels:
+        return "nothing to plot"
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), dpi=110, squeeze=False)
+    for ax, part in zip(axes[0], panels):
+        rows = results[part]["rows"]
+        if part == "scale":
+            for replicas, marker in zip(sorted({r["replicas"] for r in rows if r["replicas"] < 500}), "os^"):
+                mine = [r for r in rows if r["replicas"] == replicas]
+                labels = [f"{r['router'].replace('_', ' ')}\n{r['migration']}/{r['admission'][:5]}" for r in mine]
+                ax.plot(range(len(mine)), [r["ttft_p99_ms"] / 1e3 for r in mine], marker=marker, ls="",
+                        label=f"{replicas} replicas")
+                ax.set_xticks(range(len(mine)), labels, fontsize=6, rotation=60)
+            ax.set_yscale("log")
+            ax.set_ylabel("p99 TTFT, s (log)")
+            ax.set_title("A10 LLaMA-7B, bursty BurstGPT-shaped trace", fontsize=9)
+        elif part == "scaling":
+            for scaler, marker in (("tokens_in_flight", "o-"), ("predictive", "s-")):
+                mine = sorted((r["replica_hours"], r["slo_violations"]) for r in rows if r["scaler"] == scaler)
+                ax.plot([m[0] for m in mine], [m[1] for m in mine], marker, label=scaler)
+            ax.set_xlabel("replica-hours")
+            ax.set_ylabel("SLO violations")
+            ax.set_title("diurnal + flash crowds: scaler frontiers", fontsize=9)
+        else:
+            slos = sorted({r["tpot_slo_s"] for r in rows})
+            for setup in ("colocated (chunked prefill)", "colocated (no chunking)"):
+                ax.plot([x * 1e3 for x in slos], [next(r["goodput_rps"] for r in rows if r["setup"] == setup
+                                                        and r["tpot_slo_s"] == x) for x in slos], "o-", label=setup)
+            best = [max(r["goodput_rps"] for r in rows if r["tpot_slo_s"] == x and "colocated" not in r["setup"])
+                    for x in slos]
+            ax.plot([x * 1e3 for x in slos], best, "s-", label="best P/D split")
+            ax.set_xlabel("TPOT SLO, ms")
+            ax.set_ylabel("goodput, req/s on 8 GPUs")
+            ax.set_title("A100 13B, prefill-heavy mix", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return f"plot written to {path}"
+
+
+# ---------------------------------------------------------------- driver
+RUNNERS = {"validation": (validation, validation_markdown), "scale": (scale, scale_markdown),
+           "scaling": (scaling, scaling_markdown), "pd": (pd, pd_markdown)}
+
+
+def shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def write_doc(doc: Path, part: str, text: str) -> None:
+    begin, end = f"<!-- bench_simulator:{part}:begin -->", f"<!-- bench_simulator:{part}:end -->"
+    content = doc.read_text() if doc.exists() else ""
+    if begin in content:
+        head, rest = content.split(begin, 1)
+        content = head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+    else:
+        content += f"\n{begin}\n{text}\n{end}\n"
+    doc.write_text(content)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated of {', '.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help="smaller traces (minutes instead of tens of minutes)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--traces", type=Path, default=REPO / "benchmarks" / "results", help="live bursty traces")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[16, 64, 1000])
+    parser.add_argument("--rate-per-replica", type=float, default=0.6, help="scale: mean req/s per replica")
+    parser.add_argument("--duration-s", type=float, default=300.0, help="scale: seconds of arrivals (16, 64)")
+    parser.add_argument("--big-duration-s", type=float, default=60.0, help="scale: seconds simulated at 1,000")
+    parser.add_argument("--day-s", type=float, default=1800.0, help="scaling: the compressed day")
+    parser.add_argument("--reactive-targets", type=int, nargs="+", default=[4000, 5000, 6000, 8000])
+    parser.add_argument("--predictive-utilizations", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
+    parser.add_argument("--day-rate", type=float, default=6.0, help="scaling: mean req/s over the day")
+    parser.add_argument("--slo-ttft-s", type=float, default=2.0)
+    parser.add_argument("--slo-tpot-s", type=float, default=0.1)
+    parser.add_argument("--pd-ttft-s", type=float, default=1.0)
+    parser.add_argument("--pd-tpot-slos", type=float, nargs="+", default=[0.03, 0.05, 0.1])
+    parser.add_argument("--pd-requests", type=int, default=1500)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration_s, args.big_duration_s, args.day_s, args.pd_requests = 120.0, 20.0, 1200.0, 600
+        args.pd_tpot_slos = [0.03, 0.1]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_before": os.getloadavg(),
+            "command": "python benchmarks/bench_simulator.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    for part in args.only.split(","):
+        run, markdown = RUNNERS[part]
+        began = time.monotonic()
+        results[part] = {**run(args), "meta": {**meta, "wall_s": time.monotonic() - began}}
+        table = markdown(results[part])
+        print("\n" + table + "\n", flush=True)
+        if not args.no_docs:
+            m = results[part]["meta"]
+            header = (f"Generated by `{m['command']}` on {m['date']} ({m['machine']}; load average before "
+                      f"{m['load_before'][0]:.1f}; {m['wall_s']:.0f} s). Raw numbers: `{shown(args.out)}`.\n\n")
+            write_doc(args.doc, part, header + table)
+    if not args.no_docs:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+        say(plot(results, args.doc.with_suffix(".png")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

