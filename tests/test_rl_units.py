@@ -212,3 +212,25 @@ def test_rl_config_errors_name_the_field():
         parse_rl_config({**base, "trainer": {"learning_rate": 1}})
     parsed = parse_rl_config({**base, "sampling": {"temperature": 0.7}})
     assert parsed.trainer.temperature == 0.7  # the trainer's ratio uses the rollouts' temperature
+
+
+# ---------------------------------------------------------------------- sample store shard (the class, no actor)
+async def test_samples_of_one_group_waiting_for_room_all_go_in_once_one_of_them_gets_it():
+    """Backpressure admits groups, not samples: when a full shard frees room, a group whose samples all waited
+    takes it once and completes (it used to leave its other samples waiting for room forever)."""
+    import asyncio
+
+    from rayfleet.actors.rl.sample_store import SampleStoreShard
+
+    def sample(group: str, index: int) -> Sample:
+        return Sample(group, index, 2, "t", (1,), (5,), (-0.5,), (0,), reward=float(index))
+
+    shard = SampleStoreShard(capacity_groups=1)
+    await shard.put(sample("full", 0))  # the shard's one slot, held by a pending group
+    waiting = [asyncio.ensure_future(shard.put(sample("late", i), timeout_s=5)) for i in range(2)]
+    await asyncio.sleep(0.05)
+    assert not any(w.done() for w in waiting) and shard.stats().put_waits == 2
+    await shard.put(sample("full", 1))
+    assert [g.group_id for g in await shard.claim(["full"])] == ["full"]  # room again
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert shard.stats().complete_groups == 1 and shard.stats().pending_groups == 0

@@ -67,12 +67,16 @@ class SampleStoreShard:
                 # Only a new group needs room: samples of a started group always complete it.
                 if len(self.pending) + len(self.complete) >= self.capacity:
                     self.put_waits += 1
+                    # Another sample of this group may get the room first: then this one needs none.
+                    def admitted() -> bool:
+                        return sample.group_id in self.pending or self._has_room()
                     try:
-                        await asyncio.wait_for(self.changed.wait_for(self._has_room), timeout_s)
+                        await asyncio.wait_for(self.changed.wait_for(admitted), timeout_s)
                     except asyncio.TimeoutError:
                         raise StoreFull(f"no room for group {sample.group_id} within {timeout_s:.0f} s "
                                         f"({self.capacity} groups held)") from None
                 self.pending.setdefault(sample.group_id, {})
+                self.changed.notify_all()  # its other samples may be waiting for the room it took
             group = self.pending[sample.group_id]
             if sample.index in group:
                 raise DuplicateSample(f"sample {sample.index} of group {sample.group_id} was put twice")
