@@ -65,7 +65,8 @@ class SyncReport:
     seconds: float  # the slowest replica's whole update, as the caller waited for it
     paused_s: float  # the longest generation pause
     interrupted: int  # requests running across the replicas when they paused
-    replicas: tuple[str, ...]
+    replicas: tuple[str, ...]  # now on `version`
+    lost: tuple[str, ...] = ()  # died before or during the update: gone, not failed (the controller replaces them)
 
 
 class WeightSync:
@@ -90,13 +91,17 @@ class WeightSync:
         started = time.monotonic()
         results = await asyncio.gather(*(self._one(rid, handle, update) for rid, handle in replicas.items()),
                                        return_exceptions=True)
-        failures = [f"{rid}: {result}" for rid, result in zip(replicas, results) if isinstance(result, Exception)]
+        lost = [rid for rid, result in zip(replicas, results) if isinstance(result, ray.exceptions.RayActorError)]
+        failures = [f"{rid}: {result}" for rid, result in zip(replicas, results)
+                    if isinstance(result, Exception) and rid not in lost]
         if failures:
             raise WeightSyncError(f"sync to weight version {version} failed on {len(failures)} of {len(replicas)} "
                                   f"replicas: " + "; ".join(failures))
+        done = [result for result in results if not isinstance(result, Exception)]
         return SyncReport(version=version, seconds=time.monotonic() - started,
-                          paused_s=max((r.paused_s for r in results), default=0.0),
-                          interrupted=sum(r.interrupted for r in results), replicas=tuple(replicas))
+                          paused_s=max((r.paused_s for r in done), default=0.0),
+                          interrupted=sum(r.interrupted for r in done),
+                          replicas=tuple(rid for rid in replicas if rid not in lost), lost=tuple(lost))
 
     async def _one(self, replica_id: str, handle, update: WeightUpdate) -> WeightUpdateResult:
         # The replica bounds each step by the update's timeout; this bound covers a replica that never answers.

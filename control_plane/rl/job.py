@@ -284,7 +284,11 @@ class RLJob:
                 if attempt == self.config.weight_sync.retries:
                     raise
                 logger.warning("weight sync attempt %d failed, retrying: %s", attempt + 1, error)
-        self.pool.mark_synced(replicas, version)
+        self.pool.mark_synced(report.replicas, version)
+        if report.lost:
+            logger.warning("replicas %s died during the sync to v%d; their replacements sync before rollouts",
+                           list(report.lost), version)
+            self.pool.forget(report.lost)
         self.sync_s += report.seconds
         self.syncs += 1
         self.metrics.observe_sync(report.seconds)

@@ -71,6 +71,13 @@ class RolloutPool:
                 self.versions[replica_id] = version
         self.changed.set()
 
+    def forget(self, replica_ids) -> None:
+        """Replicas found dead: no rollout goes there, even before the controller notices."""
+        for replica_id in replica_ids:
+            self.handles.pop(replica_id, None)
+            self.versions.pop(replica_id, None)
+        self.changed.set()
+
     @property
     def version(self) -> int:
         """The oldest weights among the synced replicas (-1 before the first sync)."""
