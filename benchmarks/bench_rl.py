@@ -167,7 +167,14 @@ def main() -> None:
     parser.add_argument("--kill-at", type=int, default=8, help="version at which the kill run loses a replica")
     parser.add_argument("--spread", type=int, default=0, help="also run the job with this many seeds (k = 1)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--plot", nargs="+", type=Path, metavar="RESULT_JSON",
+                        help="only draw the curve files from RL job results (`python -m rayfleet.control_plane.rl "
+                        "--out DIR` writes them)")
     args = parser.parse_args()
+    if args.plot:
+        runs = [json.loads(path.read_text()) for path in args.plot]
+        write_curves({f"{r['name']} k={r['staleness_bound']}": r for r in runs})
+        return
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = load_average()
     controller = start_fleet(args.replicas)
