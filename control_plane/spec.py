@@ -24,6 +24,7 @@ from rayfleet.control_plane import llm_config
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 RESERVED_MODEL_NAMES = {"auto"}
 ROLLOUT_WEIGHT_BACKEND = "rayfleet_object_store"  # actors/rl/weight_transfer.py registers it with vLLM
+ROLLOUT_LOGPROBS_MODE = "processed_logprobs"  # a rollout's logprobs: of the sampling distribution
 
 
 class SpecError(ValueError):
@@ -93,7 +94,8 @@ class PoolSpec(Strict):
     )
     rollout: bool = Field(
         False, description="An RL rollout pool: its replicas take weight updates from an RL job (vLLM's weight-"
-        "update API; engine_args.weight_transfer_config defaults to rayfleet's object-store backend) and never "
+        "update API; engine_args.weight_transfer_config defaults to rayfleet's object-store backend, "
+        "engine_args.logprobs_mode to processed_logprobs: after temperature, as the trainer's ratio needs) and never "
         "live-migrate (a rollout's logprobs must come from the engine that sampled it).",
     )
 
@@ -104,7 +106,10 @@ class PoolSpec(Strict):
             return data
         if data.get("live_migration"):
             raise ValueError("a rollout pool cannot use live_migration")
-        engine_args = {"weight_transfer_config": {"backend": ROLLOUT_WEIGHT_BACKEND}, **(data.get("engine_args") or {})}
+        # vLLM returns raw logprobs (before temperature, top-k/top-p) unless told otherwise; the trainer's
+        # importance ratio needs the distribution the engine sampled from.
+        engine_args = {"weight_transfer_config": {"backend": ROLLOUT_WEIGHT_BACKEND},
+                       "logprobs_mode": ROLLOUT_LOGPROBS_MODE, **(data.get("engine_args") or {})}
         return {**data, "live_migration": False, "engine_args": engine_args}
 
     @model_validator(mode="before")

@@ -234,3 +234,16 @@ async def test_samples_of_one_group_waiting_for_room_all_go_in_once_one_of_them_
     assert [g.group_id for g in await shard.claim(["full"])] == ["full"]  # room again
     await asyncio.wait_for(asyncio.gather(*waiting), 5)
     assert shard.stats().complete_groups == 1 and shard.stats().pending_groups == 0
+
+
+def test_a_rollout_pool_asks_vllm_for_the_logprobs_of_the_distribution_it_samples_from():
+    """vLLM's default logprobs are raw (before temperature); the trainer's ratio divides by the temperature, so at
+    any temperature but 1 a raw logprob would skew every ratio."""
+    from rayfleet.control_plane.spec import PoolSpec
+
+    pool = PoolSpec.model_validate({"name": "rl", "model": str(TASK_MODEL), "rollout": True})
+    assert pool.engine_args["logprobs_mode"] == "processed_logprobs"
+    assert pool.engine_args["weight_transfer_config"] == {"backend": "rayfleet_object_store"}
+    chosen = PoolSpec.model_validate({"name": "rl", "model": str(TASK_MODEL), "rollout": True,
+                                      "engine_args": {"logprobs_mode": "processed_logits"}})
+    assert chosen.engine_args["logprobs_mode"] == "processed_logits"  # an explicit choice is kept
