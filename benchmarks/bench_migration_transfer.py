@@ -101,7 +101,8 @@ def start_replicas(model_dir: Path, args: argparse.Namespace, max_model_len: int
             name, "bench", str(model_dir), migration_engine_args(max_model_len))
         replicas.append((name, handle))
     facts = ray.get([handle.start.remote() for _, handle in replicas])
-    return [Destination(name, handle, fact["node_id"]) for (name, handle), fact in zip(replicas, facts)]
+    return [Destination(name, handle, fact["node_id"], tuple(fact["gpu_uuids"]))
+            for (name, handle), fact in zip(replicas, facts)]
 
 
 async def migrate_once(src, dst, prompt: list[int], mode: str, args: argparse.Namespace) -> dict[str, Any]:

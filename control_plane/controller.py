@@ -5,26 +5,40 @@ It reconciles the spec (desired replicas per pool) into LLMReplica actors, healt
 (no new requests; in-flight ones finish, or move out when a migration policy is active), and runs the
 policies on a periodic tick over a FleetSnapshot. Durable state goes to the state store so a restarted
 controller re-adopts its replicas (they are named, detached actors).
+
+Ray re-runs only the constructor of a restarted actor, so the constructor itself starts the control loop (as
+Ray Serve's own controller does), and nothing in it may fail for good: a state store that cannot be reached
+yet is retried by the loop, which re-adopts the replicas it finds by their actor names meanwhile and starts
+new ones only once it knows the desired counts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 
 from rayfleet.actors.kv.store import get_or_create_kv_store
+from rayfleet.actors.observability import tracing
+from rayfleet.actors.observability.logs import configure_actor_logging
 from rayfleet.actors.replica.live_migration import Destination
-from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE, FleetError, replica_actor_name
+from rayfleet.control_plane.controller_api import (
+    CONTROLLER_NAME,
+    NAMESPACE,
+    AuditEntry,
+    FleetError,
+    replica_actor_name,
+)
 from rayfleet.control_plane.kuberay import CLUSTER_NAME_ENV, KubeRayScaler
 from rayfleet.control_plane.spec import FleetSpec, PoolSpec, parse_spec
-from rayfleet.control_plane.state_store import open_state_store
+from rayfleet.control_plane.state_store import DurableState
 from rayfleet.control_plane.telemetry import FleetMetrics
 from rayfleet.policies import registry
 from rayfleet.policies.base import (
@@ -52,6 +66,7 @@ class ReplicaRecord:
     failed_checks: int = 0
     drain_started: float | None = None
     start_task: asyncio.Task | None = None
+    readopted: bool = False  # taken back after a controller restart: may already serve requests
 
     def snapshot(self, pool: PoolSpec) -> ReplicaSnapshot:
         load = self.load
@@ -78,14 +93,19 @@ class ReplicaRecord:
 
 
 class FleetController:
-    def __init__(self, spec: dict[str, Any]):
+    async def __init__(self, spec: dict[str, Any]):  # Ray runs an async constructor on the actor's loop
         self.spec: FleetSpec = parse_spec(spec)
-        logging.basicConfig(level=self.spec.log_level)
-        self.store = open_state_store(self.spec.state_store, self.spec.name)
+        configure_actor_logging(self.spec.log_level)
+        tracing.setup_tracing(self.spec.tracing, "controller")
+        if self.spec.state_store == "memory://":
+            logger.warning("state_store is memory://: a restarted controller re-adopts its replicas but forgets "
+                           "runtime scaling and migration history; use Redis to keep them")
+        self.store = DurableState(self.spec.state_store, self.spec.name)
+        self.state_loaded = False  # desired counts read from the store (or it is memory://)
         self.replicas: dict[str, ReplicaRecord] = {}
         self.desired: dict[str, int] = {p.name: p.start_replicas for p in self.spec.pools}
-        self.desired.update({k: v for k, v in self.store.get("desired", {}).items() if k in self.desired})
         self.restarts: dict[str, int] = {}
+        self._replacements_due: dict[str, int] = {}  # replicas found dead and not replaced yet, per pool
         self.migrations: list[MigrationRecord] = []
         self.metrics = FleetMetrics()
         self._build_policies()
@@ -93,7 +113,9 @@ class FleetController:
         # Created once, here, before any replica: the engines only find it by name (see kv_prefix_store).
         self.kv_store = get_or_create_kv_store(self.spec.kv_store) if self.spec.kv_store is not None else None
         self._loop_task: asyncio.Task | None = None
+        self.ticks = 0  # completed control-loop iterations since this process started
         self._readopt()
+        await self.run()
 
     def _build_policies(self) -> None:
         policies = self.spec.policies
@@ -102,10 +124,33 @@ class FleetController:
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self) -> None:
-        """Start the reconcile/health/policy loop (idempotent)."""
+        """Start the reconcile/health/policy loop (idempotent; the constructor already does)."""
         if self._loop_task is None or self._loop_task.done():
-            self.store.put("spec", self.spec.model_dump())
             self._loop_task = asyncio.create_task(self._loop())
+
+    def _load_state(self) -> bool:
+        """Once the store answers: the desired counts it holds and the registry's drain states."""
+        if self.state_loaded:
+            return True
+        if not self.store.connect():
+            return False
+        try:
+            stored = self.store.get("desired", {}) or {}
+            registry = self.store.get("replicas", {}) or {}
+        except Exception as error:
+            logger.warning("state store read failed (%s); retrying", type(error).__name__)
+            return False
+        self.desired.update({k: v for k, v in stored.items() if k in self.desired})
+        for replica_id, info in registry.items():
+            record = self.replicas.get(replica_id)
+            if record is not None and info.get("state") == ReplicaState.DRAINING.value:
+                self._begin_drain(record, reason="draining before the controller restarted")
+        self.state_loaded = True
+        self.store.put("spec", self.spec.without_secrets().model_dump(mode="json"))
+        self.store.put("desired", self.desired)
+        self._persist_registry()
+        logger.info("controller state loaded: desired %s, %d replicas adopted", self.desired, len(self.replicas))
+        return True
 
     async def wait_ready(self, timeout_s: float = 600.0) -> dict[str, int]:
         """Wait until every pool has its desired number of READY replicas."""
@@ -128,14 +173,17 @@ class FleetController:
         last_policy_tick = 0.0
         while True:
             try:
+                self.store.heal(time.time())
                 await self._check_health()
                 now = time.monotonic()
                 if now - last_policy_tick >= self.spec.policies.tick_s:
                     last_policy_tick = now
                     await self._run_policies()
-                self._reconcile()
+                if self._load_state():  # no new replicas before the desired counts are known
+                    self._reconcile()
                 await self._progress_drains()
                 self.metrics.observe(self.snapshot())
+                self.ticks += 1
             except Exception:  # the loop must survive any single bad tick
                 logger.exception("controller tick failed")
             await asyncio.sleep(min(self.spec.health.check_period_s, self.spec.policies.tick_s))
@@ -157,7 +205,9 @@ class FleetController:
             live = self._live(pool.name)
             missing = self.desired[pool.name] - len(live)
             for _ in range(max(missing, 0)):
-                self._start_replica(pool)
+                due = self._replacements_due.get(pool.name, 0)
+                self._replacements_due[pool.name] = max(due - 1, 0)
+                self._start_replica(pool, "replacement" if due else "scale")
             if missing < 0:
                 # Remove the least useful first: still starting, then least tokens in flight.
                 def cost(r: ReplicaRecord):
@@ -165,7 +215,7 @@ class FleetController:
                 for record in sorted(live, key=cost)[: -missing]:
                     self._begin_drain(record, reason="scale-down")
 
-    def _start_replica(self, pool: PoolSpec) -> ReplicaRecord:
+    def _start_replica(self, pool: PoolSpec, reason: str) -> ReplicaRecord:
         from rayfleet.actors.replica.llm_replica import LLMReplica
 
         replica_id = f"{pool.name}-{uuid.uuid4().hex[:6]}"
@@ -177,7 +227,7 @@ class FleetController:
             num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus,
             max_restarts=0,  # the controller replaces dead replicas itself (new id, fresh engine)
-            runtime_env={"env_vars": {"RAYFLEET_LOG_LEVEL": self.spec.log_level, **pool.env}},
+            runtime_env=self._runtime_env(pool),
         )
         if resources.accelerator_type:
             options["accelerator_type"] = resources.accelerator_type
@@ -188,13 +238,21 @@ class FleetController:
         kv_store = self.spec.kv_store if pool.use_kv_store else None
         handle = ray.remote(LLMReplica).options(**options).remote(
             replica_id, pool.name, pool.model, pool.engine_args, pool.served_model_name, pool.live_migration,
-            kv_store=kv_store, kv_store_namespace=pool.kv_store_namespace)
+            kv_store=kv_store, kv_store_namespace=pool.kv_store_namespace,
+            log_engine_metrics=pool.log_engine_metrics, tracing_config=self.spec.tracing)
         record = ReplicaRecord(replica_id=replica_id, pool=pool.name, handle=handle)
         self.replicas[replica_id] = record
         record.start_task = asyncio.create_task(self._await_start(record))
         self._persist_registry()
-        logger.info("starting replica %s of pool %s", replica_id, pool.name)
+        self.metrics.replica_starts.inc(tags={"pool": pool.name, "reason": reason})
+        logger.info("starting replica %s of pool %s (%s)", replica_id, pool.name, reason)
         return record
+
+    def _runtime_env(self, pool: PoolSpec) -> dict[str, Any]:
+        """The pool's Ray runtime_env, with its `env`, the log level and what vLLM's tracing reads."""
+        env_vars = {"RAYFLEET_LOG_LEVEL": self.spec.log_level, **tracing.engine_tracing_env(self.spec.tracing),
+                    **pool.runtime_env.get("env_vars", {}), **pool.env}
+        return {**pool.runtime_env, "env_vars": env_vars}
 
     async def _await_start(self, record: ReplicaRecord) -> None:
         try:
@@ -220,7 +278,7 @@ class FleetController:
 
     async def _probe(self, record: ReplicaRecord):
         timeout = self.spec.health.check_timeout_s
-        await asyncio.wait_for(record.handle.check_health.remote(), timeout=timeout)
+        await asyncio.wait_for(record.handle.check_health.remote(self.spec.health.stall_timeout_s), timeout=timeout)
         return await asyncio.wait_for(record.handle.load.remote(), timeout=timeout)
 
     async def _mark_dead(self, record: ReplicaRecord, reason: str) -> None:
@@ -230,6 +288,8 @@ class FleetController:
         record.state = ReplicaState.DEAD
         record.last_error = reason
         self.restarts[record.pool] = self.restarts.get(record.pool, 0) + 1
+        if not was_draining:
+            self._replacements_due[record.pool] = self._replacements_due.get(record.pool, 0) + 1
         self.metrics.replica_failures.inc(tags={"pool": record.pool})
         logger.error("replica %s is dead (%s)%s", record.replica_id, reason,
                      "" if was_draining else "; starting a replacement")
@@ -242,27 +302,52 @@ class FleetController:
         # The replacement comes from _reconcile: live < desired for this pool now.
 
     # ---------------------------------------------------------------- scaling and draining
-    def scale(self, pool: str, replicas: int) -> dict[str, Any]:
-        spec = self._pool(pool)
-        if not spec.min_replicas <= replicas <= spec.max_replicas:
-            raise FleetError(f"scale {pool} to {replicas}: outside [min_replicas={spec.min_replicas}, "
-                             f"max_replicas={spec.max_replicas}] of the spec")
-        logger.info("scaling pool %s from %d to %d replicas", pool, self.desired[pool], replicas)
-        self.desired[pool] = replicas
-        self.store.put("desired", self.desired)
-        self._reconcile()
+    def scale(self, pool: str, replicas: int, origin: str = "api") -> dict[str, Any]:
+        with self._audited("scale", {"pool": pool, "replicas": replicas}, origin) as audit:
+            spec = self._pool(pool)
+            if not spec.min_replicas <= replicas <= spec.max_replicas:
+                raise FleetError(f"scale {pool} to {replicas}: outside [min_replicas={spec.min_replicas}, "
+                                 f"max_replicas={spec.max_replicas}] of the spec")
+            logger.info("scaling pool %s from %d to %d replicas", pool, self.desired[pool], replicas)
+            audit["detail"] = f"desired {self.desired[pool]} -> {replicas}"
+            self.desired[pool] = replicas
+            self.store.put("desired", self.desired)
+            self._reconcile()
         return {"pool": pool, "desired": replicas}
 
-    def drain(self, replica_id: str) -> dict[str, Any]:
+    def drain(self, replica_id: str, origin: str = "api") -> dict[str, Any]:
         """Drain one replica and lower its pool's desired count by one (the way to remove a *specific* one)."""
-        record = self.replicas.get(replica_id)
-        if record is None:
-            raise FleetError(f"unknown replica '{replica_id}'; known: {', '.join(sorted(self.replicas))}")
-        pool = self._pool(record.pool)
-        self.desired[record.pool] = max(self.desired[record.pool] - 1, pool.min_replicas)
-        self.store.put("desired", self.desired)
-        self._begin_drain(record, reason="drain requested")
+        with self._audited("drain", {"replica_id": replica_id}, origin) as audit:
+            record = self.replicas.get(replica_id)
+            if record is None:
+                raise FleetError(f"unknown replica '{replica_id}'; known: {', '.join(sorted(self.replicas))}")
+            pool = self._pool(record.pool)
+            self.desired[record.pool] = max(self.desired[record.pool] - 1, pool.min_replicas)
+            self.store.put("desired", self.desired)
+            self._begin_drain(record, reason=f"drain requested ({origin})")
+            audit["detail"] = f"{len(record.load.requests) if record.load else 0} requests to move or finish"
         return {"replica_id": replica_id, "state": record.state.value}
+
+    @contextlib.contextmanager
+    def _audited(self, action: str, params: dict[str, Any], origin: str) -> Iterator[dict[str, str]]:
+        """Record an operator action in the audit log: refused (a FleetError, re-raised) or done."""
+        audit = {"detail": ""}
+        try:
+            yield audit
+        except Exception as error:
+            outcome = "refused" if isinstance(error, FleetError) else "failed"
+            self._audit(AuditEntry(action, params, origin, outcome, f"{error}"))
+            raise
+        self._audit(AuditEntry(action, params, origin, "ok", audit["detail"]))
+
+    def _audit(self, entry: AuditEntry) -> None:
+        self.store.append("audit", asdict(entry))
+        logger.info("audit: %s %s by %s: %s%s", entry.action, entry.params, entry.origin, entry.outcome,
+                    f" ({entry.detail})" if entry.detail else "")
+
+    def audit_log(self, count: int = 100) -> list[dict[str, Any]]:
+        """The latest operator actions, oldest first."""
+        return self.store.tail("audit", count)
 
     def _begin_drain(self, record: ReplicaRecord, reason: str) -> None:
         if record.state is ReplicaState.DRAINING:
@@ -274,7 +359,7 @@ class FleetController:
 
     async def _progress_drains(self) -> None:
         for record in [r for r in self.replicas.values() if r.state is ReplicaState.DRAINING]:
-            if record.start_task is not None and not record.start_task.done():
+            if record.start_task is not None and not record.start_task.done() and not record.readopted:
                 record.start_task.cancel()
                 await self._stop(record)
                 continue
@@ -336,9 +421,14 @@ class FleetController:
         if decisions:
             await asyncio.gather(*(self._execute_migration(d) for d in decisions), return_exceptions=True)
 
-    async def migrate(self, request_id: str, src: str, dst: str, mode: str = "precopy") -> dict[str, Any]:
+    async def migrate(self, request_id: str, src: str, dst: str, mode: str = "precopy",
+                      origin: str = "api") -> dict[str, Any]:
         """Live-migrate one running request from replica `src` to replica `dst`."""
-        record = await self._execute_migration(MigrationDecision(request_id, src, dst, mode, reason="api"))
+        params = {"request_id": request_id, "src": src, "dst": dst, "mode": mode}
+        with self._audited("migrate", params, origin) as audit:
+            record = await self._execute_migration(MigrationDecision(request_id, src, dst, mode, reason=origin))
+            audit["detail"] = f"{record.outcome}: downtime {record.downtime_s * 1e3:.1f} ms, " \
+                              f"{record.bytes_moved} bytes{'; ' + record.reason if record.reason else ''}"
         return asdict(record)
 
     async def _execute_migration(self, decision: MigrationDecision) -> MigrationRecord:
@@ -346,13 +436,23 @@ class FleetController:
         if src is None or dst is None:
             missing = decision.src if src is None else decision.dst
             raise FleetError(f"migrate: unknown replica '{missing}'")
+        if src.pool != dst.pool:  # same architecture is not enough: two fine-tunes must not swap requests
+            raise FleetError(f"migrate: {decision.dst} is in pool {dst.pool}, not {src.pool}; a request moves only "
+                             "within its pool")
         if dst.state is not ReplicaState.READY:
             raise FleetError(f"migrate: destination {decision.dst} is {dst.state.value}, not ready")
         if decision.mode not in ("precopy", "stop_and_copy"):
             raise FleetError(f"migrate: mode must be 'precopy' or 'stop_and_copy', got '{decision.mode}'")
         migration_id = f"mig-{uuid.uuid4().hex[:8]}"
-        destination = Destination(decision.dst, dst.handle, dst.facts.get("node_id", ""))
-        result = await src.handle.migrate_out.remote(decision.request_id, destination, migration_id, decision.mode)
+        destination = Destination(decision.dst, dst.handle, dst.facts.get("node_id", ""),
+                                  tuple(dst.facts.get("gpu_uuids", ())))
+        try:  # bounded: one stuck migration must not hold up the control loop
+            result = await asyncio.wait_for(
+                src.handle.migrate_out.remote(decision.request_id, destination, migration_id, decision.mode),
+                timeout=self.spec.health.migration_timeout_s)
+        except asyncio.TimeoutError:
+            raise FleetError(f"migrate: {migration_id} of {decision.request_id} did not finish within "
+                             f"{self.spec.health.migration_timeout_s:.0f} s") from None
         record = MigrationRecord(**result)
         self.migrations.append(record)
         del self.migrations[:-500]
@@ -388,15 +488,17 @@ class FleetController:
         return self.snapshot(), handles
 
     def get_spec(self) -> dict[str, Any]:
-        return self.spec.model_dump()
+        return self.spec.without_secrets().model_dump(mode="json")
 
-    def status(self) -> dict[str, Any]:
+    def status(self, migrations: int = 20) -> dict[str, Any]:
+        """Pools, replicas with their load and requests, and the latest `migrations` records."""
         snapshot = self.snapshot()
         replicas = []
         for pool in snapshot.pools.values():
             for r in pool.replicas:
                 replicas.append({
                     "replica_id": r.replica_id, "pool": r.pool, "model": r.model, "state": r.state.value,
+                    "accelerator": r.accelerator,
                     "running": r.num_running, "waiting": r.num_waiting,
                     "kv_cache_usage": round(r.kv_cache_usage, 4), "tokens_in_flight": r.tokens_in_flight,
                     "decode_tokens_per_s": round(r.decode_tokens_per_s, 1), "node_id": r.node_id[:12],
@@ -406,11 +508,20 @@ class FleetController:
         return {
             "fleet": self.spec.name,
             "pools": {name: {"desired": p.desired_replicas, "min": p.min_replicas, "max": p.max_replicas,
-                             "ready": len(p.routable_replicas), "restarts": self.restarts.get(name, 0)}
+                             "ready": len(p.routable_replicas), "restarts": self.restarts.get(name, 0),
+                             "model": p.model, "tags": p.tags}
                       for name, p in snapshot.pools.items()},
             "replicas": replicas,
-            "migrations": [asdict(m) for m in self.migrations[-20:]],
+            "migrations": [asdict(m) for m in self.migrations[-migrations:]],
+            "controller": {"ticks": self.ticks, "pid": os.getpid(), "state_store_connected": self.store.connected},
         }
+
+    async def kv_store_stats(self) -> list[dict[str, Any]] | None:
+        """Each KV store shard's hits, misses and tier usage; None when the fleet has no store."""
+        if self.kv_store is None:
+            return None
+        stats = await asyncio.gather(*(shard.stats.remote() for shard in self.kv_store.shards))
+        return [asdict(s) for s in stats]
 
     # ---------------------------------------------------------------- durability
     def _persist_registry(self) -> None:
@@ -418,20 +529,46 @@ class FleetController:
                                     for rid, r in self.replicas.items()})
 
     def _readopt(self) -> None:
-        """After a controller restart, take back the replicas the store says are ours and still live."""
-        for replica_id, info in (self.store.get("replicas") or {}).items():
-            if info["pool"] not in self.desired:
+        """After a controller restart, take back this fleet's live replicas, found by their actor names (Ray
+        knows them whether or not the state store is reachable). Each becomes ready once it answers a health
+        check; the store's registry later restores which ones were draining."""
+        prefix = replica_actor_name("")
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            name = actor["name"]
+            if actor["namespace"] != NAMESPACE or not name.startswith(prefix):
+                continue
+            replica_id = name[len(prefix):]
+            pool = replica_id.rsplit("-", 1)[0]
+            if pool not in self.desired:
                 continue
             try:
-                handle = ray.get_actor(replica_actor_name(replica_id), namespace=NAMESPACE)
-            except ValueError:
+                handle = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:  # gone meanwhile
                 continue
-            record = ReplicaRecord(replica_id=replica_id, pool=info["pool"], handle=handle,
-                                   state=ReplicaState(info["state"]))
-            if record.state is ReplicaState.STARTING:
-                record.state = ReplicaState.READY  # the health loop demotes it if its engine is not up
+            record = ReplicaRecord(replica_id=replica_id, pool=pool, handle=handle, readopted=True)
             self.replicas[replica_id] = record
-            logger.info("re-adopted replica %s (%s)", replica_id, info["state"])
+            record.start_task = asyncio.create_task(self._await_readopted(record))
+            logger.info("re-adopting replica %s of pool %s", replica_id, pool)
+
+    async def _await_readopted(self, record: ReplicaRecord) -> None:
+        """A re-adopted replica is ready when its engine answers (it may still have been starting)."""
+        deadline = time.monotonic() + self.spec.health.start_timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(record.handle.check_health.remote(), self.spec.health.check_timeout_s)
+                record.facts = await record.handle.engine_facts.remote()
+                break
+            except ray.exceptions.RayActorError as error:
+                await self._mark_dead(record, f"lost while the controller restarted: {type(error).__name__}")
+                return
+            except Exception as error:
+                if time.monotonic() > deadline:
+                    await self._mark_dead(record, f"not ready after re-adoption: {type(error).__name__}")
+                    return
+                await asyncio.sleep(1.0)
+        if record.state is ReplicaState.STARTING:
+            record.state = ReplicaState.READY
+            logger.info("re-adopted replica %s is ready", record.replica_id)
 
 
 def _kuberay_scaler():

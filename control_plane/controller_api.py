@@ -6,6 +6,10 @@ the controller's own (which pulls in replica management, KubeRay and the policie
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
 CONTROLLER_NAME = "rayfleet-controller"
 NAMESPACE = "rayfleet"
 
@@ -17,3 +21,15 @@ class FleetError(RuntimeError):
 def replica_actor_name(replica_id: str) -> str:
     """The detached actor name of a replica: how a restarted controller finds it again."""
     return f"rayfleet-replica-{replica_id}"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One operator action on the fleet (scale, drain, migrate), kept in the state store's audit log."""
+
+    action: str
+    params: dict[str, Any]
+    origin: str  # who asked: "cli", "admin-api", "dashboard"
+    outcome: str  # "ok" or "refused"
+    detail: str = ""  # the result, or why it was refused
+    at: float = field(default_factory=time.time)

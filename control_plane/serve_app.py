@@ -29,6 +29,8 @@ def resolve_spec(args: dict[str, Any]) -> FleetSpec:
 
 
 def build_app(args: dict[str, Any]):
-    spec = resolve_spec(args)
+    # Keys travel as digests only (Serve and Ray keep the deployments' and actors' arguments); the ingress
+    # never needs the state store's URL.
+    spec = resolve_spec(args).with_key_digests()
     get_or_create_controller(spec)
-    return OpenAIIngress.options(num_replicas=spec.ingress.num_replicas).bind(spec.model_dump())
+    return OpenAIIngress.options(num_replicas=spec.ingress.num_replicas).bind(spec.without_secrets().model_dump())

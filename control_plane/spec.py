@@ -7,15 +7,19 @@ user can fix a spec without reading this file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.actors.observability.tracing import TracingConfig
+from rayfleet.control_plane import llm_config
 
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 RESERVED_MODEL_NAMES = {"auto"}
@@ -44,6 +48,9 @@ class ResourcesSpec(Strict):
 class PoolSpec(Strict):
     """A pool of identical replicas of one model; `name` is the `model` clients ask for."""
 
+    # The JSON Schema (the Helm chart's values schema) admits Ray Serve LLM's keys too.
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=llm_config.add_to_json_schema)
+
     name: str
     model: str = Field(description="Local model directory or Hugging Face id.")
     served_model_name: str | None = None
@@ -51,6 +58,11 @@ class PoolSpec(Strict):
         default_factory=dict, description="Passed through to vLLM's AsyncEngineArgs."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Environment of the replica actors.")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime_env of the replica actors (pip, working_dir, env_vars...); "
+        "`env` is merged into its env_vars.")
+    log_engine_metrics: bool = Field(
+        True, description="Export vLLM's engine metrics through Ray's metrics endpoint (vLLM's RayPrometheusStatLogger).")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
@@ -79,6 +91,21 @@ class PoolSpec(Strict):
         "parallelism). None: derived by the engine from exactly those.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_llm_config_vocabulary(cls, data: Any) -> Any:
+        """Ray Serve LLM's LLMConfig keys (see `llm_config.py`) become rayfleet's fields."""
+        return llm_config.translate(data) if llm_config.uses_llm_config(data) else data
+
+    @classmethod
+    def from_llm_config(cls, config: Any, **overrides: Any) -> PoolSpec:
+        """A pool from a `ray.serve.llm.LLMConfig` (or its dict), plus rayfleet fields such as `tags`."""
+        data = config.model_dump(exclude_unset=True) if hasattr(config, "model_dump") else dict(config)
+        try:
+            return cls.model_validate({**data, **overrides})
+        except ValidationError as error:
+            raise SpecError(format_validation_error(error)) from None
+
     @field_validator("name")
     @classmethod
     def _name_is_dns_label(cls, name: str) -> str:
@@ -102,16 +129,72 @@ class PoolSpec(Strict):
         return self.min_replicas if self.initial_replicas is None else self.initial_replicas
 
 
+class APIKeySpec(Strict):
+    """One credential. Give the key itself (`key`) or, better, only its SHA-256 (`sha256`, hex): the ingress
+    keeps digests only, so a spec that carries none of the keys is safe to store and to show."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+                      description="The tenant this key belongs to: request ids and status are scoped by it.")
+    key: str | None = Field(None, min_length=16, description="The key in clear (at least 16 characters).")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, lowercase hex.")
+    role: Literal["user", "admin"] = Field(
+        "user", description="admin: may also call /v1/fleet/scale|migrate|drain and see fleet-wide status.")
+    allow_priority: bool = Field(False, description="May set the request field `priority` (admins always may).")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> APIKeySpec:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("give exactly one of 'key' or 'sha256'")
+        return self
+
+
+class RequestLimitsSpec(Strict):
+    """Bounds on one request, checked at the ingress before anything reaches an engine (400, or 413 for the
+    body). None: the model's own bound (context length) is the only one."""
+
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_json_depth: int = Field(32, ge=4, description="Nesting depth of the JSON body.")
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="Largest `max_tokens` (or `max_completion_tokens`).")
+    max_n: int = Field(16, ge=1, description="Largest `n` (choices per prompt).")
+    max_prompts: int = Field(64, ge=1, description="Most prompts in one /v1/completions request.")
+
+
 class IngressSpec(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     grpc_port: int | None = Field(None, ge=1, le=65535)
-    api_keys: list[str] = Field(default_factory=list, description="Empty: no authentication.")
+    auth: Literal["api_keys", "none"] = Field(
+        "api_keys", description="api_keys: every request needs a key (the ingress refuses to start without one). "
+        "none: anyone who reaches the port may use every route, the admin ones included; say so on purpose.")
+    api_keys: list[str | APIKeySpec] = Field(
+        default_factory=list, description="User keys; a plain string is a user key in clear.")
     api_keys_env: str | None = Field(
-        None, description="Name of an environment variable holding comma-separated API keys (e.g. from a Secret)."
-    )
+        None, description="Name of an environment variable holding comma-separated user API keys (e.g. from a "
+        "Secret). Set but empty or missing at start-up: the ingress refuses to start.")
+    admin_keys_env: str | None = Field(
+        None, description="Name of an environment variable holding comma-separated admin API keys.")
+    limits: RequestLimitsSpec = Field(default_factory=RequestLimitsSpec)
     num_replicas: int = Field(1, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
+    chunk_timeout_s: float = Field(
+        120.0, gt=0, description="Longest wait for a request's next token chunk (queueing and prefill included) "
+        "before the ingress treats its replica as hung and replays the request elsewhere.")
+    replay_wait_s: float = Field(
+        300.0, ge=0, description="How long a request whose replica died waits for another replica of its pool "
+        "(e.g. the replacement) before it fails.")
+    max_replays: int = Field(3, ge=0, description="Replays of one request after replica failures.")
+
+    def key_entries(self) -> list[APIKeySpec]:
+        """The inline keys as digests only; a plain string is the user key of tenant `key<index>`."""
+        entries = []
+        for index, entry in enumerate(self.api_keys):
+            if isinstance(entry, str):
+                entry = APIKeySpec(name=f"key{index}", sha256=key_digest(entry))
+            elif entry.key is not None:
+                entry = entry.model_copy(update={"key": None, "sha256": key_digest(entry.key)})
+            entries.append(entry)
+        return entries
 
 
 class PolicyRef(Strict):
@@ -134,6 +217,11 @@ class HealthSpec(Strict):
     check_timeout_s: float = Field(10.0, gt=0)
     start_timeout_s: float = Field(600.0, gt=0)
     drain_timeout_s: float = Field(300.0, gt=0)
+    stall_timeout_s: float = Field(
+        30.0, gt=0, description="A replica whose engine has requests but completed no step for this long is "
+        "unhealthy (a hung or stopped engine core), and is replaced.")
+    migration_timeout_s: float = Field(
+        120.0, gt=0, description="Longest a live migration may take before the controller stops waiting for it.")
 
 
 class FleetSpec(Strict):
@@ -142,11 +230,17 @@ class FleetSpec(Strict):
     ingress: IngressSpec = Field(default_factory=IngressSpec)
     policies: PoliciesSpec = Field(default_factory=PoliciesSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
-    state_store: str = Field("memory://", description="memory:// (embedded) or redis://host:port/db")
+    state_store: str = Field(
+        "memory://", description="redis://host:port/db, or memory:// (embedded): kept in the controller's process "
+        "only. With memory:// a restarted controller re-adopts its replicas from Ray's actor names but forgets "
+        "runtime scaling (desired counts fall back to the spec) and the migration history, and nothing survives "
+        "a restart of the Ray cluster.")
     kv_store: KVStoreConfig | None = Field(
         None, description="A fleet-wide KV block store shared by every replica of pools with use_kv_store: "
         "prefix reuse across replicas and offload. None: no store.",
     )
+    tracing: TracingConfig | None = Field(
+        None, description="OpenTelemetry tracing of every request (OTLP export); None: off.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("state_store")
@@ -192,6 +286,33 @@ class FleetSpec(Strict):
                 return pool
         raise KeyError(name)
 
+    def with_key_digests(self) -> FleetSpec:
+        """This spec with its inline API keys replaced by their SHA-256: all the ingress needs to check them."""
+        return self.model_copy(update={"ingress": self.ingress.model_copy(
+            update={"api_keys": self.ingress.key_entries()})})
+
+    def without_secrets(self) -> FleetSpec:
+        """This spec with every credential replaced: API keys by their SHA-256, the state store's password by
+        `***`. What is stored and shown."""
+        return self.with_key_digests().model_copy(update={"state_store": redact_url(self.state_store)})
+
+
+def key_digest(key: str) -> str:
+    """How keys are kept: SHA-256, lowercase hex (keys are random secrets, so no salt or stretching is needed)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password (and a user name standing alone as the credential) replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None and not (parts.username and parts.scheme.startswith(("redis", "rediss"))):
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***" if parts.password is not None and parts.username else "***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
 
 def format_validation_error(error: ValidationError) -> str:
     lines = []
@@ -220,14 +341,24 @@ def load_spec(path: str | Path) -> FleetSpec:
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
     spec = parse_spec(data)
-    return spec.model_copy(update={"pools": [_resolve_model_path(pool, path.parent) for pool in spec.pools]})
+    pools = [pool.model_copy(update={"model": _resolve_path(pool.model, path.parent, f"pools[{pool.name}].model")})
+             for pool in spec.pools]
+    # Policy parameters that are paths (e.g. the chimera router's table) resolve the same way, here, because
+    # the policies run in other processes (the ingress, the controller) that have neither the variables nor
+    # the spec's folder.
+    policies = {kind: ref.model_copy(update={"params": {
+        key: _resolve_path(value, path.parent, f"policies.{kind}.params.{key}")
+        if isinstance(value, str) and ("$" in value or value.startswith(("./", "../"))) else value
+        for key, value in ref.params.items()}})
+        for kind in ("router", "admission", "scaler", "migration") if (ref := getattr(spec.policies, kind))}
+    return spec.model_copy(update={"pools": pools, "policies": spec.policies.model_copy(update=policies)})
 
 
-def _resolve_model_path(pool: PoolSpec, base: Path) -> PoolSpec:
-    """`$VARS` in a model path are expanded; `./x` and `../x` are relative to the spec file."""
-    model = os.path.expandvars(pool.model)
-    if "$" in model:
-        raise SpecError(f"pools[{pool.name}].model: environment variable not set in '{pool.model}'")
-    if model.startswith(("./", "../")):
-        model = str((base / model).resolve())
-    return pool.model_copy(update={"model": model})
+def _resolve_path(value: str, base: Path, field: str) -> str:
+    """`$VARS` are expanded; `./x` and `../x` are relative to the spec file."""
+    resolved = os.path.expandvars(value)
+    if "$" in resolved:
+        raise SpecError(f"{field}: environment variable not set in '{value}'")
+    if resolved.startswith(("./", "../")):
+        resolved = str((base / resolved).resolve())
+    return resolved

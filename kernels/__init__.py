@@ -9,24 +9,36 @@ buffer, scatter them back, and stream staging rows to and from host memory besid
     mover.load(transfer.host, other_block_ids).wait_stream()
     shared = gather_to_shared(cache, block_ids)             # rows in /dev/shm: another process maps them
     scatter_rows(other_cache, shared.map(), other_block_ids)
+    rows = gather_to_device(cache, block_ids)               # GPU: rows another process opens by CUDA IPC
+    scatter_rows(other_cache, DeviceRows.share("r", rows).open(), other_block_ids)   # (in that process)
 
 See docs/kernels.md for the staging format, the layouts covered and measured bandwidth.
 """
 
 from .block_copy import BlockIds, gather_blocks, gather_to_host, scatter_blocks, stack_rows
+from .device_rows import DeviceRows, gather_to_device, visible_gpu_uuids
 from .layout import KVCacheLayers, KVLayout, KVLayoutError
 from .mover import BlockMover, Transfer
-from .shared_rows import SharedRows, gather_to_shared, live_files, scatter_rows, share_rows, sweep_orphans
+from .shared_rows import (
+    SharedRows,
+    gather_to_shared,
+    live_files,
+    scatter_rows,
+    share_rows,
+    sweep_orphans,
+)
 
 __all__ = [
     "BlockIds",
     "BlockMover",
+    "DeviceRows",
     "KVCacheLayers",
     "KVLayout",
     "KVLayoutError",
     "SharedRows",
     "Transfer",
     "gather_blocks",
+    "gather_to_device",
     "gather_to_host",
     "gather_to_shared",
     "live_files",
@@ -35,4 +47,5 @@ __all__ = [
     "share_rows",
     "stack_rows",
     "sweep_orphans",
+    "visible_gpu_uuids",
 ]

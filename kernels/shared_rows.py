@@ -11,12 +11,22 @@ Files live in /dev/shm (tmpfs: memory, never disk). The process that asked for t
 unlinks them when done; a mapping stays valid after the unlink, so a process that mapped the rows may keep
 reading them. A file's name carries the pid of the process that wrote it, so `sweep_orphans` can remove the
 files of a process that died before its owner unlinked them.
+
+Fresh tmpfs pages cost more than the copy into them: the kernel allocates and zeroes each 4 KiB page on its
+first write fault (a gather into a new file ran at ~1 GB/s here, into pages already allocated at ~3 GB/s;
+MAP_POPULATE only moves that cost into mmap). So an owner that knows no process will read the rows again
+`recycle`s the file instead of unlinking it: it is renamed into its writer's pool, and the writer's next
+`allocate` renames it back under a new name, pages still allocated. The pool is bounded per writer process
+(`RAYFLEET_KV_POOL_BYTES`, default 512 MiB; 0 disables it), and pool files of a dead writer are swept like
+any other orphan.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +37,8 @@ from .layout import KVCacheLayers
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "rayfleet-kv-"
+POOL_PREFIX = "rayfleet-kvpool-"  # free files with warm pages, `POOL_PREFIX<writer pid>-<id>`
+POOL_BYTES = int(os.environ.get("RAYFLEET_KV_POOL_BYTES", str(512 << 20)))
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,7 @@ class SharedRows:
         rows = cls(f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}", num_rows, row_bytes)
         if rows.nbytes == 0:
             return rows, torch.empty((0, row_bytes), dtype=torch.uint8)
+        _take_pooled(rows.path, rows.nbytes)
         return rows, _map(rows.path, rows.nbytes).view(num_rows, row_bytes)
 
     @property
@@ -69,6 +82,41 @@ class SharedRows:
         if self.nbytes:
             self.path.unlink(missing_ok=True)
 
+    def recycle(self) -> None:
+        """Give the file to its writer's pool for its next `allocate` (warm pages), or unlink it when the pool
+        is full. Only when no process will read these rows again: the next gather overwrites them."""
+        writer = self.name[len(PREFIX):].split("-", 1)[0]
+        pooled = [SHM_DIR / name for name in live_files(f"{POOL_PREFIX}{writer}-")]
+        held = sum(_size(path) for path in pooled)
+        if not self.nbytes or held + self.nbytes > POOL_BYTES:
+            self.unlink()
+            return
+        try:
+            os.rename(self.path, SHM_DIR / f"{POOL_PREFIX}{writer}-{uuid.uuid4().hex[:16]}")
+        except FileNotFoundError:  # already unlinked
+            pass
+
+
+def _take_pooled(path: Path, nbytes: int) -> bool:
+    """Rename the largest free file of this process' pool to `path`, sized to `nbytes`; False if none."""
+    pooled = sorted((SHM_DIR / name for name in live_files(f"{POOL_PREFIX}{os.getpid()}-")), key=_size,
+                    reverse=True)
+    for candidate in pooled:
+        try:
+            os.rename(candidate, path)
+        except FileNotFoundError:  # taken by another thread of this process
+            continue
+        os.truncate(path, nbytes)  # a larger file would fail the reader's size check; growing adds fresh pages
+        return True
+    return False
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
 
 def _map(path: Path, nbytes: int) -> torch.Tensor:
     # MAP_SHARED: what one process writes, every process mapping the file sees; created when missing.
@@ -76,13 +124,18 @@ def _map(path: Path, nbytes: int) -> torch.Tensor:
 
 
 def gather_to_shared(cache: KVCacheLayers, block_ids: BlockIds) -> SharedRows:
-    """Gather blocks `block_ids` of every layer into a new shared-memory file, row i = block i."""
+    """Gather blocks `block_ids` of every layer into a new shared-memory file, row i = block i.
+
+    On a GPU the mapping is page-locked for the copy, so the gather kernel writes host memory directly
+    (one pass over the blocks), and this returns once the rows are complete."""
     ids = checked_block_ids(cache, block_ids)
     rows, tensor = SharedRows.allocate(len(ids), cache.layout.block_bytes)
     if cache.device.type == "cpu":
         gather_blocks(cache, ids, out=tensor)
-    elif len(ids):  # a file mapping is not pinned: gather on the device, then one copy to the host
-        tensor.copy_(gather_blocks(cache, ids))
+    elif len(ids):
+        with page_locked(tensor):
+            gather_blocks(cache, ids, out=tensor)
+            torch.cuda.current_stream(cache.device).synchronize()
     return rows
 
 
@@ -95,10 +148,33 @@ def share_rows(rows: torch.Tensor) -> SharedRows:
 
 
 def scatter_rows(cache: KVCacheLayers, rows: torch.Tensor, block_ids: BlockIds) -> None:
-    """Scatter host rows (a mapped `SharedRows`, or any `[n, block_bytes]` uint8 tensor) into `block_ids`."""
-    if cache.device.type != "cpu" and len(rows):
-        rows = rows.to(cache.device)
-    scatter_blocks(cache, rows, block_ids)
+    """Scatter rows into `block_ids`: host rows (a mapped `SharedRows`, any `[n, block_bytes]` uint8 tensor) or,
+    on a GPU, rows on a device (an opened `DeviceRows`; a peer GPU's rows are first copied over the link)."""
+    if cache.device.type == "cpu" or not len(rows):
+        scatter_blocks(cache, rows, block_ids)
+    elif rows.device.type == "cuda":
+        scatter_blocks(cache, rows.to(cache.device), block_ids)
+        torch.cuda.current_stream(cache.device).synchronize()
+    else:  # host rows: the kernel reads them straight from page-locked memory
+        with page_locked(rows):
+            scatter_blocks(cache, rows, block_ids)
+            torch.cuda.current_stream(cache.device).synchronize()
+
+
+@contextmanager
+def page_locked(rows: torch.Tensor) -> Iterator[None]:
+    """Register a host tensor's memory with CUDA (cudaHostRegister) for the duration, unless already pinned."""
+    if rows.is_pinned():
+        yield
+        return
+    cudart = torch.cuda.cudart()
+    status = cudart.cudaHostRegister(rows.data_ptr(), rows.numel() * rows.element_size(), 0)
+    if int(status) != 0:
+        raise RuntimeError(f"cudaHostRegister of {rows.numel()} bytes failed with CUDA error {int(status)}")
+    try:
+        yield
+    finally:
+        cudart.cudaHostUnregister(rows.data_ptr())
 
 
 def live_files(prefix: str = PREFIX) -> list[str]:
@@ -113,11 +189,12 @@ def sweep_orphans() -> int:
     behind, and the next replica to start on the node removes them.
     """
     removed = 0
-    for name in live_files():
-        pid = name[len(PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            (SHM_DIR / name).unlink(missing_ok=True)
-            removed += 1
+    for prefix in (PREFIX, POOL_PREFIX):
+        for name in live_files(prefix):
+            pid = name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                (SHM_DIR / name).unlink(missing_ok=True)
+                removed += 1
     return removed
 
 

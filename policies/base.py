@@ -150,16 +150,20 @@ class FleetSnapshot:
             return self.pools[pool].routable_replicas if pool in self.pools else ()
         return tuple(replica for p in self.pools.values() for replica in p.routable_replicas)
 
-    def with_local_load(self, tokens: dict[str, int], requests: dict[str, int]) -> FleetSnapshot:
-        """This view with an ingress' own in-flight requests laid over it (per replica id: their tokens and
-        count). The controller's view is up to one tick old; an ingress knows what it placed just now, so
-        each replica shows at least that load. The live ingress and the simulator both route on this."""
+    def with_local_load(self, tokens: dict[str, int], requests: dict[str, int],
+                        remaining: dict[str, int] | None = None) -> FleetSnapshot:
+        """This view with an ingress' own in-flight requests laid over it (per replica id: their tokens, count
+        and the decode tokens still expected of them). The controller's view is up to one tick old; an ingress
+        knows what it placed just now, so each replica shows at least that load. The live ingress and the
+        simulator both route on this."""
+        remaining = remaining or {}
         pools = {}
         for name, pool in self.pools.items():
             replicas = tuple(
                 r if r.replica_id not in requests else dataclasses.replace(
                     r,
                     tokens_in_flight=max(r.tokens_in_flight, tokens.get(r.replica_id, 0)),
+                    predicted_remaining_tokens=max(r.predicted_remaining_tokens, remaining.get(r.replica_id, 0)),
                     num_running=max(r.num_running + r.num_waiting, requests[r.replica_id]) - r.num_waiting,
                 )
                 for r in pool.replicas
@@ -183,6 +187,9 @@ class RequestInfo:
     workflow_stage: str | None = None
     arrival_time: float = field(default_factory=time.time)
     exclude_replicas: frozenset[str] = frozenset()  # e.g. the replica that just failed this request
+    embedding: tuple[float, ...] | None = None  # prompt embedding, for routers with `needs_embeddings`
+    latency_weight: float | None = None  # lambda: quality points one second of latency is worth (None: spec's)
+    latency_slo_s: float | None = None  # best quality within this predicted latency, instead of lambda
 
 
 @dataclass(frozen=True)
@@ -190,9 +197,21 @@ class RoutingDecision:
     pool: str
     replica_id: str
     reason: str = ""
+    predicted_output_tokens: int | None = None  # the router's length prediction (the replica's backlog uses it)
     # Prefill/decode disaggregation: the replica that takes the request over, with its KV, after the first
     # token (a migration at the first token). None: the chosen replica serves the request to its end.
     handoff_replica_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """A finished request, as the ingress tells a learning router."""
+
+    request_id: str
+    pool: str
+    replica_id: str
+    output_tokens: int
+    latency_s: float
 
 
 class NoReplicaAvailable(RuntimeError):
@@ -225,6 +244,25 @@ class MigrationDecision:
 class Router(Protocol):
     def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
         """Pick a pool and a routable replica; raise NoReplicaAvailable when none fits."""
+
+
+@runtime_checkable
+class LearningRouter(Router, Protocol):
+    """A router that learns from outcomes (Chimera). With `needs_embeddings` the ingress embeds each `auto`
+    request's prompt into `RequestInfo.embedding`, and the offline table's prompts once at start."""
+
+    needs_embeddings: bool
+
+    def table_prompts(self) -> list[str]: ...
+
+    def fit_table(self, embeddings) -> None: ...
+
+    def observe(self, outcome: RequestOutcome) -> None: ...
+
+    def feedback(self, request_id: str, score: float) -> bool:
+        """Learn a verdict on a routed request; False when the request is unknown to the router."""
+
+    def explain(self, limit: int = 20) -> list[dict]: ...
 
 
 @runtime_checkable

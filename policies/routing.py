@@ -1,5 +1,5 @@
-"""Built-in routers: round robin, least load by tokens in flight, power of two choices, and prefill/decode
-placement.
+"""Built-in routers: random, round robin, least load by tokens in flight, one fixed pool, power of two choices,
+and prefill/decode placement.
 
 A router sees the request and a fleet snapshot and names a pool and a replica. `model=auto` (no pool named)
 lets it choose the pool too; the built-ins then take every pool as a candidate, which Chimera-style routers
@@ -35,6 +35,17 @@ def candidates(request: RequestInfo, snapshot: FleetSnapshot) -> list[ReplicaSna
     return found
 
 
+class RandomRouter:
+    """A uniformly random candidate (seeded); the baseline that knows nothing."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
+        chosen = self._rng.choice(sorted(candidates(request, snapshot), key=lambda r: r.replica_id))
+        return RoutingDecision(pool=chosen.pool, replica_id=chosen.replica_id, reason="random")
+
+
 class RoundRobinRouter:
     """Cycles over the candidates; a baseline that ignores load."""
 
@@ -66,6 +77,17 @@ class LeastLoadRouter:
                                reason=f"least_load ({self.load(chosen):.0f} tokens)")
 
 
+class FixedPoolRouter:
+    """`model=auto` always goes to one pool (e.g. the most accurate model: `best_model_only`), least load inside."""
+
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+        self._least_load = LeastLoadRouter()
+
+    def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
+        pinned = request if request.pool is not None else dataclasses.replace(request, pool=self.pool)
+        decision = self._least_load.route(pinned, snapshot)
+        return dataclasses.replace(decision, reason=f"fixed pool {decision.pool}")
 class PowerOfTwoRouter:
     """Two candidates at random, the one with fewer requests (running + queued): Ray Serve's default router
     (`pow_2_router.py`), here over the fleet snapshot. O(1) per request at any fleet size."""

@@ -16,7 +16,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAYFLEET_DEMO_MODELS", str(REPO / ".demo-models"))
+os.environ.setdefault("RAYFLEET_TASK_MODELS", str(REPO / "actors" / "tasks" / "trained"))
 API_KEY = "test-key-1"
+OTHER_TENANT_KEY = "test-key-of-tenant-b"  # a second user: sees and reaches none of API_KEY's requests
+ADMIN_KEY = "test-admin-key-0123456789"
 
 
 def free_port() -> int:
@@ -76,7 +79,8 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=16, include_dashboard=False, namespace="rayfleet", log_to_driver=False)
+        # address="local": a cluster of the suite's own, even when `rayfleet up` left one running here.
+        ray.init(address="local", num_cpus=16, include_dashboard=False, namespace="rayfleet", log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -100,21 +104,34 @@ def fleet_spec_dict(demo_models: Path, redis_url: str, port: int) -> dict:
             {"name": "cold", "model": str(demo_models / "tiny-llama-a"), "min_replicas": 0, "max_replicas": 1,
              "resources": {"num_cpus": 1}, "env": env, "engine_args": engine},
         ],
-        "ingress": {"host": "127.0.0.1", "port": port, "api_keys": [API_KEY]},
+        "ingress": {"host": "127.0.0.1", "port": port,
+                    "api_keys": [API_KEY, {"name": "tenant-b", "key": OTHER_TENANT_KEY},
+                                 {"name": "ops", "key": ADMIN_KEY, "role": "admin"}],
+                    "chunk_timeout_s": 30},
         "policies": {"router": {"name": "least_load"},
                      "admission": {"name": "queue_limit", "params": {"max_in_flight_per_replica": 48}},
                      # Drains by migration on the "mig" pool only (no pressure triggers), so the tests'
                      # explicit migrations are the only others.
                      "migration": {"name": "llumnix", "params": {"pools": ["mig"], "triggers": ["drain"]}},
                      "tick_s": 0.5},
-        "health": {"check_period_s": 0.5, "check_timeout_s": 10},
+        "health": {"check_period_s": 0.5, "check_timeout_s": 10, "stall_timeout_s": 10},
         "state_store": redis_url,
     }
 
 
 @pytest.fixture(scope="session")
-def fleet(ray_cluster, demo_models, redis_url):
-    """A deployed fleet: controller + OpenAI ingress + one replica each of tiny-a and tiny-b."""
+def otlp_receiver():
+    """Where the test fleet's processes export their trace spans (tests/otlp_receiver.py)."""
+    from otlp_receiver import OTLPReceiver
+
+    receiver = OTLPReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def fleet(ray_cluster, demo_models, redis_url, otlp_receiver):
+    """A deployed fleet: controller + OpenAI ingress + one replica each of tiny-a and tiny-b, traced."""
     from ray import serve
 
     from rayfleet.control_plane.cli.launch import grpc_options
@@ -125,6 +142,7 @@ def fleet(ray_cluster, demo_models, redis_url):
     port, grpc_port = free_port(), free_port()
     spec_dict = fleet_spec_dict(demo_models, redis_url, port)
     spec_dict["ingress"]["grpc_port"] = grpc_port
+    spec_dict["tracing"] = {"otlp_endpoint": otlp_receiver.endpoint, "export_delay_s": 0.5}
     spec = parse_spec(spec_dict)
     serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options(spec))
     serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +48,66 @@ def test_status_and_scale_against_the_running_fleet(fleet):
     assert "tiny-a" in table and "kv%" in table
     refused = rayfleet("--address", address, "scale", "tiny-b", "7", check=False)
     assert refused.returncode != 0 and "max_replicas=2" in refused.stderr
+
+
+def test_version_names_rayfleet_ray_and_vllm():
+    out = rayfleet("--version").stdout
+    assert out.startswith("rayfleet 0.") and "ray 2.60" in out and "vllm 0.32" in out
+
+
+def test_every_subcommand_takes_address_as_rays_cli_does():
+    from rayfleet.control_plane.cli.main import build_parser
+
+    parser = build_parser()
+    for argv in (["status"], ["scale", "p", "1"], ["drain", "r"], ["migrate", "q", "a", "b"], ["down"], ["up"],
+                 ["demo"], ["make-demo-models", "d"]):
+        assert parser.parse_args([*argv, "--address", "10.0.0.1:6379"]).address == "10.0.0.1:6379"
+        assert parser.parse_args(["--address", "10.0.0.2:6379", *argv]).address == "10.0.0.2:6379"
+
+
+def test_an_error_is_one_line_not_a_traceback(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    result = rayfleet("make-demo-models", str(blocked / "models"), check=False)  # a folder under a file
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("rayfleet")]
+    assert lines and "make-demo-models" in lines[0] and "Error" in lines[0], result.stderr
+
+
+@pytest.mark.engines
+def test_up_from_the_unactivated_venv_and_down_stop_ray_stop_only_its_cluster(ray_cluster, tmp_path, demo_models):
+    """`rayfleet up` with no `ray` on PATH starts a cluster of its own (the suite's keeps running), and
+    `down --stop-ray` stops exactly that one."""
+    import tempfile
+
+    import psutil
+
+    from conftest import free_port
+
+    ray_tmp = tempfile.mkdtemp(prefix="rf-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS")}
+    env.update(PATH="/usr/bin:/bin", RAY_TMPDIR=ray_tmp, RAYFLEET_HOME=str(tmp_path))
+    spec = tmp_path / "fleet.yaml"
+    spec.write_text(f"name: cli-test\npools:\n  - name: idle\n    model: {demo_models / 'tiny-llama-a'}\n"
+                    f"    min_replicas: 0\ningress: {{port: {free_port()}}}\n")
+    cli = [str(Path(sys.executable).parent / "rayfleet")]
+    try:
+        up = subprocess.run([*cli, "up", str(spec), "--wait", "60"], env=env, capture_output=True, text=True,
+                            timeout=240)
+        assert up.returncode == 0, up.stderr
+        assert "is up" in up.stdout and "/dashboard" in up.stdout
+        started = json.loads((tmp_path / "local-cluster.json").read_text())
+        status = subprocess.run([*cli, "status", "--json", "--address", started["gcs_address"]], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert json.loads(status.stdout)["fleet"] == "cli-test", status.stderr
+        down = subprocess.run([*cli, "down", "--stop-ray"], env=env, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert "stopped the local Ray cluster rayfleet started" in down.stdout
+        assert not (tmp_path / "local-cluster.json").exists()
+        assert ray_cluster.get(ray_cluster.put("the suite's own cluster still runs")) == \
+            "the suite's own cluster still runs"
+    finally:  # whatever a failed run left of that cluster
+        for process in psutil.process_iter(["cmdline"]):
+            if ray_tmp in " ".join(process.info["cmdline"] or ()):
+                process.kill()

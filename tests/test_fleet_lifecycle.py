@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 import ray
@@ -31,27 +32,100 @@ def test_controller_state_is_kept_in_redis(fleet, redis_url):
     assert {b"rayfleet:rayfleet-test:spec", b"rayfleet:rayfleet-test:replicas"} <= set(keys)
 
 
-def test_killed_replica_process_is_replaced_and_serving_continues(fleet, client):
-    victim = fleet.replicas("tiny-b")[0]["replica_id"]
-    handle = ray.get_actor(f"rayfleet-replica-{victim}", namespace="rayfleet")
-    os.kill(ray.get(handle.pid.remote()), signal.SIGKILL)
+def test_restarted_controller_resumes_its_loop_and_readopts_its_replicas(fleet, client):
+    before = fleet.status()
+    pid = before["controller"]["pid"]
+    os.kill(pid, signal.SIGKILL)
 
-    def replaced():
-        ready = fleet.replicas("tiny-b")
-        return len(ready) == 1 and ready[0]["replica_id"] != victim
+    def restarted():
+        try:
+            status = fleet.status()
+        except ray.exceptions.RayActorError:
+            return False
+        return status["controller"]["pid"] != pid and status["controller"]["ticks"] >= 3
 
-    fleet.wait_for(replaced, what="a replacement replica for tiny-b")
-    assert fleet.status()["pools"]["tiny-b"]["restarts"] >= 1
-    result = client.chat.completions.create(model="tiny-b", messages=[{"role": "user", "content": "hi"}],
+    fleet.wait_for(restarted, timeout_s=120, what="Ray to restart the controller and its loop to tick")
+    ready = lambda status: {r["replica_id"] for r in status["replicas"] if r["state"] == "ready"}  # noqa: E731
+    fleet.wait_for(lambda: ready(fleet.status()) == ready(before), timeout_s=60,
+                   what="every replica to be re-adopted as ready")
+    assert fleet.status()["controller"]["state_store_connected"]
+    result = client.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=5, extra_body={"ignore_eos": True})
     assert result.usage.completion_tokens == 5
 
 
-def test_scale_outside_spec_bounds_is_refused(fleet):
-    with pytest.raises(ray.exceptions.RayTaskError, match="max_replicas=3"):
-        ray.get(fleet.controller.scale.remote("tiny-a", 9))
-    with pytest.raises(ray.exceptions.RayTaskError, match="unknown pool 'nope'"):
-        ray.get(fleet.controller.scale.remote("nope", 1))
+def test_controller_starts_while_redis_is_down_and_writes_its_state_once_it_is_up(ray_cluster, demo_models):
+    """A second controller actor, for a pool of no replicas (it touches none of the session fleet's): its
+    Redis, with a password, is not running when it starts."""
+    import shutil
+    import subprocess
+
+    import redis as redis_client
+    from conftest import free_port
+
+    from rayfleet.control_plane.controller import FleetController
+
+    port = free_port()
+    spec = {"name": "redis-late", "state_store": f"redis://:s3cret-pw@127.0.0.1:{port}/0",
+            "pools": [{"name": "ghost", "model": str(demo_models / "tiny-llama-a"), "min_replicas": 0}],
+            "ingress": {"api_keys": ["ghost-user-key-0123456789"]}, "health": {"check_period_s": 0.2}}
+    controller = ray.remote(FleetController).options(num_cpus=0).remote(spec)
+    try:
+        assert ray.get(controller.status.remote(), timeout=60)["controller"]["state_store_connected"] is False
+        server = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                                   "--requirepass", "s3cret-pw", "--save", "", "--appendonly", "no"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while not ray.get(controller.status.remote())["controller"]["state_store_connected"]:
+                assert time.monotonic() < deadline, "the controller never connected to Redis"
+                time.sleep(0.2)
+            stored = redis_client.Redis(port=port, password="s3cret-pw").get("rayfleet:redis-late:spec").decode()
+            assert "s3cret-pw" not in stored and "ghost-user-key" not in stored
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    finally:
+        ray.kill(controller)
+
+
+async def test_stalled_engine_core_of_a_single_replica_pool_is_replaced_and_its_stream_finishes_token_exact(
+        fleet, client, async_client):
+    """SIGSTOP of the engine core of tiny-b's only replica: no error anywhere, only silence. The controller
+    must notice the stall (no engine step with requests in flight) and replace the replica, and the stream,
+    which has no other replica to go to, must wait for the replacement and finish token-exact."""
+    import psutil
+
+    messages = [{"role": "user", "content": "a stream whose engine stops"}]
+    request = dict(model="tiny-b", messages=messages, max_tokens=300, temperature=0, extra_body={"ignore_eos": True})
+    reference = client.chat.completions.create(**request).choices[0].message.content
+    victim = fleet.replicas("tiny-b")[0]["replica_id"]
+    handle = ray.get_actor(f"rayfleet-replica-{victim}", namespace="rayfleet")
+    stream = await async_client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                        **request)
+    text, usage, stopped = [], None, []
+    try:
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text.append(chunk.choices[0].delta.content)
+                if len(text) == 20:
+                    stopped = psutil.Process(ray.get(handle.pid.remote())).children(recursive=True)
+                    for process in stopped:
+                        process.send_signal(signal.SIGSTOP)
+            usage = chunk.usage or usage
+    finally:
+        for process in stopped:  # let the stopped processes see their replica is gone, and exit
+            try:
+                process.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
+    assert "".join(text) == reference and usage.completion_tokens == 300
+    ready = fleet.replicas("tiny-b")
+    assert len(ready) == 1 and ready[0]["replica_id"] != victim
+    assert fleet.status()["pools"]["tiny-b"]["restarts"] >= 1
+    _, alive = psutil.wait_procs(stopped, timeout=15)
+    for process in alive:  # an engine core that did not notice its parent's death
+        process.kill()
 
 
 async def test_scale_up_then_down_drains_in_flight_requests(fleet, async_client):

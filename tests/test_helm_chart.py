@@ -43,6 +43,7 @@ SWITCHES_OFF = {
     "autoscaler": {"enabled": False}, "apiKeys": {"enabled": False}, "rbac": {"create": False},
     "serviceAccount": {"create": False, "name": "existing"},
     "redis": {"mode": "external", "gcsFaultTolerance": False, "external": {"url": "redis://redis.example"}},
+    "networkPolicy": {"enabled": False},
 }
 CASES = [*VALUES_FILES, "switches-off"]
 
@@ -105,6 +106,7 @@ def test_defaults_render_a_rayservice_with_redis_rbac_and_endpoints(reports):
         "RoleBinding/rayfleet-scaler", "Secret/rayfleet-api-keys", "Secret/rayfleet-redis",
         "StatefulSet/rayfleet-redis", "Service/rayfleet-redis", "Service/rayfleet-redis-headless",
         "Service/rayfleet-http", "Service/rayfleet-grpc", "Service/rayfleet-dashboard",
+        "NetworkPolicy/rayfleet-ray", "NetworkPolicy/rayfleet-redis",
     ])
     cluster = only(objects, "RayService")["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
@@ -291,3 +293,38 @@ def test_switches_off_leave_out_rbac_api_keys_autoscaling_and_gcs_fault_toleranc
         assert env["RAYFLEET_STATE_STORE"]["value"] == "redis://redis.example:6379/1"
     spec = parse_spec(yaml.safe_load(only(objects, "ConfigMap")["data"]["fleet.yaml"]))
     assert spec.ingress.api_keys_env is None
+    assert spec.ingress.auth == "none", "serving without keys must be stated in the spec, not implied"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "switches-off"])
+def test_ray_pods_run_as_non_root_without_capabilities(reports, case):
+    cluster = only(rendered(reports[case]), "RayService")["spec"]["rayClusterConfig"]
+    for name, group in ray_groups(cluster):
+        pod = group["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        container = pod["containers"][0]["securityContext"]
+        assert container["allowPrivilegeEscalation"] is False and container["capabilities"]["drop"] == ["ALL"], name
+
+
+def test_network_policy_is_on_by_default_and_keeps_ray_ports_inside(reports):
+    policy = only(rendered(reports["default"]), "NetworkPolicy", "rayfleet-ray")["spec"]
+    open_ports = {p["port"] for rule in policy["ingress"] if "from" not in rule for p in rule["ports"]}
+    assert open_ports <= {8000, 9000, 8080}, "only the API and metrics ports may be reachable from outside"
+    operator_rule = next(r for r in policy["ingress"] if "namespaceSelector" in r["from"][0])
+    assert 8265 in {p["port"] for p in operator_rule["ports"]}
+
+
+def test_ingress_publishes_no_admin_route(reports):
+    ingress = only(rendered(reports["ci-all-features-values"]), "Ingress")
+    paths = [p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert paths and "/" not in paths and not any(p.startswith("/v1/fleet") for p in paths)
+
+
+def test_admin_keys_come_from_the_secret(reports):
+    objects = rendered(reports["default"])
+    cluster = only(objects, "RayService")["spec"]["rayClusterConfig"]
+    env = {e["name"]: e for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RAYFLEET_ADMIN_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "admin-keys"
+    assert set(only(objects, "Secret", "rayfleet-api-keys")["data"]) == {"api-keys", "admin-keys"}
+    spec = parse_spec(yaml.safe_load(only(objects, "ConfigMap")["data"]["fleet.yaml"]))
+    assert (spec.ingress.api_keys_env, spec.ingress.admin_keys_env) == ("RAYFLEET_API_KEYS", "RAYFLEET_ADMIN_KEYS")

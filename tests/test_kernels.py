@@ -23,8 +23,12 @@ from rayfleet.kernels import (
     BlockMover,
     KVCacheLayers,
     KVLayoutError,
+    SharedRows,
     gather_blocks,
+    live_files,
     scatter_blocks,
+    shared_rows,
+    torch_copy,
 )
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -134,6 +138,34 @@ def test_gather_returns_each_blocks_bytes_layer_after_layer(layout, dtype, devic
     block_ids = distinct_ids(int(torch.randint(1, NUM_BLOCKS + 1, (), generator=generator)), generator)
     rows = gather_blocks(cache.kv(), block_ids)
     assert torch.equal(rows.cpu(), reference_rows(cache, block_ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=str)
+@pytest.mark.parametrize("layout", CACHES)
+def test_block_by_block_gather_of_large_pages_is_exact(layout, dtype, generator, monkeypatch):
+    """Pages from `DIRECT_GATHER_PAGE_BYTES` on are copied block by block straight into the rows."""
+    monkeypatch.setattr(torch_copy, "DIRECT_GATHER_PAGE_BYTES", 0)
+    cache = CACHES[layout](dtype, "cpu")
+    block_ids = distinct_ids(int(torch.randint(1, NUM_BLOCKS + 1, (), generator=generator)), generator)
+    assert torch.equal(gather_blocks(cache.kv(), block_ids), reference_rows(cache, block_ids))
+
+
+def test_recycled_rows_serve_the_next_allocation_and_the_pool_stays_bounded(monkeypatch):
+    def my_pool() -> list[str]:
+        return live_files(f"{shared_rows.POOL_PREFIX}{os.getpid()}-")
+
+    first, rows = SharedRows.allocate(4, 4096)
+    rows.fill_(7)
+    del rows
+    first.recycle()
+    assert first.name not in live_files() and len(my_pool()) == 1
+    second, rows = SharedRows.allocate(2, 4096)  # the pooled file, renamed and cut to size
+    assert my_pool() == [] and second.path.stat().st_size == 2 * 4096
+    assert torch.equal(second.map(), rows)
+    del rows
+    monkeypatch.setattr(shared_rows, "POOL_BYTES", 4096)
+    second.recycle()  # more than the pool may hold: unlinked
+    assert my_pool() == [] and second.name not in live_files()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -244,7 +244,7 @@ def test_unclaimed_final_export_is_freed_at_its_deadline(engines):
         await stats_until(lambda s: s["held_finals"] == 1, timeout_s=1.5)
         after = await stats_until(lambda s: s["finals_expired"] > before["finals_expired"], timeout_s=5)
         assert after["finals_expired"] - before["finals_expired"] == 1 and after["held_finals"] == 0
-        [late] = await engines.a.collective_rpc("rayfleet_export_final", args=("req-7", 0))
+        [late] = await engines.a.collective_rpc("rayfleet_export_final", args=("req-7", 0, "host"))
         assert late["status"] == "expired"
         await _assert_no_leak(engines)
 

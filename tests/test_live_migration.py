@@ -60,11 +60,12 @@ def reference(client):
     return result.choices[0].message.content
 
 
-async def stream_with_migrations(fleet, async_client, hops: int, mode: str, max_tokens: int = 240):
-    """Stream a greedy request and migrate it `hops` times mid-stream; returns text, usage, records."""
+async def stream_with_migrations(fleet, async_client, hops: int, mode: str, max_tokens: int = 240, **request):
+    """Stream a greedy request (with `request`'s extra fields) and migrate it `hops` times mid-stream; returns
+    text, usage, records."""
     stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=max_tokens,
                                                         stream=True, stream_options={"include_usage": True},
-                                                        **GREEDY)
+                                                        **GREEDY, **request)
     text, records, usage, chunks, request_id = [], [], None, 0, None
     async for chunk in stream:
         request_id = request_id or chunk.id
@@ -170,9 +171,9 @@ async def test_migrating_a_finished_request_changes_nothing(fleet, client, mig_p
 def test_migrate_through_the_admin_api_validates_input(fleet):
     import httpx
 
-    from conftest import API_KEY
+    from conftest import ADMIN_KEY
 
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     bad = httpx.post(f"{fleet.base_url}/fleet/migrate", json={"request_id": "x", "src": 3, "dst": "y"},
                      headers=headers, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "src"
@@ -199,3 +200,134 @@ async def test_draining_a_replica_migrates_its_requests_out_and_they_complete(fl
     history = {m["request_id"]: m for m in fleet.status()["migrations"] if m["src"] == victim["replica_id"]}
     assert moved <= set(history), f"not every request was migrated out: {moved - set(history)}"
     assert all(history[rid]["outcome"] == "migrated" for rid in moved)
+
+
+# ------------------------------------------------------------------ failures after the source stopped
+@ray.remote(num_cpus=0)
+class FailingDestination:
+    """A stand-in destination: it accepts a migration, then fails at the one step no real replica can be made
+    to fail at on cue, right after the source stopped the request: refusing the final KV chunk as a replica
+    of another KV layout does ("stage"), or its process dying when asked to resume ("resume")."""
+
+    def __init__(self, fail_at: str):
+        self.fail_at = fail_at
+
+    def can_accept(self, kv_blocks, layout=None):
+        return True, ""
+
+    def stage_kv(self, migration_id, chunk):
+        from rayfleet.actors.kv.transfer import KVLayoutMismatchError
+
+        if self.fail_at == "stage":
+            raise KVLayoutMismatchError("chunk layout LBHNC/float32 != engine layout LBNHC/bfloat16")
+
+    def drop_migration(self, migration_id):
+        return False
+
+    def resume_migrated(self, *args):
+        os._exit(1)
+
+
+LONG = 800  # tokens: long enough to still run on the engine when a test acts on it (the engine runs far ahead
+# of the client's reads)
+
+
+@pytest.fixture(scope="module")
+def long_reference(client) -> tuple[dict, str]:
+    """A long greedy request and its undisturbed output."""
+    request = dict(model="mig", messages=PROMPT, max_tokens=LONG, **GREEDY)
+    return request, client.chat.completions.create(**request).choices[0].message.content
+
+
+@pytest.mark.parametrize("fail_at", ["stage", "resume"])
+async def test_destination_failing_after_the_stop_resumes_on_the_source_token_exact(
+        fleet, async_client, long_reference, mig_pool, fail_at):
+    request, expected = long_reference
+    destination = FailingDestination.remote(fail_at)
+    stream = await async_client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                        **request)
+    text, record, usage, request_id = [], None, None, None
+    async with asyncio.timeout(120):  # before the fix, nothing ended this stream
+        async for chunk in stream:
+            request_id = chunk.id
+            if chunk.choices and chunk.choices[0].delta.content:
+                text.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+            if record is None and len(text) == 20:
+                here = await asyncio.to_thread(where, fleet, chunk.id)
+                record = await replica_handle(here).migrate_out.remote(
+                    chunk.id, Destination("stand-in", destination, ""), f"mig-fail-{fail_at}", "stop_and_copy")
+    assert (record["outcome"], record["reason"][:19]) == ("aborted", "destination failed:"), str(record)
+    assert "".join(text) == expected, "a token was lost or repeated when the request resumed on the source"
+    assert usage.completion_tokens == LONG
+    await asyncio.sleep(1.5)  # one controller tick
+    assert request_id not in {rid for r in fleet.replicas("mig") for rid in r["requests"]}, "phantom request"
+
+
+async def test_request_finishing_on_the_destination_before_the_ingress_attaches_completes(
+        fleet, async_client, long_reference, mig_pool):
+    request, expected = long_reference
+    stream = await async_client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                        **request)
+
+    async def migrate_near_the_end(request_id: str) -> dict | None:
+        """Migrate once the engine (not the client, which lags) has 10 tokens left to generate."""
+        src = await asyncio.to_thread(where, fleet, request_id)
+        dst = next(r for r in mig_replicas(fleet) if r != src)
+        while True:
+            load = await replica_handle(src).load.remote()
+            progress = next((p for p in load.requests if p.request_id == request_id), None)
+            if progress is None:
+                return None  # finished before we got there: the test proved nothing
+            if progress.output_tokens >= LONG - 10:
+                return await fleet.controller.migrate.remote(request_id, src, dst, "stop_and_copy")
+            await asyncio.sleep(0.005)
+
+    text, usage, migration = [], None, None
+    async for chunk in stream:
+        migration = migration or asyncio.create_task(migrate_near_the_end(chunk.id))
+        if chunk.choices and chunk.choices[0].delta.content:
+            text.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    record = await migration
+    assert record is not None and record["outcome"] in ("migrated", "finished_on_source"), record
+    assert "".join(text) == expected
+    assert usage.completion_tokens == LONG
+
+
+def test_migration_to_a_replica_of_another_pool_is_refused(fleet, mig_pool):
+    other = fleet.replicas("tiny-b")[0]["replica_id"]
+    with pytest.raises(ray.exceptions.RayTaskError, match="a request moves only within its pool"):
+        ray.get(fleet.controller.migrate.remote("any-request", mig_pool[0], other, "precopy"))
+
+
+async def test_pinned_request_is_refused_and_finishes_where_it_runs(fleet, async_client, mig_pool):
+    stream = await async_client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=120, stream=True,
+                                                        temperature=0.8, seed=7, extra_body={"ignore_eos": True},
+                                                        stream_options={"include_usage": True})
+    record, usage, pieces = None, None, 0
+    async for chunk in stream:
+        pieces += 1
+        usage = chunk.usage or usage
+        if record is None and pieces == 10:
+            src = await asyncio.to_thread(where, fleet, chunk.id)
+            dst = next(r for r in mig_replicas(fleet) if r != src)
+            record = await fleet.controller.migrate.remote(chunk.id, src, dst, "precopy")
+    assert record["outcome"] == "refused" and "seeded sampling" in record["reason"], record
+    assert usage.completion_tokens == 120
+
+
+# A JSON object whose one string field cannot close within the test's 150 tokens: the grammar constrains every
+# token, and a grammar restarted at the destination would demand '{' again.
+STORY = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
+    "type": "object", "properties": {"story": {"type": "string", "minLength": 600}}, "required": ["story"]}}}
+
+
+async def test_structured_output_request_migrates_with_its_grammar_state(fleet, client, async_client, mig_pool):
+    expected = client.chat.completions.create(model="mig", messages=PROMPT, max_tokens=150, response_format=STORY,
+                                              **GREEDY).choices[0].message.content
+    assert expected.startswith('{"story"'), expected[:40]
+    text, _, records = await stream_with_migrations(fleet, async_client, 1, "stop_and_copy", max_tokens=150,
+                                                    response_format=STORY)
+    assert [r["outcome"] for r in records] == ["migrated"], records
+    assert text == expected

@@ -92,7 +92,8 @@ def test_tokens_scaler_steps_up_at_once_and_down_after_a_delay():
 
 
 def test_registry_names_allowed_choices_and_bad_params():
-    with pytest.raises(registry.UnknownPolicy, match="allowed: least_load, power_of_two, prefill_decode, round_robin"):
+    with pytest.raises(registry.UnknownPolicy,
+                       match="allowed: best_model_only, chimera, least_load, power_of_two, prefill_decode, random, round_robin"):
         registry.create("router", "fastest")
     with pytest.raises(registry.UnknownPolicy, match="policies.router.params"):
         registry.create("router", "least_load", {"nonsense": 1})

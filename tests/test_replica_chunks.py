@@ -8,7 +8,7 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
     GenerateTokensStreamChoice,
 )
 
-from rayfleet.actors.replica.llm_replica import merge_chunks
+from rayfleet.actors.replica.delta_stream import merge_chunks
 from rayfleet.actors.replica.protocol import ReplicaChunk
 
 

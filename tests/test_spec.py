@@ -102,6 +102,56 @@ def test_kv_store_errors_name_the_field_path():
     assert "kv_store.disk_bytes" in error_of({"pools": [POOL], "kv_store": {"disk_bytes": 1 << 30}})
 
 
+def test_a_ray_serve_llm_config_moves_over_as_a_pool():
+    from ray.serve.llm import LLMConfig
+
+    from rayfleet.control_plane.spec import PoolSpec
+
+    config = LLMConfig(
+        model_loading_config={"model_id": "qwen-0.5b", "model_source": "Qwen/Qwen2.5-0.5B-Instruct"},
+        deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}},
+        accelerator_type="L4", engine_kwargs={"tensor_parallel_size": 2, "max_model_len": 8192},
+        runtime_env={"env_vars": {"HF_HOME": "/cache"}}, log_engine_metrics=False)
+    pool = PoolSpec.from_llm_config(config, tags={"quality": "high"})
+    assert (pool.name, pool.model) == ("qwen-0.5b", "Qwen/Qwen2.5-0.5B-Instruct")
+    assert pool.engine_args == {"tensor_parallel_size": 2, "max_model_len": 8192}
+    assert (pool.min_replicas, pool.max_replicas) == (1, 4)
+    assert (pool.resources.accelerator_type, pool.resources.num_gpus) == ("L4", 2)  # one GPU per TP rank
+    assert pool.runtime_env == {"env_vars": {"HF_HOME": "/cache"}}
+    assert pool.log_engine_metrics is False and pool.tags == {"quality": "high"}
+
+
+def test_llm_config_vocabulary_in_a_yaml_pool(tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text("pools:\n"
+                    "  - model_loading_config: {model_id: tiny, model_source: ./models/tiny}\n"
+                    "    accelerator_config: {kind: cpu}\n"
+                    "    engine_kwargs: {dtype: float32}\n"
+                    "    deployment_config:\n"
+                    "      num_replicas: 2\n"
+                    "      ray_actor_options: {num_cpus: 2, memory: 2147483648}\n")
+    pool = load_spec(path).pool("tiny")
+    assert pool.model == str(tmp_path / "models" / "tiny")
+    assert (pool.min_replicas, pool.max_replicas, pool.start_replicas) == (2, 2, 2)
+    assert (pool.resources.num_cpus, pool.resources.num_gpus, pool.resources.memory_gb) == (2, 0, 2)
+    assert pool.engine_args == {"dtype": "float32"}
+
+
+def test_an_llm_config_key_rayfleet_does_not_honour_is_refused_by_name():
+    message = error_of({"pools": [{"model_loading_config": {"model_id": "m"}, "accelerator_config": {"kind": "cpu"},
+                                   "deployment_config": {"autoscaling_config": {"target_ongoing_requests": 8}}}]})
+    assert "pools[0]: deployment_config.autoscaling_config.target_ongoing_requests" in message
+    assert "policies.scaler" in message
+    assert "lora_config" in error_of({"pools": [{**POOL, "lora_config": {"max_num_adapters_per_replica": 2}}]})
+    assert "keep one" in error_of({"pools": [{**POOL, "engine_args": {}, "engine_kwargs": {}}]})
+
+
+def test_tracing_section_names_its_fields():
+    spec = parse_spec({"pools": [POOL], "tracing": {"otlp_endpoint": "http://otel:4318/v1/traces"}})
+    assert spec.tracing.protocol == "http/protobuf" and spec.tracing.sample_ratio == 1.0
+    assert "tracing.protocol" in error_of({"pools": [POOL], "tracing": {"otlp_endpoint": "x", "protocol": "udp"}})
+
+
 def test_prefill_decode_pools_must_match():
     prefill = {**POOL, "name": "pre", "role": "prefill"}
     decode = {**POOL, "name": "dec", "role": "decode", "prefill_pool": "pre"}

@@ -28,8 +28,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from rayfleet.actors.kv.continuation import GrammarContinuation
 from rayfleet.actors.kv.metadata import RayfleetConnectorMetadata
-from rayfleet.actors.kv.migration_state import SchedulerKVMigrationState, WorkerKVMigrationState
+from rayfleet.actors.kv.migration_state import SchedulerKVMigrationState, WorkerKVMigrationState, rayfleet_params
 from rayfleet.actors.kv.prefix_store import SchedulerPrefixStore, WorkerPrefixStore, connect_store, store_settings
 from rayfleet.kernels import KVCacheLayers
 
@@ -59,9 +60,11 @@ class RayfleetKVConnector(KVConnectorBase_V1):
         self.worker_state: WorkerKVMigrationState | None = None
         self.store_scheduler: SchedulerPrefixStore | None = None
         self.store_worker: WorkerPrefixStore | None = None
+        self.continuation: GrammarContinuation | None = None
         store = store_settings(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_state = SchedulerKVMigrationState(vllm_config.cache_config.block_size)
+            self.continuation = GrammarContinuation()
             if store is not None:
                 config, namespace = store
                 self.store_scheduler = SchedulerPrefixStore(connect_store(config), namespace,
@@ -133,6 +136,7 @@ class RayfleetKVConnector(KVConnectorBase_V1):
         return self.store_scheduler is not None and not self.scheduler_state.is_migration_load(request)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        self.continuation.advance(request, rayfleet_params(request))  # before its first step here
         if self._uses_store(request):
             tokens = self.store_scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
             return tokens, bool(tokens) and self.store_scheduler.async_loads
@@ -151,6 +155,7 @@ class RayfleetKVConnector(KVConnectorBase_V1):
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self.continuation.forget(request.request_id)
         if self.store_scheduler is not None:
             self.store_scheduler.request_finished(request)
         return self.scheduler_state.request_finished(request, block_ids)

@@ -10,7 +10,7 @@ extension). A migration of request ``rid`` from engine A to engine B, with ``mig
     final = await src.stop_and_export(rid, first_block=chunk.end_block)   # abort on A + the rest of the KV
     if final is None: ...                                          # it finished on A first: nothing to move
     await dst.stage(mig, final.chunk)
-    chunk.release(); final.chunk.release()                         # exported rows belong to the caller
+    await src.release([chunk, final.chunk])                        # exported rows belong to the caller
     resume = EngineKVMigrator.resume(final, params, num_prompt_tokens, rid, mig)
     async for out in engine_b.generate({"prompt_token_ids": resume.prompt_token_ids},
                                        resume.sampling_params, rid): ...
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _POLL_INTERVAL_S = 0.002
+RPC_TIMEOUT_S = 60.0
 
 
 def migration_engine_kwargs(kv_load_failure_policy: str = "recompute", kv_store: KVStoreConfig | None = None,
@@ -108,7 +109,8 @@ class EngineKVMigrator:
         self._layout: KVLayoutDescriptor | None = None
 
     async def _rpc(self, method: str, *args: Any) -> Any:
-        results = await self._engine.collective_rpc(method, args=args)
+        # Bounded: a hung engine core must fail its migration, not freeze the replica (or the controller) on it.
+        results = await asyncio.wait_for(self._engine.collective_rpc(method, args=args), RPC_TIMEOUT_S)
         return results[0]
 
     @staticmethod
@@ -127,19 +129,20 @@ class EngineKVMigrator:
             self._layout = KVLayoutDescriptor.from_wire(await self._rpc("rayfleet_kv_layout"))
         return self._layout
 
-    async def export_complete_blocks(self, request_id: str, first_block: int = 0) -> KVChunk:
+    async def export_complete_blocks(self, request_id: str, first_block: int = 0, transport: str = "host") -> KVChunk:
         """Pre-copy: the request's complete blocks from ``first_block`` on; the request keeps running.
 
         Raises :class:`KVRequestNotFoundError` when the engine tracks no such live request (finished,
         or not yet seen by the engine's first step after submission).
         """
-        wire = await self._rpc("rayfleet_export_blocks", request_id, first_block)
+        wire = await self._rpc("rayfleet_export_blocks", request_id, first_block, transport)
         if wire["status"] != "live":
             raise KVRequestNotFoundError(f"request {request_id!r} is not running on this engine "
                                          f"({wire['status']})")
         return KVChunk.from_wire(wire["chunk"])
 
-    async def stop_and_export(self, request_id: str, first_block: int = 0, timeout_s: float = 10.0) -> FinalKV | None:
+    async def stop_and_export(self, request_id: str, first_block: int = 0, timeout_s: float = 10.0,
+                              transport: str = "host") -> FinalKV | None:
         """Abort the request and export its KV from ``first_block`` on, plus its token list.
 
         Returns None if the request finished normally before the stop took effect. The engine frees the
@@ -150,7 +153,7 @@ class EngineKVMigrator:
         await self._engine.abort(request_id)
         deadline = time.monotonic() + timeout_s
         while True:
-            wire = await self._rpc("rayfleet_export_final", request_id, first_block)
+            wire = await self._rpc("rayfleet_export_final", request_id, first_block, transport)
             status = wire["status"]
             if status == "ready":
                 return FinalKV(KVChunk.from_wire(wire["chunk"]), list(wire["all_token_ids"]), wire["num_computed_tokens"])
@@ -159,6 +162,10 @@ class EngineKVMigrator:
             if status == "expired" or time.monotonic() > deadline:
                 raise TimeoutError(f"request {request_id!r}: no final KV within {timeout_s} s ({status})")
             await asyncio.sleep(_POLL_INTERVAL_S)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort the request in the engine (nothing happens if it is not there)."""
+        await self._engine.abort(request_id)
 
     async def stage(self, migration_id: str, chunk: KVChunk) -> None:
         """Hold ``chunk`` on this (destination) engine until a request resumes ``migration_id``.
@@ -179,17 +186,32 @@ class EngineKVMigrator:
             if local is not chunk:
                 local.release()
 
+    async def gpu_uuids(self) -> list[str]:
+        """GPUs the engine's worker sees, its own first (empty on a CPU): device rows it can open."""
+        return await self._rpc("rayfleet_gpu_uuids")
+
+    async def release(self, chunks: list[KVChunk], recycle: bool = False) -> None:
+        """Free rows this engine exported once every stage that maps them has returned: shared files are
+        unlinked here (or, with `recycle`, once no engine reads them again, kept warm for the engine's next
+        export), device rows freed by the engine's worker."""
+        for chunk in chunks:
+            chunk.recycle() if recycle else chunk.release()
+        device = [chunk.device.name for chunk in chunks if chunk.device is not None]
+        if device:
+            await self._rpc("rayfleet_release_rows", device)
+
     async def drop_staged(self, migration_id: str) -> bool:
         """Free staged data that will not be resumed; True if there was any."""
         return await self._rpc("rayfleet_drop_staged", migration_id)
 
     @staticmethod
     def resume(final: FinalKV, sampling_params: SamplingParams, num_prompt_tokens: int, request_id: str,
-               migration_id: str) -> ResumeRequest:
+               migration_id: str, continued_tokens: int = 0) -> ResumeRequest:
         """Prompt and params for the destination: the whole token list as prompt, the rest of the budget.
 
         ``sampling_params`` are the request's original params; ``num_prompt_tokens`` its original prompt
-        length. The result is tagged, so the resumed request is migratable again.
+        length, whose last ``continued_tokens`` were already output before (a replayed request). The result
+        is tagged, so the resumed request is migratable again and its grammar continues (``continuation.py``).
         """
         num_generated = len(final.all_token_ids) - num_prompt_tokens
         params = sampling_params.clone()
@@ -198,7 +220,8 @@ class EngineKVMigrator:
             if params.max_tokens <= 0:
                 raise ValueError(f"request {request_id!r} has no tokens left to generate")
         params.min_tokens = max(0, params.min_tokens - num_generated)
-        tagged = EngineKVMigrator.tag(params, request_id, load=migration_id, num_tokens=final.num_computed_tokens)
+        tagged = EngineKVMigrator.tag(params, request_id, load=migration_id, num_tokens=final.num_computed_tokens,
+                                      continued=continued_tokens + num_generated)
         return ResumeRequest(list(final.all_token_ids), tagged)
 
     @property

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,14 @@ from vllm.v1.request import RequestStatus
 
 from rayfleet.actors.kv.metadata import FinalRequest, LoadJob, RayfleetConnectorMetadata, TrackedRequest
 from rayfleet.actors.kv.transfer import KVChunk, KVLayoutDescriptor, KVLayoutMismatchError
-from rayfleet.kernels import KVCacheLayers, gather_to_shared, scatter_rows
+from rayfleet.kernels import (
+    DeviceRows,
+    KVCacheLayers,
+    gather_to_device,
+    gather_to_shared,
+    scatter_rows,
+    visible_gpu_uuids,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -46,6 +54,8 @@ RAYFLEET_PARAMS_KEY = "rayfleet"
 # How many normally finished external ids the worker remembers, so a stop that races a normal finish
 # is answered "finished" instead of waiting for its deadline.
 _FINISHED_MEMORY = 4096
+# Device rows an owner never released are freed after this long (a migration takes seconds at most).
+DEVICE_EXPORT_TTL_S = 300.0
 
 
 def rayfleet_params(request: Request) -> dict[str, Any] | None:
@@ -217,6 +227,9 @@ class WorkerKVMigrationState:
         self._finished: OrderedDict[str, None] = OrderedDict()  # recently finished normally
         self._release: set[str] = set()  # internal ids to report in finished_sending
         self._staged: dict[str, _StagedMigration] = {}
+        # Device rows exported by CUDA IPC: kept alive until their owner releases them (or, as a backstop
+        # against an owner that never does, until DEVICE_EXPORT_TTL_S after the export).
+        self._device_exports: dict[str, tuple[torch.Tensor, float]] = {}
         self._loads: list[LoadJob] = []
         self._load_errors: set[int] = set()
         # Until the first step reports it: everything but vLLM's reserved null block (no step, no allocation).
@@ -295,6 +308,10 @@ class WorkerKVMigrationState:
         for external_id, deadline in list(self._expected.items()):
             if deadline < now:
                 self._expire(external_id)
+        for name, (_, exported_at) in list(self._device_exports.items()):
+            if now - exported_at > DEVICE_EXPORT_TTL_S:
+                logger.warning("rayfleet: device rows %s were never released; freeing them", name)
+                del self._device_exports[name]
         release, self._release = self._release, set()
         return release or None
 
@@ -315,13 +332,15 @@ class WorkerKVMigrationState:
     def layout(self) -> dict[str, Any]:
         return self._layout.to_wire()
 
-    def export_blocks(self, external_id: str, first_block: int) -> dict[str, Any]:
-        """Complete blocks ``[first_block, num_computed_tokens // block_size)`` of a live request."""
+    def export_blocks(self, external_id: str, first_block: int, transport: str = "host") -> dict[str, Any]:
+        """Complete blocks ``[first_block, num_computed_tokens // block_size)`` of a live request.
+
+        ``transport`` is "host" (rows in a shared-memory file) or "device" (a GPU buffer shared by CUDA IPC)."""
         live = self._live.get(external_id)
         if live is None:
             return {"status": "finished" if external_id in self._finished else "unknown"}
         end = min(live.num_computed_tokens // self._block_size, len(live.block_ids))
-        chunk = self._export(live.block_ids[first_block:end], first_block)  # empty if nothing new
+        chunk = self._export(live.block_ids[first_block:end], first_block, transport)  # empty if nothing new
         self._counters["precopy_exports"] += 1
         return {"status": "live", "num_computed_tokens": live.num_computed_tokens, "chunk": chunk}
 
@@ -330,7 +349,7 @@ class WorkerKVMigrationState:
         self._expected[external_id] = time.monotonic() + timeout_s
         return external_id in self._live
 
-    def export_final(self, external_id: str, first_block: int) -> dict[str, Any]:
+    def export_final(self, external_id: str, first_block: int, transport: str = "host") -> dict[str, Any]:
         """Blocks from ``first_block`` on (the partial last one included), the token list, and a release.
 
         Status "pending" until the worker has seen the abort; "finished" when the request ended
@@ -339,7 +358,7 @@ class WorkerKVMigrationState:
         final = self._finals.pop(external_id, None)
         if final is not None:
             self._expected.pop(external_id, None)
-            chunk = self._export(final.block_ids[first_block:], first_block)
+            chunk = self._export(final.block_ids[first_block:], first_block, transport)
             self._release.add(final.internal_id)
             self._counters["final_exports"] += 1
             return {"status": "ready", "all_token_ids": final.all_token_ids,
@@ -355,14 +374,31 @@ class WorkerKVMigrationState:
             return {"status": "expired"}
         return {"status": "pending"}
 
-    def _export(self, block_ids: list[int], first_block: int) -> dict[str, Any]:
-        """Gather the blocks into shared rows that the caller owns; only their name crosses the RPCs."""
+    def _export(self, block_ids: list[int], first_block: int, transport: str) -> dict[str, Any]:
+        """Gather the blocks into rows the caller owns; only their name (or IPC handle) crosses the RPCs."""
         began = time.perf_counter()
-        shared = gather_to_shared(self._cache, block_ids)
+        if transport == "device" and block_ids:
+            if self._cache.device.type != "cuda":
+                raise ValueError("device transport needs a KV cache on a GPU")
+            rows = gather_to_device(self._cache, block_ids)
+            name = f"kv-{uuid.uuid4().hex[:16]}"
+            self._device_exports[name] = (rows, time.monotonic())
+            chunk = KVChunk(first_block, len(block_ids), self._layout, device=DeviceRows.share(name, rows))
+        else:
+            chunk = KVChunk(first_block, len(block_ids), self._layout,
+                            shared=gather_to_shared(self._cache, block_ids))
         self._counters["export_s"] += time.perf_counter() - began
         self._counters["blocks_exported"] += len(block_ids)
-        self._counters["bytes_exported"] += shared.nbytes
-        return KVChunk(first_block, len(block_ids), self._layout, shared=shared).to_wire()
+        self._counters["bytes_exported"] += chunk.nbytes
+        return chunk.to_wire()
+
+    def gpu_uuids(self) -> list[str]:
+        """The GPUs this worker sees, its KV cache's first (empty on a CPU): where it can open device rows."""
+        return visible_gpu_uuids(self._cache.device)
+
+    def release_rows(self, names: list[str]) -> int:
+        """Free device rows this worker exported (their owner is done); returns how many were held."""
+        return sum(self._device_exports.pop(name, None) is not None for name in names)
 
     def stage(self, migration_id: str, chunk_wire: dict[str, Any]) -> None:
         """Map a chunk's shared rows (no copy) and hold them until a request resumes ``migration_id``."""
@@ -387,6 +423,7 @@ class WorkerKVMigrationState:
             "held_finals": len(self._finals),
             "staged_migrations": len(self._staged),
             "staged_bytes": sum(staged.nbytes for staged in self._staged.values()),
+            "device_exports": len(self._device_exports),
         }
 
 

@@ -21,6 +21,7 @@ import ray
 
 from rayfleet.actors.kv.block_hash import BlockHash
 from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.actors.kv.store_metrics import StoreMetrics
 from rayfleet.actors.kv.store_tiers import KVStoreStats, TieredBlockStore
 
 if TYPE_CHECKING:
@@ -41,6 +42,17 @@ class KVStore(TieredBlockStore):
     def __init__(self, config: KVStoreConfig, shard: int) -> None:
         super().__init__(config.memory_bytes, config.shard_disk_dir(shard), config.disk_bytes, config.pin_memory)
         self._config = config
+        self._metrics = StoreMetrics(config.name, shard)
+        self._metrics.observe(self.stats())
+
+    def put(self, block_hashes: Sequence[BlockHash], blocks: Sequence[np.ndarray]) -> None:
+        super().put(block_hashes, blocks)
+        self._metrics.observe(self.stats())
+
+    def get(self, block_hashes: Sequence[BlockHash]) -> list[np.ndarray | None]:
+        blocks = super().get(block_hashes)
+        self._metrics.observe(self.stats())
+        return blocks
 
     def config(self) -> KVStoreConfig:
         return self._config
@@ -71,6 +83,9 @@ def as_block_array(block: BlockValue) -> np.ndarray:
     if torch is not None and isinstance(block, torch.Tensor):
         return block.detach().contiguous().view(torch.uint8).reshape(-1).cpu().numpy()
     return np.frombuffer(block, dtype=np.uint8)
+
+
+STORE_CALL_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -121,8 +136,10 @@ class KVStoreClient:
         by_shard: dict[int, list[int]] = {}
         for position, block_hash in enumerate(block_hashes):
             by_shard.setdefault(shard_of(block_hash, len(self.shards)), []).append(position)
+        # Bounded: these calls may run inside an engine step, which a stuck shard must not hold up (the
+        # callers treat a timeout as a miss: the engine computes the blocks itself).
         replies = ray.get([call(self.shards[shard], positions) for shard, positions in by_shard.items()],
-                          timeout=timeout_s)
+                          timeout=STORE_CALL_TIMEOUT_S if timeout_s is None else timeout_s)
         return list(zip(by_shard.values(), replies, strict=True))
 
     def _gather(self, block_hashes: Sequence[BlockHash], method: Callable[[Any], Any],

@@ -1,9 +1,13 @@
 """KV in flight between engines: the layout both ends must share, and chunks of whole blocks.
 
-A chunk's rows are staging rows in the kernels' format (`rayfleet.kernels`: one row per block, all layers).
-On one node they stay in a shared-memory file and only the file's name travels (the source's gather writes
-them, the destination's scatter reads them: two copies in all). To another node the rows travel by value
-(`KVChunk.inline`), through Ray's object store, and the receiving side writes them into a file of its own.
+A chunk's rows are staging rows in the kernels' format (`rayfleet.kernels`: one row per block, all layers),
+held in one of three places:
+- host-staged: a shared-memory file on the node (`SharedRows`); only its name travels, the source's gather
+  writes the rows and the destination's scatter reads them (two copies in all);
+- on a GPU: a device buffer of the source engine's worker (`DeviceRows`), opened by CUDA IPC by a destination
+  that sees that GPU; scattered device to device;
+- by value (`KVChunk.inline`), to another node, through Ray's object store; the receiving side writes the
+  rows into a file of its own.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayfleet.kernels import KVCacheLayers, SharedRows
+from rayfleet.kernels import DeviceRows, KVCacheLayers, SharedRows
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,8 @@ class KVChunk:
     """Whole KV blocks ``[first_block, first_block + num_blocks)`` of one request, all layers.
 
     Block ``i`` holds the KV of tokens ``[i * block_size, (i + 1) * block_size)``. The rows are in
-    ``shared`` (a file on the node that wrote them) or, after ``inline()``, in ``data`` (a
-    ``[num_blocks, bytes_per_block]`` uint8 array carried by value).
+    ``shared`` (a file on the node that wrote them), ``device`` (a GPU buffer of the exporting worker) or,
+    after ``inline()``, ``data`` (a ``[num_blocks, bytes_per_block]`` uint8 array carried by value).
     """
 
     first_block: int
@@ -70,6 +74,7 @@ class KVChunk:
     layout: KVLayoutDescriptor
     shared: SharedRows | None = None
     data: np.ndarray | None = None
+    device: DeviceRows | None = None
 
     @property
     def end_block(self) -> int:
@@ -84,28 +89,49 @@ class KVChunk:
         """The rows as a ``[num_blocks, bytes_per_block]`` uint8 tensor, without a copy."""
         if self.data is not None:
             return torch.from_numpy(self.data)
+        if self.device is not None:
+            return self.device.open()
         return self.shared.map()
 
     def inline(self) -> KVChunk:
         """This chunk carrying its rows by value, for a process on another node (Ray ships the array)."""
         if self.data is not None:
             return self
+        if self.device is not None:
+            raise ValueError("device rows do not leave their node; export host-staged rows for another node")
         return replace(self, shared=None, data=self.shared.map().numpy())
 
     def release(self) -> None:
-        """Unlink the chunk's shared rows (its owner, once every stage that maps them has returned)."""
+        """Unlink the chunk's shared rows (its owner, once every stage that maps them has returned). Device
+        rows are released by their exporting engine (`EngineKVMigrator.release`)."""
         if self.shared is not None:
             self.shared.unlink()
 
+    def recycle(self) -> None:
+        """`release`, once no engine will read the rows again (the destination has scattered them): the
+        file's warm pages go to the writer's next gather (`SharedRows.recycle`)."""
+        if self.shared is not None:
+            self.shared.recycle()
+
+    @property
+    def rows_name(self) -> str:
+        return self.device.name if self.device is not None else self.shared.name
+
     def to_wire(self) -> dict[str, Any]:
-        """What crosses vLLM's RPCs (msgpack and pickle): the name of the rows, never their bytes."""
-        if self.shared is None:
-            raise ValueError("only chunks in shared memory cross the engine's RPCs; stage inline chunks first")
-        return {"first_block": self.first_block, "num_blocks": self.num_blocks, "rows": self.shared.name,
+        """What crosses vLLM's RPCs (msgpack and pickle): the name or IPC handle of the rows, never their bytes."""
+        if self.data is not None:
+            raise ValueError("chunks carried by value do not cross the engine's RPCs; stage them into shared rows")
+        wire = {"first_block": self.first_block, "num_blocks": self.num_blocks, "rows": self.rows_name,
                 "layout": self.layout.to_wire()}
+        if self.device is not None:
+            wire["device"] = self.device.to_wire()
+        return wire
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> KVChunk:
         layout = KVLayoutDescriptor.from_wire(wire["layout"])
-        shared = SharedRows(wire["rows"], wire["num_blocks"], layout.bytes_per_block)
-        return cls(wire["first_block"], wire["num_blocks"], layout, shared=shared)
+        first, num, name = wire["first_block"], wire["num_blocks"], wire["rows"]
+        if "device" in wire:
+            return cls(first, num, layout, device=DeviceRows.from_wire(name, num, layout.bytes_per_block,
+                                                                       wire["device"]))
+        return cls(first, num, layout, shared=SharedRows(name, num, layout.bytes_per_block))

@@ -41,14 +41,20 @@ class KVMigrationWorkerExtension:
     def rayfleet_kv_layout(self) -> dict[str, Any]:
         return _state().layout()
 
-    def rayfleet_export_blocks(self, external_id: str, first_block: int) -> dict[str, Any]:
-        return _state().export_blocks(external_id, first_block)
+    def rayfleet_export_blocks(self, external_id: str, first_block: int, transport: str) -> dict[str, Any]:
+        return _state().export_blocks(external_id, first_block, transport)
 
     def rayfleet_expect_final(self, external_id: str, timeout_s: float) -> bool:
         return _state().expect_final(external_id, timeout_s)
 
-    def rayfleet_export_final(self, external_id: str, first_block: int) -> dict[str, Any]:
-        return _state().export_final(external_id, first_block)
+    def rayfleet_export_final(self, external_id: str, first_block: int, transport: str) -> dict[str, Any]:
+        return _state().export_final(external_id, first_block, transport)
+
+    def rayfleet_gpu_uuids(self) -> list[str]:
+        return _state().gpu_uuids()
+
+    def rayfleet_release_rows(self, names: list[str]) -> int:
+        return _state().release_rows(names)
 
     def rayfleet_stage(self, migration_id: str, chunk: dict[str, Any]) -> None:
         _state().stage(migration_id, chunk)

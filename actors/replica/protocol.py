@@ -3,7 +3,8 @@
 A replica streams `ReplicaChunk`s for one request. The choices are vLLM's own token-out protocol type
 (`GenerateTokensStreamChoice`), so the ingress hands them to vLLM's derenderer unchanged. A chunk with
 `handoff` set ends the stream on this replica: the request moved (live migration) and the ingress
-re-attaches to `handoff.replica` for the rest, under the same request id.
+re-attaches to `handoff.replica` for the rest, under the same request id. The ingress receives chunks of all
+its requests on a replica over one stream, in `DeltaBatch`es (see `delta_stream.py`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateToken
 
 @dataclass(frozen=True)
 class Destination:
-    """A replica a request moves to: its id, its actor handle, and the Ray node it runs on."""
+    """A replica a request moves to: its id, its actor handle, the Ray node it runs on and the GPUs it sees."""
 
     replica_id: str
     handle: Any
     node_id: str
+    gpu_uuids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,11 @@ class GenerateCall:
     priority: int = 0
     workflow_id: str | None = None
     predicted_output_tokens: int | None = None
+    # The prompt's last `continued_tokens` are output the client already has (a replay after a failure):
+    # the engine's structured-output grammar must resume after them (actors/kv/continuation.py).
+    continued_tokens: int = 0
+    # W3C trace context of the span this call continues (`actors/observability/tracing.py`); None untraced.
+    trace_headers: dict[str, str] | None = None
     # Prefill/decode disaggregation: after its first token, the request moves with its KV to this replica.
     handoff_to: Destination | None = None
 
@@ -51,6 +58,24 @@ class ReplicaChunk:
     choices: list[GenerateTokensStreamChoice] = field(default_factory=list)
     num_cached_tokens: int | None = None
     handoff: Handoff | None = None
+
+
+@dataclass(frozen=True)
+class RequestDelta:
+    """One request's next piece on a multiplexed stream: a chunk (tokens or a handoff), an error that ends
+    the request here, or neither: its stream on this replica is complete."""
+
+    request_id: str
+    chunk: ReplicaChunk | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class DeltaBatch:
+    """What one item of a replica's multiplexed stream carries: deltas of any number of requests, each
+    request's in the order the engine produced them (see `delta_stream.py`)."""
+
+    deltas: list[RequestDelta]
 
 
 class ReplicaError(RuntimeError):

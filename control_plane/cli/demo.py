@@ -1,17 +1,20 @@
-"""The quick-start job: a local Ray, the demo fleet, a sample workload through the official `openai` client.
+"""The quick-start job: a local Ray, the demo fleet, real task questions through the official `openai` client.
 
-It prints each request's pool, token count, time to first token and latency, the fleet's status, and the
-endpoint URL, then takes the fleet down (or keeps serving with --keep-serving).
+The demo fleet serves three models trained on verifiable tasks (`rayfleet.actors.tasks`). The workload asks
+seeded reasoning-gym questions (easy and hard arithmetic and string tasks) of `model="auto"`; for each it prints
+the question, the answer, whether the task's verifier accepts it, which pool answered and why the router chose
+it, and sends the verifier's score back as feedback (`POST /v1/feedback`), which the `chimera` router learns
+from. Then the fleet's status and the endpoint URL; the fleet is taken down unless --keep-serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
 from dataclasses import dataclass
 
+from rayfleet.actors.tasks import DIFFICULTIES, FAMILIES, TaskInstance, generate, score
 from rayfleet.control_plane.cli.launch import (
     LOCAL_LOGICAL_CPUS,
     connect,
@@ -24,73 +27,98 @@ from rayfleet.control_plane.cli.launch import (
 
 logger = logging.getLogger("rayfleet.demo")
 
-PROMPTS = [
-    "Explain gradient descent in one sentence.",
-    "Write a haiku about the sea.",
-    "What is the capital of France?",
-    "Why does a fleet need a router?",
-    "Describe live migration of a running request.",
-    "List three uses of a KV cache store.",
-]
+ROUTE_HEADER = "x-rayfleet-route"
+DEMO_SEED = 424242  # the questions: held out from training (train_task_models.py draws from other seeds)
 
 
 @dataclass
 class Result:
-    model: str
+    task: TaskInstance
     stream: bool
+    answer: str
+    score: float
+    pool: str
+    why: str
     tokens: int
-    ttft_s: float
     latency_s: float
-    served_by: str
-    text: str
 
 
-async def one_request(client, model: str, prompt: str, max_tokens: int, stream: bool) -> Result:
+def workload(count: int) -> list[TaskInstance]:
+    """`count` questions cycling over every (family, difficulty) cell."""
+    cells = [(f, d) for d in DIFFICULTIES for f in FAMILIES]
+    return [generate(f, d, seed=DEMO_SEED + i)[0] for i, (f, d) in
+            ((i, cells[i % len(cells)]) for i in range(count))]
+
+
+async def ask(client, task: TaskInstance, max_tokens: int, stream: bool) -> Result:
     started = time.perf_counter()
-    messages = [{"role": "user", "content": prompt}]
-    extra = {"ignore_eos": True}
+    kwargs = dict(model="auto", messages=[{"role": "user", "content": task.prompt}], max_tokens=max_tokens,
+                  temperature=0)
     if stream:
-        first = None
-        text, tokens, served_by = [], 0, model
-        response = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                        stream=True, stream_options={"include_usage": True},
-                                                        extra_body=extra)
-        async for chunk in response:
-            served_by = chunk.model
+        raw = await client.chat.completions.with_raw_response.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs)
+        text, tokens, request_id, pool = [], 0, "", ""
+        async for chunk in raw.parse():  # the raw response parses synchronously, also on the async client
+            request_id, pool = chunk.id, chunk.model
             if chunk.choices and chunk.choices[0].delta.content:
-                first = first or time.perf_counter()
                 text.append(chunk.choices[0].delta.content)
             if chunk.usage:
                 tokens = chunk.usage.completion_tokens
-        end = time.perf_counter()
-        return Result(model, True, tokens, (first or end) - started, end - started, served_by, "".join(text))
-    response = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                    extra_body=extra)
-    end = time.perf_counter()
-    return Result(model, False, response.usage.completion_tokens, end - started, end - started, response.model,
-                  response.choices[0].message.content or "")
+        answer = "".join(text)
+    else:
+        raw = await client.chat.completions.with_raw_response.create(**kwargs)
+        response = raw.parse()
+        request_id, pool = response.id, response.model
+        answer, tokens = response.choices[0].message.content or "", response.usage.completion_tokens
+    latency = time.perf_counter() - started
+    verdict = score(task, answer)
+    # The verifier's verdict teaches the router (what a client with its own checker, or an RL loop, does).
+    await client.post("/feedback", cast_to=object, body={"request_id": request_id, "score": verdict})
+    why = raw.headers.get(ROUTE_HEADER, "").partition("; ")[2]
+    return Result(task, stream, answer, verdict, pool, why, tokens, latency)
 
 
-async def run_workload(base_url: str, models: list[str], requests: int, max_tokens: int,
-                       api_key: str = "rayfleet-demo") -> list[Result]:
+async def run_workload(base_url: str, count: int, max_tokens: int, api_key: str) -> list[Result]:
     from openai import AsyncOpenAI
-    from tqdm.asyncio import tqdm
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=300)
-    jobs = [one_request(client, models[i % len(models)], PROMPTS[i % len(PROMPTS)], max_tokens, stream=i % 2 == 0)
-            for i in range(requests)]
-    return await tqdm.gather(*jobs, desc="sample workload", unit="req")
+    tasks = workload(count)
+    # The router starts on the first `auto` request: the embedder loads and embeds its table (~20 s here).
+    logger.info("warming up the router (prompt embedder, routing table)")
+    await client.chat.completions.create(model="auto", messages=[{"role": "user", "content": tasks[0].prompt}],
+                                         max_tokens=1)
+    results = []
+    # Two waves: the second routes with what the first taught the router through feedback.
+    # log lines print above the bar instead of through it
+    with logging_redirect_tqdm(), tqdm(total=len(tasks), desc="task questions", unit="req") as bar:
+        for wave in (tasks[: len(tasks) // 2], tasks[len(tasks) // 2:]):
+            for done in asyncio.as_completed([ask(client, t, max_tokens, stream=i % 3 == 0)
+                                              for i, t in enumerate(wave)]):
+                results.append(await done)
+                bar.update()
+    return sorted(results, key=lambda r: (r.task.difficulty, r.task.family, r.task.seed))
 
 
 def report(results: list[Result], wall_s: float) -> str:
-    lines = [f"{'model':<8}{'served by':<10}{'stream':<8}{'tokens':>7}{'TTFT ms':>9}{'latency ms':>12}  text"]
+    lines = [f"{'task':<22}{'question':<34}{'expected':>10}{'answer':>11}  {'verdict':<8}{'pool':<12}"
+             "why the router chose it"]
     for r in results:
-        lines.append(f"{r.model:<8}{r.served_by:<10}{str(r.stream):<8}{r.tokens:>7}{1e3 * r.ttft_s:>9.0f}"
-                     f"{1e3 * r.latency_s:>12.0f}  {r.text[:32]!r}")
+        question = r.task.prompt.rsplit(": ", 1)[-1].split(". Give only")[0]  # the operands or the word
+        verdict = "ok" if r.score >= 1.0 else "wrong" if r.score == 0 else f"{r.score:.2f}"
+        lines.append(f"{r.task.family + '/' + r.task.difficulty:<22}{question[:32]:<34}{r.task.answer[:10]:>10}"
+                     f"{r.answer.strip()[:10]:>11}  {verdict:<8}{r.pool:<12}{r.why}")
+    lines.append("")
+    for pool in sorted({r.pool for r in results}):
+        mine = [r for r in results if r.pool == pool]
+        lines.append(f"{pool:<12} answered {len(mine):>3}: {sum(r.score >= 1 for r in mine):>3} accepted, "
+                     f"mean latency {1e3 * sum(r.latency_s for r in mine) / len(mine):.0f} ms")
+    accepted = sum(r.score >= 1 for r in results)
     tokens = sum(r.tokens for r in results)
-    ttfts = [r.ttft_s for r in results if r.stream]
-    lines.append(f"{len(results)} requests, {tokens} tokens in {wall_s:.2f} s ({tokens / wall_s:.0f} tok/s); "
-                 f"TTFT p50 {1e3 * statistics.median(ttfts):.0f} ms (streaming requests)")
+    lines.append(f"{len(results)} questions, {accepted} accepted by their verifiers "
+                 f"({100 * accepted / len(results):.0f}%), "
+                 f"{tokens} tokens in {wall_s:.2f} s")
     return "\n".join(lines)
 
 
@@ -102,16 +130,16 @@ def run_demo(args) -> None:
     if args.address:
         connect(args.address, start_local=False)
     else:
-        ray.init(num_cpus=LOCAL_LOGICAL_CPUS, include_dashboard=False, namespace="rayfleet",
+        # A cluster of the demo's own ("local"), even when `rayfleet up` left one running on this machine.
+        ray.init(address="local", num_cpus=LOCAL_LOGICAL_CPUS, include_dashboard=False, namespace="rayfleet",
                  log_to_driver=False)
     url = deploy(spec, wait_s=600)
-    models = [p.name for p in spec.pools] + ["auto"]
     started = time.perf_counter()
-    results = asyncio.run(run_workload(url, models, args.requests, args.max_tokens,
-                                       api_key=(spec.ingress.api_keys or ["rayfleet-demo"])[0]))
+    results = asyncio.run(run_workload(url, args.requests, args.max_tokens, api_key=_demo_key(spec)))
     print(report(results, time.perf_counter() - started))
     print(render_status(ray.get(controller().status.remote())))
-    print(f"\nOpenAI endpoint: {url}  (try: curl {url}/models)")
+    print(f"\nOpenAI endpoint: {url}  (try: curl {url}/models; routing decisions: curl {url}/fleet/routing)")
+    print(f"Ops dashboard:   {url.removesuffix('/v1')}/dashboard")
     if args.keep_serving:
         print("serving until Ctrl-C")
         try:
@@ -123,3 +151,9 @@ def run_demo(args) -> None:
 
     serve.shutdown()
     ray.get(controller().shutdown.remote())
+
+
+def _demo_key(spec) -> str:
+    """The key the demo's workload sends: the spec's first inline key in clear, else any (auth: none)."""
+    clear = [k if isinstance(k, str) else k.key for k in spec.ingress.api_keys]
+    return next((k for k in clear if k), "rayfleet-demo")

@@ -2,15 +2,19 @@
 build the demo models it needs, deploy the Serve app and wait for the replicas, print the fleet status.
 
 Every command talks to a Ray cluster: `--address` (or RAY_ADDRESS) names one; without it `up` and `demo`
-start a local one (`ray start --head`) so that the fleet outlives the command, and the other commands
-attach to it.
+start a local one (`ray start --head`, with the Ray of this Python environment, activated or not) so that
+the fleet outlives the command, and the other commands attach to it. A cluster `up` started is remembered
+(`~/.rayfleet/local-cluster.json`), so that `down --stop-ray` stops that cluster and no other.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import subprocess
+import sys
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -22,25 +26,87 @@ DEFAULT_DEMO_MODELS = ".demo-models"
 # Each replica actor reserves whole logical CPUs; a 2-core machine still needs room for several replicas,
 # the controller and Serve (ENVIRONMENT.md: deployments hang with too few logical CPUs).
 LOCAL_LOGICAL_CPUS = 16
+STARTED_CLUSTER = Path(os.environ.get("RAYFLEET_HOME", Path.home() / ".rayfleet")) / "local-cluster.json"
 
 
 def connect(address: str | None, start_local: bool) -> None:
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
+    # Without an address: the cluster `ray start` (or `rayfleet up`) last started on this machine, as Ray's
+    # own CLI finds it; not Ray's legacy "any running cluster", which may be someone else's `ray.init`.
+    address = address or os.environ.get("RAY_ADDRESS") or ray._private.utils.read_ray_address()
     if address:
         ray.init(address=address, namespace="rayfleet", log_to_driver=False)
         return
-    try:
-        ray.init(address="auto", namespace="rayfleet", log_to_driver=False)
-        return
-    except ConnectionError:
-        if not start_local:
-            raise SystemExit("no Ray cluster is running; start one with `rayfleet up` (or pass --address)")
+    if not start_local:
+        raise SystemExit("no Ray cluster is running; start one with `rayfleet up` (or pass --address)")
+    ray.init(address=start_local_cluster(), namespace="rayfleet", log_to_driver=False)
+    remember_started_cluster()
+
+
+def start_local_cluster() -> str:
+    """`ray start --head` with this environment's Ray (`python -m`: no `ray` on PATH needed); its address."""
+    import ray
+
     logger.info("starting a local Ray cluster (%d logical CPUs)", LOCAL_LOGICAL_CPUS)
-    subprocess.run(["ray", "start", "--head", f"--num-cpus={LOCAL_LOGICAL_CPUS}", "--disable-usage-stats",
-                    "--include-dashboard=false"], check=True, stdout=subprocess.DEVNULL)
-    ray.init(address="auto", namespace="rayfleet", log_to_driver=False)
+    started = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={_free_port()}",
+                              f"--num-cpus={LOCAL_LOGICAL_CPUS}", "--disable-usage-stats", "--include-dashboard=false"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if started.returncode != 0:
+        last = (started.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"could not start a local Ray cluster: {last}")
+    return ray._private.utils.read_ray_address()
+
+
+def _free_port() -> int:
+    """A free port for the head's GCS: Ray's default 6379 may belong to another cluster (or a Redis)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def remember_started_cluster() -> None:
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    STARTED_CLUSTER.parent.mkdir(parents=True, exist_ok=True)
+    STARTED_CLUSTER.write_text(json.dumps({"gcs_address": node.gcs_address, "session_name": node.session_name}))
+
+
+def stop_started_cluster() -> str:
+    """Stop the cluster the driver is connected to if `rayfleet up` started it; say what was done.
+
+    Only that cluster's processes go (matched by its session name), unlike `ray stop`, which stops every
+    Ray cluster on the machine."""
+    import psutil
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    record = json.loads(STARTED_CLUSTER.read_text()) if STARTED_CLUSTER.exists() else {}
+    if record.get("gcs_address") != node.gcs_address or record.get("session_name") != node.session_name:
+        return f"the Ray cluster at {node.gcs_address} was not started by rayfleet: left running (`ray stop` stops it)"
+    session = record["session_name"]
+    ray.shutdown()
+    processes = [p for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or ())]
+    for process in processes:
+        _signal(process, signal.SIGTERM)
+    _, alive = psutil.wait_procs(processes, timeout=15)
+    for process in alive:
+        _signal(process, signal.SIGKILL)
+    STARTED_CLUSTER.unlink(missing_ok=True)
+    address_file = Path(ray._private.utils.get_ray_address_file(None))
+    if address_file.exists() and address_file.read_text().strip() == record["gcs_address"]:
+        address_file.unlink()  # as `ray stop` does: later commands must not look for the stopped cluster
+    return f"stopped the local Ray cluster rayfleet started ({len(processes)} processes of {session})"
+
+
+def _signal(process, sig: int) -> None:
+    try:
+        process.send_signal(sig)
+    except Exception:  # already gone
+        pass
 
 
 def controller():
@@ -82,10 +148,11 @@ def grpc_options(spec) -> dict:
 def _wait_with_progress(handle, spec, wait_s: float) -> dict:
     import ray
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     total = sum(p.start_replicas for p in spec.pools)
     deadline = time.monotonic() + wait_s
-    with tqdm(total=total, desc="replicas ready", unit="replica") as bar:
+    with logging_redirect_tqdm(), tqdm(total=total, desc="replicas ready", unit="replica") as bar:
         while time.monotonic() < deadline:
             status = ray.get(handle.status.remote())
             ready = sum(p["ready"] for p in status["pools"].values())
@@ -100,7 +167,10 @@ def _wait_with_progress(handle, spec, wait_s: float) -> dict:
 def load_any_spec(path: str | None):
     from rayfleet.control_plane.spec import SpecError, load_spec
 
+    from rayfleet.actors.tasks import TRAINED_MODELS_DIR
+
     os.environ.setdefault("RAYFLEET_DEMO_MODELS", str(Path(DEFAULT_DEMO_MODELS).resolve()))
+    os.environ.setdefault("RAYFLEET_TASK_MODELS", str(TRAINED_MODELS_DIR))
     try:
         return load_spec(path or str(DEMO_SPEC))
     except SpecError as error:
@@ -115,6 +185,25 @@ def ensure_demo_models(spec) -> None:
     if any(Path(p.model).parent == demo_dir and not Path(p.model).exists() for p in spec.pools):
         logger.info("building demo models in %s", demo_dir)
         build_demo_models(demo_dir, DEMO_MODELS)
+
+
+def routing_decisions(limit: int) -> dict:
+    """The ingress' recent routing decisions, over a Serve handle (no URL or API key needed)."""
+    from ray import serve
+
+    return serve.get_app_handle("rayfleet").routing_decisions.remote(limit).result(timeout_s=30)
+
+
+def render_routing(routing: dict) -> str:
+    lines = [f"router {routing['router']}: last {len(routing['decisions'])} decisions"]
+    for d in routing["decisions"]:
+        stage = f" workflow {d['workflow_id']} stage {d['workflow_stage']}" if d.get("workflow_id") else ""
+        lines.append(f"  {d['request_id']} -> {d['pool']} / {d['replica_id']}: {d['why']}{stage}")
+        for c in d["candidates"]:
+            lines.append(f"      {c['pool']:<14} quality {c['quality']:.2f}  length {c['output_tokens']:6.1f}  "
+                         f"latency {1e3 * c['latency_s']:7.1f} ms  backlog {c['backlog_tokens']:>5}  "
+                         f"objective {c['objective']:+.3f}")
+    return "\n".join(lines)
 
 
 def render_status(status: dict) -> str:

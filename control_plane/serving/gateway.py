@@ -1,4 +1,4 @@
-"""What every front end of the ingress shares: API keys, the fleet view, admission, placement and ledgers.
+"""What every front end of the ingress shares: callers (`auth.py`), the fleet view, admission, placement, ledgers.
 
 The HTTP routes (`openai_api.py`, `admin_api.py`) and the gRPC servicer (`grpc_servicer.py`) are mixins over
 one `FleetGateway`; `ingress.py` assembles them into the Serve deployment. The gateway knows the controller
@@ -11,38 +11,57 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, AsyncIterator
 
 import ray
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 
+from rayfleet.actors.embedding.embedder import get_or_create_embedder
+from rayfleet.actors.observability import tracing
+from rayfleet.actors.observability.logs import configure_actor_logging
 from rayfleet.actors.replica.protocol import Destination, GenerateCall
 from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
+from rayfleet.control_plane.serving.auth import KeyRing, Principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
 from rayfleet.control_plane.serving.rendering import PoolRenderer
+from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
+from rayfleet.control_plane.serving.request_telemetry import ClientRequest, RequestTelemetry
 from rayfleet.control_plane.spec import FleetSpec, parse_spec
 from rayfleet.policies import registry
-from rayfleet.policies.base import AdmissionVerdict, FleetSnapshot, NoReplicaAvailable, RequestInfo
+from rayfleet.policies.base import (
+    AdmissionVerdict,
+    FleetSnapshot,
+    LearningRouter,
+    NoReplicaAvailable,
+    RequestInfo,
+    RequestOutcome,
+    RoutingDecision,
+)
 
 logger = logging.getLogger("rayfleet.ingress")
 
 VIEW_TTL_S = 0.25  # the routing view is refreshed from the controller at most this often
 QUEUE_WAIT_S = 0.05
+# While the controller restarts (Ray re-creates it in seconds) the last view keeps routing, up to this age.
+STALE_VIEW_MAX_S = 60.0
+REPLACEMENT_POLL_S = 0.5
 
 
 def overlay_local_load(snapshot: FleetSnapshot, ledgers: dict[str, TokenLedger]) -> FleetSnapshot:
     """The controller's view is up to one tick old; this ingress knows its own in-flight requests now."""
     tokens: dict[str, int] = {}
     requests: dict[str, int] = {}
+    remaining: dict[str, int] = {}  # decode work still expected: predicted length (else max_tokens) - output
     for ledger in ledgers.values():
         if ledger.placement is not None:
             rid = ledger.placement.replica_id
             tokens[rid] = tokens.get(rid, 0) + len(ledger.call.prompt_token_ids) + ledger.output_tokens
             requests[rid] = requests.get(rid, 0) + 1
-    return snapshot.with_local_load(tokens, requests)
+            expected = ledger.call.predicted_output_tokens or ledger.call.sampling_params.max_tokens or 0
+            remaining[rid] = remaining.get(rid, 0) + max(expected - ledger.output_tokens, 0)
+    return snapshot.with_local_load(tokens, requests, remaining)
 
 
 class FleetGateway:
@@ -51,22 +70,26 @@ class FleetGateway:
 
     def __init__(self, spec: dict[str, Any]):
         self.spec: FleetSpec = parse_spec(spec)
-        logging.basicConfig(level=self.spec.log_level)
+        configure_actor_logging(self.spec.log_level)
+        tracing.setup_tracing(self.spec.tracing, "ingress")
+        self.telemetry = RequestTelemetry(self.spec)
         policies = self.spec.policies
         self.router = registry.create("router", policies.router.name, policies.router.params)
         self.admission = registry.create("admission", policies.admission.name, policies.admission.params)
-        self.api_keys = set(self.spec.ingress.api_keys)
-        if self.spec.ingress.api_keys_env:
-            self.api_keys |= {k.strip() for k in os.environ.get(self.spec.ingress.api_keys_env, "").split(",")
-                              if k.strip()}
+        self.keys = KeyRing.from_spec(self.spec.ingress)
         self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         self.renderers = {pool.name: PoolRenderer(pool.name, pool.model, pool.engine_args)
                           for pool in self.spec.pools}
         self._renderers_started = asyncio.Lock()
         self._started = False
+        # A learning router (Chimera) gets outcomes; one that needs embeddings gets the fleet's embedder.
+        self.learning_router = self.router if isinstance(self.router, LearningRouter) else None
+        self.embedder = None
+        self._router_started = asyncio.Lock()
         self._view: tuple[FleetSnapshot, dict[str, Any]] | None = None
         self._view_at = 0.0
         self.ledgers: dict[str, TokenLedger] = {}
+        self.replica_streams = ReplicaStreams()
 
     async def ensure_renderers(self) -> None:
         if self._started:
@@ -76,21 +99,55 @@ class FleetGateway:
                 await asyncio.gather(*(r.start() for r in self.renderers.values()))
                 self._started = True
 
+    async def ensure_router(self) -> None:
+        """Start the embedder and fit the router's offline table (once, on the first request that needs it)."""
+        router = self.learning_router
+        if router is None or not router.needs_embeddings or self.embedder is not None:
+            return
+        async with self._router_started:
+            if self.embedder is None:
+                embedder = get_or_create_embedder(NAMESPACE)
+                prompts = router.table_prompts()
+                if prompts:
+                    router.fit_table(await embedder.embed.remote(prompts))
+                logger.info("router %s: %d table rows embedded", self.spec.policies.router.name, len(prompts))
+                self.embedder = embedder
+
+    async def embed(self, text: str) -> tuple[float, ...] | None:
+        """The prompt's embedding for the router; None (the router falls back to priors) if the embedder fails."""
+        if self.embedder is None or not text:
+            return None
+        try:
+            [vector] = await self.embedder.embed.remote([text])
+        except Exception:
+            logger.exception("prompt embedding failed; routing on priors")
+            return None
+        return tuple(vector.tolist())
+
+    def routing_decisions(self, limit: int = 20) -> dict:
+        """The router's recent decisions with each candidate's predictions (also called over a Serve handle
+        by `rayfleet status --routing`)."""
+        decisions = self.learning_router.explain(limit) if self.learning_router is not None else []
+        return {"router": self.spec.policies.router.name, "decisions": decisions}
+
     async def fleet_view(self, fresh: bool = False) -> tuple[FleetSnapshot, dict[str, Any]]:
         if fresh or self._view is None or time.monotonic() - self._view_at > VIEW_TTL_S:
-            self._view = await self.controller.fleet_view.remote()
-            self._view_at = time.monotonic()
+            try:
+                self._view = await self.controller.fleet_view.remote()
+                self._view_at = time.monotonic()
+            except ray.exceptions.RayActorError as error:
+                # Restarting controller: route on the last view (replicas outlive it), within bounds.
+                if self._view is None or time.monotonic() - self._view_at > STALE_VIEW_MAX_S:
+                    raise OpenAIHTTPError(503, "The fleet controller is restarting; retry shortly.",
+                                          "ServiceUnavailableError", retry_after_s=5) from None
+                logger.warning("controller unreachable (%s); routing on a %.1f s old view", type(error).__name__,
+                               time.monotonic() - self._view_at)
         snapshot, handles = self._view
         return overlay_local_load(snapshot, self.ledgers), handles
 
-    def authenticate(self, authorization: str, how: str) -> None:
-        """Check an `Authorization: Bearer <key>` value; `how` tells the client where to send the key."""
-        if not self.api_keys:
-            return
-        scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
-            raise OpenAIHTTPError(401, f"Incorrect API key provided. Send {how}.",
-                                  err_type="invalid_request_error", param="authorization")
+    def authenticate(self, authorization: str, how: str) -> Principal:
+        """The caller of an `Authorization: Bearer <key>` value; `how` tells the client where to send the key."""
+        return self.keys.authenticate(authorization, how)
 
     @staticmethod
     def unserved_pools(snapshot: FleetSnapshot) -> list[str]:
@@ -103,43 +160,102 @@ class FleetGateway:
                            max_tokens=call.sampling_params.max_tokens or 0, priority=call.priority,
                            workflow_id=call.workflow_id, prompt_token_ids=tuple(call.prompt_token_ids))
 
-    async def admit_and_place(self, info: RequestInfo) -> tuple[Placement, str]:
-        """Admission (queue, 429 or 503) then routing; returns the placement and the chosen pool."""
-        deadline = time.monotonic() + self.spec.ingress.request_timeout_s
-        while True:
-            snapshot, handles = await self.fleet_view()
-            decision = self.admission.admit(info, snapshot)
-            if decision.verdict is AdmissionVerdict.REJECT:
-                status = 503 if "no ready replica" in decision.reason else 429
-                raise OpenAIHTTPError(status, f"Request rejected: {decision.reason}.",
-                                      err_type="ServiceUnavailableError" if status == 503 else "RateLimitError",
-                                      retry_after_s=decision.retry_after_s)
-            if decision.verdict is AdmissionVerdict.ADMIT:
-                try:
-                    return await self.place(info, frozenset(), snapshot, handles)
-                except NoReplicaAvailable as error:
-                    raise OpenAIHTTPError(503, f"{error}; retry later.", "ServiceUnavailableError",
-                                          retry_after_s=5) from None
-            if time.monotonic() > deadline:
-                raise OpenAIHTTPError(429, "Request queued too long; retry later.", "RateLimitError",
-                                      retry_after_s=5)
-            await asyncio.sleep(QUEUE_WAIT_S)
+    async def admit_and_place(self, info: RequestInfo, trace=None) -> tuple[Placement, RoutingDecision]:
+        """Admission (queue, 429 or 503) then routing; returns the placement and the router's decision."""
+        snapshot, handles = await self._admit(info, trace)
+        try:
+            return await self.place(info, frozenset(), snapshot, handles, trace)
+        except NoReplicaAvailable as error:
+            raise OpenAIHTTPError(503, f"{error}; retry later.", "ServiceUnavailableError", retry_after_s=5) from None
 
-    async def place(self, info: RequestInfo, exclude: frozenset[str], snapshot=None, handles=None):
+    async def _admit(self, info: RequestInfo, trace) -> tuple[FleetSnapshot, dict[str, Any]]:
+        """Wait, queued, until the admission policy admits; 429 or 503 when it rejects or the wait runs out."""
+        span = tracing.start_span("admission", trace, attributes={"rayfleet.policy": self.spec.policies.admission.name})
+        model, polls = info.pool or "auto", 0
+        deadline = time.monotonic() + self.spec.ingress.request_timeout_s
+        replacement_deadline = time.monotonic() + self.spec.ingress.replay_wait_s
+        try:
+            while True:
+                snapshot, handles = await self.fleet_view()
+                decision = self.admission.admit(info, snapshot)
+                if decision.verdict is AdmissionVerdict.ADMIT:
+                    tracing.end_span(span, **{"rayfleet.verdict": "admit", "rayfleet.queued_polls": polls})
+                    return snapshot, handles
+                if (decision.verdict is AdmissionVerdict.REJECT and self._replacement_coming(info, snapshot)
+                        and time.monotonic() < replacement_deadline):
+                    # The pool's replicas are all being replaced (a crash, a rollout of a one-replica pool): wait
+                    # for one, as a request that lost its replica does, rather than refuse.
+                    await asyncio.sleep(REPLACEMENT_POLL_S)
+                    continue
+                if decision.verdict is AdmissionVerdict.REJECT:
+                    status = 503 if "no ready replica" in decision.reason else 429
+                    raise OpenAIHTTPError(status, f"Request rejected: {decision.reason}.",
+                                          err_type="ServiceUnavailableError" if status == 503 else "RateLimitError",
+                                          retry_after_s=decision.retry_after_s)
+                if time.monotonic() > deadline:
+                    raise OpenAIHTTPError(429, "Request queued too long; retry later.", "RateLimitError",
+                                          retry_after_s=5)
+                if polls == 0:
+                    self.telemetry.queued(model, +1)
+                polls += 1
+                await asyncio.sleep(QUEUE_WAIT_S)
+        except BaseException as error:  # rejected, or the client left while queued
+            tracing.end_span(span, error, **{"rayfleet.verdict": "reject"})
+            raise
+        finally:
+            if polls:
+                self.telemetry.queued(model, -1)
+
+    @staticmethod
+    def _replacement_coming(info: RequestInfo, snapshot: FleetSnapshot) -> bool:
+        """The request's pool should be serving (desired > 0) and has no ready replica now."""
+        pool = snapshot.pools.get(info.pool) if info.pool else None
+        return pool is not None and pool.desired_replicas > 0 and not pool.routable_replicas
+
+    async def place_when_ready(self, info: RequestInfo, exclude: frozenset[str], trace=None) -> Placement:
+        """A replica for a request that lost its own: waits, bounded, for one to be ready (e.g. the lost one's
+        replacement, when the pool had no other)."""
+        deadline = time.monotonic() + self.spec.ingress.replay_wait_s
+        while True:
+            try:
+                placement, _ = await self.place(info, exclude, trace=trace)
+                return placement
+            except NoReplicaAvailable:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(REPLACEMENT_POLL_S)
+
+    async def place(self, info: RequestInfo, exclude: frozenset[str], snapshot=None, handles=None,
+                    trace=None) -> tuple[Placement, RoutingDecision]:
         if snapshot is None:
             snapshot, handles = await self.fleet_view(fresh=True)
-        decision = self.router.route(dataclasses.replace(info, exclude_replicas=exclude), snapshot)
-        handle = handles.get(decision.replica_id)
-        if handle is None:
-            raise NoReplicaAvailable(f"router chose {decision.replica_id}, which is no longer ready")
+        span = tracing.start_span("routing", trace, attributes={"rayfleet.router": self.spec.policies.router.name,
+                                                                "rayfleet.excluded": len(exclude)})
+        try:
+            decision = self.router.route(dataclasses.replace(info, exclude_replicas=exclude), snapshot)
+            handle = handles.get(decision.replica_id)
+            if handle is None:
+                raise NoReplicaAvailable(f"router chose {decision.replica_id}, which is no longer ready")
+        except NoReplicaAvailable as error:
+            tracing.end_span(span, error)
+            raise
+        tracing.end_span(span, **{"rayfleet.pool": decision.pool, "rayfleet.replica": decision.replica_id,
+                                  "rayfleet.reason": decision.reason})
+        self.telemetry.decided(info, decision)
         handoff = None
         decode = snapshot.replica(decision.handoff_replica_id) if decision.handoff_replica_id else None
         if decode is not None and decode.replica_id in handles:
             handoff = Destination(decode.replica_id, handles[decode.replica_id], decode.node_id)
-        return Placement(decision.replica_id, handle, handoff), decision.pool
+        return Placement(decision.replica_id, handle, handoff), decision
 
-    def open_ledger(self, call: GenerateCall, placement: Placement | None) -> TokenLedger:
-        ledger = TokenLedger(call=call, placement=placement)
+    def open_ledger(self, call: GenerateCall, placement: Placement | None, owner: Principal, pool: str,
+                    client: ClientRequest) -> TokenLedger:
+        if call.request_id in self.ledgers:
+            raise OpenAIHTTPError(409, f"request id '{call.request_id}' is already in flight; choose another",
+                                  "invalid_request_error", param="request_id")
+        ledger = TokenLedger(call=call, placement=placement, owner=owner.name,
+                             grammar_continues=self.spec.pool(pool).live_migration,
+                             started_at=client.started_at, trace=client.trace)
         self.ledgers[call.request_id] = ledger
         return ledger
 
@@ -152,14 +268,20 @@ class FleetGateway:
         info = self.info_from_call(ledger.call, pool)
 
         async def place(call: GenerateCall, exclude: frozenset[str]) -> Placement:
-            placement, _ = await self.place(info, exclude)
-            return placement
+            return await self.place_when_ready(info, exclude, ledger.trace)
 
+        ingress = self.spec.ingress
         try:
-            async for choice in follow(ledger, place):
+            async for choice in follow(ledger, place, self.replica_streams, ingress.max_replays,
+                                       ingress.chunk_timeout_s):
                 yield choice
         finally:
             self.ledgers.pop(ledger.request_id, None)
+            self.telemetry.finished(ledger, pool)
+            if self.learning_router is not None and ledger.done and ledger.hops:
+                self.learning_router.observe(RequestOutcome(
+                    request_id=ledger.request_id, pool=pool, replica_id=ledger.hops[-1],
+                    output_tokens=ledger.output_tokens, latency_s=time.monotonic() - ledger.started_at))
             if ledger.migrations or ledger.replays:
                 logger.info("request %s finished after %d migrations and %d replays over %s",
                             ledger.request_id, ledger.migrations, ledger.replays, " -> ".join(ledger.hops))

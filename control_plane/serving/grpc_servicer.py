@@ -12,11 +12,13 @@ the fleet has a single pool).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import grpc
 from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2 as pb
+from vllm.exceptions import VLLMValidationError
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
     GenerateLogProbs,
     GenerateTokensChoice,
@@ -24,8 +26,13 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
 )
 
 from rayfleet.actors.replica.protocol import GenerateCall
+from rayfleet.control_plane.serving.auth import Principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
-from rayfleet.control_plane.serving.gateway import FleetGateway
+from rayfleet.control_plane.serving.gateway import FleetGateway, logger
+from rayfleet.control_plane.serving.ledger import ReplayImpossible
+from rayfleet.control_plane.serving.rendering import RenderError
+from rayfleet.control_plane.serving.request_limits import check_counts, check_prompt_tokens
+from rayfleet.control_plane.serving.request_telemetry import ClientRequest
 
 # The generated messages name their module `vllm_engine_pb2` (protoc's flat layout), and Ray Serve pickles
 # requests from its gRPC proxy to the ingress: both processes import this module, which makes that name
@@ -43,7 +50,11 @@ GRPC_SERVICER_FUNCTIONS = ["rayfleet.control_plane.serving.grpc_servicer:add_ser
 POOL_METADATA_KEY = "rayfleet-pool"
 # HTTP statuses of the ingress' errors -> gRPC status codes
 GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-               429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+               403: grpc.StatusCode.PERMISSION_DENIED, 409: grpc.StatusCode.ALREADY_EXISTS,
+               413: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+               503: grpc.StatusCode.UNAVAILABLE}
+# gRPC codes -> HTTP statuses, for the requests metric's label (the first status of a code wins)
+HTTP_STATUS = {code: status for status, code in reversed(GRPC_STATUS.items())}
 
 
 class GrpcRequestError(Exception):
@@ -80,7 +91,10 @@ def call_from_proto(request: pb.GenerateRequest, max_model_len: int, vocab_size:
     if max(prompt) >= vocab_size:
         raise GrpcRequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"token id {max(prompt)} is outside the vocabulary (size {vocab_size})")
-    params = VllmEngineServicer._sampling_params_from_proto(request.sampling_params, stream=True)
+    try:  # vLLM's SamplingParams validate themselves (ranges, combinations) as they are built
+        params = VllmEngineServicer._sampling_params_from_proto(request.sampling_params, stream=True)
+    except (ValueError, TypeError, VLLMValidationError) as error:
+        raise GrpcRequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling_params: {error}") from None
     if params.max_tokens is None:
         params.max_tokens = max_model_len - len(prompt)
     if len(prompt) + params.max_tokens > max_model_len:
@@ -127,31 +141,63 @@ class GrpcServicer(FleetGateway):
 
     async def Generate(self, request, grpc_context):  # noqa: N802 (the RPC's name)
         """Tokens in, tokens out, through admission, routing and the ledger like HTTP requests."""
+        metadata = grpc_context.invocation_metadata()
+        client = self.telemetry.begin("grpc VllmEngine/Generate", dict(metadata))
         try:
-            self._grpc_authenticate(grpc_context)
-            pool = pool_from_metadata(grpc_context.invocation_metadata(), list(self.renderers))
+            principal = self._grpc_authenticate(grpc_context)
+            pool = pool_from_metadata(metadata, list(self.renderers))
+            client.pool = pool
             await self.ensure_renderers()
-            config = self.renderers[pool].state.vllm_config.model_config
+            renderer = self.renderers[pool]
+            config = renderer.state.vllm_config.model_config
             call = call_from_proto(request, config.max_model_len, config.get_vocab_size())
-            placement, _ = await self.admit_and_place(self.info_from_call(call, pool))
+            limits = self.spec.ingress.limits
+            check_counts(call.sampling_params.n, request.sampling_params.max_tokens or None, limits)
+            check_prompt_tokens(len(call.prompt_token_ids), limits)
+            renderer.verify(call.sampling_params, call.prompt_token_ids)
+            # Request ids are the client's: scoped by its tenant, so no one else can reach (or abort) them.
+            call = dataclasses.replace(call, request_id=principal.scoped_id(call.request_id))
+            placement, _ = await self.admit_and_place(self.info_from_call(call, pool), client.trace)
+            ledger = self.open_ledger(call, placement, principal, pool, client)
         except OpenAIHTTPError as error:
+            self.telemetry.end(client, error.status, error)
             _fail(grpc_context, GRPC_STATUS.get(error.status, grpc.StatusCode.INTERNAL), error.message)
+        except RenderError as error:
+            self.telemetry.end(client, error.status_code, error)
+            _fail(grpc_context, GRPC_STATUS.get(error.status_code, grpc.StatusCode.INTERNAL), str(error))
         except GrpcRequestError as error:
+            self.telemetry.end(client, HTTP_STATUS.get(error.code, 400), error)
             _fail(grpc_context, error.code, error.details)
-        ledger = self.open_ledger(call, placement)
-        prompt_tokens = len(call.prompt_token_ids)
+        async for response in self._generate(request, grpc_context, ledger, pool, client):
+            yield response
+
+    async def _generate(self, request, grpc_context, ledger, pool: str, client: ClientRequest):
+        prompt_tokens = len(ledger.call.prompt_token_ids)
         outputs: dict[int, GenerateTokensChoice] = {}
-        async for choice in self.follow(ledger, pool):
-            cached = ledger.num_cached_tokens or 0
-            if request.stream and choice.finish_reason is None:
-                yield chunk_response(choice, prompt_tokens, cached)
-                continue
-            total = outputs.setdefault(choice.index, GenerateTokensChoice(index=choice.index, token_ids=[]))
-            total.token_ids.extend(choice.token_ids or [])
-            if choice.finish_reason is not None:
-                ids = (choice.token_ids or []) if request.stream else total.token_ids
-                yield complete_response(choice.index, ids, choice.finish_reason, choice.stop_reason,
-                                        prompt_tokens, cached, choice.logprobs)
+        status, failure = 499, None  # until the stream ends one way or another
+        try:
+            async for choice in self.follow(ledger, pool):
+                cached = ledger.num_cached_tokens or 0
+                if request.stream and choice.finish_reason is None:
+                    yield chunk_response(choice, prompt_tokens, cached)
+                    continue
+                total = outputs.setdefault(choice.index, GenerateTokensChoice(index=choice.index, token_ids=[]))
+                total.token_ids.extend(choice.token_ids or [])
+                if choice.finish_reason is not None:
+                    ids = (choice.token_ids or []) if request.stream else total.token_ids
+                    yield complete_response(choice.index, ids, choice.finish_reason, choice.stop_reason,
+                                            prompt_tokens, cached, choice.logprobs)
+            status = 200
+        except ReplayImpossible as error:
+            status, failure = 503, error
+            _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(error))
+        except Exception as error:
+            status, failure = 500, error
+            logger.exception("gRPC stream of %s failed", ledger.request_id)
+            _fail(grpc_context, grpc.StatusCode.INTERNAL,
+                  f"generation failed ({type(error).__name__}); the request was aborted")
+        finally:
+            self.telemetry.end(client, status, failure)
 
     async def HealthCheck(self, request, grpc_context):  # noqa: N802
         snapshot, _ = await self.fleet_view()
@@ -160,11 +206,11 @@ class GrpcServicer(FleetGateway):
                                       if empty else "ok")
 
     async def Abort(self, request, grpc_context):  # noqa: N802
-        self._grpc_authenticate(grpc_context)
+        principal = self._grpc_authenticate(grpc_context)
         for request_id in request.request_ids:
-            ledger = self.ledgers.get(request_id)
+            ledger = self.ledgers.get(principal.scoped_id(request_id))
             if ledger is not None and ledger.placement is not None:
-                await ledger.placement.replica.abort.remote(request_id)
+                await ledger.placement.replica.abort.remote(ledger.request_id)
         return pb.AbortResponse()
 
     async def GetModelInfo(self, request, grpc_context):  # noqa: N802
@@ -176,10 +222,10 @@ class GrpcServicer(FleetGateway):
                                        served_model_name=pool, tokenizer_path=config.tokenizer,
                                        max_req_input_len=config.max_model_len)
 
-    def _grpc_authenticate(self, grpc_context) -> None:
+    def _grpc_authenticate(self, grpc_context) -> Principal:
         try:
-            self.authenticate(dict(grpc_context.invocation_metadata()).get("authorization", ""),
-                              "metadata 'authorization: Bearer <key>'")
+            return self.authenticate(dict(grpc_context.invocation_metadata()).get("authorization", ""),
+                                     "metadata 'authorization: Bearer <key>'")
         except OpenAIHTTPError as error:
             _fail(grpc_context, grpc.StatusCode.UNAUTHENTICATED, error.message)
 

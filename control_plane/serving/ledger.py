@@ -11,23 +11,34 @@ Either way the client sees one uninterrupted stream with no duplicated or missin
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from rayfleet.actors.replica.protocol import Destination, GenerateCall, Handoff, ReplicaNotAccepting
+from rayfleet.actors.observability import tracing
+from rayfleet.actors.replica.continuity import why_pinned
+from rayfleet.actors.replica.protocol import (Destination, GenerateCall, Handoff, ReplicaChunk, ReplicaNotAccepting,
+                                              UnknownRequest)
 
 logger = logging.getLogger("rayfleet.ledger")
 
-# Failures after which the request is replayed elsewhere instead of failing the client.
-REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, ReplicaNotAccepting, EngineDeadError)
+
+class ReplicaStalled(RuntimeError):
+    """No chunk of the request arrived within the ingress' per-chunk deadline: the replica is hung."""
+
+
+# Failures after which the request is replayed elsewhere instead of failing the client. UnknownRequest: the
+# replica no longer knows the request (it can only have lost it), so its delivered tokens are all that is left.
+REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, ReplicaNotAccepting, EngineDeadError,
+                UnknownRequest, ReplicaStalled)
 
 
 @dataclass(frozen=True)
@@ -36,19 +47,25 @@ class Placement:
     replica: object  # Ray actor handle
     handoff: Destination | None = None  # prefill/decode: where the request goes after its first token
 
-    def start(self, call: GenerateCall):
-        """The replica's stream of `call` (told where to hand it over, for a prefill placement)."""
-        if self.handoff is not None:
-            call = dataclasses.replace(call, handoff_to=self.handoff)
-        return self.replica.generate.options(num_returns="streaming").remote(call)
+    def prepare(self, call: GenerateCall) -> GenerateCall:
+        """`call` as this replica runs it (told where to hand it over, for a prefill placement)."""
+        return call if self.handoff is None else dataclasses.replace(call, handoff_to=self.handoff)
 
 
 # Picks a replica for a call, never one of `exclude`; raises NoReplicaAvailable when none is left.
 PlaceFn = Callable[[GenerateCall, frozenset[str]], Awaitable[Placement]]
 
 
+class ChunkSource(Protocol):
+    """How the ledger reaches a replica's chunks of one request (`replica_streams.ReplicaStreams`)."""
+
+    def generate(self, replica_id: str, replica, call: GenerateCall) -> AsyncIterator[ReplicaChunk]: ...
+
+    def attach(self, replica_id: str, replica, request_id: str) -> AsyncIterator[ReplicaChunk]: ...
+
+
 class ReplayImpossible(RuntimeError):
-    """The request cannot be replayed (n > 1 with tokens already sent, or out of attempts)."""
+    """The request cannot be replayed: tokens were sent and it is pinned (`continuity.why_pinned`)."""
 
 
 @dataclass
@@ -61,7 +78,12 @@ class TokenLedger:
     migrations: int = 0
     replays: int = 0
     num_cached_tokens: int | None = None
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.monotonic)  # when the client's request arrived
+    owner: str = ""  # the tenant whose key opened the request
+    grammar_continues: bool = True  # its pool's engines advance a grammar over replayed output
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    trace: Any = None  # the client request's tracing context: each hop's span is its child
 
     @property
     def request_id(self) -> str:
@@ -77,6 +99,9 @@ class TokenLedger:
 
     def record(self, choice: GenerateTokensStreamChoice) -> None:
         self.delivered.setdefault(choice.index, []).extend(choice.token_ids or [])
+        if choice.token_ids:
+            self.last_token_at = time.monotonic()
+            self.first_token_at = self.first_token_at or self.last_token_at
         if choice.finish_reason is not None:
             self.finished.add(choice.index)
 
@@ -94,8 +119,11 @@ class TokenLedger:
         """Prompt plus delivered tokens, with the remaining budget, for another replica."""
         params = self.call.sampling_params
         sent = self.delivered.get(0, [])
-        if params.n > 1 and self.output_tokens:
-            raise ReplayImpossible("n > 1 requests cannot be replayed once tokens were sent")
+        pinned = why_pinned(params, self.grammar_continues)
+        if pinned and self.output_tokens:
+            raise ReplayImpossible(f"the replica serving request {self.request_id} failed after {self.output_tokens} "
+                                   f"tokens were sent, and a request with {pinned} cannot continue on another "
+                                   "replica without changing its output; send it again")
         if not sent:
             return self.call
         params = copy.copy(params)
@@ -108,28 +136,29 @@ class TokenLedger:
             priority=self.call.priority,
             workflow_id=self.call.workflow_id,
             predicted_output_tokens=self.call.predicted_output_tokens,
+            continued_tokens=len(sent),
         )
 
 
-async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2) -> AsyncIterator[GenerateTokensStreamChoice]:
+async def follow(ledger: TokenLedger, place: PlaceFn, source: ChunkSource, max_replays: int = 2,
+                 chunk_timeout_s: float | None = None) -> AsyncIterator[GenerateTokensStreamChoice]:
     """Stream a request's choices across handoffs and failures, recording each in the ledger.
 
     A placement already set on the ledger is used first (the ingress places eagerly to answer 429/503
     before a stream starts). Closing the iterator before the request is done (client disconnect) aborts
-    it where it runs now.
+    it where it runs now. A replica that sends no chunk for `chunk_timeout_s` is treated as lost.
     """
     exclude: set[str] = set()
     call = ledger.call
     if ledger.placement is None:
         ledger.placement = await place(call, frozenset())
-    ledger.hops.append(ledger.placement.replica_id)
-    stream = ledger.placement.start(call)
+    hop = _start_hop(ledger, "generate")
+    stream = _generate(ledger, source, call, hop)
     try:
         while not ledger.done:
             try:
                 handoff = None
-                async for ref in stream:
-                    chunk = await ref
+                async for chunk in _within(stream, chunk_timeout_s, ledger):
                     if ledger.num_cached_tokens is None:
                         ledger.num_cached_tokens = chunk.num_cached_tokens
                     if chunk.handoff is not None:
@@ -147,24 +176,59 @@ async def follow(ledger: TokenLedger, place: PlaceFn, max_replays: int = 2) -> A
                     ledger.record(unsent)
                     yield unsent
                 ledger.migrations += 1
+                tracing.end_span(hop, **{"rayfleet.handed_off_to": handoff.replica_id})
                 ledger.placement = Placement(handoff.replica_id, handoff.replica)
-                ledger.hops.append(handoff.replica_id)
-                stream = handoff.replica.attach.options(num_returns="streaming").remote(ledger.request_id)
+                hop = _start_hop(ledger, "attach")
+                stream = source.attach(handoff.replica_id, handoff.replica, ledger.request_id)
             except REPLICA_LOST as error:
                 if ledger.replays >= max_replays:
                     raise
                 lost = ledger.placement.replica_id
+                _abort_quietly(ledger)  # a hung replica would otherwise keep computing it
                 exclude.add(lost)
                 replay = ledger.replay_call()
                 logger.warning("request %s lost replica %s (%s); replaying %d tokens elsewhere",
                                ledger.request_id, lost, type(error).__name__, len(replay.prompt_token_ids))
                 ledger.replays += 1
+                tracing.end_span(hop, error)
+                hop = None  # until the replay is placed
                 ledger.placement = await place(replay, frozenset(exclude))
-                ledger.hops.append(ledger.placement.replica_id)
-                stream = ledger.placement.start(replay)
+                hop = _start_hop(ledger, "replay")
+                stream = _generate(ledger, source, replay, hop)
     finally:
+        tracing.end_span(hop, **{"rayfleet.output_tokens": ledger.output_tokens})
         if not ledger.done and ledger.placement is not None:
             _abort_quietly(ledger)
+
+
+async def _within(stream, timeout_s: float | None, ledger: TokenLedger):
+    """The stream's chunks, each within `timeout_s` of the previous one (ReplicaStalled otherwise)."""
+    if timeout_s is None:
+        async for chunk in stream:
+            yield chunk
+        return
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise ReplicaStalled(f"no chunk of {ledger.request_id} from {ledger.placement.replica_id} "
+                                 f"for {timeout_s:.0f} s") from None
+        yield chunk
+
+
+def _start_hop(ledger: TokenLedger, kind: str):
+    """The span of the request's stay on the replica it is placed on now (generate, attach or replay)."""
+    ledger.hops.append(ledger.placement.replica_id)
+    return tracing.start_span(f"hop {kind}", ledger.trace, tracing.SpanKind.CLIENT,
+                              {"rayfleet.replica": ledger.placement.replica_id, "rayfleet.hop": len(ledger.hops)})
+
+
+def _generate(ledger: TokenLedger, source: ChunkSource, call: GenerateCall, hop) -> AsyncIterator[ReplicaChunk]:
+    """Start `call` on the placed replica; the replica continues the trace under the hop's span."""
+    call = ledger.placement.prepare(dataclasses.replace(call, trace_headers=tracing.headers_of(hop)))
+    return source.generate(ledger.placement.replica_id, ledger.placement.replica, call)
 
 
 def _abort_quietly(ledger: TokenLedger) -> None:

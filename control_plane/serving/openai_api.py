@@ -9,7 +9,9 @@ replica produced a token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import time
 from typing import Any, AsyncIterator
 
@@ -22,29 +24,66 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateLogPr
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
 from rayfleet.actors.replica.protocol import GenerateCall
+from rayfleet.control_plane.serving.auth import Principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.gateway import FleetGateway, logger
-from rayfleet.control_plane.serving.ledger import TokenLedger
+from rayfleet.control_plane.serving.ledger import ReplayImpossible, TokenLedger
 from rayfleet.control_plane.serving.rendering import PoolRenderer, RenderError, RenderedRequest
+from rayfleet.control_plane.serving.request_limits import check_prompt_tokens, check_request, read_json_body
+from rayfleet.control_plane.serving.request_telemetry import ClientRequest
 from rayfleet.policies.base import RequestInfo
 
 router = APIRouter()
 
 HTTP_KEY_HINT = "'Authorization: Bearer <key>'"
+# Per-request routing objective (Chimera): lambda in quality points per second, or a latency SLO.
+LATENCY_WEIGHT_HEADER = "x-rayfleet-latency-weight"
+LATENCY_SLO_HEADER = "x-rayfleet-latency-slo-ms"
+ROUTE_HEADER = "x-rayfleet-route"  # response header: the pool that answered and why the router chose it
 
 
-def authenticate(gateway: FleetGateway, request: Request) -> None:
-    gateway.authenticate(request.headers.get("authorization", ""), HTTP_KEY_HINT)
+CLIENT_CLOSED = 499  # the status nginx records for a client that went away before its response ended
 
 
-async def json_body(request: Request) -> dict[str, Any]:
+def error_status(error: Exception) -> int:
+    """The HTTP status the ingress answers `error` with (see the handlers in `ingress.py`)."""
+    if isinstance(error, OpenAIHTTPError):
+        return error.status
+    if isinstance(error, RenderError):
+        return error.status_code
+    return 500
+
+
+def authenticate(gateway: FleetGateway, request: Request) -> Principal:
+    return gateway.authenticate(request.headers.get("authorization", ""), HTTP_KEY_HINT)
+
+
+def header_number(request: Request, name: str) -> float | None:
+    """A non-negative number from a request header; a 400 naming the header otherwise."""
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OpenAIHTTPError(400, f"request body is not valid JSON: {error}", "invalid_request_error")
-    if not isinstance(body, dict):
-        raise OpenAIHTTPError(400, "request body must be a JSON object", "invalid_request_error")
-    return body
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise OpenAIHTTPError(400, f"header {name} must be a finite number >= 0, got {raw!r}",
+                              "invalid_request_error", param=name)
+    return value
+
+
+def embedding_text(body: dict[str, Any]) -> str:
+    """What the router embeds: the last user message of a chat request, or a completion's prompt."""
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # content parts: their text
+                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return content if isinstance(content, str) else ""
+    return ""
 
 
 class OpenAIRoutes(FleetGateway):
@@ -87,28 +126,64 @@ class OpenAIRoutes(FleetGateway):
         return model
 
     async def _serve(self, kind: str, request: Request):
-        authenticate(self, request)
-        body = await json_body(request)
-        pool = self._pool_for(body.get("model"))
+        """One OpenAI request under its root span; counted by pool and status when its response ends."""
+        client = self.telemetry.begin(f"POST {request.url.path}", request.headers)
+        try:
+            return await self._serve_traced(kind, request, client)
+        except Exception as error:
+            self.telemetry.end(client, error_status(error), error)
+            raise
+
+    async def _serve_traced(self, kind: str, request: Request, client: ClientRequest):
+        principal = authenticate(self, request)
+        limits = self.spec.ingress.limits
+        body = await read_json_body(request, limits)
+        check_request(body, limits, principal)
+        pool = self._pool_for(body["model"])
+        client.pool = pool or "auto"
         await self.ensure_renderers()
         renderer = self.renderers[pool or self.spec.pools[0].name]
+        rendered = await self._render(renderer, kind, body)
+        info = self._request_info(rendered[0], pool, request, body)
+        client.span.set_attribute("rayfleet.request_id", info.request_id)
+        if pool is None and self.learning_router is not None and self.learning_router.needs_embeddings:
+            await self.ensure_router()
+            info = dataclasses.replace(info, embedding=await self.embed(embedding_text(body)))
+        placement, decision = await self.admit_and_place(info, client.trace)
+        client.pool = decision.pool
+        if decision.pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
+            renderer = self.renderers[decision.pool]
+            ids = [r.request_id for r in rendered]
+            rendered = await self._render(renderer, kind, body)
+            for r, request_id in zip(rendered, ids):  # keep the id the router knows (feedback names it)
+                r.generate.request_id = request_id
+        # A request id the client chose is scoped by its tenant: no one can reach another tenant's request.
+        scope = principal.scoped_id if "request_id" in body else str
+        # Ledgers open now, not when the stream starts: admission of the next request must count this one.
+        ledgers = [self.open_ledger(self._call(r, info, scope(r.request_id), decision.predicted_output_tokens),
+                                    placement if i == 0 else None, principal, decision.pool, client)
+                   for i, r in enumerate(rendered)]
+        headers = {ROUTE_HEADER: f"{decision.pool}; {decision.reason}"}
+        if rendered[0].generate.stream:
+            return StreamingResponse(self._stream(renderer, rendered, ledgers, client),
+                                     media_type="text/event-stream", headers=headers)
+        response = JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True),
+                                headers=headers)
+        self.telemetry.end(client, 200)
+        return response
+
+    async def _render(self, renderer: PoolRenderer, kind: str, body: dict[str, Any]) -> list[RenderedRequest]:
+        """vLLM's rendering and, before any stream starts, the checks vLLM would otherwise make in the engine."""
         try:
             rendered = await renderer.render(kind, body)
         except ValidationError as error:
             first = error.errors()[0]
             raise OpenAIHTTPError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
                                   "invalid_request_error", param=".".join(map(str, first["loc"])) or None)
-        info = self._request_info(rendered[0], pool, request, body)
-        placement, chosen_pool = await self.admit_and_place(info)
-        if chosen_pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
-            renderer = self.renderers[chosen_pool]
-            rendered = await renderer.render(kind, body)
-        # Ledgers open now, not when the stream starts: admission of the next request must count this one.
-        ledgers = [self.open_ledger(self._call(r, info), placement if i == 0 else None)
-                   for i, r in enumerate(rendered)]
-        if rendered[0].generate.stream:
-            return StreamingResponse(self._stream(renderer, rendered, ledgers), media_type="text/event-stream")
-        return JSONResponse((await self._complete(renderer, rendered, ledgers)).model_dump(exclude_none=True))
+        for r in rendered:
+            check_prompt_tokens(len(r.prompt_token_ids), self.spec.ingress.limits)
+            renderer.verify(r.generate.sampling_params, r.prompt_token_ids)
+        return rendered
 
     @staticmethod
     def _request_info(rendered: RenderedRequest, pool: str | None, request: Request,
@@ -122,21 +197,25 @@ class OpenAIRoutes(FleetGateway):
             max_tokens=params.max_tokens or 0,
             prompt_text=text if isinstance(text, str) else json.dumps(text)[:8192],
             prompt_token_ids=tuple(rendered.prompt_token_ids),
-            priority=int(body.get("priority") or 0),
+            priority=getattr(rendered.openai_request, "priority", 0) or 0,
             workflow_id=request.headers.get("x-rayfleet-workflow-id"),
             workflow_stage=request.headers.get("x-rayfleet-workflow-stage"),
+            latency_weight=header_number(request, LATENCY_WEIGHT_HEADER),
+            latency_slo_s=None if (slo_ms := header_number(request, LATENCY_SLO_HEADER)) is None else slo_ms / 1e3,
         )
 
     @staticmethod
-    def _call(rendered: RenderedRequest, info: RequestInfo) -> GenerateCall:
-        return GenerateCall(request_id=rendered.request_id, prompt_token_ids=rendered.prompt_token_ids,
+    def _call(rendered: RenderedRequest, info: RequestInfo, request_id: str,
+              predicted_output_tokens: int | None) -> GenerateCall:
+        return GenerateCall(request_id=request_id, prompt_token_ids=rendered.prompt_token_ids,
                             sampling_params=rendered.generate.sampling_params, priority=info.priority,
-                            workflow_id=info.workflow_id)
+                            workflow_id=info.workflow_id, predicted_output_tokens=predicted_output_tokens)
 
     async def _stream(self, renderer: PoolRenderer, rendered: list[RenderedRequest],
-                      ledgers: list[TokenLedger]) -> AsyncIterator[str]:
+                      ledgers: list[TokenLedger], client: ClientRequest) -> AsyncIterator[str]:
         n = ledgers[0].call.sampling_params.n
         completion_tokens = 0
+        status, failure = CLIENT_CLOSED, None  # until the stream ends one way or another
         try:
             for position, (r, ledger) in enumerate(zip(rendered, ledgers)):
                 async for choice in self.follow(ledger, renderer.pool):
@@ -148,14 +227,22 @@ class OpenAIRoutes(FleetGateway):
             options = rendered[0].generate.stream_options
             if options is not None and options.include_usage:
                 yield f"data: {self._usage_chunk(rendered, completion_tokens).model_dump_json(exclude_none=True)}\n\n"
+            status = 200
         except RenderError as error:
+            status, failure = error.status_code, error
             yield f"data: {error.response.model_dump_json()}\n\n"
+        except ReplayImpossible as error:
+            logger.warning("stream of %s ended: %s", rendered[0].request_id, error)
+            status, failure = 503, error
+            yield f"data: {OpenAIHTTPError(503, str(error)).body().model_dump_json()}\n\n"
         except Exception as error:
             logger.exception("stream of %s failed", rendered[0].request_id)
-            failure = OpenAIHTTPError(500, f"generation failed ({type(error).__name__}); the request was aborted")
-            yield f"data: {failure.body().model_dump_json()}\n\n"
+            status, failure = 500, error
+            in_band = OpenAIHTTPError(500, f"generation failed ({type(error).__name__}); the request was aborted")
+            yield f"data: {in_band.body().model_dump_json()}\n\n"
         finally:
             self.close_ledgers(ledgers)
+            self.telemetry.end(client, status, failure)
         yield "data: [DONE]\n\n"
 
     @staticmethod

@@ -112,6 +112,26 @@ class StopStringGuard:
         return emit
 
 
+def detokenize_stream_deltas_inline(serving_derender) -> None:
+    """Detokenize stream deltas on the event loop instead of vLLM's tokenizer thread pool.
+
+    vLLM's derenderer sends every stream delta's detokenization to a thread pool to keep its loop free for
+    large payloads; a stream delta is a few tokens, and the hop (a thread wake-up, two future callbacks, the
+    GIL handed back and forth) cost the ingress several times the decode itself at saturation (profile in
+    docs/profiles/serving-before). Whole responses and chat parsing replays keep vLLM's executor.
+    """
+    derenderer = getattr(serving_derender, "online_derenderer", None)
+    detokenize = getattr(derenderer, "_detokenize_delta", None)
+    if detokenize is None or not hasattr(derenderer, "_detokenize_delta_async"):
+        logger.warning("vLLM's derenderer changed shape; stream deltas stay on its thread pool")
+        return
+
+    async def detokenize_delta(*args, **kwargs):
+        return detokenize(*args, **kwargs)
+
+    derenderer._detokenize_delta_async = detokenize_delta
+
+
 def _ok(result):
     if isinstance(result, ErrorResponse):
         raise RenderError(result)
@@ -153,6 +173,8 @@ class PoolRenderer:
             structured_outputs_config=engine_args.create_structured_outputs_config(),
         )
         await init_render_app_state(vllm_config, self.state, args)
+        self.vllm_config = vllm_config
+        detokenize_stream_deltas_inline(self.state.serving_derender)
         self.max_model_len = model_config.max_model_len
         logger.info("renderer for pool %s ready (max_model_len %d)", self.pool, self.max_model_len)
 
@@ -176,6 +198,25 @@ class PoolRenderer:
                 raise
             raise RenderError(response) from None
         return [RenderedRequest(kind=kind, pool=self.pool, generate=g, openai_request=request) for g in generates]
+
+    def verify(self, sampling_params, prompt_token_ids: list[int]) -> None:
+        """vLLM's own checks of a request that its server makes only in the engine (prompt token ids and
+        sampling params' token ids in the vocabulary, logprob bounds, structured-output schemas), made here:
+        a 400 before any stream starts, not an error after the 200 of a stream."""
+        params = sampling_params.clone()  # verify() records choices (the grammar backend)
+        vocab = self.vllm_config.model_config.get_vocab_size()
+        outside = [t for t in (min(prompt_token_ids, default=0), max(prompt_token_ids, default=0)) if not 0 <= t < vocab]
+        if outside:
+            raise RenderError(create_error_response(ValueError(
+                f"Token id {outside[0]} is out of vocabulary (size {vocab})")))
+        try:
+            params.verify(self.vllm_config.model_config, None, self.vllm_config.structured_outputs_config,
+                          self.state.online_renderer.renderer.get_tokenizer())
+        except Exception as error:  # vLLM's errors map to its own status codes, as its server maps them
+            response = create_error_response(error)
+            if response.error.code >= 500:
+                raise
+            raise RenderError(response) from None
 
     # ---------------------------------------------------------------- derender
     async def derender_stream_choice(self, rendered: RenderedRequest, choice: GenerateTokensStreamChoice):

@@ -98,6 +98,12 @@ serving (the RayService cluster keeps its state in Redis; the RL job's cluster i
 {{- $_ = set $ingress "grpc_port" (include "rayfleet.grpcPort" $root | int) -}}
 {{- if $root.Values.apiKeys.enabled -}}
 {{- $_ = set $ingress "api_keys_env" "RAYFLEET_API_KEYS" -}}
+{{- if $root.Values.apiKeys.adminSecretKey -}}
+{{- $_ = set $ingress "admin_keys_env" "RAYFLEET_ADMIN_KEYS" -}}
+{{- end -}}
+{{- else -}}
+{{- /* Serving without keys is a choice the spec states; the ingress logs it loudly at every start. */ -}}
+{{- $_ = set $ingress "auth" "none" -}}
 {{- end -}}
 {{- $_ = set $fleet "ingress" $ingress -}}
 {{- if .serving -}}
@@ -132,6 +138,13 @@ serving (the RayService cluster keeps its state in Redis; the RL job's cluster i
     secretKeyRef:
       name: {{ include "rayfleet.apiKeysSecretName" $root }}
       key: {{ $root.Values.apiKeys.secretKey }}
+{{- if $root.Values.apiKeys.adminSecretKey }}
+- name: RAYFLEET_ADMIN_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rayfleet.apiKeysSecretName" $root }}
+      key: {{ $root.Values.apiKeys.adminSecretKey }}
+{{- end }}
 {{- end }}
 {{- if .serving }}
 {{- $secret := include "rayfleet.redisSecretName" $root }}
@@ -218,7 +231,7 @@ spec:
         {{- with $group.volumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
-      {{- with $group.securityContext }}
+      {{- with (merge (deepCopy (default dict $group.securityContext)) $root.Values.raySecurity.securityContext) }}
       securityContext:
         {{- toYaml . | nindent 8 }}
       {{- end }}
@@ -258,7 +271,7 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $group.podSecurityContext }}
+  {{- with (merge (deepCopy (default dict $group.podSecurityContext)) $root.Values.raySecurity.podSecurityContext) }}
   securityContext:
     {{- toYaml . | nindent 4 }}
   {{- end }}

@@ -1,0 +1,2 @@
+class KVConnectorMetadata:
+    """vLLM's base of connector metadata: an empty marker class."""

@@ -1,0 +1,95 @@
+"""The ingress' end of the replicas' multiplexed streams: one Ray stream per replica for all its requests.
+
+Each ingress process opens one `LLMReplica.deltas` stream per replica it uses, the first time it uses it, and
+starts requests there with `submit` (or follows a migrated one with `attach_to`). A reader task per stream
+hands each `RequestDelta` to the queue of its request; the ledger reads a request's chunks from that queue as
+it read them from a per-request Ray stream before (`chunks` has the same shape), so migration and replay work
+unchanged. A stream that fails (the replica died) fails every request on it with the error, which the ledger
+treats as a lost replica; the next request to that replica opens a new stream.
+
+Why: a Ray stream item costs tens of microseconds on each side, per request and token; here it is one item
+per engine step for all of this ingress' requests on the replica. The queue is registered before `submit` is
+sent, so no delta can arrive for a request nobody listens to yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import uuid
+from typing import AsyncIterator, Awaitable, Callable
+
+from rayfleet.actors.replica.delta_stream import read_chunks
+from rayfleet.actors.replica.protocol import GenerateCall, ReplicaChunk, ReplicaNotAccepting, RequestDelta
+
+logger = logging.getLogger("rayfleet.ingress")
+
+
+class ReplicaStream:
+    """One replica's multiplexed stream to this process, and the requests listening on it."""
+
+    def __init__(self, replica_id: str, replica) -> None:
+        self.replica_id = replica_id
+        self.replica = replica
+        self.subscriber = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.listeners: dict[str, asyncio.Queue[RequestDelta]] = {}
+        self.failure: BaseException | None = None
+        # A fresh context: the stream must not belong to the request that happens to open it. Ray counts a
+        # call made inside a request's actor task as that task's child, and Serve cancels a request whose
+        # client left recursively, which would end the stream of every request on the replica.
+        self.reader = asyncio.create_task(self._read(), context=contextvars.Context())
+
+    async def _read(self) -> None:
+        try:
+            async for ref in self.replica.deltas.options(num_returns="streaming").remote(self.subscriber):
+                for delta in (await ref).deltas:
+                    listener = self.listeners.get(delta.request_id)
+                    if listener is not None:  # else the client left: the request was aborted
+                        listener.put_nowait(delta)
+            self.failure = ReplicaNotAccepting(f"replica {self.replica_id} closed its stream")
+        except asyncio.CancelledError:
+            self.failure = ReplicaNotAccepting(f"stream from replica {self.replica_id} was closed")
+            raise
+        except Exception as error:  # the replica died or its actor is unreachable: every listener replays
+            self.failure = error
+        finally:
+            logger.info("stream from replica %s ended (%s)", self.replica_id, type(self.failure).__name__)
+            for request_id, listener in self.listeners.items():
+                listener.put_nowait(RequestDelta(request_id, error=self.failure))
+
+    async def chunks(self, request_id: str, start: Callable[[str], Awaitable[None]]) -> AsyncIterator[ReplicaChunk]:
+        """The request's chunks on this replica; `start(subscriber)` makes the replica send them here."""
+        if self.failure is not None:
+            raise self.failure
+        listener = self.listeners[request_id] = asyncio.Queue()
+        try:
+            await start(self.subscriber)
+            async for chunk in read_chunks(listener):
+                yield chunk
+        finally:
+            # A request that migrated away and back listens here again under a newer queue: keep that one.
+            if self.listeners.get(request_id) is listener:
+                del self.listeners[request_id]
+
+
+class ReplicaStreams:
+    """This process' streams, one per replica (by id); a failed one is replaced on next use."""
+
+    def __init__(self) -> None:
+        self.streams: dict[str, ReplicaStream] = {}
+
+    def stream(self, replica_id: str, replica) -> ReplicaStream:
+        stream = self.streams.get(replica_id)
+        if stream is None or stream.failure is not None:
+            stream = self.streams[replica_id] = ReplicaStream(replica_id, replica)
+        return stream
+
+    def generate(self, replica_id: str, replica, call: GenerateCall) -> AsyncIterator[ReplicaChunk]:
+        return self.stream(replica_id, replica).chunks(
+            call.request_id, lambda subscriber: replica.submit.remote(call, subscriber))
+
+    def attach(self, replica_id: str, replica, request_id: str) -> AsyncIterator[ReplicaChunk]:
+        return self.stream(replica_id, replica).chunks(
+            request_id, lambda subscriber: replica.attach_to.remote(request_id, subscriber))

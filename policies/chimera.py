@@ -1,0 +1,311 @@
+"""The `chimera` router: model and replica together, by predicted quality, length and congestion.
+
+After Chimera (Ni et al. 2026, arXiv 2603.22206; its code is not public), for a fleet of pools serving different
+models. For a request it predicts, per pool:
+- **quality**: the probability that the pool's model answers correctly, from a kNN head over prompt embeddings
+  (all-MiniLM-L6-v2, computed outside the policy) of labelled outcomes: an offline table of verifier scores,
+  then every `feedback(request_id, score)` (client feedback, verifier rewards);
+- **length**: output tokens, from the same neighbours' finished requests (updated by every `observe`), and for
+  workflows the remaining output of the whole workflow (this stage plus the learned length of later stages);
+and per replica:
+- **congestion**: predicted latency = the pool's idle latency for that length (fitted from the table) plus the
+  replica's predicted decode backlog (tokens still expected from its unfinished requests, plus the ingress' own)
+  over its measured decode throughput.
+It picks the (pool, replica) maximising `quality - latency_weight * latency`, or, with a latency SLO, the best
+quality among the candidates predicted within it (the fastest when none is). A request that names a pool gets
+the replica of that pool with the lowest predicted latency. Every decision is kept with each candidate's
+predictions for `explain()` (`rayfleet status --routing`).
+
+Pure decision code: embeddings arrive in `RequestInfo.embedding`, the table as rows; nothing here does I/O
+beyond reading the table file named in the spec.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rayfleet.policies.base import (
+    FleetSnapshot,
+    NoReplicaAvailable,
+    ReplicaSnapshot,
+    RequestInfo,
+    RequestOutcome,
+    RoutingDecision,
+)
+from rayfleet.policies.routing import candidates
+
+
+@dataclass(frozen=True)
+class LabelledOutcome:
+    """One row of a RouterBench-style table: a query answered by one pool, scored by its verifier."""
+
+    prompt: str
+    pool: str
+    score: float
+    output_tokens: int
+    latency_s: float
+    query_id: str = ""
+
+
+def read_table(path: str | Path) -> list[LabelledOutcome]:
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(LabelledOutcome(**json.loads(line)))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{path}:{number}: not a table row ({error})") from None
+    return rows
+
+
+class KnnTable:
+    """A bounded table of (unit embedding, value) with a kNN estimate; the oldest rows go first when full."""
+
+    def __init__(self, dim: int, capacity: int):
+        self.vectors = np.zeros((capacity, dim), dtype=np.float32)
+        self.values = np.zeros(capacity, dtype=np.float32)
+        self.size = 0
+        self.next = 0
+
+    def add(self, vector: np.ndarray, value: float) -> None:
+        self.vectors[self.next] = vector
+        self.values[self.next] = value
+        self.next = (self.next + 1) % len(self.values)
+        self.size = min(self.size + 1, len(self.values))
+
+    def estimate(self, vector: np.ndarray, k: int, prior: float, prior_weight: float) -> float:
+        """Similarity-weighted mean of the k nearest values, shrunk toward `prior` (few or far neighbours)."""
+        if self.size == 0:
+            return prior
+        sims = self.vectors[: self.size] @ vector
+        k = min(k, self.size)
+        nearest = np.argpartition(-sims, k - 1)[:k]
+        weights = np.clip(sims[nearest], 0.0, None) ** 4  # sharpen: near-duplicates dominate far neighbours
+        return float((weights @ self.values[: self.size][nearest] + prior * prior_weight)
+                     / (weights.sum() + prior_weight))
+
+    def mean(self, default: float) -> float:
+        return float(self.values[: self.size].mean()) if self.size else default
+
+
+@dataclass(frozen=True)
+class IdleLatency:
+    """Latency of one request on an idle replica of a pool: `overhead_s + tokens * per_token_s`."""
+
+    overhead_s: float
+    per_token_s: float
+
+    @classmethod
+    def fit(cls, rows: list[LabelledOutcome]) -> IdleLatency:
+        """Expected seconds per output token (total latency over total tokens): a line fitted to short, noisy
+        outputs (a few tokens each, on a shared machine) extrapolates worse than this ratio."""
+        if not rows:
+            return cls(0.0, 0.01)
+        tokens = sum(max(r.output_tokens, 1) for r in rows)
+        return cls(0.0, max(sum(r.latency_s for r in rows) / tokens, 1e-4))
+
+    def seconds(self, tokens: float) -> float:
+        return self.overhead_s + tokens * self.per_token_s
+
+
+@dataclass(frozen=True)
+class CandidatePrediction:
+    pool: str
+    replica_id: str
+    quality: float
+    output_tokens: float
+    workflow_remaining_tokens: float
+    latency_s: float
+    backlog_tokens: int
+    objective: float
+
+
+@dataclass
+class PendingRequest:
+    """What the router remembers of a routed request until its outcome and feedback arrive."""
+
+    embedding: np.ndarray | None
+    pool: str
+    stage: tuple[int, int] | None
+
+
+def parse_stage(stage: str | None) -> tuple[int, int] | None:
+    """`"2/3"` -> (2, 3): this is stage 2 of a 3-stage workflow (1-based); anything else -> None."""
+    if not stage:
+        return None
+    index, _, total = stage.partition("/")
+    try:
+        i, n = int(index), int(total)
+    except ValueError:
+        return None
+    return (i, n) if 1 <= i <= n else None
+
+
+class ChimeraRouter:
+    """See the module docstring. Parameters come from the spec's `policies.router.params`."""
+
+    needs_embeddings = True
+
+    def __init__(self, table: str | None = None, rows: list[LabelledOutcome] | None = None,
+                 latency_weight: float = 0.05, k: int = 16,
+                 prior_weight: float = 0.1, capacity: int = 4096, embedding_dim: int = 384,
+                 max_decisions: int = 200, max_pending: int = 20_000, default_output_tokens: int = 16):
+        if latency_weight < 0:
+            raise ValueError("latency_weight must be >= 0")
+        self.latency_weight = latency_weight
+        self.k = k
+        self.prior_weight = prior_weight
+        self.capacity = capacity
+        self.dim = embedding_dim
+        self.default_output_tokens = default_output_tokens
+        self.rows = (read_table(table) if table else []) + list(rows or [])
+        self.quality: dict[str, KnnTable] = {}
+        self.length: dict[str, KnnTable] = {}
+        self.prior: dict[str, float] = {}
+        self.idle: dict[str, IdleLatency] = {}
+        for pool in sorted({r.pool for r in self.rows}):
+            pool_rows = [r for r in self.rows if r.pool == pool]
+            self.prior[pool] = float(np.mean([r.score for r in pool_rows]))
+            self.idle[pool] = IdleLatency.fit(pool_rows)
+        # Mean output tokens of each workflow stage per pool (1-based stage index), from finished requests.
+        self.stage_tokens: dict[tuple[str, int], float] = {}
+        self.decisions: collections.deque[dict] = collections.deque(maxlen=max_decisions)
+        self.pending: collections.OrderedDict[str, PendingRequest] = collections.OrderedDict()
+        self.max_pending = max_pending
+
+    # --- learning -------------------------------------------------------------------------------------------
+
+    def table_prompts(self) -> list[str]:
+        """Prompts of the offline table, to embed once before `fit_table`."""
+        return [r.prompt for r in self.rows]
+
+    def fit_table(self, embeddings) -> None:
+        """Load the offline table's rows with their prompts' embeddings (same order as `table_prompts`)."""
+        vectors = self._unit(np.asarray(embeddings, dtype=np.float32))
+        for row, vector in zip(self.rows, vectors):
+            self._tables(row.pool)[0].add(vector, row.score)
+            self._tables(row.pool)[1].add(vector, row.output_tokens)
+
+    def observe(self, outcome: RequestOutcome) -> None:
+        """A finished request: its length teaches the length predictor (and the workflow stage lengths)."""
+        pending = self.pending.get(outcome.request_id)
+        if pending is None:
+            return
+        if pending.embedding is not None:
+            self._tables(outcome.pool)[1].add(pending.embedding, outcome.output_tokens)
+        if pending.stage is not None:
+            key = (outcome.pool, pending.stage[0])
+            previous = self.stage_tokens.get(key)
+            self.stage_tokens[key] = outcome.output_tokens if previous is None else (
+                0.8 * previous + 0.2 * outcome.output_tokens)
+
+    def feedback(self, request_id: str, score: float) -> bool:
+        """A verdict on a routed request (client feedback or a verifier reward); False if it is unknown."""
+        if not 0.0 <= score <= 1.0:
+            raise ValueError("score must be in [0, 1]")
+        pending = self.pending.get(request_id)
+        if pending is None or pending.embedding is None:
+            return False
+        self._tables(pending.pool)[0].add(pending.embedding, score)
+        return True
+
+    def explain(self, limit: int = 20) -> list[dict]:
+        """The most recent decisions, newest last, each with every candidate's predictions."""
+        return list(self.decisions)[-limit:]
+
+    # --- predicting -----------------------------------------------------------------------------------------
+
+    def predict(self, pool: str, embedding: np.ndarray | None) -> tuple[float, float]:
+        """(success probability, output tokens) of the pool's model on this prompt."""
+        prior = self.prior.get(pool, 0.5)
+        quality_table, length_table = self._tables(pool)
+        default_length = length_table.mean(self.default_output_tokens)
+        if embedding is None:
+            return prior, default_length
+        return (quality_table.estimate(embedding, self.k, prior, self.prior_weight),
+                length_table.estimate(embedding, self.k, default_length, self.prior_weight))
+
+    def workflow_remaining(self, pool: str, stage: tuple[int, int] | None, this_stage: float) -> float:
+        if stage is None:
+            return this_stage
+        later = (self.stage_tokens.get((pool, j), self.default_output_tokens)
+                 for j in range(stage[0] + 1, stage[1] + 1))
+        return this_stage + sum(later)
+
+    def latency(self, replica: ReplicaSnapshot, tokens: float) -> tuple[float, int]:
+        """Predicted seconds for `tokens` output tokens on this replica now, and its decode backlog."""
+        idle = self.idle.get(replica.pool, IdleLatency(0.0, 0.01))
+        backlog = replica.predicted_remaining_tokens
+        # Measured throughput of a busy replica; an idle one decodes at its single-stream rate.
+        throughput = max(replica.decode_tokens_per_s, 1.0 / idle.per_token_s)
+        return idle.seconds(tokens) + backlog / throughput, backlog
+
+    def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
+        replicas = candidates(request, snapshot)
+        embedding = None if request.embedding is None else self._unit(np.asarray(request.embedding, np.float32))
+        weight = self.latency_weight if request.latency_weight is None else request.latency_weight
+        stage = parse_stage(request.workflow_stage)
+        per_pool = {pool: self.predict(pool, embedding) for pool in {r.pool for r in replicas}}
+        scored = []
+        for replica in replicas:
+            quality, tokens = per_pool[replica.pool]
+            seconds, backlog = self.latency(replica, tokens)
+            scored.append(CandidatePrediction(
+                pool=replica.pool, replica_id=replica.replica_id, quality=quality, output_tokens=tokens,
+                workflow_remaining_tokens=self.workflow_remaining(replica.pool, stage, tokens), latency_s=seconds,
+                backlog_tokens=backlog, objective=quality - weight * seconds))
+        chosen, why = self._choose(scored, request)
+        self._remember(request, embedding, chosen, stage, scored, weight, why)
+        return RoutingDecision(pool=chosen.pool, replica_id=chosen.replica_id,
+                               reason=f"chimera: {why}; quality {chosen.quality:.2f}, {chosen.output_tokens:.0f} "
+                                      f"tokens, {1e3 * chosen.latency_s:.0f} ms predicted",
+                               predicted_output_tokens=max(1, round(chosen.output_tokens)))
+
+    @staticmethod
+    def _choose(scored: list[CandidatePrediction], request: RequestInfo) -> tuple[CandidatePrediction, str]:
+        if not scored:
+            raise NoReplicaAvailable("no candidate")
+        if request.pool is not None:
+            return min(scored, key=lambda c: (c.latency_s, c.replica_id)), "fastest replica of the named pool"
+        if request.latency_slo_s is not None:
+            within = [c for c in scored if c.latency_s <= request.latency_slo_s]
+            if within:
+                return (max(within, key=lambda c: (c.quality, -c.latency_s)),
+                        f"best quality within the {1e3 * request.latency_slo_s:.0f} ms SLO")
+            return min(scored, key=lambda c: c.latency_s), "no candidate within the SLO: fastest"
+        return max(scored, key=lambda c: (c.objective, -c.latency_s)), "max quality - lambda x latency"
+
+    def _remember(self, request: RequestInfo, embedding, chosen: CandidatePrediction, stage, scored, weight,
+                  why: str) -> None:
+        self.pending[request.request_id] = PendingRequest(embedding, chosen.pool, stage)
+        while len(self.pending) > self.max_pending:
+            self.pending.popitem(last=False)
+        best_per_pool = {}
+        for c in sorted(scored, key=lambda c: -c.objective):
+            best_per_pool.setdefault(c.pool, c)
+        self.decisions.append({
+            "request_id": request.request_id, "at": time.time(), "pool": chosen.pool,
+            "replica_id": chosen.replica_id, "why": why, "latency_weight": weight,
+            "latency_slo_s": request.latency_slo_s, "workflow_id": request.workflow_id,
+            "workflow_stage": request.workflow_stage, "embedded": embedding is not None,
+            "candidates": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(c).items()}
+                           for c in best_per_pool.values()],
+        })
+
+    def _tables(self, pool: str) -> tuple[KnnTable, KnnTable]:
+        if pool not in self.quality:
+            self.quality[pool] = KnnTable(self.dim, self.capacity)
+            self.length[pool] = KnnTable(self.dim, self.capacity)
+        return self.quality[pool], self.length[pool]
+
+    @staticmethod
+    def _unit(vectors: np.ndarray) -> np.ndarray:
+        norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+        return vectors / np.where(norms == 0, 1.0, norms)
+

@@ -1,0 +1,113 @@
+"""Batched token delivery on a real fleet: many requests share one replica stream per ingress, and what each
+client sees is exactly what it would see alone (tokens, logprobs, finish reason, usage), across disconnects
+and live migrations. KV moves by reference (shared memory) and leaves no file behind."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray
+
+from rayfleet.kernels import live_files, shared_rows
+from test_live_migration import free_blocks, mig_replicas, replica_handle, where
+
+pytestmark = pytest.mark.engines
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def prompt(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Request {i}: write about batching token deltas."}]
+
+
+async def streamed(async_client, model: str, messages: list[dict], max_tokens: int) -> dict:
+    stream = await async_client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, stream=True, logprobs=True,
+        stream_options={"include_usage": True}, **GREEDY)
+    text, logprob_tokens, finish, usage = [], [], None, None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            logprob_tokens += [entry.token for entry in (choice.logprobs.content if choice.logprobs else [])]
+            finish = choice.finish_reason or finish
+    return {"text": "".join(text), "logprob_tokens": logprob_tokens, "finish": finish, "usage": usage}
+
+
+async def test_concurrent_streams_match_their_non_streamed_outputs_exactly(fleet, async_client):
+    lengths = [12 + 9 * i for i in range(10)]
+    full = await asyncio.gather(*(async_client.chat.completions.create(
+        model="tiny-b", messages=prompt(i), max_tokens=n, logprobs=True, **GREEDY) for i, n in enumerate(lengths)))
+    replica = replica_handle(fleet.replicas("tiny-b")[0]["replica_id"])
+    before = await replica.delta_stats.remote()
+    streams = await asyncio.gather(*(streamed(async_client, "tiny-b", prompt(i), n) for i, n in enumerate(lengths)))
+    after = await replica.delta_stats.remote()
+    for n, whole, stream in zip(lengths, full, streams):
+        assert stream["text"] == whole.choices[0].message.content
+        assert stream["logprob_tokens"] == [entry.token for entry in whole.choices[0].logprobs.content]
+        assert len(stream["logprob_tokens"]) == n
+        assert stream["finish"] == whole.choices[0].finish_reason == "length"
+        assert (stream["usage"].completion_tokens, stream["usage"].prompt_tokens) == \
+            (n, whole.usage.prompt_tokens)
+    batches, deltas = after["batches"] - before["batches"], after["deltas"] - before["deltas"]
+    assert deltas >= sum(lengths) and batches < deltas / 2, f"{deltas} deltas in {batches} stream items"
+
+
+async def test_a_client_leaving_mid_batch_aborts_only_its_request(fleet, async_client):
+    """A disconnect aborts the request in the engine, while its neighbours on the shared stream finish."""
+    async def leave_after_three_chunks() -> None:
+        stream = await async_client.chat.completions.create(model="tiny-a", messages=prompt(99), max_tokens=900,
+                                                            stream=True, **GREEDY)
+        received = 0
+        async for _ in stream:
+            received += 1
+            if received == 3:
+                break
+        await stream.close()
+
+    others = [streamed(async_client, "tiny-a", prompt(i), 80) for i in range(4)]
+    results = await asyncio.gather(leave_after_three_chunks(), *others)
+    assert all(r["usage"].completion_tokens == 80 and r["finish"] == "length" for r in results[1:])
+    fleet.wait_for(lambda: all(r["tokens_in_flight"] == 0 for r in fleet.replicas("tiny-a")), timeout_s=30,
+                   what="the abandoned request to leave the engine")
+
+
+async def test_migration_inside_a_shared_batch_loses_and_duplicates_nothing_and_leaks_no_kv(
+        fleet, client, async_client):
+    if len(mig_replicas(fleet)) < 2:
+        ray.get(fleet.controller.scale.remote("mig", 2))
+        fleet.wait_for(lambda: len(mig_replicas(fleet)) == 2, what="two ready mig replicas")
+    messages = [{"role": "user", "content": "Describe live migration of a running request."}]
+    reference = client.chat.completions.create(model="mig", messages=messages, max_tokens=160, **GREEDY)
+    files_before = live_files()
+    blocks_before = {r: free_blocks(r) for r in mig_replicas(fleet)}
+
+    async def migrated_stream() -> tuple[str, int, dict]:
+        stream = await async_client.chat.completions.create(
+            model="mig", messages=messages, max_tokens=160, stream=True, stream_options={"include_usage": True},
+            **GREEDY)
+        text, usage, record, events = [], None, None, 0
+        async for chunk in stream:
+            events += 1
+            usage = chunk.usage or usage
+            text += [c.delta.content or "" for c in chunk.choices]
+            if events == 20:
+                src = await asyncio.to_thread(where, fleet, chunk.id)
+                dst = next(r for r in mig_replicas(fleet) if r != src)
+                record = await fleet.controller.migrate.remote(chunk.id, src, dst, "precopy")
+        return "".join(text), usage.completion_tokens, record
+
+    # Neighbours on the same replicas share the moved request's stream items before and after the handoff.
+    neighbours = [streamed(async_client, "mig", messages, 160) for _ in range(3)]
+    (text, completion_tokens, record), *others = await asyncio.gather(migrated_stream(), *neighbours)
+    assert record["outcome"] == "migrated", record
+    assert text == reference.choices[0].message.content and completion_tokens == 160
+    assert all(o["text"] == text and o["usage"].completion_tokens == 160 for o in others)
+    await asyncio.sleep(1.5)  # one engine step after the last request for the block counts to settle
+    assert {r: free_blocks(r) for r in mig_replicas(fleet)} == blocks_before, "KV blocks leaked"
+    assert live_files() == files_before, "shared-memory rows leaked"
+    pools: dict[str, int] = {}
+    for name in live_files(shared_rows.POOL_PREFIX):
+        writer = name[len(shared_rows.POOL_PREFIX):].split("-")[0]
+        pools[writer] = pools.get(writer, 0) + (shared_rows.SHM_DIR / name).stat().st_size
+    assert all(held <= shared_rows.POOL_BYTES for held in pools.values()), f"a warm pool outgrew its bound: {pools}"

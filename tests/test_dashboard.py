@@ -1,0 +1,183 @@
+"""The ops dashboard in a real browser (headless Chromium driven by Playwright) against the running test fleet.
+
+Chromium is Debian's (`/usr/bin/chromium`, installed by tests/run.sh): Playwright's own browser download
+cannot run here. The page gets the fleet's API key the way a returning user's browser has it (session
+storage); every test also checks that the page logged no console error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+
+import httpx
+import pytest
+import ray
+
+from conftest import API_KEY
+from test_live_migration import mig_pool, mig_replicas, where  # noqa: F401 (mig_pool is a fixture)
+
+pytestmark = pytest.mark.engines
+CHROMIUM = "/usr/bin/chromium"
+LONG = {"temperature": 0, "max_tokens": 600, "extra_body": {"ignore_eos": True}}
+PROMPT = [{"role": "user", "content": "Describe live migration of a running request."}]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # Root cannot use Chromium's sandbox; the page is our own.
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def mig_restored(fleet):
+    """Scaling and draining change the "mig" pool; later tests expect its two ready replicas back. (Scaling runs
+    before migrating and draining, so that the replica it starts is ready by the time this waits for it.)"""
+    yield
+    ray.get(fleet.controller.scale.remote("mig", 2))
+    fleet.wait_for(lambda: len(mig_replicas(fleet)) == 2 and len(fleet.replicas("mig", "draining")) == 0,
+                   what="the mig pool back at two ready replicas")
+
+
+class Dashboard:
+    """The page, open and live, with the console errors it logged."""
+
+    def __init__(self, browser, url: str):
+        self.context = browser.new_context(viewport={"width": 1500, "height": 1000})
+        self.context.add_init_script(f"sessionStorage.setItem('rayfleet-key', {json.dumps(API_KEY)})")
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("console", lambda message: self.errors.append(message.text) if message.type == "error" else None)
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.goto(url)
+        self.expect(self.page.get_by_test_id("live")).to_have_text("live", timeout=15_000)
+
+    @staticmethod
+    def expect(locator):
+        from playwright.sync_api import expect
+
+        return expect(locator)
+
+    def confirm(self) -> None:
+        self.page.get_by_test_id("confirm-ok").click()
+
+    def row(self, replica_id: str):
+        return self.page.locator(f'[data-testid=replica-row][data-replica="{replica_id}"]')
+
+
+@pytest.fixture
+def dashboard(browser, fleet, mig_restored):
+    page = Dashboard(browser, fleet.base_url.removesuffix("/v1") + "/dashboard")
+    yield page
+    page.context.close()
+    assert page.errors == [], f"the page logged console errors: {page.errors}"
+
+
+class LongStream(threading.Thread):
+    """A greedy 600-token stream to the "mig" pool, read in the background; its request id once it runs."""
+
+    def __init__(self, client):
+        super().__init__(daemon=True)
+        self.client = client
+        self.request_id: str | None = None
+        self.started = threading.Event()
+        self.tokens = 0
+        self.finish_reason = None
+
+    def run(self) -> None:
+        for chunk in self.client.chat.completions.create(model="mig", messages=PROMPT, stream=True,
+                                                         stream_options={"include_usage": True}, **LONG):
+            self.request_id = self.request_id or chunk.id
+            self.started.set()
+            if chunk.choices and chunk.choices[0].finish_reason:
+                self.finish_reason = chunk.choices[0].finish_reason
+            if chunk.usage:
+                self.tokens = chunk.usage.completion_tokens
+
+    def where(self, fleet) -> str:
+        assert self.started.wait(60), "the stream never started"
+        return where(fleet, self.request_id)
+
+    def finished_whole(self) -> bool:
+        self.join(120)
+        return not self.is_alive() and self.tokens == LONG["max_tokens"] and self.finish_reason == "length"
+
+
+def test_dashboard_api_needs_the_fleet_key_and_the_page_does_not(fleet):
+    root = fleet.base_url.removesuffix("/v1")
+    assert httpx.get(f"{root}/dashboard/api/state").status_code == 401
+    state = httpx.get(f"{root}/dashboard/api/state", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert set(state["pools"]) == {"tiny-a", "tiny-b", "mig", "cold"}
+    assert {"replicas", "migrations", "routing", "audit", "kv_store"} <= set(state)
+    page = httpx.get(f"{root}/dashboard")
+    assert page.status_code == 200 and "rayfleet" in page.text
+    assert httpx.get(f"{root}/dashboard/app.js").headers["content-type"].startswith("text/javascript")
+    assert httpx.get(f"{root}/dashboard/secrets.txt").status_code == 404
+
+
+def test_page_goes_live_with_the_fleets_replica_count_and_no_console_errors(dashboard, fleet):
+    status = fleet.status()
+    ready = sum(r["state"] == "ready" for r in status["replicas"])
+    desired = sum(p["desired"] for p in status["pools"].values())
+    dashboard.expect(dashboard.page.get_by_test_id("replica-count")).to_have_text(f"{ready} / {desired}")
+    dashboard.expect(dashboard.page.get_by_test_id("replica-row")).to_have_count(len(status["replicas"]))
+    for replica in status["replicas"]:
+        dashboard.expect(dashboard.row(replica["replica_id"])).to_have_attribute("data-state", replica["state"])
+    dashboard.expect(dashboard.page.get_by_test_id("fleet-name")).to_have_text(status["fleet"])
+
+
+def test_scaling_a_pool_from_the_page_shows_the_new_replica_live(dashboard, fleet):
+    pool = fleet.status()["pools"]["mig"]
+    target = pool["desired"] + 1 if pool["desired"] < pool["max"] else pool["desired"] - 1
+    dashboard.page.get_by_test_id("scale-input-mig").fill(str(target))
+    dashboard.page.get_by_test_id("scale-mig").click()
+    dashboard.expect(dashboard.page.get_by_test_id("confirm")).to_contain_text(f"to {target} replicas")
+    dashboard.confirm()
+    dashboard.expect(dashboard.page.get_by_test_id("toast")).to_have_text(f"pool mig: {target} replicas desired")
+    dashboard.expect(dashboard.page.get_by_test_id("pool-title-mig")).to_contain_text(f"/ {target} ready")
+    rows = dashboard.page.get_by_test_id("replicas-mig").get_by_test_id("replica-row")
+    if target > pool["desired"]:
+        dashboard.expect(rows.and_(dashboard.page.locator("[data-state=starting]"))).to_have_count(1, timeout=10_000)
+    assert fleet.status()["pools"]["mig"]["desired"] == target
+    audit = dashboard.page.get_by_test_id("audit").locator("tr").nth(1)
+    dashboard.expect(audit).to_contain_text(re.compile(r"dashboard\s*scale\s*pool=mig replicas=" + str(target)))
+
+
+def test_migrating_a_request_from_the_page_moves_it(dashboard, fleet, client, mig_pool):  # noqa: F811
+    stream = LongStream(client)
+    stream.start()
+    src = stream.where(fleet)
+    chip = dashboard.row(src).get_by_test_id("request").filter(has_text=stream.request_id[-10:])
+    chip.click(timeout=10_000)
+    dst = next(r for r in mig_pool if r != src)
+    dashboard.page.get_by_test_id("migrate-dst").select_option(dst)
+    dashboard.confirm()
+    dashboard.expect(dashboard.page.get_by_test_id("toast")).to_contain_text(f"{stream.request_id}: migrated")
+    assert stream.finished_whole(), (stream.tokens, stream.finish_reason)
+    audit = dashboard.page.get_by_test_id("audit").locator("tr").nth(1)
+    dashboard.expect(audit).to_contain_text(re.compile(r"dashboard\s*migrate.*request_id=" + stream.request_id))
+
+
+def test_draining_a_replica_from_the_page_moves_its_requests(dashboard, fleet, client, mig_pool):  # noqa: F811
+    stream = LongStream(client)
+    stream.start()
+    src = stream.where(fleet)
+    dashboard.page.get_by_test_id(f"drain-{src}").click()
+    dashboard.expect(dashboard.page.get_by_test_id("confirm")).to_contain_text("move to other replicas")
+    dashboard.confirm()
+    dashboard.expect(dashboard.page.get_by_test_id("toast")).to_have_text(f"{src} is draining")
+    assert stream.finished_whole(), (stream.tokens, stream.finish_reason)
+    moved = [m for m in ray.get(fleet.controller.status.remote(migrations=100))["migrations"]
+             if m["request_id"] == stream.request_id and m["src"] == src]
+    assert [m["outcome"] for m in moved] == ["migrated"], moved
+    dashboard.expect(dashboard.page.get_by_test_id("migrations")).to_contain_text(stream.request_id[-10:])
+    dashboard.expect(dashboard.row(src)).to_have_count(0, timeout=30_000)  # drained, then stopped
+    if os.environ.get("RAYFLEET_DASHBOARD_SCREENSHOT"):
+        dashboard.page.screenshot(path=os.environ["RAYFLEET_DASHBOARD_SCREENSHOT"], full_page=True)

@@ -1,0 +1,126 @@
+"""The routing routes end to end: a second ingress with the chimera router on the session fleet's replicas.
+
+`POST /v1/feedback` teaches the router (its next prediction for a similar prompt moves), a malformed call is a
+400 that changes nothing, and `GET /v1/fleet/routing` explains each `auto` decision with every candidate's
+predicted quality, length and latency; the answering pool and the reason ride in the `x-rayfleet-route` header.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from conftest import ADMIN_KEY, API_KEY
+
+EASY = "State the final answer to the following arithmetic problem: 3 + 4 ="
+HARD = "State the final answer to the following arithmetic problem: 38 + 95 - 17 ="
+
+
+@pytest.fixture(scope="module")
+def chimera_url(fleet, tmp_path_factory):
+    """The fleet's spec with the chimera router and a small labelled table, served under /chimera."""
+    from ray import serve
+
+    from rayfleet.control_plane.serve_app import build_app
+
+    table = tmp_path_factory.mktemp("chimera") / "table.jsonl"
+    rows = [{"prompt": prompt, "pool": pool, "score": score, "output_tokens": 8, "latency_s": latency}
+            for prompt, scores in ((EASY, (1.0, 1.0)), (HARD, (0.0, 1.0)))
+            for pool, score, latency in zip(("tiny-a", "tiny-b"), scores, (0.05, 0.08))]
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = fleet.spec.model_dump()
+    spec["policies"]["router"] = {"name": "chimera", "params": {"table": str(table), "latency_weight": 0.1}}
+    serve.run(build_app({"spec": spec}), name="rayfleet-chimera", route_prefix="/chimera", blocking=False)
+    base = fleet.base_url.removesuffix("/v1") + "/chimera/v1"
+    with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
+        fleet.wait_for(lambda: _ok(client, base), timeout_s=120, what="the chimera ingress")
+        yield base, client
+    serve.delete("rayfleet-chimera")
+
+
+def _ok(client: httpx.Client, base: str) -> bool:
+    try:
+        return client.get(f"{base}/models").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def ask(client: httpx.Client, base: str, prompt: str, **headers) -> httpx.Response:
+    response = client.post(f"{base}/chat/completions", headers=headers, json={
+        "model": "auto", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def decision(client: httpx.Client, base: str, request_id: str) -> dict:
+    decisions = client.get(f"{base}/fleet/routing", params={"limit": 50},  # every tenant's: admin only
+                           headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["decisions"]
+    return next(d for d in decisions if d["request_id"] == request_id)
+
+
+def quality(found: dict, pool: str) -> float:
+    return next(c["quality"] for c in found["candidates"] if c["pool"] == pool)
+
+
+def test_auto_decision_is_explained_with_each_candidates_predictions(chimera_url):
+    base, client = chimera_url
+    response = ask(client, base, HARD)
+    body = response.json()
+    found = decision(client, base, body["id"])
+    assert found["pool"] == body["model"] == "tiny-b"  # the only model that solves the hard prompt
+    assert response.headers["x-rayfleet-route"].startswith("tiny-b; chimera: ")
+    assert found["embedded"] is True
+    assert {c["pool"] for c in found["candidates"]} >= {"tiny-a", "tiny-b"}
+    for candidate in found["candidates"]:
+        assert {"quality", "output_tokens", "latency_s", "backlog_tokens", "objective"} <= set(candidate)
+    status = client.get(f"{base}/fleet/status").json()
+    assert any(d["request_id"] == body["id"] for d in status["routing"]["decisions"])
+
+
+def test_feedback_moves_the_next_prediction_for_a_similar_prompt(chimera_url):
+    base, client = chimera_url
+    first = ask(client, base, HARD).json()
+    before = quality(decision(client, base, first["id"]), first["model"])
+    for _ in range(3):
+        response = client.post(f"{base}/feedback", json={"request_id": first["id"], "score": 0.0})
+        assert response.status_code == 200 and response.json()["learned"] is True
+    second = ask(client, base, HARD).json()
+    assert quality(decision(client, base, second["id"]), first["model"]) < before - 0.1
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"score": 1.0}, "request_id"),
+    ({"request_id": 7, "score": 1.0}, "request_id"),
+    ({"request_id": "x", "score": 1.5}, "score"),
+    ({"request_id": "x", "score": "high"}, "score"),
+    ({"request_id": "x", "score": True}, "score"),
+])
+def test_malformed_feedback_is_a_400_and_changes_nothing(chimera_url, body, param):
+    base, client = chimera_url
+    first = ask(client, base, EASY).json()
+    before = decision(client, base, first["id"])
+    bad = dict(body, request_id=first["id"]) if body.get("request_id") == "x" else body
+    response = client.post(f"{base}/feedback", json=bad)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+    second = ask(client, base, EASY).json()
+    after = decision(client, base, second["id"])
+    assert {c["pool"]: c["quality"] for c in after["candidates"]} == \
+        {c["pool"]: c["quality"] for c in before["candidates"]}
+
+
+def test_feedback_that_is_not_json_or_names_an_unknown_request_is_refused(chimera_url):
+    base, client = chimera_url
+    assert client.post(f"{base}/feedback", content=b"{nope").status_code == 400
+    response = client.post(f"{base}/feedback", json={"request_id": "chatcmpl-never", "score": 1.0})
+    assert response.status_code == 404 and response.json()["error"]["param"] == "request_id"
+
+
+def test_a_bad_latency_weight_header_is_a_400_naming_it(chimera_url):
+    base, client = chimera_url
+    response = client.post(f"{base}/chat/completions", headers={"x-rayfleet-latency-weight": "-1"},
+                           json={"model": "auto", "messages": [{"role": "user", "content": EASY}], "max_tokens": 2})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "x-rayfleet-latency-weight"
