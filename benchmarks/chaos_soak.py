@@ -4,13 +4,18 @@ core are killed, stopped or restarted, and a pool is rolled replica by replica.
 Every stream is greedy and compared with an undisturbed reference of the same prompt: a stream is
 **completed** when its text and token count equal the reference's, **corrupted** when it ended normally but
 differs (a token missing, repeated or different), **failed** when it got an HTTP error or an in-band error
-event, and **hung** when no byte arrived for `--hung-s` seconds. The goal is 0 failed, 0 corrupted, 0 hung.
+event, and **hung** when no byte arrived for `--hung-s` seconds (default: longer than the fleet's own bound,
+`ingress.replay_wait_s` + `chunk_timeout_s`, on a stream waiting for a replacement). The goal is 0 failed, 0
+corrupted, 0 hung. Each stream's longest gap between two events (its stall) is reported too.
 
-Faults (one timeline, loopback only): a random replica SIGKILLed every `--kill-every-s` seconds, and once
-each: the controller SIGKILLed (Ray restarts it), Redis restarted empty (no persistence), an engine core
-SIGSTOPped for 30 s, a replica drained, and a rolling replacement of every replica of the first pool (a new
-replica first, then the old one drained: the Kubernetes rollout case). Recovery time is how long after a fault
-every pool again has its desired number of ready replicas.
+Faults (one timeline, loopback only), each once and in this order: the controller SIGKILLed (Ray restarts it),
+a random replica SIGKILLed (the restarted controller must replace it), Redis restarted empty (no
+persistence), an engine core SIGSTOPped for 30 s, a replica drained, and a rolling replacement of every
+replica of the first pool (a new replica first, then the old one drained: the Kubernetes rollout case); then a
+random replica SIGKILLed every `--kill-every-s` seconds until `--minutes` have passed. Each fault waits for
+the fleet to recover from the previous one, so every fault runs even when recoveries take longer than planned
+(the run then lasts longer than `--minutes`); the clients go on for `--tail-s` after the last fault. Recovery
+time is how long after a fault every pool again has its desired number of ready replicas.
 
     .venv/bin/python benchmarks/chaos_soak.py --minutes 8 --clients 8     # results/chaos_soak.json + table
 
@@ -49,6 +54,7 @@ class Outcome:
     pool: str
     verdict: str  # completed | corrupted | failed | hung
     latency_s: float
+    max_gap_s: float  # the longest wait between two events of the stream (or before the first)
     detail: str = ""
 
 
@@ -69,6 +75,7 @@ class Soak:
     started: float = field(default_factory=time.monotonic)
     outcomes: list[Outcome] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    finished: bool = False  # set after the last fault and the tail: the clients stop
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -153,8 +160,12 @@ async def reference(http: httpx.AsyncClient, base: str, pool: str, prompt: str, 
 
 async def one_stream(http: httpx.AsyncClient, soak: Soak, pool: str, prompt: str, max_tokens: int,
                      expected: tuple[str, int], hung_s: float) -> Outcome:
-    began = time.monotonic()
-    text, tokens = [], 0
+    began = last = time.monotonic()
+    text, tokens, gap = [], 0, 0.0
+
+    def outcome(verdict: str, detail: str = "") -> Outcome:
+        return Outcome(pool, verdict, time.monotonic() - began, max(gap, time.monotonic() - last), detail)
+
     try:
         async with http.stream("POST", f"{soak.base_url}/v1/completions",
                                headers={"Authorization": f"Bearer {KEY}"},
@@ -163,30 +174,31 @@ async def one_stream(http: httpx.AsyncClient, soak: Soak, pool: str, prompt: str
                                      "ignore_eos": True, "stream": True,
                                      "stream_options": {"include_usage": True}}) as response:
             if response.status_code != 200:
-                return Outcome(pool, "failed", time.monotonic() - began, f"HTTP {response.status_code}")
+                return outcome("failed", f"HTTP {response.status_code}")
             async for line in response.aiter_lines():
                 if not line.startswith("data: {"):
                     continue
+                gap, last = max(gap, time.monotonic() - last), time.monotonic()
                 event = json.loads(line[6:])
                 if "error" in event:
-                    return Outcome(pool, "failed", time.monotonic() - began, event["error"]["message"][:200])
+                    return outcome("failed", event["error"]["message"][:200])
                 for choice in event.get("choices") or []:
                     text.append(choice.get("text") or "")
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
     except httpx.ReadTimeout:
-        return Outcome(pool, "hung", time.monotonic() - began, f"no byte for {hung_s:.0f} s")
+        return outcome("hung", f"no byte for {hung_s:.0f} s")
     except httpx.HTTPError as error:
-        return Outcome(pool, "failed", time.monotonic() - began, type(error).__name__)
-    verdict = "completed" if ("".join(text), tokens) == expected else "corrupted"
-    detail = "" if verdict == "completed" else f"{tokens} tokens, text {'equal' if ''.join(text) == expected[0] else 'differs'}"
-    return Outcome(pool, verdict, time.monotonic() - began, detail)
+        return outcome("failed", type(error).__name__)
+    if ("".join(text), tokens) == expected:
+        return outcome("completed")
+    return outcome("corrupted", f"{tokens} tokens, text {'equal' if ''.join(text) == expected[0] else 'differs'}")
 
 
-async def client_loop(soak: Soak, refs: dict, stop_at: float, max_tokens: int, hung_s: float, seed: int) -> None:
+async def client_loop(soak: Soak, refs: dict, max_tokens: int, hung_s: float, seed: int) -> None:
     rng = random.Random(seed)
     async with httpx.AsyncClient() as http:
-        while soak.now() < stop_at:
+        while not soak.finished:
             pool, prompt = rng.choice(list(refs))
             soak.outcomes.append(await one_stream(http, soak, pool, prompt, max_tokens, refs[(pool, prompt)], hung_s))
 
@@ -282,13 +294,14 @@ def wait_until(predicate, timeout_s: float) -> None:
     raise TimeoutError("condition not reached")
 
 
-async def chaos(soak: Soak, end_at: float, kill_every_s: float, seed: int) -> None:
+async def chaos(soak: Soak, end_at: float, kill_every_s: float, seed: int, last_fault_at: float) -> None:
     rng = random.Random(seed)
-    # Each of the one-off faults once, replica kills between them, then replica kills until the end.
-    schedule = [kill_random_replica, kill_controller, kill_random_replica, restart_redis, stop_engine_core,
-                kill_random_replica, drain_replica, rolling_replacement]
+    # Each one-off fault once (the replica kill right after the controller's: the restarted controller must
+    # replace it), then replica kills until the end; all of the schedule runs, however long recoveries take.
+    schedule = [kill_controller, kill_random_replica, restart_redis, stop_engine_core, drain_replica,
+                rolling_replacement]
     await asyncio.sleep(kill_every_s / 2)
-    while soak.now() < end_at:
+    while (schedule or soak.now() < end_at) and soak.now() < last_fault_at:
         action = schedule.pop(0) if schedule else kill_random_replica
         try:
             fault = await action(soak, rng)
@@ -297,25 +310,37 @@ async def chaos(soak: Soak, end_at: float, kill_every_s: float, seed: int) -> No
         print(f"[{soak.now():6.0f} s] {fault.name} {fault.detail}", flush=True)
         soak.faults.append(fault)
         await wait_recovered(soak, fault)
-        print(f"[{soak.now():6.0f} s]   recovered after {fault.recovered_s} s", flush=True)
+        print(f"[{soak.now():6.0f} s]   recovered after {fault.recovered_s} s; streams so far {verdicts(soak)}",
+              flush=True)
         await asyncio.sleep(max(kill_every_s - (soak.now() - fault.at_s), 1))
 
 
 # ---------------------------------------------------------------- report
+def verdicts(soak: Soak) -> dict[str, int]:
+    return {v: sum(o.verdict == v for o in soak.outcomes) for v in ("completed", "corrupted", "failed", "hung")}
+
+
 def summarize(soak: Soak) -> dict:
-    counts = {v: sum(o.verdict == v for o in soak.outcomes) for v in ("completed", "corrupted", "failed", "hung")}
+    counts = verdicts(soak)
     latencies = sorted(o.latency_s for o in soak.outcomes if o.verdict == "completed")
-    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None
-    return {"sent": len(soak.outcomes), **counts,
-            "p50_latency_s": statistics.median(latencies) if latencies else None, "p99_latency_s": p99,
+    gaps = sorted(o.max_gap_s for o in soak.outcomes)
+    return {"sent": len(soak.outcomes), **counts, "duration_s": soak.now(),
+            "p50_latency_s": statistics.median(latencies) if latencies else None, "p99_latency_s": p99(latencies),
+            "p99_stall_s": p99(gaps), "max_stall_s": gaps[-1] if gaps else None,
             "faults": [asdict(f) for f in soak.faults],
             "not_completed": [asdict(o) for o in soak.outcomes if o.verdict != "completed"]}
 
 
+def p99(values: list[float]) -> float | None:
+    return values[min(len(values) - 1, int(0.99 * len(values)))] if values else None
+
+
 def table(result: dict) -> str:
-    lines = ["| sent | completed | failed | corrupted | hung | p50 latency | p99 latency |", "|---|---|---|---|---|---|---|",
+    lines = ["| sent | completed | failed | corrupted | hung | p50 latency | p99 latency | p99 stall | longest stall |",
+             "|---|---|---|---|---|---|---|---|---|",
              f"| {result['sent']} | {result['completed']} | {result['failed']} | {result['corrupted']} | "
-             f"{result['hung']} | {result['p50_latency_s']:.1f} s | {result['p99_latency_s']:.1f} s |", "",
+             f"{result['hung']} | {result['p50_latency_s']:.1f} s | {result['p99_latency_s']:.1f} s | "
+             f"{result['p99_stall_s']:.1f} s | {result['max_stall_s']:.1f} s |", "",
              "| at | fault | detail | recovered after |", "|---|---|---|---|"]
     for fault in result["faults"]:
         recovered = f"{fault['recovered_s']:.0f} s" if fault["recovered_s"] is not None else "not within 300 s"
@@ -335,9 +360,12 @@ async def run(args) -> dict:
                                                           for p, q in pairs))))
         print(f"references: {len(refs)} greedy completions of {args.max_tokens} tokens", flush=True)
         soak.started = time.monotonic()
-        end_at = args.minutes * 60
-        clients = [client_loop(soak, refs, end_at, args.max_tokens, args.hung_s, seed) for seed in range(args.clients)]
-        await asyncio.gather(chaos(soak, end_at - 60, args.kill_every_s, args.seed), *clients)
+        clients = asyncio.gather(*(client_loop(soak, refs, args.max_tokens, args.hung_s, seed)
+                                   for seed in range(args.clients)))
+        await chaos(soak, args.minutes * 60 - args.tail_s, args.kill_every_s, args.seed, args.last_fault_minutes * 60)
+        await asyncio.sleep(args.tail_s)  # streams begun during the last recovery finish under load
+        soak.finished = True
+        await clients
         return summarize(soak)
     finally:
         from ray import serve
@@ -358,7 +386,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--kill-every-s", type=float, default=45)
-    parser.add_argument("--hung-s", type=float, default=150, help="no byte for this long: hung")
+    parser.add_argument("--hung-s", type=float, default=330,
+                        help="no byte for this long: hung (above ingress.replay_wait_s 300 + chunk_timeout_s 20)")
+    parser.add_argument("--tail-s", type=float, default=60, help="clients go on this long after the last fault")
+    parser.add_argument("--last-fault-minutes", type=float, default=20,
+                        help="no fault starts after this (a bound on the run; the table lists the faults that ran)")
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "chaos_soak.json")
     args = parser.parse_args(argv)

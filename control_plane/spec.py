@@ -182,7 +182,8 @@ class IngressSpec(Strict):
         "before the ingress treats its replica as hung and replays the request elsewhere.")
     replay_wait_s: float = Field(
         300.0, ge=0, description="How long a request whose replica died waits for another replica of its pool "
-        "(e.g. the replacement) before it fails.")
+        "(e.g. the replacement) before it fails; also how long the ingress routes on its last view while the "
+        "controller restarts.")
     max_replays: int = Field(3, ge=0, description="Replays of one request after replica failures.")
 
     def key_entries(self) -> list[APIKeySpec]:

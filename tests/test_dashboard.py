@@ -1,7 +1,7 @@
 """The ops dashboard in a real browser (headless Chromium driven by Playwright) against the running test fleet.
 
 Chromium is Debian's (`/usr/bin/chromium`, installed by tests/run.sh): Playwright's own browser download
-cannot run here. The page gets the fleet's API key the way a returning user's browser has it (session
+cannot run here. The page gets the fleet's admin key the way a returning operator's browser has it (session
 storage); every test also checks that the page logged no console error.
 """
 
@@ -16,7 +16,7 @@ import httpx
 import pytest
 import ray
 
-from conftest import API_KEY
+from conftest import ADMIN_KEY, API_KEY
 from test_live_migration import mig_pool, mig_replicas, where  # noqa: F401 (mig_pool is a fixture)
 
 pytestmark = pytest.mark.engines
@@ -51,7 +51,7 @@ class Dashboard:
 
     def __init__(self, browser, url: str):
         self.context = browser.new_context(viewport={"width": 1500, "height": 1000})
-        self.context.add_init_script(f"sessionStorage.setItem('rayfleet-key', {json.dumps(API_KEY)})")
+        self.context.add_init_script(f"sessionStorage.setItem('rayfleet-key', {json.dumps(ADMIN_KEY)})")
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.page.on("console", lambda message: self.errors.append(message.text) if message.type == "error" else None)
@@ -110,10 +110,13 @@ class LongStream(threading.Thread):
         return not self.is_alive() and self.tokens == LONG["max_tokens"] and self.finish_reason == "length"
 
 
-def test_dashboard_api_needs_the_fleet_key_and_the_page_does_not(fleet):
+def test_dashboard_api_needs_an_admin_key_and_the_page_does_not(fleet):
     root = fleet.base_url.removesuffix("/v1")
     assert httpx.get(f"{root}/dashboard/api/state").status_code == 401
-    state = httpx.get(f"{root}/dashboard/api/state", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    user = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(f"{root}/dashboard/api/state", headers=user).status_code == 403
+    assert httpx.post(f"{root}/dashboard/api/scale", headers=user, json={"pool": "cold", "replicas": 1}).status_code == 403
+    state = httpx.get(f"{root}/dashboard/api/state", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
     assert set(state["pools"]) == {"tiny-a", "tiny-b", "mig", "cold"}
     assert {"replicas", "migrations", "routing", "audit", "kv_store"} <= set(state)
     page = httpx.get(f"{root}/dashboard")

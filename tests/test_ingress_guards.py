@@ -153,3 +153,37 @@ def test_requests_whose_state_is_not_in_their_tokens_are_pinned():
     grammar = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a", "b"]))
     assert why_pinned(grammar, grammar_continues=True) is None  # rayfleet's connector advances the grammar
     assert "structured" in why_pinned(grammar, grammar_continues=False)
+
+
+class _RestartingController:
+    """Stand-in for the controller's actor handle (a controller kept down for minutes cannot be had cheaply
+    here; the chaos soak does it for real): answers with a view, then fails as Ray does while re-creating it."""
+
+    def __init__(self):
+        self.up = True
+        self.fleet_view = self
+
+    async def remote(self):
+        import ray
+
+        if not self.up:
+            raise ray.exceptions.ActorUnavailableError("restarting", None)
+        from rayfleet.policies.base import FleetSnapshot
+
+        return FleetSnapshot(pools={}), {"r1": "handle"}
+
+
+async def test_a_restarting_controller_s_last_view_routes_up_to_the_replay_wait_then_503(monkeypatch):
+    from rayfleet.control_plane.serving import gateway
+
+    controller, now = _RestartingController(), [1000.0]
+    monkeypatch.setattr(gateway.time, "monotonic", lambda: now[0])
+    view = gateway.ControllerView(controller, max_stale_s=IngressSpec().replay_wait_s)
+    assert (await view.get())[1] == {"r1": "handle"}
+    controller.up = False
+    now[0] += 120  # a restart on a loaded 2-core machine took 65 s in the soak
+    assert (await view.get(fresh=True))[1] == {"r1": "handle"}
+    now[0] += 200  # past replay_wait_s (300 s): the controller is not coming back soon
+    with pytest.raises(OpenAIHTTPError) as error:
+        await view.get(fresh=True)
+    assert error.value.status == 503

@@ -138,7 +138,7 @@ def deploy(spec, wait_s: float) -> str:
 
 def grpc_options(spec) -> dict:
     """Serve's gRPC proxy serving vLLM's gRPC protocol, when the spec gives a gRPC port."""
-    from rayfleet.control_plane.serving.grpc_servicer import GRPC_SERVICER_FUNCTIONS
+    from rayfleet.control_plane.serving.grpc_registration import GRPC_SERVICER_FUNCTIONS
 
     if spec.ingress.grpc_port is None:
         return {}

@@ -44,8 +44,6 @@ logger = logging.getLogger("rayfleet.ingress")
 
 VIEW_TTL_S = 0.25  # the routing view is refreshed from the controller at most this often
 QUEUE_WAIT_S = 0.05
-# While the controller restarts (Ray re-creates it in seconds) the last view keeps routing, up to this age.
-STALE_VIEW_MAX_S = 60.0
 REPLACEMENT_POLL_S = 0.5
 
 
@@ -62,6 +60,34 @@ def overlay_local_load(snapshot: FleetSnapshot, ledgers: dict[str, TokenLedger])
             expected = ledger.call.predicted_output_tokens or ledger.call.sampling_params.max_tokens or 0
             remaining[rid] = remaining.get(rid, 0) + max(expected - ledger.output_tokens, 0)
     return snapshot.with_local_load(tokens, requests, remaining)
+
+
+class ControllerView:
+    """The controller's routing view (snapshot and READY replicas' handles), fetched at most every `VIEW_TTL_S`.
+
+    While the controller is unreachable (Ray re-creating it: seconds on an idle machine, 65 s in the chaos soak
+    on a loaded one) the last view keeps routing, up to `max_stale_s` old: only the controller changes which
+    replicas serve, and a replica that died meanwhile is one the ledger replays around. Past that, a 503.
+    """
+
+    def __init__(self, controller: Any, max_stale_s: float):
+        self.controller = controller
+        self.max_stale_s = max_stale_s
+        self._view: tuple[FleetSnapshot, dict[str, Any]] | None = None
+        self._view_at = 0.0
+
+    async def get(self, fresh: bool = False) -> tuple[FleetSnapshot, dict[str, Any]]:
+        if fresh or self._view is None or time.monotonic() - self._view_at > VIEW_TTL_S:
+            try:
+                self._view = await self.controller.fleet_view.remote()
+                self._view_at = time.monotonic()
+            except ray.exceptions.RayActorError as error:
+                if self._view is None or time.monotonic() - self._view_at > self.max_stale_s:
+                    raise OpenAIHTTPError(503, "The fleet controller is restarting; retry shortly.",
+                                          "ServiceUnavailableError", retry_after_s=5) from None
+                logger.warning("controller unreachable (%s); routing on a %.1f s old view", type(error).__name__,
+                               time.monotonic() - self._view_at)
+        return self._view
 
 
 class FleetGateway:
@@ -86,8 +112,8 @@ class FleetGateway:
         self.learning_router = self.router if isinstance(self.router, LearningRouter) else None
         self.embedder = None
         self._router_started = asyncio.Lock()
-        self._view: tuple[FleetSnapshot, dict[str, Any]] | None = None
-        self._view_at = 0.0
+        # A request accepts the same wait for a restarting controller as for a replica's replacement.
+        self.view = ControllerView(self.controller, self.spec.ingress.replay_wait_s)
         self.ledgers: dict[str, TokenLedger] = {}
         self.replica_streams = ReplicaStreams()
 
@@ -131,18 +157,7 @@ class FleetGateway:
         return {"router": self.spec.policies.router.name, "decisions": decisions}
 
     async def fleet_view(self, fresh: bool = False) -> tuple[FleetSnapshot, dict[str, Any]]:
-        if fresh or self._view is None or time.monotonic() - self._view_at > VIEW_TTL_S:
-            try:
-                self._view = await self.controller.fleet_view.remote()
-                self._view_at = time.monotonic()
-            except ray.exceptions.RayActorError as error:
-                # Restarting controller: route on the last view (replicas outlive it), within bounds.
-                if self._view is None or time.monotonic() - self._view_at > STALE_VIEW_MAX_S:
-                    raise OpenAIHTTPError(503, "The fleet controller is restarting; retry shortly.",
-                                          "ServiceUnavailableError", retry_after_s=5) from None
-                logger.warning("controller unreachable (%s); routing on a %.1f s old view", type(error).__name__,
-                               time.monotonic() - self._view_at)
-        snapshot, handles = self._view
+        snapshot, handles = await self.view.get(fresh)
         return overlay_local_load(snapshot, self.ledgers), handles
 
     def authenticate(self, authorization: str, how: str) -> Principal:

@@ -13,10 +13,8 @@ the fleet has a single pool).
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import grpc
-from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2 as pb
 from vllm.exceptions import VLLMValidationError
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
@@ -26,6 +24,7 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
 )
 
 from rayfleet.actors.replica.protocol import GenerateCall
+from rayfleet.control_plane.serving import grpc_registration  # noqa: F401 (aliases the message modules)
 from rayfleet.control_plane.serving.auth import Principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.gateway import FleetGateway, logger
@@ -34,19 +33,6 @@ from rayfleet.control_plane.serving.rendering import RenderError
 from rayfleet.control_plane.serving.request_limits import check_counts, check_prompt_tokens
 from rayfleet.control_plane.serving.request_telemetry import ClientRequest
 
-# The generated messages name their module `vllm_engine_pb2` (protoc's flat layout), and Ray Serve pickles
-# requests from its gRPC proxy to the ingress: both processes import this module, which makes that name
-# importable before any message crosses.
-sys.modules.setdefault("vllm_engine_pb2", pb)
-sys.modules.setdefault("common_pb2", common_pb2)
-
-
-def add_servicer_to_server(servicer, server) -> None:
-    """What Serve's gRPC proxy registers (`grpc_servicer_functions`): vLLM's VllmEngine service."""
-    vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(servicer, server)
-
-
-GRPC_SERVICER_FUNCTIONS = ["rayfleet.control_plane.serving.grpc_servicer:add_servicer_to_server"]
 POOL_METADATA_KEY = "rayfleet-pool"
 # HTTP statuses of the ingress' errors -> gRPC status codes
 GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,

@@ -340,7 +340,8 @@ async function follow() {
   for (;;) {
     try {
       const response = await fetch(`${ROOT}/api/events`, { headers: headers(), cache: "no-store" });
-      if (response.status === 401) return login();
+      if (response.status === 401) return login("This fleet needs an admin key:");
+      if (response.status === 403) return login("That key is not an admin key; the dashboard needs one:");
       if (response.ok) {
         $("login").hidden = true;
         $("main").hidden = false;
@@ -372,7 +373,8 @@ async function readEvents(body) {
   }
 }
 
-function login() {
+function login(why) {
+  $("login-why").textContent = why;
   $("main").hidden = true;
   $("login").hidden = false;
   setLive(false);
