@@ -90,7 +90,7 @@ def test_up_from_the_unactivated_venv_and_down_stop_ray_stop_only_its_cluster(ra
     env.update(PATH="/usr/bin:/bin", RAY_TMPDIR=ray_tmp, RAYFLEET_HOME=str(tmp_path))
     spec = tmp_path / "fleet.yaml"
     spec.write_text(f"name: cli-test\npools:\n  - name: idle\n    model: {demo_models / 'tiny-llama-a'}\n"
-                    f"    min_replicas: 0\ningress: {{port: {free_port()}}}\n")
+                    f"    min_replicas: 0\ningress: {{port: {free_port()}, auth: none}}\n")
     cli = [str(Path(sys.executable).parent / "rayfleet")]
     try:
         up = subprocess.run([*cli, "up", str(spec), "--wait", "60"], env=env, capture_output=True, text=True,
