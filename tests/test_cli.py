@@ -37,6 +37,15 @@ def test_up_rejects_an_invalid_spec_naming_the_field(tmp_path):
     assert "pools[0].max_replicas" in result.stderr
 
 
+def test_up_without_a_key_or_auth_none_is_refused_naming_the_field_before_starting_anything(tmp_path):
+    spec = tmp_path / "open.yaml"
+    spec.write_text("pools:\n  - name: a\n    model: /m\n")
+    result = rayfleet("up", str(spec), "--address", "127.0.0.1:1", check=False)  # nothing listens there
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "ingress.auth is 'api_keys' but no key is configured" in result.stderr
+    assert "ingress.auth: none" in result.stderr
+
+
 @pytest.mark.engines
 def test_status_and_scale_against_the_running_fleet(fleet):
     import ray

@@ -120,6 +120,16 @@ def controller():
         raise SystemExit("no fleet is running on this Ray cluster; start one with `rayfleet up`") from None
 
 
+def check_keys(spec) -> None:
+    """Before anything starts: a spec whose ingress would refuse to start for want of a key is a one-line error
+    naming the field, not a failed Serve deployment. Keys named by environment variables may exist only on the
+    cluster: the ingress checks those itself."""
+    from rayfleet.control_plane.serving.auth import KeyRing
+
+    if not (spec.ingress.api_keys_env or spec.ingress.admin_keys_env):
+        KeyRing.from_spec(spec.ingress)
+
+
 def deploy(spec, wait_s: float) -> str:
     """Deploy the controller and the ingress for `spec`; returns the endpoint URL once replicas are ready."""
     from ray import serve

@@ -15,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from rayfleet.control_plane.cli import simulate
 from rayfleet.control_plane.cli.launch import (
+    check_keys,
     connect,
     controller,
     deploy,
@@ -32,6 +33,7 @@ ORIGIN = "cli"  # who the controller's audit log names for these commands
 # ---------------------------------------------------------------------- commands
 def cmd_up(args) -> None:
     spec = load_any_spec(args.spec)
+    check_keys(spec)
     ensure_demo_models(spec)
     connect(args.address, start_local=True)
     url = deploy(spec, args.wait)
