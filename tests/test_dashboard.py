@@ -115,7 +115,8 @@ def test_dashboard_api_needs_an_admin_key_and_the_page_does_not(fleet):
     assert httpx.get(f"{root}/dashboard/api/state").status_code == 401
     user = {"Authorization": f"Bearer {API_KEY}"}
     assert httpx.get(f"{root}/dashboard/api/state", headers=user).status_code == 403
-    assert httpx.post(f"{root}/dashboard/api/scale", headers=user, json={"pool": "cold", "replicas": 1}).status_code == 403
+    scale = {"pool": "cold", "replicas": 1}
+    assert httpx.post(f"{root}/dashboard/api/scale", headers=user, json=scale).status_code == 403
     state = httpx.get(f"{root}/dashboard/api/state", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
     assert set(state["pools"]) == {"tiny-a", "tiny-b", "mig", "cold"}
     assert {"replicas", "migrations", "routing", "audit", "kv_store"} <= set(state)
