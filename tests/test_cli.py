@@ -98,14 +98,19 @@ def test_up_from_the_unactivated_venv_and_down_stop_ray_stop_only_its_cluster(ra
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS")}
     env.update(PATH="/usr/bin:/bin", RAY_TMPDIR=ray_tmp, RAYFLEET_HOME=str(tmp_path))
     spec = tmp_path / "fleet.yaml"
+    port = free_port()
     spec.write_text(f"name: cli-test\npools:\n  - name: idle\n    model: {demo_models / 'tiny-llama-a'}\n"
-                    f"    min_replicas: 0\ningress: {{port: {free_port()}, auth: none}}\n")
+                    f"    min_replicas: 0\ningress: {{port: {port}, auth: none}}\n")
     cli = [str(Path(sys.executable).parent / "rayfleet")]
     try:
         up = subprocess.run([*cli, "up", str(spec), "--wait", "60"], env=env, capture_output=True, text=True,
                             timeout=240)
         assert up.returncode == 0, up.stderr
         assert "is up" in up.stdout and "/dashboard" in up.stdout
+        # One ingress replica on a cluster rayfleet started: Serve's direct ingress, the replica itself listens
+        # on the spec's port (no proxy hop).
+        listener = next(c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port)
+        assert "SERVE_REPLICA::rayfleet#OpenAIIngress" in " ".join(psutil.Process(listener).cmdline())
         started = json.loads((tmp_path / "local-cluster.json").read_text())
         status = subprocess.run([*cli, "status", "--json", "--address", started["gcs_address"]], env=env,
                                 capture_output=True, text=True, timeout=120)

@@ -19,6 +19,7 @@ from rayfleet.control_plane.cli.launch import (
     connect,
     controller,
     deploy,
+    direct_ingress_env,
     ensure_demo_models,
     load_any_spec,
     render_routing,
@@ -35,8 +36,8 @@ def cmd_up(args) -> None:
     spec = load_any_spec(args.spec)
     check_keys(spec)
     ensure_demo_models(spec)
-    connect(args.address, start_local=True)
-    url = deploy(spec, args.wait)
+    serve_env = connect(args.address, start_local=True, serve_env=direct_ingress_env(spec.ingress))
+    url = deploy(spec, args.wait, serve_env)
     print(f"rayfleet '{spec.name}' is up: OpenAI endpoint {url} (models: "
           f"{', '.join(['auto'] + [p.name for p in spec.pools])}); ops dashboard {url.removesuffix('/v1')}/dashboard")
 
