@@ -97,6 +97,7 @@ def call_of(prompt: list[int], max_tokens: int, handoff=None):
 async def token_times(replica, call) -> list[float]:
     """Arrival time of every token of `call` started on `replica`, across a handoff (the ledger's path)."""
     from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
+    from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
 
     async def nowhere(_call, _exclude):
         raise RuntimeError("replayed")
@@ -104,7 +105,7 @@ async def token_times(replica, call) -> list[float]:
     began = time.perf_counter()
     times: list[float] = []
     ledger = TokenLedger(call=call, placement=Placement(replica.replica_id, replica.handle))
-    async for choice in follow(ledger, nowhere, max_replays=0):
+    async for choice in follow(ledger, nowhere, ReplicaStreams(), max_replays=0):
         times += [time.perf_counter() - began] * len(choice.token_ids or [])
     return times
 

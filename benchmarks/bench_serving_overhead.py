@@ -7,9 +7,10 @@ TPOT at 8 req/s within 1.2x of plain. The load average is recorded before and af
 Each contender serves the same model folder with the same engine arguments (dtype float32, eager, max_model_len
 1024, block size 32, 1 GiB KV, one OpenMP thread) and one replica:
   plain      python -m vllm.entrypoints.openai.api_server (what `vllm serve` runs)
-  fleet      rayfleet: Ray Serve ingress (render, admit, route, ledger, derender) -> LLMReplica actor -> AsyncLLM
-  fleet_direct  the same with Serve's direct ingress: the ingress replica serves HTTP itself (no proxy hop)
+  fleet      rayfleet as `rayfleet up` deploys it on a cluster it starts: Serve's direct ingress (the ingress
+             replica serves HTTP itself: render, admit, route, ledger, derender) -> LLMReplica actor -> AsyncLLM
              with the live-migration KV connector (the pool default)
+  fleet_proxy  the same through Serve's proxy (`ingress.direct_ingress: off`)
   fleet_nomig  the same with `live_migration: false` (no KV connector in the engine)
   serve_llm  Ray Serve LLM: build_openai_app(LLMConfig) -> OpenAiIngress -> LLMServer -> AsyncLLM
 Contenders run one after another in one invocation (one engine alive at a time: the machine has 2 cores), in
@@ -340,7 +341,7 @@ def goal_lines(summary: dict[str, Any], rates: list[float]) -> list[str]:
     keys = {rate_key(r) for r in rates}
     for view in ("median", "best"):
         table, ratios = summary[view]["table"], summary[view]["ratios"]
-        for fleet in (name for name in ("fleet", "fleet_direct") if name in ratios):
+        for fleet in (name for name in ("fleet", "fleet_proxy") if name in ratios):
             tag = f"{fleet}, {'median of rounds' if view == 'median' else 'best round'}"
             if "inf" in keys:
                 r = ratios[fleet]["inf"]

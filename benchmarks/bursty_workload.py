@@ -107,7 +107,8 @@ def run_one(name: str, round_index: int, model_dir: Path, dataset_path: Path, ar
         say(f"bursty {name}: ready in {contender.started_s:.0f} s")
         bench = run_vllm_bench(contender.base_url, model_dir, SERVED_NAME, request_rate=args.bursty_rate,
                                num_prompts=args.bursty_prompts, seed=args.seed, burstiness=args.burstiness,
-                               dataset=custom_dataset(dataset_path), log_path=args.log_dir / f"bursty-{name}.log")
+                               dataset=custom_dataset(dataset_path), log_path=args.log_dir / f"bursty-{name}.log",
+                               extra=["--save-detailed"])  # keeps the per-request arrays the trace is made of
         kept = {k: v for k, v in bench.items() if isinstance(v, (int, float, str)) or v is None}
         if isinstance(contender, Fleet):
             records = migrations_of(contender)

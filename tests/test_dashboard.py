@@ -115,7 +115,8 @@ def test_dashboard_api_needs_an_admin_key_and_the_page_does_not(fleet):
     assert httpx.get(f"{root}/dashboard/api/state").status_code == 401
     user = {"Authorization": f"Bearer {API_KEY}"}
     assert httpx.get(f"{root}/dashboard/api/state", headers=user).status_code == 403
-    assert httpx.post(f"{root}/dashboard/api/scale", headers=user, json={"pool": "cold", "replicas": 1}).status_code == 403
+    scale = {"pool": "cold", "replicas": 1}
+    assert httpx.post(f"{root}/dashboard/api/scale", headers=user, json=scale).status_code == 403
     state = httpx.get(f"{root}/dashboard/api/state", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
     assert set(state["pools"]) == {"tiny-a", "tiny-b", "mig", "cold"}
     assert {"replicas", "migrations", "routing", "audit", "kv_store"} <= set(state)
@@ -143,7 +144,8 @@ def test_scaling_a_pool_from_the_page_shows_the_new_replica_live(dashboard, flee
     dashboard.page.get_by_test_id("scale-mig").click()
     dashboard.expect(dashboard.page.get_by_test_id("confirm")).to_contain_text(f"to {target} replicas")
     dashboard.confirm()
-    dashboard.expect(dashboard.page.get_by_test_id("toast")).to_have_text(f"pool mig: {target} replicas desired")
+    dashboard.expect(dashboard.page.get_by_test_id("toast")).to_have_text(f"pool mig: {target} replicas desired",
+                                                                      timeout=30_000)
     dashboard.expect(dashboard.page.get_by_test_id("pool-title-mig")).to_contain_text(f"/ {target} ready")
     rows = dashboard.page.get_by_test_id("replicas-mig").get_by_test_id("replica-row")
     if target > pool["desired"]:
@@ -162,7 +164,8 @@ def test_migrating_a_request_from_the_page_moves_it(dashboard, fleet, client, mi
     dst = next(r for r in mig_pool if r != src)
     dashboard.page.get_by_test_id("migrate-dst").select_option(dst)
     dashboard.confirm()
-    dashboard.expect(dashboard.page.get_by_test_id("toast")).to_contain_text(f"{stream.request_id}: migrated")
+    dashboard.expect(dashboard.page.get_by_test_id("toast")).to_contain_text(
+        f"{stream.request_id}: migrated", timeout=60_000)  # the toast comes when the migration has ended
     assert stream.finished_whole(), (stream.tokens, stream.finish_reason)
     audit = dashboard.page.get_by_test_id("audit").locator("tr").nth(1)
     dashboard.expect(audit).to_contain_text(re.compile(r"dashboard\s*migrate.*request_id=" + stream.request_id))
@@ -175,7 +178,7 @@ def test_draining_a_replica_from_the_page_moves_its_requests(dashboard, fleet, c
     dashboard.page.get_by_test_id(f"drain-{src}").click()
     dashboard.expect(dashboard.page.get_by_test_id("confirm")).to_contain_text("move to other replicas")
     dashboard.confirm()
-    dashboard.expect(dashboard.page.get_by_test_id("toast")).to_have_text(f"{src} is draining")
+    dashboard.expect(dashboard.page.get_by_test_id("toast")).to_have_text(f"{src} is draining", timeout=30_000)
     assert stream.finished_whole(), (stream.tokens, stream.finish_reason)
     moved = [m for m in ray.get(fleet.controller.status.remote(migrations=100))["migrations"]
              if m["request_id"] == stream.request_id and m["src"] == src]

@@ -140,6 +140,19 @@ def test_gather_returns_each_blocks_bytes_layer_after_layer(layout, dtype, devic
     assert torch.equal(rows.cpu(), reference_rows(cache, block_ids))
 
 
+@pytest.mark.parametrize("direct_from_bytes", [0, torch_copy.DIRECT_GATHER_PAGE_BYTES])
+@pytest.mark.parametrize("layout", CACHES)
+def test_no_blocks_gather_to_empty_rows_and_scatter_nothing(layout, direct_from_bytes, monkeypatch):
+    """A migration stage with no new complete block gathers nothing (it failed the migration before)."""
+    monkeypatch.setattr(torch_copy, "DIRECT_GATHER_PAGE_BYTES", direct_from_bytes)
+    cache = CACHES[layout](torch.float32, "cpu")
+    before = reference_rows(cache, list(range(NUM_BLOCKS)))
+    rows = gather_blocks(cache.kv(), [])
+    assert rows.shape == (0, cache.kv().layout.block_bytes)
+    scatter_blocks(cache.kv(), rows, [])
+    assert torch.equal(reference_rows(cache, list(range(NUM_BLOCKS))), before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=str)
 @pytest.mark.parametrize("layout", CACHES)
 def test_block_by_block_gather_of_large_pages_is_exact(layout, dtype, generator, monkeypatch):

@@ -127,8 +127,8 @@ def kv_store_with_hits_misses_and_evictions(disk_dir: Path):
 
 
 @pytest.mark.engines
-async def test_every_series_a_grafana_panel_queries_exists_on_a_running_fleet(fleet, async_client, mig_pool,
-                                                                              tmp_path):  # noqa: F811
+async def test_every_series_a_grafana_panel_queries_exists_on_a_running_fleet(
+        fleet, async_client, mig_pool, tmp_path):  # noqa: F811 (mig_pool: a fixture)
     store = await drive_every_path(fleet, async_client, mig_pool, tmp_path)
     try:
         port = ray._private.worker.global_worker.node.metrics_export_port

@@ -14,6 +14,7 @@ import ray
 
 from rayfleet.actors.replica.protocol import Destination, GenerateCall
 from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
+from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
 
 pytestmark = pytest.mark.engines
 
@@ -48,7 +49,7 @@ async def run(call: GenerateCall, placement: Placement, migrate_to: Destination 
         raise AssertionError("the request was replayed instead of moved")
 
     tokens, migration = [], None
-    async for choice in follow(ledger, nowhere, max_replays=0):
+    async for choice in follow(ledger, nowhere, ReplicaStreams(), max_replays=0):
         tokens += choice.token_ids or []
         if migrate_to is not None and migration is None and len(tokens) >= 8:
             migration = placement.replica.migrate_out.remote(call.request_id, migrate_to,

@@ -75,7 +75,7 @@ def test_auto_decision_is_explained_with_each_candidates_predictions(chimera_url
     assert {c["pool"] for c in found["candidates"]} >= {"tiny-a", "tiny-b"}
     for candidate in found["candidates"]:
         assert {"quality", "output_tokens", "latency_s", "backlog_tokens", "objective"} <= set(candidate)
-    status = client.get(f"{base}/fleet/status").json()
+    status = client.get(f"{base}/fleet/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
     assert any(d["request_id"] == body["id"] for d in status["routing"]["decisions"])
 
 

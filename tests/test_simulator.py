@@ -59,10 +59,14 @@ def test_the_simulator_runs_the_live_fleets_policy_objects(monkeypatch):
     """Policies come from the same registry by the same spec section as the controller's, and the migration
     policy's `plan` (the very function the controller calls) runs on FleetSnapshots of ReplicaSnapshots."""
     from rayfleet.control_plane.controller import FleetController
+    from rayfleet.control_plane.spec import parse_spec
 
     spec = {"pools": [{"name": "p", "model": "/models/none"}],
             "policies": {"router": {"name": "least_load"}, "migration": {"name": "llumnix"}, "tick_s": 0.5}}
-    controller = FleetController(spec)  # builds its policies; no Ray cluster needed for that
+    # The controller's own policy construction, without the rest of its (Ray-bound, async) constructor.
+    controller = FleetController.__new__(FleetController)
+    controller.spec = parse_spec(spec)
+    controller._build_policies()
     sim = FleetSimulator(SimConfig(pools=[SimPool("p", HAND, 2)], policies=spec["policies"]))
     assert type(sim.migration_policy) is type(controller.migration_policy) is LlumnixMigrationPolicy
     assert type(sim.scaler) is type(controller.scaler)

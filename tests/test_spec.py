@@ -162,3 +162,26 @@ def test_prefill_decode_pools_must_match():
     assert "only a pool with role 'decode'" in error_of({"pools": [prefill, {**decode, "role": "both"}]})
     assert "same model" in error_of({"pools": [prefill, {**decode, "model": "/models/other"}]})
     assert "role: Input should be 'both', 'prefill' or 'decode'" in error_of({"pools": [{**POOL, "role": "x"}]})
+
+
+def test_direct_ingress_is_on_by_default_only_where_one_port_serves_every_request():
+    assert parse_spec({"pools": [POOL]}).ingress.uses_direct_ingress
+    assert not parse_spec({"pools": [POOL], "ingress": {"num_replicas": 2}}).ingress.uses_direct_ingress
+    assert not parse_spec({"pools": [POOL], "ingress": {"grpc_port": 9000}}).ingress.uses_direct_ingress
+    assert not parse_spec({"pools": [POOL], "ingress": {"direct_ingress": "off"}}).ingress.uses_direct_ingress
+    message = error_of({"pools": [POOL], "ingress": {"direct_ingress": "on", "num_replicas": 2}})
+    assert "ingress" in message and "direct_ingress 'on' needs num_replicas 1" in message
+
+
+def test_a_cluster_started_for_direct_ingress_refuses_a_spec_it_cannot_serve_naming_the_fields():
+    from rayfleet.control_plane.cli.launch import check_serve_env, direct_ingress_env
+
+    spec = parse_spec({"pools": [POOL], "ingress": {"port": 8100}})
+    cluster = direct_ingress_env(spec.ingress)
+    assert cluster["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8100" and check_serve_env(spec, cluster)
+    assert not check_serve_env(spec, {})  # a cluster rayfleet did not start: Serve's proxy
+    for ingress in ({"port": 8200}, {"port": 8100, "num_replicas": 2}, {"port": 8100, "direct_ingress": "off"}):
+        with pytest.raises(SystemExit, match="direct ingress on port 8100.*rayfleet down --stop-ray"):
+            check_serve_env(parse_spec({"pools": [POOL], "ingress": ingress}), cluster)
+    with pytest.raises(SystemExit, match="ingress.direct_ingress is 'on'"):
+        check_serve_env(parse_spec({"pools": [POOL], "ingress": {"direct_ingress": "on"}}), {})

@@ -198,10 +198,18 @@ class LLMReplica:
 
     # ---------------------------------------------------------------- serving
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaChunk]:
-        """Run a request and stream its chunks on a stream of its own."""
+        """Run a request and stream its chunks on a stream of its own; a reader that leaves before the end
+        (its stream cancelled) aborts the request, as leaving a multiplexed stream does."""
         request = self._start(call)
-        async for chunk in self._drain(request):
-            yield chunk
+        ended = False
+        try:
+            async for chunk in self._drain(request):
+                yield chunk
+            ended = True
+        finally:
+            if not ended and call.request_id in self.requests and self.engine is not None:
+                logger.info("reader of %s left; aborting it", call.request_id)
+                await self.engine.abort(call.request_id)
 
     async def submit(self, call: GenerateCall, subscriber: str) -> None:
         """Run a request whose chunks go out on `subscriber`'s multiplexed stream (`deltas`)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from rayfleet.control_plane.cli.launch import (
     connect,
     controller,
     deploy,
+    direct_ingress_env,
     ensure_demo_models,
     load_any_spec,
     render_status,
@@ -128,12 +130,15 @@ def run_demo(args) -> None:
     spec = load_any_spec(args.spec)
     ensure_demo_models(spec)
     if args.address:
-        connect(args.address, start_local=False)
+        serve_env = connect(args.address, start_local=False)
     else:
-        # A cluster of the demo's own ("local"), even when `rayfleet up` left one running on this machine.
+        # A cluster of the demo's own ("local"), even when `rayfleet up` left one running on this machine; it
+        # inherits this process' environment, hence Serve's direct ingress settings.
+        serve_env = direct_ingress_env(spec.ingress)
+        os.environ.update(serve_env)
         ray.init(address="local", num_cpus=LOCAL_LOGICAL_CPUS, include_dashboard=False, namespace="rayfleet",
                  log_to_driver=False)
-    url = deploy(spec, wait_s=600)
+    url = deploy(spec, 600, serve_env)
     started = time.perf_counter()
     results = asyncio.run(run_workload(url, args.requests, args.max_tokens, api_key=_demo_key(spec)))
     print(report(results, time.perf_counter() - started))

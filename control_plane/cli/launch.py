@@ -5,6 +5,10 @@ Every command talks to a Ray cluster: `--address` (or RAY_ADDRESS) names one; wi
 start a local one (`ray start --head`, with the Ray of this Python environment, activated or not) so that
 the fleet outlives the command, and the other commands attach to it. A cluster `up` started is remembered
 (`~/.rayfleet/local-cluster.json`), so that `down --stop-ray` stops that cluster and no other.
+
+A cluster rayfleet starts runs Serve's direct ingress when the spec allows it (`ingress.direct_ingress`): the
+ingress replica listens on the spec's port itself and requests skip the proxy hop. Serve reads that setting
+when Ray starts, so it is part of the cluster, recorded with it, and checked against later specs.
 """
 
 from __future__ import annotations
@@ -29,7 +33,12 @@ LOCAL_LOGICAL_CPUS = 16
 STARTED_CLUSTER = Path(os.environ.get("RAYFLEET_HOME", Path.home() / ".rayfleet")) / "local-cluster.json"
 
 
-def connect(address: str | None, start_local: bool) -> None:
+def connect(address: str | None, start_local: bool, serve_env: dict[str, str] | None = None) -> dict[str, str]:
+    """Attach to (or, with `start_local`, start) a Ray cluster; returns the Serve settings it started with.
+
+    `serve_env` is what a cluster started here starts with (`direct_ingress_env`); for a cluster rayfleet
+    started earlier it comes from its record, for any other cluster it is unknown and taken as Serve's defaults.
+    """
     import ray
 
     # Without an address: the cluster `ray start` (or `rayfleet up`) last started on this machine, as Ray's
@@ -37,21 +46,36 @@ def connect(address: str | None, start_local: bool) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or ray._private.utils.read_ray_address()
     if address:
         ray.init(address=address, namespace="rayfleet", log_to_driver=False)
-        return
+        return started_cluster_record().get("serve_env", {})
     if not start_local:
         raise SystemExit("no Ray cluster is running; start one with `rayfleet up` (or pass --address)")
-    ray.init(address=start_local_cluster(), namespace="rayfleet", log_to_driver=False)
-    remember_started_cluster()
+    serve_env = serve_env or {}
+    ray.init(address=start_local_cluster(serve_env), namespace="rayfleet", log_to_driver=False)
+    remember_started_cluster(serve_env)
+    return serve_env
 
 
-def start_local_cluster() -> str:
+def direct_ingress_env(ingress) -> dict[str, str]:
+    """Serve's settings for direct ingress on the ingress' port (empty: Serve's proxy), read when Ray starts."""
+    if not ingress.uses_direct_ingress:
+        return {}
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ingress.port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ingress.port + 1),
+            # A replica waits this long for an external load balancer to deregister it; there is none here.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
+
+def start_local_cluster(serve_env: dict[str, str]) -> str:
     """`ray start --head` with this environment's Ray (`python -m`: no `ray` on PATH needed); its address."""
     import ray
 
-    logger.info("starting a local Ray cluster (%d logical CPUs)", LOCAL_LOGICAL_CPUS)
+    logger.info("starting a local Ray cluster (%d logical CPUs%s)", LOCAL_LOGICAL_CPUS,
+                ", Serve direct ingress" if serve_env else "")
     started = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={_free_port()}",
                               f"--num-cpus={LOCAL_LOGICAL_CPUS}", "--disable-usage-stats", "--include-dashboard=false"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **serve_env})
     if started.returncode != 0:
         last = (started.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"could not start a local Ray cluster: {last}")
@@ -67,12 +91,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def remember_started_cluster() -> None:
+def remember_started_cluster(serve_env: dict[str, str]) -> None:
     import ray
 
     node = ray._private.worker.global_worker.node
     STARTED_CLUSTER.parent.mkdir(parents=True, exist_ok=True)
-    STARTED_CLUSTER.write_text(json.dumps({"gcs_address": node.gcs_address, "session_name": node.session_name}))
+    STARTED_CLUSTER.write_text(json.dumps({"gcs_address": node.gcs_address, "session_name": node.session_name,
+                                           "serve_env": serve_env}))
+
+
+def started_cluster_record() -> dict:
+    """The record of the cluster the driver is connected to, if `rayfleet up` started it (else empty)."""
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    record = json.loads(STARTED_CLUSTER.read_text()) if STARTED_CLUSTER.exists() else {}
+    started_here = record.get("gcs_address") == node.gcs_address and record.get("session_name") == node.session_name
+    return record if started_here else {}
 
 
 def stop_started_cluster() -> str:
@@ -84,8 +119,8 @@ def stop_started_cluster() -> str:
     import ray
 
     node = ray._private.worker.global_worker.node
-    record = json.loads(STARTED_CLUSTER.read_text()) if STARTED_CLUSTER.exists() else {}
-    if record.get("gcs_address") != node.gcs_address or record.get("session_name") != node.session_name:
+    record = started_cluster_record()
+    if not record:
         return f"the Ray cluster at {node.gcs_address} was not started by rayfleet: left running (`ray stop` stops it)"
     session = record["session_name"]
     ray.shutdown()
@@ -120,20 +155,69 @@ def controller():
         raise SystemExit("no fleet is running on this Ray cluster; start one with `rayfleet up`") from None
 
 
-def deploy(spec, wait_s: float) -> str:
-    """Deploy the controller and the ingress for `spec`; returns the endpoint URL once replicas are ready."""
+def check_keys(spec) -> None:
+    """Before anything starts: a spec whose ingress would refuse to start for want of a key is a one-line error
+    naming the field, not a failed Serve deployment. Keys named by environment variables may exist only on the
+    cluster: the ingress checks those itself."""
+    from rayfleet.control_plane.serving.auth import KeyRing
+
+    if not (spec.ingress.api_keys_env or spec.ingress.admin_keys_env):
+        KeyRing.from_spec(spec.ingress)
+
+
+def deploy(spec, wait_s: float, serve_env: dict[str, str]) -> str:
+    """Deploy the controller and the ingress for `spec` on a cluster started with `serve_env`; returns the
+    endpoint URL once the replicas are ready and the ingress answers."""
     from ray import serve
 
     from rayfleet.control_plane.serve_app import build_app
 
-    serve.start(http_options={"host": spec.ingress.host, "port": spec.ingress.port}, grpc_options=grpc_options(spec))
+    direct = check_serve_env(spec, serve_env)
+    # With direct ingress the ingress replica owns the spec's port; Serve's proxy, if it starts, gets another.
+    proxy_port = _free_port() if direct else spec.ingress.port
+    serve.start(http_options={"host": spec.ingress.host, "port": proxy_port}, grpc_options=grpc_options(spec))
     serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)
-    url = f"http://{spec.ingress.host}:{spec.ingress.port}/v1"
+    base = f"http://{spec.ingress.host}:{spec.ingress.port}"
+    logger.info("HTTP endpoint %s (%s)", base, "Serve direct ingress" if direct else "through Serve's proxy")
     if spec.ingress.grpc_port:
         logger.info("gRPC endpoint (vLLM's VllmEngine service): %s:%d", spec.ingress.host, spec.ingress.grpc_port)
+    deadline = time.monotonic() + wait_s
     ready = _wait_with_progress(controller(), spec, wait_s)
+    _wait_for_http(base, deadline)
     logger.info("fleet ready: %s", ready)
-    return url
+    return f"{base}/v1"
+
+
+def check_serve_env(spec, serve_env: dict[str, str]) -> bool:
+    """Whether the cluster serves `spec` by direct ingress; a spec the cluster cannot serve as asked is an error
+    naming the field (the setting was fixed when the cluster started)."""
+    direct = serve_env.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
+    ingress = spec.ingress
+    if direct and not (ingress.uses_direct_ingress
+                       and serve_env.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT") == str(ingress.port)):
+        raise SystemExit(
+            f"this Ray cluster was started with Serve's direct ingress on port "
+            f"{serve_env.get('RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT')}, which ingress (port {ingress.port}, "
+            f"num_replicas {ingress.num_replicas}, grpc_port {ingress.grpc_port}, direct_ingress "
+            f"'{ingress.direct_ingress}') cannot use; stop it (`rayfleet down --stop-ray`) and run `rayfleet up` again")
+    if not direct and ingress.direct_ingress == "on":
+        raise SystemExit("ingress.direct_ingress is 'on' but this Ray cluster was not started with Serve's direct "
+                         "ingress (rayfleet sets it only on clusters it starts); use 'auto' or 'off'")
+    return direct
+
+
+def _wait_for_http(base: str, deadline: float) -> None:
+    """Until the ingress answers HTTP at all (any status): the controller's readiness says nothing of it."""
+    import httpx
+
+    while True:
+        try:
+            httpx.get(f"{base}/health", timeout=5)
+            return
+        except httpx.HTTPError as error:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the ingress did not answer at {base} ({type(error).__name__})") from None
+        time.sleep(0.5)
 
 
 def grpc_options(spec) -> dict:

@@ -15,9 +15,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from rayfleet.control_plane.cli import simulate
 from rayfleet.control_plane.cli.launch import (
+    check_keys,
     connect,
     controller,
     deploy,
+    direct_ingress_env,
     ensure_demo_models,
     load_any_spec,
     render_routing,
@@ -33,9 +35,10 @@ ORIGIN = "cli"  # who the controller's audit log names for these commands
 # ---------------------------------------------------------------------- commands
 def cmd_up(args) -> None:
     spec = load_any_spec(args.spec)
+    check_keys(spec)
     ensure_demo_models(spec)
-    connect(args.address, start_local=True)
-    url = deploy(spec, args.wait)
+    serve_env = connect(args.address, start_local=True, serve_env=direct_ingress_env(spec.ingress))
+    url = deploy(spec, args.wait, serve_env)
     print(f"rayfleet '{spec.name}' is up: OpenAI endpoint {url} (models: "
           f"{', '.join(['auto'] + [p.name for p in spec.pools])}); ops dashboard {url.removesuffix('/v1')}/dashboard")
 

@@ -202,17 +202,21 @@ async def follow(ledger: TokenLedger, place: PlaceFn, source: ChunkSource, max_r
 
 
 async def _within(stream, timeout_s: float | None, ledger: TokenLedger):
-    """The stream's chunks, each within `timeout_s` of the previous one (ReplicaStalled otherwise)."""
+    """The stream's chunks, each within `timeout_s` of the previous one (ReplicaStalled otherwise).
+
+    `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` wraps every chunk's wait in a new task,
+    which is per-token CPU on the ingress."""
     if timeout_s is None:
         async for chunk in stream:
             yield chunk
         return
     while True:
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                chunk = await anext(stream)
         except StopAsyncIteration:
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ReplicaStalled(f"no chunk of {ledger.request_id} from {ledger.placement.replica_id} "
                                  f"for {timeout_s:.0f} s") from None
         yield chunk

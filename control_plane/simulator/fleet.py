@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rayfleet.control_plane.simulator.engine import DONE, MOVING, SimReplica, SimRequest
+from rayfleet.control_plane.simulator.engine import DONE, SimReplica, SimRequest
 from rayfleet.control_plane.simulator.metrics import SimResult
 from rayfleet.control_plane.simulator.profiles import ReplicaProfile
 from rayfleet.control_plane.simulator.workload import TraceRequest
