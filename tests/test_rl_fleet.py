@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 
 from rayfleet.actors.replica.protocol import GenerateCall, ReplicaNotAccepting
+from rayfleet.actors.rl.grpo import build_batch, token_logprobs
 from rayfleet.actors.rl.rollout import render_prompt
 from rayfleet.actors.rl.sample_store import SampleStore
-from rayfleet.actors.rl.samples import Sample
+from rayfleet.actors.rl.samples import Sample, SampleGroup
 from rayfleet.actors.rl.trainer import GRPOTrainer, TrainerSpec
 from rayfleet.actors.rl.weight_sync import WeightStore, WeightSync, WeightSyncError, publish
 from rayfleet.actors.tasks import TRAINED_MODELS_DIR, generate
@@ -30,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 TASK_MODELS = TRAINED_MODELS_DIR
 TASK_MODEL = TASK_MODELS / "task-small"
 POOL = "rl"
+LOGPROB_TOLERANCE = 1e-4  # float32 engine (vLLM CPU kernels) vs float32 PyTorch
+STEPS = 4  # the job test's: the reward curve is a benchmark's (docs/rl.md), the suite checks the mechanics
 
 pytestmark = pytest.mark.engines
 
@@ -85,16 +89,16 @@ def prompts(count: int = 8) -> list[list[int]]:
 
 
 async def run(handle, request_id: str, prompt: list[int], **params):
-    """Token ids, logprob count, finish reason and version spans of one request on one replica."""
+    """Token ids, the sampled tokens' logprobs, finish reason and version spans of one request on one replica."""
     from vllm import SamplingParams
 
     call = GenerateCall(request_id, prompt, SamplingParams(**{"temperature": 0.0, "logprobs": 0, **params}))
-    tokens, spans, finish, logprobs = [], None, None, 0
+    tokens, spans, finish, logprobs = [], None, None, []
     async for ref in handle.generate.options(num_returns="streaming").remote(call):
         chunk = await ref
         for choice in chunk.choices:
             tokens += choice.token_ids or []
-            logprobs += len(choice.logprobs.content or []) if choice.logprobs else 0
+            logprobs += [entry.logprob for entry in choice.logprobs.content or []] if choice.logprobs else []
             spans = choice.weight_versions or spans
             finish = choice.finish_reason or finish
     return tokens, logprobs, finish, spans
@@ -117,6 +121,24 @@ async def test_a_sync_really_changes_the_engine_to_the_trainers_weights(rl):
         assert all(spans and {s.version for s in spans} == {str(rl.version)} for *_, spans in outputs)
 
 
+async def test_the_engines_logprobs_are_the_trainers_for_the_tokens_it_sampled_at_the_rollout_temperature(rl):
+    """The importance ratio's denominator: the engine's logprob of each sampled token (T = 0.7, so a raw
+    logprob, before temperature, would differ) equals the trainer's for the same weights and tokens."""
+    temperature, batch = 0.7, prompts()
+    handle = rl.pool.handles[min(rl.pool.handles)]
+    samples = []
+    for i, prompt in enumerate(batch):
+        tokens, logprobs, *_ = await run(handle, f"logprobs-{i}", prompt, max_tokens=8, temperature=temperature,
+                                         seed=i)
+        samples.append(Sample("g-lp", i, len(batch), "t", tuple(prompt), tuple(tokens), tuple(logprobs),
+                              (0,) * len(tokens), reward=0.0))
+    tokens = build_batch([SampleGroup("g-lp", tuple(samples))], rl.trainer.tokenizer.pad_token_id)
+    with torch.no_grad():
+        trainer = token_logprobs(rl.trainer.model, tokens, temperature)
+    gap = ((trainer - tokens.old_logprobs).abs() * tokens.completion_mask).max().item()
+    assert gap < LOGPROB_TOLERANCE, f"engine and trainer logprobs differ by up to {gap:.2e}"
+
+
 async def test_every_token_carries_the_version_that_sampled_it_across_an_update(rl):
     replica_id, handle = sorted(rl.pool.handles.items())[0]
     prompt = prompts(1)[0]
@@ -134,7 +156,7 @@ async def test_every_token_carries_the_version_that_sampled_it_across_an_update(
             await asyncio.sleep(0.01)
         report = await rl.push({replica_id: handle}, interrupt=interrupt)
         tokens, logprobs, finish, spans = await asyncio.wait_for(request, 60)
-        assert report.interrupted == 1 and logprobs == len(tokens)
+        assert report.interrupted == 1 and len(logprobs) == len(tokens)
         versions = [(s.version, s.end - s.start) for s in spans]
         if interrupt == "keep":  # frozen, then continued on the new weights: both versions, old first
             assert finish == "length" and len(tokens) == 200
@@ -180,7 +202,7 @@ async def test_a_short_rl_job_submitted_through_ray_jobs_trains_within_the_stale
     client = JobSubmissionClient(ray.get_runtime_context().gcs_address)  # Ray finds its dashboard's Jobs API
     job_id = client.submit_job(
         entrypoint=f"{sys.executable} -m rayfleet.control_plane.rl --config examples/rl/products.yaml "
-                   f"--steps 12 --no-progress --out {tmp_path}",
+                   f"--steps {STEPS} --no-progress --out {tmp_path}",
         runtime_env={"working_dir": str(REPO), "env_vars": {"RAYFLEET_TASK_MODELS": str(TASK_MODELS)}})
     deadline = time.monotonic() + 300
     while (status := client.get_job_status(job_id)) not in JobStatus.__members__.values() or not status.is_terminal():
@@ -189,11 +211,11 @@ async def test_a_short_rl_job_submitted_through_ray_jobs_trains_within_the_stale
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-5000:]
     [result_file] = tmp_path.glob("rl-products-k1.json")
     result = json.loads(result_file.read_text())
-    assert {int(p["version"]) for p in result["curve"]} >= {0, 12}  # snapshots evaluated on held-out tasks
-    assert len(result["steps"]) == 12 and result["samples"] == 12 * 8 * 8
+    assert {int(p["version"]) for p in result["curve"]} >= {0, STEPS}  # snapshots evaluated on held-out tasks
+    assert len(result["steps"]) == STEPS and result["samples"] == STEPS * 8 * 8
     assert max(s["version_lag_max"] for s in result["steps"]) <= 1  # k = 1
     progress = ray.get(find_progress_actor().status.remote())
-    assert progress["state"] == "finished" and progress["steps_done"] == 12
+    assert progress["state"] == "finished" and progress["steps_done"] == STEPS
 
 
 async def test_a_rollout_replica_killed_mid_group_costs_a_replay_not_the_group(rl):

@@ -167,12 +167,33 @@ class GRPOTrainer:
             for prompt in prompts:  # one at a time: no padding, so exactly what an engine computes
                 out = self.model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                                           pad_token_id=self.tokenizer.pad_token_id)[0, len(prompt):].tolist()
-                if self.tokenizer.eos_token_id in out:
-                    out = out[: out.index(self.tokenizer.eos_token_id) + 1]
-                outputs.append(out)
+                outputs.append(self._to_eos(out))
             return outputs
         finally:
             self.model.train()
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], max_new_tokens: int, n: int, temperature: float,
+               seed: int = 0) -> list[list[list[int]]]:
+        """`n` completions per prompt sampled at `temperature` (full distribution: no top-k/top-p), as the
+        rollouts sample; seeded on a forked generator, so training's random state is untouched."""
+        self.model.eval()
+        try:
+            outputs = []
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                for prompt in prompts:
+                    rows = self.model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=True,
+                                               temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=n,
+                                               pad_token_id=self.tokenizer.pad_token_id)[:, len(prompt):].tolist()
+                    outputs.append([self._to_eos(row) for row in rows])
+            return outputs
+        finally:
+            self.model.train()
+
+    def _to_eos(self, tokens: list[int]) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str | Path | None = None) -> Path:
@@ -265,12 +286,15 @@ class TrainerActor:
         self.trainer.counters.groups_dropped_stale = groups_dropped_stale
         return str(self.trainer.save_checkpoint())
 
-    def evaluate(self, version: int, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy completions of a snapshot (restores the live weights afterwards)."""
+    def evaluate(self, version: int, prompts: list[list[int]], max_new_tokens: int, samples: int = 0,
+                 temperature: float = 1.0) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """Greedy completions of a snapshot and, with `samples`, that many sampled ones per prompt (the same
+        seed for every version); restores the live weights afterwards."""
         live = self.trainer.weight_arrays()
         self.trainer.load_arrays(self.snapshots[version])
         try:
-            return self.trainer.greedy(prompts, max_new_tokens)
+            sampled = self.trainer.sample(prompts, max_new_tokens, samples, temperature) if samples else []
+            return self.trainer.greedy(prompts, max_new_tokens), sampled
         finally:
             self.trainer.load_arrays(live)
 

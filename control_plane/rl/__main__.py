@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     result = asyncio.run(job.run())
     summary = {k: v for k, v in result.to_json().items() if k not in ("steps", "curve")}
     summary["heldout_reward"] = {int(p["version"]): round(p["reward"], 3) for p in result.curve}
+    if any("sampled_reward" in p for p in result.curve):
+        summary["heldout_sampled_reward"] = {int(p["version"]): round(p["sampled_reward"], 3) for p in result.curve}
     print(json.dumps(summary, indent=2))
     if args.out:
         print(f"result: {write_result(result, args.out)}")

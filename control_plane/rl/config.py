@@ -38,11 +38,13 @@ class TaskMix(Strict):
 
 
 class EvalSpec(Strict):
-    """Held-out evaluation: greedy verifier reward on instances from seeds no training prompt uses."""
+    """Held-out evaluation: verifier reward on instances from seeds no training prompt uses."""
 
     count: int = Field(64, ge=1)
     seed: int = Field(1_950_000_000, ge=0)
     every_steps: int = Field(5, ge=1, description="Snapshot the weights for evaluation every this many steps.")
+    samples: int = Field(0, ge=0, description="Also sample this many completions per instance at the rollouts' "
+                         "temperature: the policy's own expected reward, which GRPO optimizes (greedy is a proxy).")
 
 
 class SamplingSpec(Strict):

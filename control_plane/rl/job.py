@@ -296,18 +296,28 @@ class RLJob:
                      version, report.seconds, report.paused_s, report.interrupted)
 
     async def _evaluate(self, trainer, tokenizer, cells, result: RunResult) -> list[dict[str, float]]:
-        """Held-out greedy reward of each snapshot version (after the run, so evaluation costs it nothing)."""
+        """Held-out reward of each snapshot version, greedy and (with `eval.samples`) sampled as the rollouts
+        sample (after the run, so evaluation costs it nothing)."""
         instances = held_out(cells, self.config.eval.seed, self.config.eval.count)
         prompts = [render_prompt(tokenizer, instance) for instance in instances]
         elapsed = {r.step: r.elapsed_s for r in result.steps}
         elapsed[result.start_version] = 0.0
         curve = []
+        sampling = self.config.sampling
+
+        def reward(instance, tokens) -> float:
+            return score(instance, tokenizer.decode(tokens, skip_special_tokens=True))
         for version in sorted(await trainer.snapshot_versions.remote()):
-            outputs = await trainer.evaluate.remote(version, prompts, self.config.sampling.max_tokens)
-            rewards = [score(i, tokenizer.decode(o, skip_special_tokens=True)) for i, o in zip(instances, outputs)]
-            curve.append({"version": version, "elapsed_s": elapsed.get(version, float("nan")),
-                          "reward": sum(rewards) / len(rewards)})
-            logger.info("held-out reward at v%d: %.3f", version, curve[-1]["reward"])
+            greedy, sampled = await trainer.evaluate.remote(version, prompts, sampling.max_tokens,
+                                                            self.config.eval.samples, sampling.temperature)
+            point = {"version": version, "elapsed_s": elapsed.get(version, float("nan")),
+                     "reward": sum(map(reward, instances, greedy)) / len(instances)}
+            if sampled:
+                point["sampled_reward"] = sum(reward(i, t) for i, ts in zip(instances, sampled) for t in ts) / sum(
+                    map(len, sampled))
+            curve.append(point)
+            logger.info("held-out reward at v%d: greedy %.3f, sampled %s", version, point["reward"],
+                        f"{point['sampled_reward']:.3f}" if sampled else "-")
         return curve
 
 
