@@ -193,7 +193,8 @@ def test_the_example_config_loads(monkeypatch):
 
     monkeypatch.setenv("RAYFLEET_TASK_MODELS", str(TASK_MODEL.parent))
     config = load_rl_config(REPO / "examples" / "rl" / "products.yaml")
-    assert config.model == str(TASK_MODEL) and config.rollout_pool == "rl"
+    assert config.model == str(TASK_MODEL.parent / "task-small-mid") and config.rollout_pool == "rl"
+    assert config.trainer.temperature == config.sampling.temperature == 0.7
 
 
 def test_rl_config_errors_name_the_field():
