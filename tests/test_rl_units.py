@@ -128,6 +128,58 @@ def test_grpo_loss_pushes_up_the_better_sample_and_clips_far_off_policy_ratios()
     assert grpo_loss(logprobs, batch, clip_eps=0.2).clipped_fraction == pytest.approx(1.0)
 
 
+def row_logprobs(model, prompt, completion) -> torch.Tensor:
+    """log pi(completion token t | prompt + tokens before t), one unpadded row: the reference the batch must equal."""
+    ids = torch.tensor([list(prompt) + list(completion)])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def test_grpo_on_a_padded_batch_is_the_policy_gradient_and_a_step_moves_toward_the_better_samples():
+    """Two groups whose prompts and completions differ in length (so rows are padded differently): the trainer's
+    per-token logprobs equal an unpadded row-by-row gather (logits at t-1 predict token t; prompt and padding
+    masked), its gradient equals the plain policy gradient -(1/tokens) sum_i A_i grad log pi(y_i), and one
+    small optimizer step raises the surrogate sum_i A_i log pi(y_i) and each better sample's logprob (the worse
+    ones share tokens, e.g. EOS, with the better ones, so one of them may rise with them)."""
+    trainer = GRPOTrainer(str(TASK_MODEL), TrainerSpec(lr=1e-5))
+    model = trainer.model
+    prompts = [(263, 266, 30, 267, 264), (263, 266, 31, 32, 267, 33, 264)]
+    completions = [[(40, 41, 1), (42, 1), (43, 44, 45, 46, 1)], [(47, 1), (48, 49, 1), (50, 1)]]
+    rewards = [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
+    with torch.no_grad():
+        old = [[row_logprobs(model, p, c) for c in cs] for p, cs in zip(prompts, completions)]
+    groups = [SampleGroup(f"g{g}", tuple(
+        Sample(f"g{g}", i, 3, "k", p, c, tuple(old[g][i].tolist()), (0,) * len(c), rewards[g][i])
+        for i, c in enumerate(cs))) for g, (p, cs) in enumerate(zip(prompts, completions))]
+    batch = build_batch(groups, pad_token_id=3)
+    advantages = [a for g in rewards for a in group_advantages(g)]
+    assert batch.advantages.tolist() == pytest.approx(advantages, abs=1e-5)
+    assert [a > 0 for a in advantages] == [r > 0.5 for g in rewards for r in g]
+
+    logprobs = token_logprobs(model, batch)
+    rows = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
+    for i, (p, c) in enumerate(rows):
+        assert logprobs[i][batch.completion_mask[i]].tolist() == pytest.approx(old[i // 3][i % 3].tolist(), abs=1e-5)
+    parts = grpo_loss(logprobs, batch, clip_eps=0.2)
+    assert parts.mean_ratio == pytest.approx(1.0, abs=1e-5)
+    parts.loss.backward()
+    grad = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    tokens = sum(len(c) for _, c in rows)
+    reference = -sum(a * row_logprobs(model, p, c).sum() for a, (p, c) in zip(advantages, rows)) / tokens
+    reference.backward()
+    for got, want in zip(grad, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-3)
+    model.zero_grad()
+
+    trainer.train_step([groups])
+    with torch.no_grad():
+        moved = [float(row_logprobs(model, p, c).sum() - old[i // 3][i % 3].sum()) for i, (p, c) in enumerate(rows)]
+    assert all(m > 0 for m, a in zip(moved, advantages) if a > 0), moved
+    assert sum(a * m for a, m in zip(advantages, moved)) > 0, moved
+    assert sum(m for m, a in zip(moved, advantages) if a < 0) < 0, moved
+
+
 # ---------------------------------------------------------------------- checkpoint / resume
 def fixed_groups(trainer: GRPOTrainer, steps: int) -> list[list[list[SampleGroup]]]:
     """Deterministic groups from real prompts, sampled from the starting model, for `steps` steps of 2 x 2."""
