@@ -10,15 +10,20 @@
         J along the exact gradient (unit norm) and along sign(gradient) (Adam's first step), a finite-difference
         check of autograd's gradient, and the same per parameter tensor
 (docs/rl.md, "Diagnosis", 2 Dec 2026 session 4)."""
-import os, sys, torch
+import os
+import sys
+
+import torch
+
 torch.set_num_threads(1)
 MODE = os.environ.get('MODE', 'rl')
-from rayfleet.actors.rl.trainer import GRPOTrainer, TrainerSpec
-from rayfleet.actors.rl.samples import Sample, SampleGroup
 from rayfleet.actors.rl.rollout import TaskStream, render_prompt
-from rayfleet.actors.tasks import score, TRAINED_MODELS_DIR, generate
+from rayfleet.actors.rl.samples import Sample, SampleGroup
+from rayfleet.actors.rl.trainer import GRPOTrainer, TrainerSpec
+from rayfleet.actors.tasks import TRAINED_MODELS_DIR, generate, score
+
 lr, steps, T = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-MAXT, G, B = 8, int(os.environ.get("G", 8)), int(os.environ.get("B", 8))
+MAXT, G, B = 8, int(os.environ.get("G", "8")), int(os.environ.get("B", "8"))
 tr = GRPOTrainer(str(TRAINED_MODELS_DIR / "task-small-mid"), TrainerSpec(lr=lr, clip_eps=0.2, micro_batch_groups=4, temperature=T, seed=0))
 if os.environ.get("OPT") == "sgd": tr.optimizer = torch.optim.SGD(tr.model.parameters(), lr=lr)
 tok = tr.tokenizer

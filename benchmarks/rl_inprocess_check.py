@@ -17,7 +17,7 @@ lr, steps, T = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 MAXT, G, B = 8, 8, 8
 path = os.environ.get("MODEL") or str(TRAINED_MODELS_DIR / "task-small")
 cells = {tuple(os.environ.get("CELL", "products/hard").split("/")): 1.0}
-SEED, EVERY = int(os.environ.get("SEED", 0)), int(os.environ.get("EVERY", 6))
+SEED, EVERY = int(os.environ.get("SEED", "0")), int(os.environ.get("EVERY", "6"))
 torch.set_num_threads(1)
 tr = GRPOTrainer(path, TrainerSpec(lr=lr, clip_eps=0.2, micro_batch_groups=4, temperature=T, seed=SEED))
 tok = tr.tokenizer

@@ -9,7 +9,6 @@ import os
 import sys
 
 import torch
-
 from rayfleet.actors.rl.rollout import TaskStream, held_out, render_prompt
 from rayfleet.actors.rl.samples import Sample, SampleGroup
 from rayfleet.actors.rl.trainer import GRPOTrainer, TrainerSpec
@@ -17,8 +16,8 @@ from rayfleet.actors.tasks import TRAINED_MODELS_DIR
 
 lr, steps = float(sys.argv[1]), int(sys.argv[2])
 T = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
-MAXT, G, B = 8, int(os.environ.get("G", 8)), int(os.environ.get("B", 8))
-EVERY, SEED, TARGET = int(os.environ.get("EVERY", 5)), int(os.environ.get("SEED", 0)), os.environ.get("TARGET", "7")
+MAXT, G, B = 8, int(os.environ.get("G", "8")), int(os.environ.get("B", "8"))
+EVERY, SEED, TARGET = int(os.environ.get("EVERY", "5")), int(os.environ.get("SEED", "0")), os.environ.get("TARGET", "7")
 path = os.environ.get("MODEL") or str(TRAINED_MODELS_DIR / "task-small-mid")
 cells = {tuple(os.environ.get("CELL", "products/easy").split("/")): 1.0}
 tr = GRPOTrainer(path, TrainerSpec(lr=lr, clip_eps=0.2, micro_batch_groups=4, temperature=T, seed=SEED))
