@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fleet", help="fleet spec to start when no fleet runs on the cluster")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, as `ray job submit` sets)")
     parser.add_argument("--steps", type=int, help="override the config's steps")
+    parser.add_argument("--groups-per-step", type=positive_int, help="override the config's groups_per_step "
+                        "(prompts per training step; a smaller run to try a config out)")
     parser.add_argument("--staleness-bound", "-k", type=int, help="override the config's staleness_bound")
     parser.add_argument("--sync", help="override weight_sync.policy (eager, deferred)")
     parser.add_argument("--interrupt", choices=["keep", "abort"], help="override weight_sync.interrupt")
@@ -36,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="folder for the run's JSON result")
     parser.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
 
 
 def configure(args):
@@ -50,6 +59,8 @@ def configure(args):
     updates = {}
     if args.steps is not None:
         updates["steps"] = args.steps
+    if args.groups_per_step is not None:
+        updates["groups_per_step"] = args.groups_per_step
     if args.staleness_bound is not None:
         updates["staleness_bound"] = args.staleness_bound
     if args.sync or args.interrupt:
