@@ -110,7 +110,7 @@ def test_up_from_the_unactivated_venv_and_down_stop_ray_stop_only_its_cluster(ra
         # One ingress replica on a cluster rayfleet started: Serve's direct ingress, the replica itself listens
         # on the spec's port (no proxy hop).
         listener = next(c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port)
-        assert "SERVE_REPLICA::rayfleet#OpenAIIngress" in " ".join(psutil.Process(listener).cmdline())
+        assert "ServeReplica:rayfleet:OpenAIIngress" in psutil.Process(listener).name()
         started = json.loads((tmp_path / "local-cluster.json").read_text())
         status = subprocess.run([*cli, "status", "--json", "--address", started["gcs_address"]], env=env,
                                 capture_output=True, text=True, timeout=120)
