@@ -170,6 +170,11 @@ class Fleet(Contender):
         return {"name": "rayfleet-bench", "pools": [pool],
                 "ingress": {"host": "127.0.0.1", "port": port, "auth": "none",  # loopback benchmark
                             "direct_ingress": self.direct_ingress},
+                # Plain vLLM and Ray Serve LLM queue every request; so does the fleet here (its default admission
+                # answers a burst of 200 on one replica with 429s beyond 64 waiting, which is a policy, not the
+                # data path this compares).
+                "policies": {"admission": {"name": "queue_limit", "params": {"max_waiting_per_replica": 100_000,
+                                                                            "max_in_flight_per_replica": 100_000}}},
                 "state_store": "memory://", **(self.spec_overrides or {})}
 
     def _start(self, timeout_s: float) -> str:
