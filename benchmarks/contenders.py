@@ -179,22 +179,17 @@ class Fleet(Contender):
 
     def _start(self, timeout_s: float) -> str:
         import ray
-        from ray import serve
 
-        from rayfleet.control_plane.cli.launch import direct_ingress_env
+        from rayfleet.control_plane.cli.launch import direct_ingress_env, start_serve
         from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
-        from rayfleet.control_plane.serve_app import build_app
         from rayfleet.control_plane.spec import parse_spec
 
-        port = free_port()
-        spec = parse_spec(self.spec(port))
+        spec = parse_spec(self.spec(free_port()))
         serve_env = direct_ingress_env(spec.ingress)  # as `rayfleet up` starts a cluster for this spec
         ensure_ray(env=serve_env)
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port() if serve_env else port})
-        serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)
+        base = start_serve(spec, serve_env)
         self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         ray.get(self.controller.wait_ready.remote(timeout_s=timeout_s))
-        base = f"http://127.0.0.1:{port}"
         wait_http_ok(f"{base}/health", 120, "fleet ingress")
         return base
 

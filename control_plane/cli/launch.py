@@ -168,6 +168,19 @@ def check_keys(spec) -> None:
 def deploy(spec, wait_s: float, serve_env: dict[str, str]) -> str:
     """Deploy the controller and the ingress for `spec` on a cluster started with `serve_env`; returns the
     endpoint URL once the replicas are ready and the ingress answers."""
+    base = start_serve(spec, serve_env)
+    if spec.ingress.grpc_port:
+        logger.info("gRPC endpoint (vLLM's VllmEngine service): %s:%d", spec.ingress.host, spec.ingress.grpc_port)
+    deadline = time.monotonic() + wait_s
+    ready = _wait_with_progress(controller(), spec, wait_s)
+    _wait_for_http(base, deadline)
+    logger.info("fleet ready: %s", ready)
+    return f"{base}/v1"
+
+
+def start_serve(spec, serve_env: dict[str, str]) -> str:
+    """Start Serve for `spec` on a cluster started with `serve_env` and deploy the fleet's app (without waiting
+    for it); returns the ingress' base URL."""
     from ray import serve
 
     from rayfleet.control_plane.serve_app import build_app
@@ -179,13 +192,7 @@ def deploy(spec, wait_s: float, serve_env: dict[str, str]) -> str:
     serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)
     base = f"http://{spec.ingress.host}:{spec.ingress.port}"
     logger.info("HTTP endpoint %s (%s)", base, "Serve direct ingress" if direct else "through Serve's proxy")
-    if spec.ingress.grpc_port:
-        logger.info("gRPC endpoint (vLLM's VllmEngine service): %s:%d", spec.ingress.host, spec.ingress.grpc_port)
-    deadline = time.monotonic() + wait_s
-    ready = _wait_with_progress(controller(), spec, wait_s)
-    _wait_for_http(base, deadline)
-    logger.info("fleet ready: %s", ready)
-    return f"{base}/v1"
+    return base
 
 
 def check_serve_env(spec, serve_env: dict[str, str]) -> bool:
