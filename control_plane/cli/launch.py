@@ -63,7 +63,11 @@ def direct_ingress_env(ingress) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ingress.port),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ingress.port + 1),
             # A replica waits this long for an external load balancer to deregister it; there is none here.
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+            # Serve keeps a freed port out of use for 150 s so HAProxy's stale server lists expire; there is no
+            # HAProxy here, and with one port a replacement ingress (a crashed replica, a redeploy with another
+            # spec) would otherwise find no port for those 150 s.
+            "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
 def start_local_cluster(serve_env: dict[str, str]) -> str:

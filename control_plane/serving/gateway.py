@@ -139,12 +139,17 @@ class FleetGateway:
                 logger.info("router %s: %d table rows embedded", self.spec.policies.router.name, len(prompts))
                 self.embedder = embedder
 
-    async def embed(self, text: str) -> tuple[float, ...] | None:
-        """The prompt's embedding for the router; None (the router falls back to priors) if the embedder fails."""
+    def start_embedding(self, text: str) -> asyncio.Task | None:
+        """Submit the prompt's embedding for the router now, so it computes while the caller goes on (renders);
+        the task gives None (the router falls back to priors) if the embedder fails."""
         if self.embedder is None or not text:
             return None
+        return asyncio.create_task(self._embedding(self.embedder.embed.remote([text])))
+
+    @staticmethod
+    async def _embedding(pending) -> tuple[float, ...] | None:
         try:
-            [vector] = await self.embedder.embed.remote([text])
+            [vector] = await pending
         except Exception:
             logger.exception("prompt embedding failed; routing on priors")
             return None
