@@ -17,7 +17,9 @@ the replica of that pool with the lowest predicted latency. Every decision is ke
 predictions for `explain()` (`rayfleet status --routing`).
 
 Pure decision code: embeddings arrive in `RequestInfo.embedding`, the table as rows; nothing here does I/O
-beyond reading the table file named in the spec.
+beyond reading the table file named in the spec. A request whose embedding is not back within `embedding_wait_s`
+(0.1 s) is routed on the pools' priors and congestion alone; its embedding, when it comes, is attached so its
+outcome and feedback still teach (`attach_embedding`).
 """
 
 from __future__ import annotations
@@ -155,10 +157,16 @@ class ChimeraRouter:
     def __init__(self, table: str | None = None, rows: list[LabelledOutcome] | None = None,
                  latency_weight: float = 0.05, k: int = 16,
                  prior_weight: float = 0.1, capacity: int = 4096, embedding_dim: int = 384,
-                 max_decisions: int = 200, max_pending: int = 20_000, default_output_tokens: int = 16):
+                 max_decisions: int = 200, max_pending: int = 20_000, default_output_tokens: int = 16,
+                 embedding_wait_s: float = 0.1):
         if latency_weight < 0:
             raise ValueError("latency_weight must be >= 0")
+        if embedding_wait_s < 0:
+            raise ValueError("embedding_wait_s must be >= 0")
         self.latency_weight = latency_weight
+        # How long a request waits for its prompt's embedding before it is routed on the pools' priors: an
+        # embedding takes ~20 ms on an idle core, and an overloaded embedder must not hold every request up.
+        self.embedding_wait_s = embedding_wait_s
         self.k = k
         self.prior_weight = prior_weight
         self.capacity = capacity
@@ -214,6 +222,12 @@ class ChimeraRouter:
             return False
         self._tables(pending.pool)[0].add(pending.embedding, score)
         return True
+
+    def attach_embedding(self, request_id: str, embedding) -> None:
+        """A late embedding: the request was routed without it, its outcome and feedback still teach with it."""
+        pending = self.pending.get(request_id)
+        if pending is not None and pending.embedding is None:
+            pending.embedding = self._unit(np.asarray(embedding, np.float32))
 
     def explain(self, limit: int = 20) -> list[dict]:
         """The most recent decisions, newest last, each with every candidate's predictions."""

@@ -153,7 +153,7 @@ class OpenAIRoutes(FleetGateway):
         info = self._request_info(rendered[0], pool, request, body)
         client.span.set_attribute("rayfleet.request_id", info.request_id)
         if embedding is not None:
-            info = dataclasses.replace(info, embedding=await embedding)
+            info = dataclasses.replace(info, embedding=await self.embedding_for(info.request_id, embedding))
         placement, decision = await self.admit_and_place(info, client.trace)
         client.pool = decision.pool
         if decision.pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
