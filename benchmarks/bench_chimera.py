@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from contenders import SERVED_NAME, ServeLLM, ensure_ray, free_port, wait_http_ok  # noqa: E402
+from contenders import SERVED_NAME, ServeLLM, free_port, start_fleet, wait_http_ok  # noqa: E402
 
 from rayfleet.actors.tasks import DIFFICULTIES, FAMILIES, TRAINED_MODELS_DIR, TaskInstance, generate, score  # noqa: E402
 
@@ -59,22 +59,6 @@ def demo_spec(router: dict) -> dict:
     spec["policies"]["router"] = router
     spec["ingress"]["port"] = PORT
     return spec
-
-
-def start_fleet(spec: dict) -> str:
-    """Ray and Serve as `rayfleet up` starts them for the demo spec (Serve's direct ingress), and the fleet."""
-    import ray
-
-    from rayfleet.control_plane.cli.launch import controller, direct_ingress_env, start_serve
-    from rayfleet.control_plane.spec import parse_spec
-
-    fleet_spec = parse_spec(spec)
-    serve_env = direct_ingress_env(fleet_spec.ingress)
-    ensure_ray(env=serve_env)
-    base = start_serve(fleet_spec, serve_env)
-    ray.get(controller().wait_ready.remote(timeout_s=600))
-    wait_http_ok(f"{base}/health", 120, "fleet ingress")
-    return base
 
 
 def deploy_ingress(spec: dict) -> str:
