@@ -185,6 +185,9 @@ class ChimeraRouter:
         self.stage_tokens: dict[tuple[str, int], float] = {}
         self.decisions: collections.deque[dict] = collections.deque(maxlen=max_decisions)
         self.pending: collections.OrderedDict[str, PendingRequest] = collections.OrderedDict()
+        # Embeddings that came after the wait but before their request was routed (it was still queued in
+        # admission): the request routes with them when its turn comes.
+        self.unrouted_embeddings: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.max_pending = max_pending
 
     # --- learning -------------------------------------------------------------------------------------------
@@ -224,10 +227,16 @@ class ChimeraRouter:
         return True
 
     def attach_embedding(self, request_id: str, embedding) -> None:
-        """A late embedding: the request was routed without it, its outcome and feedback still teach with it."""
+        """A late embedding. A request routed without it still teaches with it (outcome and feedback); one not
+        routed yet (waiting in admission) is routed with it."""
+        vector = self._unit(np.asarray(embedding, np.float32))
         pending = self.pending.get(request_id)
-        if pending is not None and pending.embedding is None:
-            pending.embedding = self._unit(np.asarray(embedding, np.float32))
+        if pending is None:
+            self.unrouted_embeddings[request_id] = vector
+            while len(self.unrouted_embeddings) > self.max_pending:  # requests admission turned away
+                self.unrouted_embeddings.popitem(last=False)
+        elif pending.embedding is None:
+            pending.embedding = vector
 
     def explain(self, limit: int = 20) -> list[dict]:
         """The most recent decisions, newest last, each with every candidate's predictions."""
@@ -262,7 +271,9 @@ class ChimeraRouter:
 
     def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
         replicas = candidates(request, snapshot)
-        embedding = None if request.embedding is None else self._unit(np.asarray(request.embedding, np.float32))
+        embedding = self.unrouted_embeddings.pop(request.request_id, None)
+        if request.embedding is not None:
+            embedding = self._unit(np.asarray(request.embedding, np.float32))
         weight = self.latency_weight if request.latency_weight is None else request.latency_weight
         stage = parse_stage(request.workflow_stage)
         per_pool = {pool: self.predict(pool, embedding) for pool in {r.pool for r in replicas}}

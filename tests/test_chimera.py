@@ -226,6 +226,23 @@ def test_a_late_embedding_still_teaches_from_the_requests_feedback(rows, embed):
     assert router.quality[pool].size == rows_before + 1
 
 
+def test_an_embedding_that_comes_while_the_request_waits_in_admission_routes_it(rows, embed):
+    """Past the router's wait but before admission let the request through: it is routed with its embedding
+    (the same choice as an on-time embedding), not on the pools' priors."""
+    router = router_on(rows, embed)
+    prompt = "Spell this word backward (example: sun -> nus): zebra"
+    vector = embed([prompt])[0]
+    on_time = RequestInfo(request_id="on-time", pool=None, prompt_tokens=12, max_tokens=16, prompt_text=prompt,
+                          embedding=tuple(vector.tolist()))
+    expected = router.route(on_time, snapshot()).pool
+    router.attach_embedding("queued", vector)
+    queued = RequestInfo(request_id="queued", pool=None, prompt_tokens=12, max_tokens=16, prompt_text=prompt)
+    assert router.route(queued, snapshot()).pool == expected
+    assert router.explain(1)[0]["embedded"] is True
+    assert router.feedback("queued", 1.0) is True
+    assert "queued" not in router.unrouted_embeddings
+
+
 def test_an_embedding_later_than_the_wait_routes_without_it_and_is_delivered_when_it_comes():
     import asyncio
 
