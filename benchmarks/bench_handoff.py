@@ -111,15 +111,27 @@ async def token_times(replica, call) -> list[float]:
 
 
 async def background_load(replica, count: int, rng: random.Random) -> list:
-    """`count` long requests decoding on `replica` (their streams read in tasks, cancelled by the caller)."""
-    async def drain(call):
-        async for ref in replica.handle.generate.options(num_returns="streaming").remote(call):
+    """`count` long requests decoding on `replica`; `stop_load` ends them. Their streams must be cancelled in Ray
+    (which aborts the requests): cancelling only the local task that reads a stream leaves the request decoding
+    on the replica, and in the run of 2026-12-02 the leftovers piled up until every resume on B timed out."""
+    async def drain(stream):
+        async for ref in stream:
             await ref
 
-    tasks = [asyncio.ensure_future(drain(call_of([rng.randrange(10, 500) for _ in range(512)], 4000)))
-             for _ in range(count)]
+    streams = [replica.handle.generate.options(num_returns="streaming").remote(
+        call_of([rng.randrange(10, 500) for _ in range(512)], 4000)) for _ in range(count)]
+    tasks = [asyncio.ensure_future(drain(stream)) for stream in streams]
     await asyncio.sleep(2.0)  # all prefilled and decoding
-    return tasks
+    return list(zip(streams, tasks))
+
+
+async def stop_load(load: list) -> None:
+    import ray
+
+    for stream, task in load:
+        ray.cancel(stream)
+        task.cancel()
+    await asyncio.gather(*(task for _, task in load), return_exceptions=True)
 
 
 async def write_ahead_run(a, b, length: int, on: bool, args, rng: random.Random) -> dict[str, Any]:
@@ -141,9 +153,7 @@ async def write_ahead_run(a, b, length: int, on: bool, args, rng: random.Random)
                     call.request_id, b, f"mig-{uuid.uuid4().hex[:8]}", "precopy"))
         record = await migration
     finally:
-        for task in load:
-            task.cancel()
-        await asyncio.gather(*load, return_exceptions=True)
+        await stop_load(load)
     return {"length": length, "write_ahead": on, **{k: record[k] for k in (
         "outcome", "stages", "blocks_moved", "downtime_s", "total_s")}}
 

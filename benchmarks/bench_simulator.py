@@ -188,13 +188,10 @@ def scaling(args) -> dict[str, Any]:
             "day_s": args.day_s, "base_rate": args.day_rate, "rows": rows}
 
 
-def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
-    """y at x on the polyline through `points` sorted by x (None outside their range)."""
-    points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return None
+def fewest_within(points: list[tuple[float, float]], hours: float) -> float | None:
+    """The fewest violations any reactive setting had at no more than `hours` replica-hours (None: none did)."""
+    within = [violations for spent, violations in points if spent <= hours]
+    return min(within) if within else None
 
 
 def scaling_markdown(sc: dict[str, Any]) -> str:
@@ -209,10 +206,10 @@ def scaling_markdown(sc: dict[str, Any]) -> str:
     reactive = [(r["replica_hours"], r["slo_violations"]) for r in sc["rows"] if r["scaler"] == "tokens_in_flight"]
     lines.append("")
     for r in (r for r in sc["rows"] if r["scaler"] == "predictive"):
-        same = interpolate(reactive, r["replica_hours"])
-        verdict = ("outside the reactive settings' range of replica-hours" if same is None else
-                   f"the reactive frontier at the same replica-hours: {same:.0f} "
-                   f"({'fewer' if r['slo_violations'] < same else 'MORE'} with predictive)")
+        best = fewest_within(reactive, r["replica_hours"])
+        verdict = ("no reactive setting used as few replica-hours" if best is None else
+                   f"the best reactive setting at no more replica-hours: {best:.0f} "
+                   f"({'fewer' if r['slo_violations'] < best else 'MORE'} with predictive)")
         lines.append(f"- predictive {r['setting']}: {r['slo_violations']} violations at {r['replica_hours']:.2f} "
                      f"replica-hours; {verdict}")
     return "\n".join(lines)

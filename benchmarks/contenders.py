@@ -154,6 +154,23 @@ class PlainVLLM(Contender):
             self.proc.wait()
 
 
+def start_fleet(spec: dict[str, Any], timeout_s: float = 600) -> str:
+    """Ray and Serve as `rayfleet up` starts them for `spec` (Serve's direct ingress where the spec allows it),
+    and the fleet; returns the ingress' base URL once the replicas are ready and it answers."""
+    import ray
+
+    from rayfleet.control_plane.cli.launch import controller, direct_ingress_env, start_serve
+    from rayfleet.control_plane.spec import parse_spec
+
+    fleet_spec = parse_spec(spec)
+    serve_env = direct_ingress_env(fleet_spec.ingress)
+    ensure_ray(env=serve_env)
+    base = start_serve(fleet_spec, serve_env)
+    ray.get(controller().wait_ready.remote(timeout_s=timeout_s))
+    wait_http_ok(f"{base}/health", 120, "fleet ingress")
+    return base
+
+
 class Fleet(Contender):
     """rayfleet with one pool; `spec_overrides` merge into the spec (policies, pool fields)."""
 
@@ -170,27 +187,18 @@ class Fleet(Contender):
         return {"name": "rayfleet-bench", "pools": [pool],
                 "ingress": {"host": "127.0.0.1", "port": port, "auth": "none",  # loopback benchmark
                             "direct_ingress": self.direct_ingress},
+                # Plain vLLM and Ray Serve LLM queue every request; so does the fleet here (its default admission
+                # answers a burst of 200 on one replica with 429s beyond 64 waiting, which is a policy, not the
+                # data path this compares).
+                "policies": {"admission": {"name": "queue_limit", "params": {"max_waiting_per_replica": 100_000,
+                                                                            "max_in_flight_per_replica": 100_000}}},
                 "state_store": "memory://", **(self.spec_overrides or {})}
 
     def _start(self, timeout_s: float) -> str:
-        import ray
-        from ray import serve
+        from rayfleet.control_plane.cli.launch import controller
 
-        from rayfleet.control_plane.cli.launch import direct_ingress_env
-        from rayfleet.control_plane.controller_api import CONTROLLER_NAME, NAMESPACE
-        from rayfleet.control_plane.serve_app import build_app
-        from rayfleet.control_plane.spec import parse_spec
-
-        port = free_port()
-        spec = parse_spec(self.spec(port))
-        serve_env = direct_ingress_env(spec.ingress)  # as `rayfleet up` starts a cluster for this spec
-        ensure_ray(env=serve_env)
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port() if serve_env else port})
-        serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)
-        self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-        ray.get(self.controller.wait_ready.remote(timeout_s=timeout_s))
-        base = f"http://127.0.0.1:{port}"
-        wait_http_ok(f"{base}/health", 120, "fleet ingress")
+        base = start_fleet(self.spec(free_port()), timeout_s)
+        self.controller = controller()
         return base
 
     def replica_ids(self) -> list[str]:

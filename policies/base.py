@@ -252,6 +252,7 @@ class LearningRouter(Router, Protocol):
     request's prompt into `RequestInfo.embedding`, and the offline table's prompts once at start."""
 
     needs_embeddings: bool
+    embedding_wait_s: float  # how long a request waits for its embedding before it is routed without one
 
     def table_prompts(self) -> list[str]: ...
 
@@ -261,6 +262,9 @@ class LearningRouter(Router, Protocol):
 
     def feedback(self, request_id: str, score: float) -> bool:
         """Learn a verdict on a routed request; False when the request is unknown to the router."""
+
+    def attach_embedding(self, request_id: str, embedding) -> None:
+        """The embedding of a request routed before it arrived, for learning from its outcome and feedback."""
 
     def explain(self, limit: int = 20) -> list[dict]: ...
 

@@ -17,7 +17,9 @@ the replica of that pool with the lowest predicted latency. Every decision is ke
 predictions for `explain()` (`rayfleet status --routing`).
 
 Pure decision code: embeddings arrive in `RequestInfo.embedding`, the table as rows; nothing here does I/O
-beyond reading the table file named in the spec.
+beyond reading the table file named in the spec. A request whose embedding is not back within `embedding_wait_s`
+(0.1 s) is routed on the pools' priors and congestion alone; its embedding, when it comes, is attached so its
+outcome and feedback still teach (`attach_embedding`).
 """
 
 from __future__ import annotations
@@ -155,10 +157,16 @@ class ChimeraRouter:
     def __init__(self, table: str | None = None, rows: list[LabelledOutcome] | None = None,
                  latency_weight: float = 0.05, k: int = 16,
                  prior_weight: float = 0.1, capacity: int = 4096, embedding_dim: int = 384,
-                 max_decisions: int = 200, max_pending: int = 20_000, default_output_tokens: int = 16):
+                 max_decisions: int = 200, max_pending: int = 20_000, default_output_tokens: int = 16,
+                 embedding_wait_s: float = 0.1):
         if latency_weight < 0:
             raise ValueError("latency_weight must be >= 0")
+        if embedding_wait_s < 0:
+            raise ValueError("embedding_wait_s must be >= 0")
         self.latency_weight = latency_weight
+        # How long a request waits for its prompt's embedding before it is routed on the pools' priors: an
+        # embedding takes ~20 ms on an idle core, and an overloaded embedder must not hold every request up.
+        self.embedding_wait_s = embedding_wait_s
         self.k = k
         self.prior_weight = prior_weight
         self.capacity = capacity
@@ -177,6 +185,9 @@ class ChimeraRouter:
         self.stage_tokens: dict[tuple[str, int], float] = {}
         self.decisions: collections.deque[dict] = collections.deque(maxlen=max_decisions)
         self.pending: collections.OrderedDict[str, PendingRequest] = collections.OrderedDict()
+        # Embeddings that came after the wait but before their request was routed (it was still queued in
+        # admission): the request routes with them when its turn comes.
+        self.unrouted_embeddings: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.max_pending = max_pending
 
     # --- learning -------------------------------------------------------------------------------------------
@@ -215,6 +226,18 @@ class ChimeraRouter:
         self._tables(pending.pool)[0].add(pending.embedding, score)
         return True
 
+    def attach_embedding(self, request_id: str, embedding) -> None:
+        """A late embedding. A request routed without it still teaches with it (outcome and feedback); one not
+        routed yet (waiting in admission) is routed with it."""
+        vector = self._unit(np.asarray(embedding, np.float32))
+        pending = self.pending.get(request_id)
+        if pending is None:
+            self.unrouted_embeddings[request_id] = vector
+            while len(self.unrouted_embeddings) > self.max_pending:  # requests admission turned away
+                self.unrouted_embeddings.popitem(last=False)
+        elif pending.embedding is None:
+            pending.embedding = vector
+
     def explain(self, limit: int = 20) -> list[dict]:
         """The most recent decisions, newest last, each with every candidate's predictions."""
         return list(self.decisions)[-limit:]
@@ -248,7 +271,9 @@ class ChimeraRouter:
 
     def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
         replicas = candidates(request, snapshot)
-        embedding = None if request.embedding is None else self._unit(np.asarray(request.embedding, np.float32))
+        embedding = self.unrouted_embeddings.pop(request.request_id, None)
+        if request.embedding is not None:
+            embedding = self._unit(np.asarray(request.embedding, np.float32))
         weight = self.latency_weight if request.latency_weight is None else request.latency_weight
         stage = parse_stage(request.workflow_stage)
         per_pool = {pool: self.predict(pool, embedding) for pool in {r.pool for r in replicas}}

@@ -40,8 +40,12 @@ def _engine(model: Path, connector_kwargs: dict[str, Any]):
 
     from rayfleet.actors.kv.engine_migrator import migration_engine_kwargs
 
+    # disable_log_stats: both engines live in this process and are built at once, and each one's Prometheus
+    # logger re-registers vLLM's metrics in the process-global registry; two at the same moment race
+    # (DuplicateTimeseries, seen in CI). The tests read the connector's counters, not vLLM's stats.
     args = AsyncEngineArgs(model=str(model), max_model_len=1024, dtype="float32", enforce_eager=True,
                            gpu_memory_utilization=0.3, block_size=BLOCK_SIZE, enable_prefix_caching=True,
+                           disable_log_stats=True,
                            **migration_engine_kwargs(**connector_kwargs))
     return AsyncLLM.from_engine_args(args)
 

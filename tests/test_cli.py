@@ -6,9 +6,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+
+
+def listening_pid(port: int) -> int | None:
+    import psutil
+
+    return next((c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port), None)
 
 
 def rayfleet(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -85,9 +93,10 @@ def test_an_error_is_one_line_not_a_traceback(tmp_path):
 
 
 @pytest.mark.engines
-def test_up_from_the_unactivated_venv_and_down_stop_ray_stop_only_its_cluster(ray_cluster, tmp_path, demo_models):
-    """`rayfleet up` with no `ray` on PATH starts a cluster of its own (the suite's keeps running), and
-    `down --stop-ray` stops exactly that one."""
+def test_up_from_the_unactivated_venv_serves_on_a_port_a_new_ingress_takes_over_and_down_stop_ray_stops_only_its_cluster(ray_cluster, tmp_path, demo_models):
+    """`rayfleet up` with no `ray` on PATH starts a cluster of its own (the suite's keeps running) whose ingress
+    replica listens on the spec's port itself, a replacement replica takes the port over when it dies, and
+    `down --stop-ray` stops exactly that cluster."""
     import tempfile
 
     import psutil
@@ -109,8 +118,15 @@ def test_up_from_the_unactivated_venv_and_down_stop_ray_stop_only_its_cluster(ra
         assert "is up" in up.stdout and "/dashboard" in up.stdout
         # One ingress replica on a cluster rayfleet started: Serve's direct ingress, the replica itself listens
         # on the spec's port (no proxy hop).
-        listener = next(c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port)
-        assert "SERVE_REPLICA::rayfleet#OpenAIIngress" in " ".join(psutil.Process(listener).cmdline())
+        listener = listening_pid(port)
+        assert "ServeReplica:rayfleet:OpenAIIngress" in psutil.Process(listener).name()
+        # A crashed ingress replica is replaced on the same port (the only one it may use) within seconds.
+        psutil.Process(listener).kill()
+        deadline = time.monotonic() + 60
+        while listening_pid(port) in (None, listener):
+            assert time.monotonic() < deadline, "no new ingress replica listens on the port a minute after"
+            time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
         started = json.loads((tmp_path / "local-cluster.json").read_text())
         status = subprocess.run([*cli, "status", "--json", "--address", started["gcs_address"]], env=env,
                                 capture_output=True, text=True, timeout=120)

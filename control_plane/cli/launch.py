@@ -63,7 +63,11 @@ def direct_ingress_env(ingress) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ingress.port),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ingress.port + 1),
             # A replica waits this long for an external load balancer to deregister it; there is none here.
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+            # Serve keeps a freed port out of use for 150 s so HAProxy's stale server lists expire; there is no
+            # HAProxy here, and with one port a replacement ingress (a crashed replica, a redeploy with another
+            # spec) would otherwise find no port for those 150 s.
+            "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
 def start_local_cluster(serve_env: dict[str, str]) -> str:
@@ -168,6 +172,19 @@ def check_keys(spec) -> None:
 def deploy(spec, wait_s: float, serve_env: dict[str, str]) -> str:
     """Deploy the controller and the ingress for `spec` on a cluster started with `serve_env`; returns the
     endpoint URL once the replicas are ready and the ingress answers."""
+    base = start_serve(spec, serve_env)
+    if spec.ingress.grpc_port:
+        logger.info("gRPC endpoint (vLLM's VllmEngine service): %s:%d", spec.ingress.host, spec.ingress.grpc_port)
+    deadline = time.monotonic() + wait_s
+    ready = _wait_with_progress(controller(), spec, wait_s)
+    _wait_for_http(base, deadline)
+    logger.info("fleet ready: %s", ready)
+    return f"{base}/v1"
+
+
+def start_serve(spec, serve_env: dict[str, str]) -> str:
+    """Start Serve for `spec` on a cluster started with `serve_env` and deploy the fleet's app (without waiting
+    for it); returns the ingress' base URL."""
     from ray import serve
 
     from rayfleet.control_plane.serve_app import build_app
@@ -179,13 +196,7 @@ def deploy(spec, wait_s: float, serve_env: dict[str, str]) -> str:
     serve.run(build_app({"spec": spec.model_dump()}), name="rayfleet", route_prefix="/", blocking=False)
     base = f"http://{spec.ingress.host}:{spec.ingress.port}"
     logger.info("HTTP endpoint %s (%s)", base, "Serve direct ingress" if direct else "through Serve's proxy")
-    if spec.ingress.grpc_port:
-        logger.info("gRPC endpoint (vLLM's VllmEngine service): %s:%d", spec.ingress.host, spec.ingress.grpc_port)
-    deadline = time.monotonic() + wait_s
-    ready = _wait_with_progress(controller(), spec, wait_s)
-    _wait_for_http(base, deadline)
-    logger.info("fleet ready: %s", ready)
-    return f"{base}/v1"
+    return base
 
 
 def check_serve_env(spec, serve_env: dict[str, str]) -> bool:

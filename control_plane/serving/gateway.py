@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import ray
 from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
@@ -60,6 +60,20 @@ def overlay_local_load(snapshot: FleetSnapshot, ledgers: dict[str, TokenLedger])
             expected = ledger.call.predicted_output_tokens or ledger.call.sampling_params.max_tokens or 0
             remaining[rid] = remaining.get(rid, 0) + max(expected - ledger.output_tokens, 0)
     return snapshot.with_local_load(tokens, requests, remaining)
+
+
+async def within_wait(task: asyncio.Task, wait_s: float, late: Callable[[Any], None]):
+    """`task`'s result if it is done within `wait_s`, else None; a result that comes later goes to `late`
+    (the task keeps running: its work is not wasted)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), wait_s)
+    except TimeoutError:
+        def deliver(done: asyncio.Task) -> None:
+            if not done.cancelled() and done.result() is not None:
+                late(done.result())
+
+        task.add_done_callback(deliver)
+        return None
 
 
 class ControllerView:
@@ -139,12 +153,24 @@ class FleetGateway:
                 logger.info("router %s: %d table rows embedded", self.spec.policies.router.name, len(prompts))
                 self.embedder = embedder
 
-    async def embed(self, text: str) -> tuple[float, ...] | None:
-        """The prompt's embedding for the router; None (the router falls back to priors) if the embedder fails."""
+    def start_embedding(self, text: str) -> asyncio.Task | None:
+        """Submit the prompt's embedding for the router now, so it computes while the caller goes on (renders);
+        the task gives None (the router falls back to priors) if the embedder fails."""
         if self.embedder is None or not text:
             return None
+        return asyncio.create_task(self._embedding(self.embedder.embed.remote([text])))
+
+    async def embedding_for(self, request_id: str, task: asyncio.Task) -> tuple[float, ...] | None:
+        """The request's embedding if it arrives within the router's wait, else None (routed on priors); a late
+        one still reaches the router when it arrives."""
+        router = self.learning_router
+        return await within_wait(task, router.embedding_wait_s,
+                                 lambda vector: router.attach_embedding(request_id, vector))
+
+    @staticmethod
+    async def _embedding(pending) -> tuple[float, ...] | None:
         try:
-            [vector] = await self.embedder.embed.remote([text])
+            [vector] = await pending
         except Exception:
             logger.exception("prompt embedding failed; routing on priors")
             return None

@@ -143,12 +143,17 @@ class OpenAIRoutes(FleetGateway):
         client.pool = pool or "auto"
         await self.ensure_renderers()
         renderer = self.renderers[pool or self.spec.pools[0].name]
-        rendered = await self._render(renderer, kind, body)
+        embedding = await self._start_embedding(pool, body)
+        try:
+            rendered = await self._render(renderer, kind, body)
+        except BaseException:
+            if embedding is not None:
+                embedding.cancel()
+            raise
         info = self._request_info(rendered[0], pool, request, body)
         client.span.set_attribute("rayfleet.request_id", info.request_id)
-        if pool is None and self.learning_router is not None and self.learning_router.needs_embeddings:
-            await self.ensure_router()
-            info = dataclasses.replace(info, embedding=await self.embed(embedding_text(body)))
+        if embedding is not None:
+            info = dataclasses.replace(info, embedding=await self.embedding_for(info.request_id, embedding))
         placement, decision = await self.admit_and_place(info, client.trace)
         client.pool = decision.pool
         if decision.pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
@@ -171,6 +176,13 @@ class OpenAIRoutes(FleetGateway):
                                 headers=headers)
         self.telemetry.end(client, 200)
         return response
+
+    async def _start_embedding(self, pool: str | None, body: dict[str, Any]) -> asyncio.Task | None:
+        """The prompt's embedding for a router that wants one, computed while the prompt renders."""
+        if pool is not None or self.learning_router is None or not self.learning_router.needs_embeddings:
+            return None
+        await self.ensure_router()
+        return self.start_embedding(embedding_text(body))
 
     async def _render(self, renderer: PoolRenderer, kind: str, body: dict[str, Any]) -> list[RenderedRequest]:
         """vLLM's rendering and, before any stream starts, the checks vLLM would otherwise make in the engine."""

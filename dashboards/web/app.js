@@ -48,6 +48,22 @@ function table(node, header, rows, empty) {
   if (!rows.length) node.append(el("tr", {}, el("td", { colspan: header.length, class: "empty" }, empty)));
   for (const row of rows) node.append(row);
 }
+// Like `table`, but a row already shown (same `data-key`) keeps every cell whose markup did not change: a click on
+// a chip or a button must not land on a node the next refresh replaced (the handlers read the latest status).
+function patchTable(node, header, rows, empty) {
+  const shown = new Map([...node.querySelectorAll(":scope > tr[data-key]")].map((tr) => [tr.dataset.key, tr]));
+  const next = rows.map((row) => {
+    const prev = shown.get(row.dataset.key);
+    if (!prev || prev.children.length !== row.children.length) return row;
+    for (const name of row.getAttributeNames()) prev.setAttribute(name, row.getAttribute(name));
+    const fresh = [...row.children];
+    [...prev.children].forEach((cell, i) => { if (cell.outerHTML !== fresh[i].outerHTML) cell.replaceWith(fresh[i]); });
+    return prev;
+  });
+  const current = [...node.children].slice(1);
+  if (next.length && next.length === current.length && next.every((row, i) => row === current[i])) return;
+  table(node, header, next, empty);
+}
 
 // ---------------------------------------------------------------- charts
 function lineChart(node, series, { height = 160, width = 800 } = {}) {
@@ -132,7 +148,7 @@ function renderPools(s) {
     section.input.max = pool.max;
     if (document.activeElement !== section.input) section.input.value = pool.desired;
     const rows = s.replicas.filter((r) => r.pool === name).map((r) => replicaRow(r, s));
-    table(section.table, ["replica", "hardware", "state", "running", "waiting", "KV usage", "", "tokens in flight",
+    patchTable(section.table, ["replica", "hardware", "state", "running", "waiting", "KV usage", "", "tokens in flight",
       "decode tok/s", "", "requests", ""], rows, "no replicas");
   }
 }
@@ -156,9 +172,9 @@ function replicaRow(r, s) {
   const chips = r.requests.map((id) => el("button", {
     class: "chip", title: peers.length ? "migrate this request" : "no other ready replica in this pool",
     disabled: !peers.length || r.state !== "ready" && r.state !== "draining", "data-testid": "request",
-    on: { click: () => migrate(id, r, peers) },
+    on: { click: () => migrate(id, r.replica_id) },
   }, id.slice(-10)));
-  return el("tr", { "data-testid": "replica-row", "data-replica": r.replica_id, "data-state": r.state },
+  return el("tr", { "data-testid": "replica-row", "data-key": r.replica_id, "data-replica": r.replica_id, "data-state": r.state },
     el("td", { class: "mono" }, r.replica_id),
     el("td", {}, r.accelerator || "–"),
     el("td", {}, el("span", { class: `badge ${r.state}` }, r.state), r.last_error ? el("span", { class: "err", title: r.last_error }, " !") : null),
@@ -172,7 +188,7 @@ function replicaRow(r, s) {
     el("td", { class: "chips" }, chips),
     el("td", {}, el("button", {
       "data-testid": `drain-${r.replica_id}`, disabled: r.state !== "ready",
-      on: { click: () => drain(r) },
+      on: { click: () => drain(r.replica_id) },
     }, "Drain")));
 }
 
@@ -301,14 +317,25 @@ async function scale(pool, replicas) {
   await act("scale", { pool, replicas }, (a) => `pool ${a.pool}: ${a.desired} replicas desired`);
 }
 
-async function drain(replica) {
+function replicaNow(replicaId) {
+  const replica = view.last.replicas.find((r) => r.replica_id === replicaId);
+  if (!replica) toast(`${replicaId} is gone`, true);
+  return replica;
+}
+
+async function drain(replicaId) {
+  const replica = replicaNow(replicaId);
+  if (!replica) return;
   const moving = view.last.ingress.migration_policy !== "none" ? "move to other replicas" : "finish";
   if (!(await ask(`Drain ${replica.replica_id}? It takes no new requests; its ${replica.requests.length} running ` +
     `requests ${moving}; then it stops and pool ${replica.pool} shrinks by one.`))) return;
   await act("drain", { replica_id: replica.replica_id }, (a) => `${a.replica_id} is ${a.state}`);
 }
 
-async function migrate(requestId, src, peers) {
+async function migrate(requestId, srcId) {
+  const src = replicaNow(srcId);
+  if (!src) return;
+  const peers = view.last.replicas.filter((p) => p.pool === src.pool && p.state === "ready" && p.replica_id !== srcId);
   const dst = el("select", { "data-testid": "migrate-dst" }, peers.map((p) => el("option", { value: p.replica_id }, p.replica_id)));
   const mode = el("select", { "data-testid": "migrate-mode" }, el("option", { value: "precopy" }, "precopy"),
     el("option", { value: "stop_and_copy" }, "stop and copy"));
