@@ -224,14 +224,18 @@ async def test_a_rollout_replica_killed_mid_group_costs_a_replay_not_the_group(r
     group = [asyncio.ensure_future(rl.pool.complete(
         GenerateCall(f"kill-{i}", p, _params(seed=i)), version_floor=rl.version)) for i, p in enumerate(batch)]
 
-    async def both_replicas_generating():
-        loads = [await h.load.remote() for h in rl.pool.handles.values()]
-        return all(any(r.output_tokens > 4 for r in load.requests) for load in loads)
+    async def replica_mid_generation():
+        """A replica with a rollout of this group well inside its 150 tokens (killing it then costs a replay)."""
+        for replica_id, handle in sorted(rl.pool.handles.items()):
+            load = await handle.load.remote()
+            if any(r.request_id.startswith("kill-") and 4 < r.output_tokens < 100 for r in load.requests):
+                return replica_id, handle
+        return None
     deadline = time.monotonic() + 60
-    while not await both_replicas_generating():
-        assert time.monotonic() < deadline and not any(c.done() for c in group)
-        await asyncio.sleep(0.01)
-    victim_id, victim = sorted(rl.pool.handles.items())[0]
+    while (mid := await replica_mid_generation()) is None:
+        assert time.monotonic() < deadline and not all(c.done() for c in group), "no rollout seen mid-generation"
+        await asyncio.sleep(0.005)
+    victim_id, victim = mid
     ray.kill(victim)
     completions = await asyncio.wait_for(asyncio.gather(*group), 120)
     assert all(len(c.token_ids) == 150 and len(c.token_versions) == 150 for c in completions)

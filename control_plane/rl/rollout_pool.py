@@ -4,7 +4,9 @@ transport that runs a rollout on them through the token ledger.
 Membership comes from the FleetController (`fleet_view`): replicas it replaces after a failure join here, and
 take a rollout only once the job has synced them (a fresh engine's weights are the checkpoint on disk, not the
 trainer's). Each rollout is one engine request followed by `serving.ledger.follow`, the same code that keeps a
-client's stream whole: a replica that dies mid-generation costs a replay of prompt + tokens so far elsewhere.
+client's stream whole: a replica that dies mid-generation costs a replay of prompt + tokens so far elsewhere
+(a seeded rollout continues from a seed derived from its own: its tokens stay samples of the policy, with
+their logprobs, where a client's seeded request would be refused a continuation that differs).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class RolloutPool:
                 await self.refresh()
 
     async def complete(self, call: GenerateCall, version_floor: int) -> Completion:
-        ledger = TokenLedger(call)
+        ledger = TokenLedger(call, reseed_replays=True)  # a lost replica costs a replay, not the sample
 
         async def place(replay: GenerateCall, exclude: frozenset[str]) -> Placement:
             return await self.place(replay, exclude, version_floor)
