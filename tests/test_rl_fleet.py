@@ -220,6 +220,8 @@ async def test_a_short_rl_job_submitted_through_ray_jobs_trains_within_the_stale
 
 async def test_a_rollout_replica_killed_mid_group_costs_a_replay_not_the_group(rl):
     """Last in the module: the controller starts a replacement for the killed replica."""
+    await rl.push()  # both replicas on the current version: the group spreads, and the survivor takes the replays
+    assert len(rl.pool.versions) == 2
     batch = prompts(1) * 8
     group = [asyncio.ensure_future(rl.pool.complete(
         GenerateCall(f"kill-{i}", p, _params(seed=i)), version_floor=rl.version)) for i, p in enumerate(batch)]
