@@ -36,8 +36,9 @@ from rayfleet.control_plane.controller_api import (
     FleetError,
     replica_actor_name,
 )
+from rayfleet.actors.replica.protocol import WeightUpdate
 from rayfleet.control_plane.kuberay import CLUSTER_NAME_ENV, KubeRayScaler
-from rayfleet.control_plane.spec import FleetSpec, PoolSpec, parse_spec
+from rayfleet.control_plane.spec import FleetSpec, PoolSpec, SpecError, parse_spec
 from rayfleet.control_plane.state_store import DurableState
 from rayfleet.control_plane.telemetry import FleetMetrics
 from rayfleet.policies import registry
@@ -102,6 +103,7 @@ class FleetController:
                            "runtime scaling and migration history; use Redis to keep them")
         self.store = DurableState(self.spec.state_store, self.spec.name)
         self.state_loaded = False  # desired counts read from the store (or it is memory://)
+        self.added_pools: list[dict[str, Any]] = []  # pools added at runtime (add_pool), kept in the store
         self.replicas: dict[str, ReplicaRecord] = {}
         self.desired: dict[str, int] = {p.name: p.start_replicas for p in self.spec.pools}
         self.restarts: dict[str, int] = {}
@@ -137,9 +139,14 @@ class FleetController:
         try:
             stored = self.store.get("desired", {}) or {}
             registry = self.store.get("replicas", {}) or {}
+            added = self.store.get("added_pools", []) or []
         except Exception as error:
             logger.warning("state store read failed (%s); retrying", type(error).__name__)
             return False
+        # Pools added at runtime (add_pool) are part of the fleet until removed, across controller restarts.
+        self.added_pools, self.spec = added, self._with_pools(added)
+        for pool in self.spec.pools:
+            self.desired.setdefault(pool.name, pool.start_replicas)
         self.desired.update({k: v for k, v in stored.items() if k in self.desired})
         for replica_id, info in registry.items():
             record = self.replicas.get(replica_id)
@@ -148,6 +155,7 @@ class FleetController:
         self.state_loaded = True
         self.store.put("spec", self.spec.without_secrets().model_dump(mode="json"))
         self.store.put("desired", self.desired)
+        self.store.put("added_pools", self.added_pools)
         self._persist_registry()
         logger.info("controller state loaded: desired %s, %d replicas adopted", self.desired, len(self.replicas))
         return True
@@ -315,6 +323,44 @@ class FleetController:
             self._reconcile()
         return {"pool": pool, "desired": replicas}
 
+    def add_pool(self, pool: dict[str, Any]) -> dict[str, Any]:
+        """Add a pool to the running fleet (e.g. an RL job's rollout pool); its replicas start now."""
+        if not self.state_loaded:
+            raise FleetError("add_pool: the controller has not read its state store yet; try again")
+        if any(p.name == pool.get("name") for p in self.spec.pools):
+            raise FleetError(f"add_pool: the fleet already has a pool '{pool.get('name')}'")
+        self.spec = self._with_pools([pool])
+        self.added_pools = self.added_pools + [pool]
+        name = self.spec.pools[-1].name
+        self.desired[name] = self.spec.pools[-1].start_replicas
+        self.store.put("added_pools", self.added_pools)
+        self.store.put("desired", self.desired)
+        logger.info("pool %s added with %d replicas", name, self.desired[name])
+        self._reconcile()
+        return {"pool": name, "desired": self.desired[name]}
+
+    async def remove_pool(self, name: str) -> dict[str, Any]:
+        """Stop a pool added with add_pool and forget it."""
+        if name not in [p["name"] for p in self.added_pools]:
+            raise FleetError(f"remove_pool: '{name}' was not added at runtime (pools from the spec stay)")
+        self.spec = self.spec.model_copy(update={"pools": [p for p in self.spec.pools if p.name != name]})
+        self.desired.pop(name, None)
+        self.added_pools = [p for p in self.added_pools if p["name"] != name]
+        self.store.put("added_pools", self.added_pools)
+        self.store.put("desired", self.desired)
+        records = [r for r in self.replicas.values() if r.pool == name]
+        await asyncio.gather(*(self._stop(r) for r in records), return_exceptions=True)
+        logger.info("pool %s removed (%d replicas stopped)", name, len(records))
+        return {"pool": name, "stopped": len(records)}
+
+    def _with_pools(self, pools: list[dict[str, Any]]) -> FleetSpec:
+        if not pools:
+            return self.spec
+        try:
+            return parse_spec({**self.spec.model_dump(), "pools": [*self.spec.model_dump()["pools"], *pools]})
+        except SpecError as error:
+            raise FleetError(str(error)) from None
+
     def drain(self, replica_id: str, origin: str = "api") -> dict[str, Any]:
         """Drain one replica and lower its pool's desired count by one (the way to remove a *specific* one)."""
         with self._audited("drain", {"replica_id": replica_id}, origin) as audit:
@@ -430,6 +476,50 @@ class FleetController:
             audit["detail"] = f"{record.outcome}: downtime {record.downtime_s * 1e3:.1f} ms, " \
                               f"{record.bytes_moved} bytes{'; ' + record.reason if record.reason else ''}"
         return asdict(record)
+
+    async def promote(self, pool: str, update: WeightUpdate) -> dict[str, Any]:
+        """Load new weights (e.g. a trained RL version) into every replica of `pool` without downtime, one
+        replica at a time: it stops taking requests, its running ones move to the pool's other replicas by live
+        migration (those that cannot move finish where they are), it loads the weights through vLLM's
+        weight-update API and must then report the new version, and it takes requests again. With one replica
+        its requests are only drained: new ones wait in the ingress' replays meanwhile."""
+        records = [r for r in self.replicas.values() if r.pool == self._pool(pool).name and r.state is ReplicaState.READY]
+        if not records:
+            raise FleetError(f"promote: pool '{pool}' has no ready replica")
+        done = []
+        for record in records:
+            started = time.monotonic()
+            await record.handle.set_accepting.remote(False)
+            try:
+                moved = await self._drain_by_migration(record, [r for r in records if r is not record])
+                await record.handle.update_weights.remote(update)
+                version = await record.handle.weight_version.remote()
+                if version != str(update.version):
+                    raise FleetError(f"promote: {record.replica_id} reports version '{version}' after loading "
+                                     f"{update.version}")
+            finally:
+                await record.handle.set_accepting.remote(True)
+            done.append({"replica_id": record.replica_id, "migrated": moved, "seconds": time.monotonic() - started})
+            logger.info("promoted %s to weight version %d (%d requests migrated out first)", record.replica_id,
+                        update.version, moved)
+        return {"pool": pool, "version": update.version, "replicas": done}
+
+    async def _drain_by_migration(self, record: ReplicaRecord, others: list[ReplicaRecord]) -> int:
+        """Move `record`'s running requests to the least loaded of `others`; wait until it holds none."""
+        deadline = time.monotonic() + self.spec.health.drain_timeout_s
+        load = await record.handle.load.remote()
+        moved = 0
+        for request in load.requests if others else ():
+            dst = min(others, key=lambda r: r.load.tokens_in_flight if r.load else 0)
+            result = await self._execute_migration(MigrationDecision(request.request_id, record.replica_id,
+                                                                     dst.replica_id, reason="promote"))
+            moved += result.outcome == "migrated"
+        while (await record.handle.load.remote()).requests:
+            if time.monotonic() > deadline:
+                raise FleetError(f"promote: {record.replica_id} still runs requests after "
+                                 f"{self.spec.health.drain_timeout_s:.0f} s")
+            await asyncio.sleep(0.1)
+        return moved
 
     async def _execute_migration(self, decision: MigrationDecision) -> MigrationRecord:
         src, dst = self.replicas.get(decision.src), self.replicas.get(decision.dst)

@@ -23,6 +23,8 @@ from rayfleet.control_plane import llm_config
 
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 RESERVED_MODEL_NAMES = {"auto"}
+ROLLOUT_WEIGHT_BACKEND = "rayfleet_object_store"  # actors/rl/weight_transfer.py registers it with vLLM
+ROLLOUT_LOGPROBS_MODE = "processed_logprobs"  # a rollout's logprobs: of the sampling distribution
 
 
 class SpecError(ValueError):
@@ -90,6 +92,25 @@ class PoolSpec(Strict):
         "must produce identical KV bytes for identical tokens (same model, dtype, KV layout, block size, "
         "parallelism). None: derived by the engine from exactly those.",
     )
+    rollout: bool = Field(
+        False, description="An RL rollout pool: its replicas take weight updates from an RL job (vLLM's weight-"
+        "update API; engine_args.weight_transfer_config defaults to rayfleet's object-store backend, "
+        "engine_args.logprobs_mode to processed_logprobs: after temperature, as the trainer's ratio needs) and never "
+        "live-migrate (a rollout's logprobs must come from the engine that sampled it).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rollout_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("rollout"):
+            return data
+        if data.get("live_migration"):
+            raise ValueError("a rollout pool cannot use live_migration")
+        # vLLM returns raw logprobs (before temperature, top-k/top-p) unless told otherwise; the trainer's
+        # importance ratio needs the distribution the engine sampled from.
+        engine_args = {"weight_transfer_config": {"backend": ROLLOUT_WEIGHT_BACKEND},
+                       "logprobs_mode": ROLLOUT_LOGPROBS_MODE, **(data.get("engine_args") or {})}
+        return {**data, "live_migration": False, "engine_args": engine_args}
 
     @model_validator(mode="before")
     @classmethod
@@ -354,15 +375,18 @@ def parse_spec(data: Any) -> FleetSpec:
         raise SpecError(format_validation_error(error)) from None
 
 
-def load_spec(path: str | Path) -> FleetSpec:
-    path = Path(path)
+def read_yaml(path: Path, what: str = "fleet spec") -> Any:
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SpecError(f"fleet spec not found: {path}") from None
+        raise SpecError(f"{what} not found: {path}") from None
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
-    spec = parse_spec(data)
+
+
+def load_spec(path: str | Path) -> FleetSpec:
+    path = Path(path)
+    spec = parse_spec(read_yaml(path))
     pools = [pool.model_copy(update={"model": _resolve_path(pool.model, path.parent, f"pools[{pool.name}].model")})
              for pool in spec.pools]
     # Policy parameters that are paths (e.g. the chimera router's table) resolve the same way, here, because

@@ -1,7 +1,7 @@
 """Policy plugins by name, discovered through Python entry points.
 
 A third-party package registers a policy in its own pyproject (group `rayfleet.routers`,
-`rayfleet.admission`, `rayfleet.scalers` or `rayfleet.migration`) and a fleet spec selects it by name with
+`rayfleet.admission`, `rayfleet.scalers`, `rayfleet.migration` or `rayfleet.weight_sync`) and a fleet spec selects it by name with
 parameters. The built-ins are registered the same way by rayfleet's pyproject, and also listed here so that
 a source checkout without installed metadata still finds them.
 """
@@ -13,12 +13,14 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from rayfleet.policies.base import AdmissionPolicy, MigrationPolicy, Router, Scaler
+from rayfleet.policies.rl import WeightSyncPolicy
 
 GROUPS: dict[str, tuple[str, type]] = {
     "router": ("rayfleet.routers", Router),
     "admission": ("rayfleet.admission", AdmissionPolicy),
     "scaler": ("rayfleet.scalers", Scaler),
     "migration": ("rayfleet.migration", MigrationPolicy),
+    "weight_sync": ("rayfleet.weight_sync", WeightSyncPolicy),
 }
 
 class UnknownPolicy(ValueError):

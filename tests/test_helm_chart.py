@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from rayfleet.control_plane import kuberay
+from rayfleet.control_plane.rl.config import parse_rl_config
 from rayfleet.control_plane.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,11 +261,14 @@ def test_optional_parts_render_when_enabled(reports):
 def test_rl_job_runs_on_its_own_cluster_with_its_own_fleet_spec(reports):
     objects = rendered(reports["ci-all-features-values"])
     job = only(objects, "RayJob", "fleet-rl-7")
-    assert job["spec"]["entrypoint"].startswith("python -m rayfleet.rl.train")
+    assert job["spec"]["entrypoint"].startswith("python -m rayfleet.control_plane.rl ")
     assert [g["groupName"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]] == ["h100"]
     assert "gcsFaultToleranceOptions" not in job["spec"]["rayClusterSpec"]
     spec = parse_spec(yaml.safe_load(only(objects, "ConfigMap", "fleet-rl-7")["data"]["fleet.yaml"]))
     assert (spec.name, spec.state_store) == ("rl-rollouts", "memory://")
+    assert spec.pool("rollout").rollout
+    config = parse_rl_config(yaml.safe_load(only(objects, "ConfigMap", "fleet-rl-7")["data"]["rl.yaml"]))
+    assert (config.rollout_pool, config.staleness_bound) == ("rollout", 2)
 
 
 def test_grafana_dashboards_come_from_the_dashboards_folder(reports):

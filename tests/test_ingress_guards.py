@@ -148,11 +148,33 @@ def test_requests_whose_state_is_not_in_their_tokens_are_pinned():
     assert why_pinned(SamplingParams(temperature=0), True) is None
     assert why_pinned(SamplingParams(temperature=0.8), True) is None  # any continuation is an equally valid sample
     assert "seeded" in why_pinned(SamplingParams(temperature=0.8, seed=3), True)
+    assert why_pinned(SamplingParams(temperature=0.8, seed=3), True, reseeds=True) is None  # RL rollouts
     assert "n > 1" in why_pinned(SamplingParams(n=2), True)
     assert "penalty" in why_pinned(SamplingParams(frequency_penalty=0.5), True)
     grammar = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a", "b"]))
     assert why_pinned(grammar, grammar_continues=True) is None  # rayfleet's connector advances the grammar
     assert "structured" in why_pinned(grammar, grammar_continues=False)
+
+
+def test_a_seeded_rollout_replays_from_a_derived_seed_and_a_seeded_client_request_is_refused():
+    from vllm import SamplingParams
+    from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
+
+    from rayfleet.actors.replica.protocol import GenerateCall
+    from rayfleet.control_plane.serving.ledger import ReplayImpossible, TokenLedger
+
+    def after_three_tokens(**ledger_options) -> TokenLedger:
+        call = GenerateCall("r", [1, 2], SamplingParams(temperature=0.8, seed=3, max_tokens=10))
+        ledger = TokenLedger(call, **ledger_options)
+        ledger.record(GenerateTokensStreamChoice(index=0, token_ids=[7, 8, 9]))
+        return ledger
+
+    with pytest.raises(ReplayImpossible, match="seeded sampling"):
+        after_three_tokens().replay_call()
+    replay = after_three_tokens(reseed_replays=True).replay_call()
+    assert replay.prompt_token_ids == [1, 2, 7, 8, 9] and replay.sampling_params.max_tokens == 7
+    assert replay.sampling_params.seed not in (None, 3)
+    assert replay.sampling_params.seed == after_three_tokens(reseed_replays=True).replay_call().sampling_params.seed
 
 
 class _RestartingController:

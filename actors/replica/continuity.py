@@ -20,14 +20,16 @@ from __future__ import annotations
 from typing import Any
 
 
-def why_pinned(params: Any, grammar_continues: bool) -> str | None:
+def why_pinned(params: Any, grammar_continues: bool, reseeds: bool = False) -> str | None:
     """Why a request with these vLLM `SamplingParams` cannot move, or None if it can. `grammar_continues`:
-    the engines it would move between advance a structured-output grammar (rayfleet's connector is in them)."""
+    the engines it would move between advance a structured-output grammar (rayfleet's connector is in them).
+    `reseeds`: its caller wants samples of the model, not one seed's exact stream (RL rollouts: every token's
+    logprob is recorded), and continues a seeded request from a new seed."""
     if (params.n or 1) > 1:
         return "n > 1"
     if getattr(params, "structured_outputs", None) is not None and not grammar_continues:
         return "structured output (the grammar's state stays with the engine)"
-    if params.seed is not None and params.temperature > 0:
+    if params.seed is not None and params.temperature > 0 and not reseeds:
         return "seeded sampling (the generator's state stays with the engine)"
     if params.frequency_penalty or params.presence_penalty:
         return "frequency or presence penalty (they count output tokens only)"

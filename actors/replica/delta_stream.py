@@ -33,6 +33,7 @@ def merge_chunks(first: ReplicaChunk, second: ReplicaChunk) -> ReplicaChunk:
             content = (into.logprobs.content if into.logprobs else []) + (choice.logprobs.content or [])
             into.logprobs = choice.logprobs.model_copy(update={"content": content})
         into.finish_reason, into.stop_reason = choice.finish_reason, choice.stop_reason
+        into.weight_versions = choice.weight_versions or into.weight_versions  # spans come with the end
     return ReplicaChunk(choices=[merged[i] for i in sorted(merged)],
                         num_cached_tokens=first.num_cached_tokens if first.num_cached_tokens is not None
                         else second.num_cached_tokens)

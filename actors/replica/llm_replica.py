@@ -28,6 +28,7 @@ from rayfleet.actors.replica.active_request import ActiveRequest
 from rayfleet.actors.replica.delta_stream import Outboxes, read_chunks
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
 from rayfleet.actors.replica.engine_stats import EngineLoad, engine_metrics_logger, stat_logger_factory
+from rayfleet.actors.replica.weight_update import EngineWeights
 from rayfleet.actors.kv.store_config import KVStoreConfig
 from rayfleet.actors.observability import tracing
 from rayfleet.actors.observability.logs import configure_actor_logging
@@ -41,6 +42,8 @@ from rayfleet.actors.replica.protocol import (
     ReplicaNotAccepting,
     RequestDelta,
     UnknownRequest,
+    WeightUpdate,
+    WeightUpdateResult,
 )
 from rayfleet.kernels import sweep_orphans
 from rayfleet.policies.base import MigrationRecord, RequestProgress
@@ -89,6 +92,7 @@ class LLMReplica:
         self.tracing_config = tracing_config
         self.engine = None
         self.migrator = None  # set with live migration
+        self.weights: EngineWeights | None = None
         self.kv_rpc = None  # the connector's worker RPCs, whenever the connector is installed
         self.gpu_uuids: tuple[str, ...] = ()  # GPUs the engine's worker sees, its own first (migration by CUDA IPC)
         self.accepting = False
@@ -134,6 +138,7 @@ class LLMReplica:
             self.gpu_uuids = tuple(await self.kv_rpc.gpu_uuids())
         if self.live_migration:
             self.migrator = self.kv_rpc
+        self.weights = EngineWeights(self.engine)
         self.accepting = True
         facts = self.engine_facts()
         logger.info("replica %s (%s) ready in %.1f s: %s", self.replica_id, self.pool,
@@ -170,9 +175,10 @@ class LLMReplica:
         if self.engine is None:
             raise ReplicaNotAccepting(f"replica {self.replica_id} has no engine yet")
         await self.engine.check_health()
-        # Requests stopped for a migration are out of the engine on purpose: a slow destination is not a stall.
+        # Requests stopped for a migration are out of the engine on purpose: a slow destination is not a stall;
+        # nor is generation paused for a weight update (bounded by the update's own timeout).
         in_engine = [r for r in self.requests.values() if not r.leaving]
-        if stall_timeout_s is not None and in_engine:
+        if stall_timeout_s is not None and in_engine and not (self.weights and self.weights.updating):
             busy_since = min(r.arrival_monotonic for r in in_engine)
             idle = time.monotonic() - max(self.load_stats.last_step_at, busy_since)
             if idle > stall_timeout_s:
@@ -231,7 +237,7 @@ class LLMReplica:
         return asdict(self.outboxes.stats)
 
     def _start(self, call: GenerateCall) -> ActiveRequest:
-        if not self.accepting or self.engine is None:
+        if not self.accepting or self.engine is None or not self.weights.healthy:
             raise ReplicaNotAccepting(f"replica {self.replica_id} is not accepting requests")
         if call.request_id in self.requests:
             raise ValueError(f"request id {call.request_id} is already running on {self.replica_id}")
@@ -353,8 +359,24 @@ class LLMReplica:
                 finish_reason=out.finish_reason,
                 stop_reason=out.stop_reason,
                 logprobs=_token_logprobs(tokens, out.logprobs, params.logprobs),
+                weight_versions=out.weight_versions,
             ))
         return ReplicaChunk(choices=choices, num_cached_tokens=output.num_cached_tokens)
+
+    # ---------------------------------------------------------------- weights (RL, promotion)
+    async def update_weights(self, update: WeightUpdate) -> WeightUpdateResult:
+        """Load new weights (see weight_update.py); raises WeightUpdateError, never leaves old weights silently."""
+        if self.engine is None:
+            raise ReplicaNotAccepting(f"replica {self.replica_id} has no engine yet")
+        running = len(self.requests)
+        paused_s = await self.weights.update(update, running)
+        return WeightUpdateResult(self.replica_id, update.version, paused_s, running)
+
+    async def weight_version(self) -> str:
+        """The engine's weight version label: "default" before any update, "invalid" after a failed one."""
+        if self.engine is None:
+            raise ReplicaNotAccepting(f"replica {self.replica_id} has no engine yet")
+        return await self.weights.version()
 
     # ---------------------------------------------------------------- live migration
     @property

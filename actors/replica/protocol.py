@@ -101,3 +101,31 @@ class MigrationLimits:
 
 class UnknownRequest(ReplicaError):
     """No request with this id is (still) on this replica."""
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """New weights for a replica's engine, through vLLM's weight-update API and the pool's transfer backend
+    (`engine_args.weight_transfer_config`). `init_info` and `update_info` are the backend's own (e.g.
+    `rayfleet.actors.rl.weight_transfer`); the replica passes them through."""
+
+    version: int
+    update_info: dict[str, Any]
+    init_info: dict[str, Any] = field(default_factory=dict)  # used by the engine's first update only
+    # What happens to requests running at the update: "keep" freezes them and continues them on the new weights
+    # (their KV is recomputed: a partial rollout); "abort" ends them with finish reason "abort" for a resubmit.
+    interrupt: str = "keep"
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class WeightUpdateResult:
+    replica_id: str
+    version: int
+    paused_s: float  # generation stood still this long
+    interrupted: int  # requests running when generation paused
+
+
+class WeightUpdateError(ReplicaError):
+    """An update failed or timed out. The engine's weights are no known version: it generates nothing (its
+    running requests were aborted) and takes no requests until an update succeeds."""

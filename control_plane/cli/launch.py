@@ -301,6 +301,31 @@ def render_routing(routing: dict) -> str:
     return "\n".join(lines)
 
 
+def rl_progress() -> dict | None:
+    """The RL job's progress (the last run on this cluster), if one ran."""
+    import ray
+
+    from rayfleet.actors.rl.progress import find_progress_actor
+
+    actor = find_progress_actor()
+    return None if actor is None else ray.get(actor.status.remote(), timeout=10)
+
+
+def render_rl(rl: dict) -> list[str]:
+    run = rl["run"]
+    lines = [f"  rl run {run.get('run_id', '?')} (k={run.get('k')}, {run.get('sync')} sync, pool {run.get('pool')}): "
+             f"{rl['state']}, {rl['steps_done']} steps of {run.get('steps', '?')}"
+             + (f"; error: {rl['error']}" if rl["error"] else "")]
+    for s in rl["steps"][-3:]:
+        lines.append(f"    step {s['step']}: reward {s['reward_mean']:.3f}, {s['samples_per_s']:.1f} samples/s, lag "
+                     f"{s['version_lag_mean']:.2f} (max {s['version_lag_max']}), {s['dropped_stale']} dropped stale, "
+                     f"rollout weights v{s['pool_version']}, sync {s['sync_s']:.2f} s total, "
+                     f"{s['replays']} replays")
+    if "heldout_reward" in run:
+        lines.append(f"    held-out reward by snapshot: {run['heldout_reward']}")
+    return lines
+
+
 def render_status(status: dict) -> str:
     lines = [f"fleet {status['fleet']}"]
     for name, pool in status["pools"].items():
@@ -317,4 +342,6 @@ def render_status(status: dict) -> str:
             lines.append(f"    {m['migration_id']} {m['request_id']} {m['src']} -> {m['dst']} {m['mode']} "
                          f"{m['outcome']}: downtime {1e3 * m['downtime_s']:.1f} ms, {m['stages']} stages, "
                          f"{m['blocks_moved']} blocks, {m['bytes_moved'] / 2**20:.2f} MiB")
+    if status.get("rl"):
+        lines += render_rl(status["rl"])
     return "\n".join(lines)

@@ -24,6 +24,7 @@ from rayfleet.control_plane.cli.launch import (
     load_any_spec,
     render_routing,
     render_status,
+    rl_progress,
     routing_decisions,
     stop_started_cluster,
 )
@@ -47,6 +48,9 @@ def cmd_status(args) -> None:
 
     connect(args.address, start_local=False)
     status = ray.get(controller().status.remote())
+    rl = rl_progress()
+    if rl is not None:
+        status["rl"] = rl
     if args.routing:
         status["routing"] = routing_decisions(args.routing)
     if args.json:
@@ -149,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--wait", type=float, default=600, help="seconds to wait for replicas (default 600)")
     up.set_defaults(func=cmd_up)
 
-    status = add("status", help="pools, replicas, load, recent migrations")
+    status = add("status", help="pools, replicas, load, recent migrations, the RL job's progress")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--routing", type=int, nargs="?", const=10, default=0, metavar="N",
                         help="also the router's last N decisions (default 10) with each candidate's predicted "

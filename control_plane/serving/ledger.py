@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
@@ -81,6 +82,7 @@ class TokenLedger:
     started_at: float = field(default_factory=time.monotonic)  # when the client's request arrived
     owner: str = ""  # the tenant whose key opened the request
     grammar_continues: bool = True  # its pool's engines advance a grammar over replayed output
+    reseed_replays: bool = False  # a seeded request replays from a new seed (RL rollouts; see why_pinned)
     first_token_at: float | None = None
     last_token_at: float | None = None
     trace: Any = None  # the client request's tracing context: each hop's span is its child
@@ -119,7 +121,7 @@ class TokenLedger:
         """Prompt plus delivered tokens, with the remaining budget, for another replica."""
         params = self.call.sampling_params
         sent = self.delivered.get(0, [])
-        pinned = why_pinned(params, self.grammar_continues)
+        pinned = why_pinned(params, self.grammar_continues, reseeds=self.reseed_replays)
         if pinned and self.output_tokens:
             raise ReplayImpossible(f"the replica serving request {self.request_id} failed after {self.output_tokens} "
                                    f"tokens were sent, and a request with {pinned} cannot continue on another "
@@ -129,6 +131,10 @@ class TokenLedger:
         params = copy.copy(params)
         params.max_tokens = max((params.max_tokens or 0) - len(sent), 1)
         params.min_tokens = max(params.min_tokens - len(sent), 0)
+        if self.reseed_replays and params.seed is not None:
+            # The continuation's generator is seeded by the original seed and the prefix length: a rerun that
+            # loses its replica at the same token samples the same continuation.
+            params.seed = zlib.crc32(f"{params.seed}/{len(sent)}".encode())
         return GenerateCall(
             request_id=self.call.request_id,
             prompt_token_ids=list(self.call.prompt_token_ids) + sent,
