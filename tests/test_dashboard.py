@@ -21,7 +21,9 @@ from test_live_migration import mig_pool, mig_replicas, where  # noqa: F401 (mig
 
 pytestmark = pytest.mark.engines
 CHROMIUM = "/usr/bin/chromium"
-LONG = {"temperature": 0, "max_tokens": 600, "extra_body": {"ignore_eos": True}}
+# As long as the "mig" pool's engines allow (max_model_len 1024, 40 blocks of 32): the page's click-select-confirm
+# must land while the request still runs; at 600 tokens it once finished first (2026-12-02, "no request on ...").
+LONG = {"temperature": 0, "max_tokens": 960, "extra_body": {"ignore_eos": True}}
 PROMPT = [{"role": "user", "content": "Describe live migration of a running request."}]
 
 
@@ -81,7 +83,7 @@ def dashboard(browser, fleet, mig_restored):
 
 
 class LongStream(threading.Thread):
-    """A greedy 600-token stream to the "mig" pool, read in the background; its request id once it runs."""
+    """A greedy 960-token stream to the "mig" pool, read in the background; its request id once it runs."""
 
     def __init__(self, client):
         super().__init__(daemon=True)
