@@ -146,7 +146,7 @@ def write_curves(results: dict[str, dict]) -> None:
         by_step.plot(versions, rewards, marker="o", label=name)
         by_time.plot([p["elapsed_s"] for p in r["curve"]], rewards, marker="o", label=name)
     by_step.set(xlabel="trainer version (optimizer steps)", ylabel="held-out greedy reward",
-                title="products (hard) from task-small")
+                title="held-out reward by trainer version")
     by_time.set(xlabel="wall clock (s)", ylabel="held-out greedy reward", title="same runs against wall time")
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
@@ -172,8 +172,8 @@ def main() -> None:
                         "--out DIR` writes them)")
     args = parser.parse_args()
     if args.plot:
-        runs = [json.loads(path.read_text()) for path in args.plot]
-        write_curves({f"{r['name']} k={r['staleness_bound']}": r for r in runs})
+        # Named by file: runs of one config (seeds, learning rates) share name and k.
+        write_curves({path.stem: json.loads(path.read_text()) for path in args.plot})
         return
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = load_average()
