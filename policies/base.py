@@ -264,7 +264,8 @@ class LearningRouter(Router, Protocol):
         """Learn a verdict on a routed request; False when the request is unknown to the router."""
 
     def attach_embedding(self, request_id: str, embedding) -> None:
-        """The embedding of a request routed before it arrived, for learning from its outcome and feedback."""
+        """An embedding that came after the wait: a request routed without it learns from it (outcome and
+        feedback); one not routed yet (still in admission) is routed with it."""
 
     def explain(self, limit: int = 20) -> list[dict]: ...
 

@@ -19,7 +19,7 @@ predictions for `explain()` (`rayfleet status --routing`).
 Pure decision code: embeddings arrive in `RequestInfo.embedding`, the table as rows; nothing here does I/O
 beyond reading the table file named in the spec. A request whose embedding is not back within `embedding_wait_s`
 (0.1 s) is routed on the pools' priors and congestion alone; its embedding, when it comes, is attached so its
-outcome and feedback still teach (`attach_embedding`).
+outcome and feedback still teach, or, if the request still waits in admission, routes it (`attach_embedding`).
 """
 
 from __future__ import annotations
