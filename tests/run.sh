@@ -18,4 +18,4 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 . .venv/bin/activate
 export RAYFLEET_DEMO_MODELS="${RAYFLEET_DEMO_MODELS:-$REPO/.demo-models}"
-exec python -m pytest tests -p no:cacheprovider --timeout=900 -ra "$@"
+exec python -m pytest tests -p no:cacheprovider --timeout=900 -ra --durations=30 "$@"

@@ -17,6 +17,7 @@ sent its stream ends with an error that says so, never with a continuation that 
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 
@@ -34,3 +35,9 @@ def why_pinned(params: Any, grammar_continues: bool, reseeds: bool = False) -> s
     if params.frequency_penalty or params.presence_penalty:
         return "frequency or presence penalty (they count output tokens only)"
     return None
+
+
+def derived_seed(*parts: object) -> int:
+    """A 32-bit sampling seed determined by `parts` (e.g. a request's seed and its prefix length): a rerun that
+    reaches the same point draws the same seed, in any process (Python's `hash` of a str differs per process)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
+from rayfleet.actors.replica.continuity import derived_seed
 from rayfleet.actors.replica.protocol import GenerateCall
 from rayfleet.actors.rl.sample_store import SampleStore
 from rayfleet.actors.rl.samples import Sample
@@ -192,7 +192,7 @@ class RolloutDriver:
         from vllm import SamplingParams
 
         # A seed per (group, sample, continuation): the same run samples the same tokens from the same weights.
-        seed = zlib.crc32(f"{self.seed}/{group_id}/{index}/{resubmits}".encode())
+        seed = derived_seed(self.seed, group_id, index, resubmits)
         return SamplingParams(n=1, temperature=self.temperature, max_tokens=max(max_tokens, 1), logprobs=0,
                               seed=seed)
 

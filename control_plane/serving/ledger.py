@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import logging
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
@@ -25,7 +24,7 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateToken
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from rayfleet.actors.observability import tracing
-from rayfleet.actors.replica.continuity import why_pinned
+from rayfleet.actors.replica.continuity import derived_seed, why_pinned
 from rayfleet.actors.replica.protocol import (Destination, GenerateCall, Handoff, ReplicaChunk, ReplicaNotAccepting,
                                               UnknownRequest)
 
@@ -134,7 +133,7 @@ class TokenLedger:
         if self.reseed_replays and params.seed is not None:
             # The continuation's generator is seeded by the original seed and the prefix length: a rerun that
             # loses its replica at the same token samples the same continuation.
-            params.seed = zlib.crc32(f"{params.seed}/{len(sent)}".encode())
+            params.seed = derived_seed(params.seed, len(sent))
         return GenerateCall(
             request_id=self.call.request_id,
             prompt_token_ids=list(self.call.prompt_token_ids) + sent,
