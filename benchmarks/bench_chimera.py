@@ -116,7 +116,8 @@ def offline_report(rows: list[dict], folds: int = 5) -> dict:
     """Best single pool, oracle, and chimera's pick (cross-validated by query) on the table."""
     import numpy as np
     from rayfleet.actors.embedding.embedder import PromptEncoder
-    from rayfleet.policies.chimera import ChimeraRouter, LabelledOutcome
+    from rayfleet.policies.base import LabelledOutcome
+    from rayfleet.policies.chimera import ChimeraRouter
 
     pools = sorted({r["pool"] for r in rows})
     queries = sorted({r["query_id"] for r in rows})

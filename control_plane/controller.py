@@ -44,6 +44,7 @@ from rayfleet.control_plane.telemetry import FleetMetrics
 from rayfleet.policies import registry
 from rayfleet.policies.base import (
     FleetSnapshot,
+    LabelledOutcome,
     MigrationDecision,
     MigrationRecord,
     PoolRole,
@@ -104,6 +105,9 @@ class FleetController:
         self.store = DurableState(self.spec.state_store, self.spec.name)
         self.state_loaded = False  # desired counts read from the store (or it is memory://)
         self.added_pools: list[dict[str, Any]] = []  # pools added at runtime (add_pool), kept in the store
+        # Per pool, the verifier scores that came with its promoted weights ({"version": v, "rows": [...]}, kept
+        # in the store): ingresses relearn the pool's quality estimates from them.
+        self.quality_labels: dict[str, dict[str, Any]] = {}
         self.replicas: dict[str, ReplicaRecord] = {}
         self.desired: dict[str, int] = {p.name: p.start_replicas for p in self.spec.pools}
         self.restarts: dict[str, int] = {}
@@ -140,6 +144,7 @@ class FleetController:
             stored = self.store.get("desired", {}) or {}
             registry = self.store.get("replicas", {}) or {}
             added = self.store.get("added_pools", []) or []
+            self.quality_labels = self.store.get("quality_labels", {}) or {}
         except Exception as error:
             logger.warning("state store read failed (%s); retrying", type(error).__name__)
             return False
@@ -477,15 +482,19 @@ class FleetController:
                               f"{record.bytes_moved} bytes{'; ' + record.reason if record.reason else ''}"
         return asdict(record)
 
-    async def promote(self, pool: str, update: WeightUpdate) -> dict[str, Any]:
+    async def promote(self, pool: str, update: WeightUpdate,
+                      labels: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Load new weights (e.g. a trained RL version) into every replica of `pool` without downtime, one
         replica at a time: it stops taking requests, its running ones move to the pool's other replicas by live
         migration (those that cannot move finish where they are), it loads the weights through vLLM's
         weight-update API and must then report the new version, and it takes requests again. With one replica
-        its requests are only drained: new ones wait in the ingress' replays meanwhile."""
+        its requests are only drained: new ones wait in the ingress' replays meanwhile. `labels`: the new
+        weights' verifier scores on labelled prompts (`LabelledOutcome` fields); once every replica
+        runs the new version, the routers relearn the pool's quality from them."""
         records = [r for r in self.replicas.values() if r.pool == self._pool(pool).name and r.state is ReplicaState.READY]
         if not records:
             raise FleetError(f"promote: pool '{pool}' has no ready replica")
+        rows = [asdict(row) for row in self._labelled_outcomes(pool, labels or [])]
         done = []
         for record in records:
             started = time.monotonic()
@@ -502,7 +511,28 @@ class FleetController:
             done.append({"replica_id": record.replica_id, "migrated": moved, "seconds": time.monotonic() - started})
             logger.info("promoted %s to weight version %d (%d requests migrated out first)", record.replica_id,
                         update.version, moved)
-        return {"pool": pool, "version": update.version, "replicas": done}
+        if rows:
+            self.quality_labels[pool] = {"version": update.version, "rows": rows}
+            self.store.put("quality_labels", self.quality_labels)
+            logger.info("pool %s: %d verifier scores of version %d for the routers", pool, len(rows), update.version)
+        return {"pool": pool, "version": update.version, "replicas": done, "quality_labels": len(rows)}
+
+    @staticmethod
+    def _labelled_outcomes(pool: str, labels: list[dict[str, Any]]) -> list[LabelledOutcome]:
+        outcomes = []
+        for number, label in enumerate(labels):
+            try:
+                outcomes.append(LabelledOutcome(**{"pool": pool, "latency_s": 0.0, **label}))
+            except TypeError as error:
+                raise FleetError(f"promote: labels[{number}]: {error}") from None
+            if outcomes[-1].pool != pool or not 0.0 <= outcomes[-1].score <= 1.0:
+                raise FleetError(f"promote: labels[{number}] must score pool '{pool}' in [0, 1]")
+        return outcomes
+
+    def pool_quality_labels(self, pool: str) -> tuple[int, list[LabelledOutcome]]:
+        """The weight version whose verifier scores the pool has, and those scores (see `promote`)."""
+        labels = self.quality_labels.get(pool, {"version": 0, "rows": []})
+        return labels["version"], [LabelledOutcome(**row) for row in labels["rows"]]
 
     async def _drain_by_migration(self, record: ReplicaRecord, others: list[ReplicaRecord]) -> int:
         """Move `record`'s running requests to the least loaded of `others`; wait until it holds none."""
@@ -569,7 +599,8 @@ class FleetController:
                 name=pool.name, model=pool.model, min_replicas=pool.min_replicas,
                 max_replicas=pool.max_replicas, desired_replicas=self.desired[pool.name], tags=dict(pool.tags),
                 replicas=tuple(r.snapshot(pool) for r in records), max_model_len=max_len,
-                role=PoolRole(pool.role), prefill_pool=pool.prefill_pool)
+                role=PoolRole(pool.role), prefill_pool=pool.prefill_pool,
+                quality_labels_version=self.quality_labels.get(pool.name, {}).get("version", 0))
         return FleetSnapshot(pools=pools, migrations=tuple(self.migrations[-50:]))
 
     def fleet_view(self) -> tuple[FleetSnapshot, dict[str, Any]]:

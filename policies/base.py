@@ -125,6 +125,9 @@ class PoolSnapshot:
     max_model_len: int = 0
     role: PoolRole = PoolRole.BOTH
     prefill_pool: str | None = None  # the pool that prefills this (decode) pool's requests
+    # The weight version whose verifier scores the controller holds for this pool (0: none): it changes when a
+    # trained version is promoted with labels, and a learning router then relearns the pool from them.
+    quality_labels_version: int = 0
 
     @functools.cached_property
     def routable_replicas(self) -> tuple[ReplicaSnapshot, ...]:
@@ -246,6 +249,18 @@ class Router(Protocol):
         """Pick a pool and a routable replica; raise NoReplicaAvailable when none fits."""
 
 
+@dataclass(frozen=True)
+class LabelledOutcome:
+    """One row of a RouterBench-style table: a query answered by one pool, scored by its verifier."""
+
+    prompt: str
+    pool: str
+    score: float
+    output_tokens: int
+    latency_s: float
+    query_id: str = ""
+
+
 @runtime_checkable
 class LearningRouter(Router, Protocol):
     """A router that learns from outcomes (Chimera). With `needs_embeddings` the ingress embeds each `auto`
@@ -262,6 +277,10 @@ class LearningRouter(Router, Protocol):
 
     def feedback(self, request_id: str, score: float) -> bool:
         """Learn a verdict on a routed request; False when the request is unknown to the router."""
+
+    def relearn(self, pool: str, rows: list[LabelledOutcome], embeddings) -> None:
+        """The pool's weights changed (a promoted RL version): its estimates restart from `rows`, labelled
+        outcomes of the new weights, with their prompts' embeddings (same order)."""
 
     def attach_embedding(self, request_id: str, embedding) -> None:
         """An embedding that came after the wait: a request routed without it learns from it (outcome and

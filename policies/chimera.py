@@ -4,7 +4,8 @@ After Chimera (Ni et al. 2026, arXiv 2603.22206; its code is not public), for a 
 models. For a request it predicts, per pool:
 - **quality**: the probability that the pool's model answers correctly, from a kNN head over prompt embeddings
   (all-MiniLM-L6-v2, computed outside the policy) of labelled outcomes: an offline table of verifier scores,
-  then every `feedback(request_id, score)` (client feedback, verifier rewards);
+  then every `feedback(request_id, score)` (client feedback, verifier rewards); a pool whose weights are
+  replaced (a promoted RL version) restarts from the new weights' verifier scores (`relearn`);
 - **length**: output tokens, from the same neighbours' finished requests (updated by every `observe`), and for
   workflows the remaining output of the whole workflow (this stage plus the learned length of later stages);
 and per replica:
@@ -34,6 +35,7 @@ import numpy as np
 
 from rayfleet.policies.base import (
     FleetSnapshot,
+    LabelledOutcome,
     NoReplicaAvailable,
     ReplicaSnapshot,
     RequestInfo,
@@ -41,18 +43,6 @@ from rayfleet.policies.base import (
     RoutingDecision,
 )
 from rayfleet.policies.routing import candidates
-
-
-@dataclass(frozen=True)
-class LabelledOutcome:
-    """One row of a RouterBench-style table: a query answered by one pool, scored by its verifier."""
-
-    prompt: str
-    pool: str
-    score: float
-    output_tokens: int
-    latency_s: float
-    query_id: str = ""
 
 
 def read_table(path: str | Path) -> list[LabelledOutcome]:
@@ -225,6 +215,22 @@ class ChimeraRouter:
             return False
         self._tables(pending.pool)[0].add(pending.embedding, score)
         return True
+
+    def relearn(self, pool: str, rows: list[LabelledOutcome], embeddings) -> None:
+        """The pool's weights changed (a promoted RL version): what was learned of the old ones (table rows,
+        feedback, finished lengths) no longer describes the pool. Its estimates restart from `rows`, the new
+        weights' verifier scores and lengths on labelled prompts (same order as `embeddings`). Its idle latency
+        stays: same architecture, same hardware."""
+        if not rows or any(row.pool != pool for row in rows):
+            raise ValueError(f"relearn: every row must be a labelled outcome of pool '{pool}'")
+        vectors = self._unit(np.asarray(embeddings, dtype=np.float32))
+        self.quality[pool] = KnnTable(self.dim, self.capacity)
+        self.length[pool] = KnnTable(self.dim, self.capacity)
+        for row, vector in zip(rows, vectors, strict=True):
+            self.quality[pool].add(vector, row.score)
+            self.length[pool].add(vector, row.output_tokens)
+        self.prior[pool] = float(np.mean([row.score for row in rows]))
+        self.stage_tokens = {key: tokens for key, tokens in self.stage_tokens.items() if key[0] != pool}
 
     def attach_embedding(self, request_id: str, embedding) -> None:
         """A late embedding. A request routed without it still teaches with it (outcome and feedback); one not

@@ -98,10 +98,12 @@ def fleet_spec_dict(demo_models: Path, redis_url: str, port: int) -> dict:
              "resources": {"num_cpus": 1}, "env": env, "engine_args": engine, "tags": {"cost": "low"}},
             {"name": "tiny-b", "model": str(demo_models / "tiny-llama-b"), "min_replicas": 1, "max_replicas": 2,
              "resources": {"num_cpus": 1}, "env": env, "engine_args": engine},
-            # Two replicas with small KV caches (40 blocks of 32 tokens): the live-migration tests fill them.
+            # Two replicas with small KV caches (40 blocks of 32 tokens): the live-migration tests fill them. A
+            # weight-transfer backend: the promotion test loads a new weight version into them.
             {"name": "mig", "model": str(demo_models / "tiny-llama-b"), "min_replicas": 1, "max_replicas": 3,
              "initial_replicas": 2, "resources": {"num_cpus": 1}, "env": env,
-             "engine_args": {**engine, "num_gpu_blocks_override": 40}},
+             "engine_args": {**engine, "num_gpu_blocks_override": 40,
+                             "weight_transfer_config": {"backend": "rayfleet_object_store"}}},
             # Never started: requests to it prove the 503 path.
             {"name": "cold", "model": str(demo_models / "tiny-llama-a"), "min_replicas": 0, "max_replicas": 1,
              "resources": {"num_cpus": 1}, "env": env, "engine_args": engine},

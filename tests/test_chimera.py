@@ -15,6 +15,7 @@ import pytest
 from rayfleet.actors.tasks import TRAINED_MODELS_DIR, generate
 from rayfleet.policies.base import (
     FleetSnapshot,
+    LabelledOutcome,
     PoolSnapshot,
     ReplicaSnapshot,
     ReplicaState,
@@ -153,6 +154,33 @@ def test_feedback_changes_later_decisions(rows, embed):
         decision = ask(router, embed, task.prompt, idle, f"fb{i}")
         assert router.feedback(f"fb{i}", 0.0 if decision.pool == before else 1.0)
     assert ask(router, embed, probes[0].prompt, idle, "after").pool != before
+
+
+def test_a_promoted_pool_relearns_from_its_new_weights_verifier_scores_alone(rows, embed):
+    """An RL version of task-small that learned hard sums and forgot easy products: after `relearn` with its
+    verifier scores, task-small's predicted quality follows them, its old table rows (sums wrong, products right)
+    no longer count, and the other pools' estimates stay."""
+    router = router_on(rows, embed)
+    sums = generate("chain_sum", "hard", seed=PROBE_SEED + 200, count=41)
+    products = generate("products", "easy", seed=PROBE_SEED + 300, count=41)
+
+    def predicted_quality(prompt: str, request_id: str) -> dict[str, float]:
+        ask(router, embed, prompt, snapshot(), request_id)
+        return {c["pool"]: c["quality"] for c in router.explain(1)[0]["candidates"]}
+    before = {"sum": predicted_quality(sums[0].prompt, "sum-before"),
+              "product": predicted_quality(products[0].prompt, "product-before")}
+    assert before["sum"]["task-small"] < 0.3 < 0.7 < before["product"]["task-small"]
+    new_rows = [LabelledOutcome(t.prompt, "task-small", score, 6, 0.0) for tasks, score in
+                ((sums[1:], 1.0), (products[1:], 0.0)) for t in tasks]
+    router.relearn("task-small", new_rows, embed([r.prompt for r in new_rows]))
+    after = {"sum": predicted_quality(sums[0].prompt, "sum-after"),
+             "product": predicted_quality(products[0].prompt, "product-after")}
+    assert after["product"]["task-small"] < 0.3 < 0.7 < after["sum"]["task-small"]
+    for probe in ("sum", "product"):  # the other pools' estimates did not move
+        del before[probe]["task-small"], after[probe]["task-small"]
+    assert after == before
+    with pytest.raises(ValueError, match="task-small"):
+        router.relearn("task-small", [LabelledOutcome("q", "task-large", 1.0, 1, 0.0)], embed(["q"]))
 
 
 def test_feedback_for_an_unknown_request_or_out_of_range_changes_nothing(rows, embed):

@@ -3,14 +3,19 @@
 `POST /v1/feedback` teaches the router (its next prediction for a similar prompt moves), a malformed call is a
 400 that changes nothing, and `GET /v1/fleet/routing` explains each `auto` decision with every candidate's
 predicted quality, length and latency; the answering pool and the reason ride in the `x-rayfleet-route` header.
+Last, a promotion (an RL job's `promote_to`) loads a new weight version into a pool while a stream runs on it,
+and the router relearns that pool from the verifier scores that came with the version.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import pytest
+import ray
 
 from conftest import ADMIN_KEY, API_KEY
 
@@ -124,3 +129,70 @@ def test_a_bad_latency_weight_header_is_a_400_naming_it(chimera_url):
                            json={"model": "auto", "messages": [{"role": "user", "content": EASY}], "max_tokens": 2})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "x-rayfleet-latency-weight"
+
+
+def test_a_promoted_version_loads_under_a_running_stream_and_the_router_relearns_the_pool(fleet, chimera_url):
+    """`FleetController.promote` on the "mig" pool (two replicas) while a 900-token stream runs on it: the stream
+    finishes whole (its replica's requests move to the other replica by live migration before it reloads), both
+    replicas report the new version, and the chimera ingress, which knew nothing of "mig" (prior 0.5 for every
+    prompt), relearns it from the version's verifier scores: right on EASY, wrong on HARD. The weights are the
+    pool's own model's, published as version 1: the version changes, the tokens of later tests do not."""
+    from transformers import AutoModelForCausalLM
+
+    from rayfleet.actors.rl.weight_sync import WeightSync, get_or_create_weight_store, publish
+    from rayfleet.control_plane.controller_api import NAMESPACE, replica_actor_name
+
+    base, client = chimera_url
+    before = decision(client, base, ask(client, base, HARD).json()["id"])
+    assert quality(before, "mig") == pytest.approx(0.5)  # no row of "mig" in the table: its prior
+    model = AutoModelForCausalLM.from_pretrained(fleet.spec.pool("mig").model, torch_dtype="float32")
+    store = get_or_create_weight_store("rayfleet-promote-test", namespace=NAMESPACE)
+    try:
+        publish(store, 1, {name: tensor.numpy().copy() for name, tensor in model.state_dict().items()})
+        update = WeightSync("rayfleet-promote-test", NAMESPACE, timeout_s=60).update_for(1)
+        stream = StreamOnPool(fleet.base_url, "mig", max_tokens=900)
+        assert stream.started.wait(60), stream.error
+        labels = [{"prompt": EASY, "score": 1.0, "output_tokens": 2}, {"prompt": HARD, "score": 0.0,
+                                                                        "output_tokens": 3}]
+        result = ray.get(fleet.controller.promote.remote("mig", update, labels), timeout=300)
+        stream.thread.join(120)
+    finally:
+        ray.kill(store)
+    assert stream.error is None and stream.finish_reason == "length" and stream.tokens == 900
+    assert result["version"] == 1 and len(result["replicas"]) == 2 and result["quality_labels"] == 2
+    assert sum(r["migrated"] for r in result["replicas"]) >= 1  # the stream moved off its replica first
+    for replica in fleet.replicas("mig"):
+        handle = ray.get_actor(replica_actor_name(replica["replica_id"]), namespace=NAMESPACE)
+        assert ray.get(handle.weight_version.remote()) == "1"
+    deadline = time.monotonic() + 60
+    while (gap := quality(decision(client, base, ask(client, base, EASY).json()["id"]), "mig")
+           - quality(decision(client, base, ask(client, base, HARD).json()["id"]), "mig")) < 0.3:
+        assert time.monotonic() < deadline, f"the router did not relearn 'mig' (EASY - HARD quality {gap:.2f})"
+
+
+class StreamOnPool:
+    """A streamed chat completion on one pool, read in a thread; `started` is set at its first token."""
+
+    def __init__(self, base_url: str, pool: str, max_tokens: int):
+        self.started = threading.Event()
+        self.tokens, self.finish_reason, self.error = 0, None, None
+        self.thread = threading.Thread(target=self._read, args=(base_url, pool, max_tokens), daemon=True)
+        self.thread.start()
+
+    def _read(self, base_url: str, pool: str, max_tokens: int) -> None:
+        from openai import OpenAI
+
+        try:
+            chunks = OpenAI(base_url=base_url, api_key=API_KEY, timeout=300).chat.completions.create(
+                model=pool, messages=[{"role": "user", "content": "Count on"}], max_tokens=max_tokens, stream=True,
+                extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
+            for chunk in chunks:
+                if chunk.usage is not None:
+                    self.tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    self.started.set()
+                    self.finish_reason = choice.finish_reason or self.finish_reason
+        except Exception as error:  # reported by the test's assertion
+            self.error = f"{type(error).__name__}: {error}"
+        finally:
+            self.started.set()

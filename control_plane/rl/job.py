@@ -33,7 +33,7 @@ from rayfleet.actors.rl.rollout import RolloutDriver, TaskStream, held_out, rend
 from rayfleet.actors.rl.sample_store import SampleStore
 from rayfleet.actors.rl.trainer import StepReport, TrainerActor
 from rayfleet.actors.rl.weight_sync import WeightSync, WeightSyncError, get_or_create_weight_store
-from rayfleet.actors.tasks import score
+from rayfleet.actors.tasks import TaskInstance, score
 from rayfleet.control_plane.rl.config import RLConfig
 from rayfleet.control_plane.rl.rollout_pool import RolloutPool
 from rayfleet.control_plane.rl.telemetry import RLMetrics
@@ -189,10 +189,15 @@ class RLJob:
             result.rollout_blocked_stale_weights_s = gate.blocked_s[Admission.STALE_WEIGHTS]
             result.replays, result.resubmits = driver.counters.replays, driver.counters.resubmits
             result.groups_started = driver.counters.groups_started
+            result.curve, final_scores = await self._evaluate(trainer, tokenizer, cells, result)
             if config.promote_to:
-                promoted = await self.controller.promote.remote(config.promote_to, sync.update_for(self.published))
+                # The held-out verifier scores of the promoted version teach the routers its quality.
+                labels = [{"prompt": instance.prompt, "score": reward, "output_tokens": tokens,
+                           "query_id": instance.key}
+                          for instance, reward, tokens in final_scores]
+                promoted = await self.controller.promote.remote(config.promote_to, sync.update_for(self.published),
+                                                                labels)
                 logger.info("version %d promoted to pool %s: %s", self.published, config.promote_to, promoted)
-            result.curve = await self._evaluate(trainer, tokenizer, cells, result)
             self.progress.finish.remote("finished", wall_s=round(result.wall_s, 1),
                                         samples_per_s=round(result.samples_per_s, 2),
                                         heldout_reward=[round(p["reward"], 3) for p in result.curve])
@@ -295,14 +300,16 @@ class RLJob:
         logger.debug("synced %s to v%d in %.3f s (paused %.3f s, %d requests interrupted)", list(replicas),
                      version, report.seconds, report.paused_s, report.interrupted)
 
-    async def _evaluate(self, trainer, tokenizer, cells, result: RunResult) -> list[dict[str, float]]:
+    async def _evaluate(self, trainer, tokenizer, cells, result: RunResult
+                        ) -> tuple[list[dict[str, float]], list[tuple[TaskInstance, float, int]]]:
         """Held-out reward of each snapshot version, greedy and (with `eval.samples`) sampled as the rollouts
-        sample (after the run, so evaluation costs it nothing)."""
+        sample (after the run, so evaluation costs it nothing); and the final version's greedy score and length
+        per held-out instance."""
         instances = held_out(cells, self.config.eval.seed, self.config.eval.count)
         prompts = [render_prompt(tokenizer, instance) for instance in instances]
         elapsed = {r.step: r.elapsed_s for r in result.steps}
         elapsed[result.start_version] = 0.0
-        curve = []
+        curve, final_scores = [], []
         sampling = self.config.sampling
 
         def reward(instance, tokens) -> float:
@@ -316,9 +323,11 @@ class RLJob:
                 point["sampled_reward"] = sum(reward(i, t) for i, ts in zip(instances, sampled) for t in ts) / sum(
                     map(len, sampled))
             curve.append(point)
+            if version == self.published:
+                final_scores = [(i, reward(i, t), len(t)) for i, t in zip(instances, greedy)]
             logger.info("held-out reward at v%d: greedy %.3f, sampled %s", version, point["reward"],
                         f"{point['sampled_reward']:.3f}" if sampled else "-")
-        return curve
+        return curve, final_scores
 
 
 def write_result(result: RunResult, out_dir: Path) -> Path:

@@ -126,6 +126,8 @@ class FleetGateway:
         self.learning_router = self.router if isinstance(self.router, LearningRouter) else None
         self.embedder = None
         self._router_started = asyncio.Lock()
+        self.labels_learned: dict[str, int] = {}  # pool -> weight version whose verifier scores the router has
+        self._relearning: asyncio.Task | None = None
         # A request accepts the same wait for a restarting controller as for a replica's replacement.
         self.view = ControllerView(self.controller, self.spec.ingress.replay_wait_s)
         self.ledgers: dict[str, TokenLedger] = {}
@@ -184,7 +186,31 @@ class FleetGateway:
 
     async def fleet_view(self, fresh: bool = False) -> tuple[FleetSnapshot, dict[str, Any]]:
         snapshot, handles = await self.view.get(fresh)
+        self.relearn_promoted_pools(snapshot)
         return overlay_local_load(snapshot, self.ledgers), handles
+
+    def relearn_promoted_pools(self, snapshot: FleetSnapshot) -> None:
+        """Pools whose promoted weights came with verifier scores the router has not learned: relearn them in
+        the background (the embedder exists once the router was started: only an embedding router relearns)."""
+        if self.embedder is None or (self._relearning is not None and not self._relearning.done()):
+            return
+        due = [name for name, pool in snapshot.pools.items()
+               if pool.quality_labels_version > self.labels_learned.get(name, 0)]
+        if due:
+            self._relearning = asyncio.create_task(self._relearn(due))
+
+    async def _relearn(self, pools: list[str]) -> None:
+        for pool in pools:
+            try:
+                version, rows = await self.controller.pool_quality_labels.remote(pool)
+                self.learning_router.relearn(pool, rows, await self.embedder.embed.remote([r.prompt for r in rows]))
+            except Exception as error:  # the next view retries; routing goes on with what the router knew
+                logger.warning("relearning pool %s from its promoted weights' verifier scores failed: %s: %s",
+                               pool, type(error).__name__, error)
+                continue
+            self.labels_learned[pool] = version
+            logger.info("router %s relearned pool %s from %d verifier scores of weight version %d",
+                        self.spec.policies.router.name, pool, len(rows), version)
 
     def authenticate(self, authorization: str, how: str) -> Principal:
         """The caller of an `Authorization: Bearer <key>` value; `how` tells the client where to send the key."""
