@@ -162,7 +162,7 @@ def test_migrating_a_request_from_the_page_moves_it(dashboard, fleet, client, mi
     stream.start()
     src = stream.where(fleet)
     chip = dashboard.row(src).get_by_test_id("request").filter(has_text=stream.request_id[-10:])
-    chip.click(timeout=10_000)
+    chip.click(timeout=30_000)  # the page polls under a loaded box (eight engines on two cores in the suite)
     dst = next(r for r in mig_pool if r != src)
     dashboard.page.get_by_test_id("migrate-dst").select_option(dst)
     dashboard.confirm()

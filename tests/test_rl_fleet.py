@@ -202,7 +202,8 @@ async def test_a_short_rl_job_submitted_through_ray_jobs_trains_within_the_stale
     client = JobSubmissionClient(ray.get_runtime_context().gcs_address)  # Ray finds its dashboard's Jobs API
     job_id = client.submit_job(
         entrypoint=f"{sys.executable} -m rayfleet.control_plane.rl --config examples/rl/products.yaml "
-                   f"--steps {STEPS} --groups-per-step 8 --no-progress --out {tmp_path}",
+                   f"--steps {STEPS} --groups-per-step 8 --eval-count 32 --eval-samples 0 --no-progress "
+                   f"--out {tmp_path}",
         runtime_env={"working_dir": str(REPO), "env_vars": {"RAYFLEET_TASK_MODELS": str(TASK_MODELS)}})
     deadline = time.monotonic() + 300
     while (status := client.get_job_status(job_id)) not in JobStatus.__members__.values() or not status.is_terminal():

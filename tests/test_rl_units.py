@@ -267,6 +267,20 @@ def test_rl_config_errors_name_the_field():
     assert parsed.trainer.temperature == 0.7  # the trainer's ratio uses the rollouts' temperature
 
 
+
+def test_job_flags_override_the_config_and_a_bad_value_names_its_flag(monkeypatch, capsys):
+    from rayfleet.control_plane.rl.__main__ import build_parser, configure
+
+    monkeypatch.setenv("RAYFLEET_TASK_MODELS", str(TASK_MODEL.parent))
+    parser = build_parser()
+    config = configure(parser.parse_args(["--config", str(REPO / "examples" / "rl" / "products.yaml"), "-k", "2",
+                                          "--steps", "3", "--eval-count", "16", "--eval-samples", "0"]))
+    assert (config.staleness_bound, config.steps, config.eval.count, config.eval.samples) == (2, 3, 16, 0)
+    assert config.eval.every_steps == 3  # the config's: untouched by the overrides
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--config", "x.yaml", "--eval-count", "0"])
+    assert "argument --eval-count: must be >= 1, not 0" in capsys.readouterr().err
+
 # ---------------------------------------------------------------------- sample store shard (the class, no actor)
 async def test_samples_of_one_group_waiting_for_room_all_go_in_once_one_of_them_gets_it():
     """Backpressure admits groups, not samples: when a full shard frees room, a group whose samples all waited

@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="override the config's steps")
     parser.add_argument("--groups-per-step", type=positive_int, help="override the config's groups_per_step "
                         "(prompts per training step; a smaller run to try a config out)")
+    parser.add_argument("--eval-count", type=positive_int, help="override eval.count: held-out instances per "
+                        "evaluated snapshot")
+    parser.add_argument("--eval-samples", type=non_negative_int, help="override eval.samples: sampled completions "
+                        "per held-out instance besides the greedy one (0: greedy only)")
     parser.add_argument("--staleness-bound", "-k", type=int, help="override the config's staleness_bound")
     parser.add_argument("--sync", help="override weight_sync.policy (eager, deferred)")
     parser.add_argument("--interrupt", choices=["keep", "abort"], help="override weight_sync.interrupt")
@@ -41,9 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return int_at_least(text, 0)
+
+
+def int_at_least(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, not {value}")
     return value
 
 
@@ -61,6 +76,9 @@ def configure(args):
         updates["steps"] = args.steps
     if args.groups_per_step is not None:
         updates["groups_per_step"] = args.groups_per_step
+    if args.eval_count is not None or args.eval_samples is not None:
+        updates["eval"] = config.eval.model_copy(update={
+            k: v for k, v in {"count": args.eval_count, "samples": args.eval_samples}.items() if v is not None})
     if args.staleness_bound is not None:
         updates["staleness_bound"] = args.staleness_bound
     if args.sync or args.interrupt:
