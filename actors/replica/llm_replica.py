@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator
 
 from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migration_engine_kwargs
+from rayfleet.actors.replica import engine_fate
 from rayfleet.actors.replica.active_request import ActiveRequest
 from rayfleet.actors.replica.delta_stream import Outboxes, read_chunks
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
@@ -117,6 +118,7 @@ class LLMReplica:
         if swept:
             logger.warning("removed %d shared-memory KV chunks left by processes that died mid-migration", swept)
         engine_args = dict(self.engine_args)
+        os.environ[engine_fate.ENV] = "1"  # the engine's processes inherit it: they die with this one
         connector = self.live_migration or self.kv_store is not None
         if connector:
             engine_args.update(migration_engine_kwargs(kv_store=self.kv_store,
