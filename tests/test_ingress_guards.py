@@ -209,3 +209,20 @@ async def test_a_restarting_controller_s_last_view_routes_up_to_the_replay_wait_
     with pytest.raises(OpenAIHTTPError) as error:
         await view.get(fresh=True)
     assert error.value.status == 503
+
+
+def test_a_lost_replica_is_one_warning_however_many_requests_it_had(caplog):
+    """A dead rollout replica had a hundred requests in flight: one warning names it, the rest go to debug."""
+    import logging
+
+    from rayfleet.control_plane.serving.ledger import log_replay
+
+    lost = ConnectionError("actor died")
+    with caplog.at_level(logging.DEBUG, logger="rayfleet.ledger"):
+        for i in range(100):
+            log_replay(f"req-{i}", "replica-gone-1", lost, 9)
+        log_replay("req-x", "replica-gone-2", lost, 9)
+    ledger_records = [r for r in caplog.records if r.name == "rayfleet.ledger"]
+    warnings = [r.getMessage() for r in ledger_records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "replica-gone-1" in warnings[0] and "replica-gone-2" in warnings[1]
+    assert sum(r.levelno == logging.DEBUG for r in ledger_records) == 99

@@ -12,6 +12,7 @@ Either way the client sees one uninterrupted stream with no duplicated or missin
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import dataclasses
 import logging
@@ -192,8 +193,7 @@ async def follow(ledger: TokenLedger, place: PlaceFn, source: ChunkSource, max_r
                 _abort_quietly(ledger)  # a hung replica would otherwise keep computing it
                 exclude.add(lost)
                 replay = ledger.replay_call()
-                logger.warning("request %s lost replica %s (%s); replaying %d tokens elsewhere",
-                               ledger.request_id, lost, type(error).__name__, len(replay.prompt_token_ids))
+                log_replay(ledger.request_id, lost, error, len(replay.prompt_token_ids))
                 ledger.replays += 1
                 tracing.end_span(hop, error)
                 hop = None  # until the replay is placed
@@ -204,6 +204,21 @@ async def follow(ledger: TokenLedger, place: PlaceFn, source: ChunkSource, max_r
         tracing.end_span(hop, **{"rayfleet.output_tokens": ledger.output_tokens})
         if not ledger.done and ledger.placement is not None:
             _abort_quietly(ledger)
+
+
+_replicas_reported: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+
+def log_replay(request_id: str, replica_id: str, error: BaseException, tokens: int) -> None:
+    """One warning per lost replica, with its first request; the rest of its requests (a dead rollout replica
+    had a hundred) at debug level: the replays metric counts them all."""
+    level = logging.DEBUG if replica_id in _replicas_reported else logging.WARNING
+    _replicas_reported[replica_id] = None
+    while len(_replicas_reported) > 1024:
+        _replicas_reported.popitem(last=False)
+    logger.log(level, "request %s lost replica %s (%s); replaying %d tokens elsewhere%s", request_id, replica_id,
+               type(error).__name__, tokens,
+               " (its other requests are replayed too, logged at debug level)" if level == logging.WARNING else "")
 
 
 async def _within(stream, timeout_s: float | None, ledger: TokenLedger):
