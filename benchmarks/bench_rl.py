@@ -9,7 +9,8 @@ taken during the run and evaluated after it (evaluation costs the run nothing).
 
     python benchmarks/bench_rl.py                          # k = 0, 1, 2 and the kill run (~10 min on 2 cores)
     python benchmarks/bench_rl.py --spread 4 --steps 12 --contenders none --no-kill   # seed-to-seed spread only
-Results: benchmarks/results/rl_async.json, docs/rl-reward-curve.{csv,png}; docs/benchmarks-rl.md quotes them.
+Results: benchmarks/results/rl_async.json, docs/benchmarks-rl-curves.{csv,png} (`--results`, `--curves`);
+docs/benchmarks-rl.md quotes them. `--plot` draws RL job results (`--out` of the job) into docs/rl-reward-curve.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "rl_async.json"
-CURVE_CSV = REPO / "docs" / "rl-reward-curve.csv"
-CURVE_PNG = REPO / "docs" / "rl-reward-curve.png"
+JOB_CURVES = REPO / "docs" / "rl-reward-curve"  # .csv and .png: RL job results drawn with --plot
+BENCH_CURVES = REPO / "docs" / "benchmarks-rl-curves"  # this benchmark's contenders
 CONFIG = REPO / "examples" / "rl" / "products.yaml"
 FLEET = REPO / "examples" / "rl" / "fleet.yaml"
 
@@ -54,12 +55,13 @@ def start_fleet(replicas: int):
     return controller
 
 
-def config_for(k: int, steps: int, seed: int, eval_every: int):
+def config_for(k: int, steps: int, seed: int, eval_every: int, sync: str | None = None):
     from rayfleet.control_plane.rl.config import load_rl_config
 
     config = load_rl_config(CONFIG)
+    weight_sync = config.weight_sync.model_copy(update={"policy": sync or config.weight_sync.policy})
     return config.model_copy(update={
-        "staleness_bound": k, "steps": steps, "name": f"products-s{seed}",
+        "staleness_bound": k, "steps": steps, "name": f"products-s{seed}", "weight_sync": weight_sync,
         "tasks": config.tasks.model_copy(update={"seed": config.tasks.seed + seed}),
         "trainer": config.trainer.model_copy(update={"seed": config.trainer.seed + seed}),
         "eval": config.eval.model_copy(update={"every_steps": eval_every})})
@@ -124,14 +126,14 @@ def summarize(results: dict[str, dict], target: float) -> dict[str, dict]:
     return rows
 
 
-def write_curves(results: dict[str, dict]) -> None:
+def write_curves(results: dict[str, dict], stem: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    CURVE_CSV.parent.mkdir(parents=True, exist_ok=True)
-    with CURVE_CSV.open("w", newline="") as f:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with stem.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "version", "elapsed_s", "heldout_reward", "rollout_reward"])
         for name, r in results.items():
@@ -152,12 +154,13 @@ def write_curves(results: dict[str, dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(CURVE_PNG, dpi=110)
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contenders", default="0,1,2", help="staleness bounds to compare, or 'none'")
+    parser.add_argument("--contenders", default="0,1,2", help="staleness bounds to compare, each K or "
+                        "K:SYNC_POLICY (e.g. 1:deferred; default: the config's, eager), or 'none'")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--replicas", type=int, default=2, help="rollout replicas (each one vLLM CPU engine)")
@@ -167,13 +170,17 @@ def main() -> None:
     parser.add_argument("--kill-at", type=int, default=8, help="version at which the kill run loses a replica")
     parser.add_argument("--spread", type=int, default=0, help="also run the job with this many seeds (k = 1)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results JSON goes (merged into "
+                        "an existing file)")
+    parser.add_argument("--curves", type=Path, default=BENCH_CURVES, help="the contenders' held-out curves go to "
+                        "this path with .csv and .png")
     parser.add_argument("--plot", nargs="+", type=Path, metavar="RESULT_JSON",
                         help="only draw the curve files from RL job results (`python -m rayfleet.control_plane.rl "
                         "--out DIR` writes them)")
     args = parser.parse_args()
     if args.plot:
         # Named by file: runs of one config (seeds, learning rates) share name and k.
-        write_curves({path.stem: json.loads(path.read_text()) for path in args.plot})
+        write_curves({path.stem: json.loads(path.read_text()) for path in args.plot}, JOB_CURVES)
         return
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = load_average()
@@ -181,11 +188,13 @@ def main() -> None:
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": started.isoformat(),
                  "command": " ".join(["python"] + sys.argv), "load_before": load_before, "steps": args.steps}
     results: dict[str, dict] = {}
-    ks = [] if args.contenders == "none" else [int(k) for k in args.contenders.split(",")]
-    for k in ks:
-        result, _ = asyncio.run(run_job(controller, config_for(k, args.steps, 0, args.eval_every)))
-        results[f"k={k}"] = result.to_json()
-        print(f"k={k}: {result.samples_per_s:.1f} samples/s, held-out {result.curve[0]['reward']:.3f} -> "
+    contenders = [] if args.contenders == "none" else args.contenders.split(",")
+    for contender in contenders:
+        k, _, sync = contender.partition(":")
+        result, _ = asyncio.run(run_job(controller, config_for(int(k), args.steps, 0, args.eval_every, sync or None)))
+        name = f"k={k}" + (f" {sync}" if sync else "")
+        results[name] = result.to_json()
+        print(f"{name}: {result.samples_per_s:.1f} samples/s, held-out {result.curve[0]['reward']:.3f} -> "
               f"{result.curve[-1]['reward']:.3f} in {result.wall_s:.0f} s", flush=True)
     if results:
         target = args.target
@@ -216,13 +225,13 @@ def main() -> None:
     out["load_after"] = load_average()
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=2))
     if not args.no_write and results:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        RESULTS.write_text(json.dumps({**previous, **out}, indent=2) + "\n")
-        write_curves(results)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(args.results.read_text()) if args.results.exists() else {}
+        args.results.write_text(json.dumps({**previous, **out}, indent=2) + "\n")
+        write_curves(results, args.curves)
     elif not args.no_write and args.spread:
-        previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        RESULTS.write_text(json.dumps({**previous, "spread": out["spread"], "spread_load": [load_before,
+        previous = json.loads(args.results.read_text()) if args.results.exists() else {}
+        args.results.write_text(json.dumps({**previous, "spread": out["spread"], "spread_load": [load_before,
                                        out["load_after"]]}, indent=2) + "\n")
     import ray
 
