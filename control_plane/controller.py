@@ -105,8 +105,8 @@ class FleetController:
         self.store = DurableState(self.spec.state_store, self.spec.name)
         self.state_loaded = False  # desired counts read from the store (or it is memory://)
         self.added_pools: list[dict[str, Any]] = []  # pools added at runtime (add_pool), kept in the store
-        # Per pool, the verifier scores that came with its promoted weights ({"version": v, "rows": [...]}, kept
-        # in the store): ingresses relearn the pool's quality estimates from them.
+        # Per pool, the verifier scores that came with its promoted weights ({"revision": n, "version": v,
+        # "rows": [...]}, kept in the store): ingresses relearn the pool's quality estimates from them.
         self.quality_labels: dict[str, dict[str, Any]] = {}
         self.replicas: dict[str, ReplicaRecord] = {}
         self.desired: dict[str, int] = {p.name: p.start_replicas for p in self.spec.pools}
@@ -512,7 +512,8 @@ class FleetController:
             logger.info("promoted %s to weight version %d (%d requests migrated out first)", record.replica_id,
                         update.version, moved)
         if rows:
-            self.quality_labels[pool] = {"version": update.version, "rows": rows}
+            revision = self.quality_labels.get(pool, {}).get("revision", 0) + 1
+            self.quality_labels[pool] = {"revision": revision, "version": update.version, "rows": rows}
             self.store.put("quality_labels", self.quality_labels)
             logger.info("pool %s: %d verifier scores of version %d for the routers", pool, len(rows), update.version)
         return {"pool": pool, "version": update.version, "replicas": done, "quality_labels": len(rows)}
@@ -522,17 +523,19 @@ class FleetController:
         outcomes = []
         for number, label in enumerate(labels):
             try:
-                outcomes.append(LabelledOutcome(**{"pool": pool, "latency_s": 0.0, **label}))
+                outcome = LabelledOutcome(**{"pool": pool, "latency_s": 0.0, **label})
+                valid = outcome.pool == pool and 0.0 <= outcome.score <= 1.0
             except TypeError as error:
                 raise FleetError(f"promote: labels[{number}]: {error}") from None
-            if outcomes[-1].pool != pool or not 0.0 <= outcomes[-1].score <= 1.0:
+            if not valid:
                 raise FleetError(f"promote: labels[{number}] must score pool '{pool}' in [0, 1]")
+            outcomes.append(outcome)
         return outcomes
 
     def pool_quality_labels(self, pool: str) -> tuple[int, list[LabelledOutcome]]:
-        """The weight version whose verifier scores the pool has, and those scores (see `promote`)."""
-        labels = self.quality_labels.get(pool, {"version": 0, "rows": []})
-        return labels["version"], [LabelledOutcome(**row) for row in labels["rows"]]
+        """The revision of the pool's verifier scores (see `promote`) and the scores."""
+        labels = self.quality_labels.get(pool, {"revision": 0, "rows": []})
+        return labels["revision"], [LabelledOutcome(**row) for row in labels["rows"]]
 
     async def _drain_by_migration(self, record: ReplicaRecord, others: list[ReplicaRecord]) -> int:
         """Move `record`'s running requests to the least loaded of `others`; wait until it holds none."""
@@ -600,7 +603,7 @@ class FleetController:
                 max_replicas=pool.max_replicas, desired_replicas=self.desired[pool.name], tags=dict(pool.tags),
                 replicas=tuple(r.snapshot(pool) for r in records), max_model_len=max_len,
                 role=PoolRole(pool.role), prefill_pool=pool.prefill_pool,
-                quality_labels_version=self.quality_labels.get(pool.name, {}).get("version", 0))
+                quality_labels_revision=self.quality_labels.get(pool.name, {}).get("revision", 0))
         return FleetSnapshot(pools=pools, migrations=tuple(self.migrations[-50:]))
 
     def fleet_view(self) -> tuple[FleetSnapshot, dict[str, Any]]:

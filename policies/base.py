@@ -125,9 +125,10 @@ class PoolSnapshot:
     max_model_len: int = 0
     role: PoolRole = PoolRole.BOTH
     prefill_pool: str | None = None  # the pool that prefills this (decode) pool's requests
-    # The weight version whose verifier scores the controller holds for this pool (0: none): it changes when a
-    # trained version is promoted with labels, and a learning router then relearns the pool from them.
-    quality_labels_version: int = 0
+    # Counts the promotions that brought verifier scores for this pool (0: none; a counter of the controller's,
+    # not a weight version: each RL run numbers its versions from 0). A learning router relearns the pool from
+    # the scores when it changes.
+    quality_labels_revision: int = 0
 
     @functools.cached_property
     def routable_replicas(self) -> tuple[ReplicaSnapshot, ...]:

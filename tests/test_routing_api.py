@@ -135,8 +135,9 @@ def test_a_promoted_version_loads_under_a_running_stream_and_the_router_relearns
     """`FleetController.promote` on the "mig" pool (two replicas) while a 900-token stream runs on it: the stream
     finishes whole (its replica's requests move to the other replica by live migration before it reloads), both
     replicas report the new version, and the chimera ingress, which knew nothing of "mig" (prior 0.5 for every
-    prompt), relearns it from the version's verifier scores: right on EASY, wrong on HARD. The weights are the
-    pool's own model's, published as version 1: the version changes, the tokens of later tests do not."""
+    prompt), relearns it from the version's verifier scores: right on EASY, wrong on HARD. A second promotion,
+    numbered 1 again as a new RL run's would be, with the opposite scores: the router follows again. The weights
+    are the pool's own model's: the version changes, the tokens of later tests do not."""
     from transformers import AutoModelForCausalLM
 
     from rayfleet.actors.rl.weight_sync import WeightSync, get_or_create_weight_store, publish
@@ -156,18 +157,29 @@ def test_a_promoted_version_loads_under_a_running_stream_and_the_router_relearns
                                                                         "output_tokens": 3}]
         result = ray.get(fleet.controller.promote.remote("mig", update, labels), timeout=300)
         stream.thread.join(120)
+        assert stream.error is None and stream.finish_reason == "length" and stream.tokens == 900
+        assert result["version"] == 1 and len(result["replicas"]) == 2 and result["quality_labels"] == 2
+        assert sum(r["migrated"] for r in result["replicas"]) >= 1  # the stream moved off its replica first
+        for replica in fleet.replicas("mig"):
+            handle = ray.get_actor(replica_actor_name(replica["replica_id"]), namespace=NAMESPACE)
+            assert ray.get(handle.weight_version.remote()) == "1"
+        wait_for_quality_gap(client, base, "mig", 0.3)
+        flipped = [dict(label, score=1.0 - label["score"]) for label in labels]
+        ray.get(fleet.controller.promote.remote("mig", update, flipped), timeout=300)
+        wait_for_quality_gap(client, base, "mig", -0.3)
     finally:
         ray.kill(store)
-    assert stream.error is None and stream.finish_reason == "length" and stream.tokens == 900
-    assert result["version"] == 1 and len(result["replicas"]) == 2 and result["quality_labels"] == 2
-    assert sum(r["migrated"] for r in result["replicas"]) >= 1  # the stream moved off its replica first
-    for replica in fleet.replicas("mig"):
-        handle = ray.get_actor(replica_actor_name(replica["replica_id"]), namespace=NAMESPACE)
-        assert ray.get(handle.weight_version.remote()) == "1"
+
+
+def wait_for_quality_gap(client: httpx.Client, base: str, pool: str, gap: float) -> None:
+    """Until the router's predicted quality of `pool` on EASY minus HARD is beyond `gap` (its sign says which)."""
     deadline = time.monotonic() + 60
-    while (gap := quality(decision(client, base, ask(client, base, EASY).json()["id"]), "mig")
-           - quality(decision(client, base, ask(client, base, HARD).json()["id"]), "mig")) < 0.3:
-        assert time.monotonic() < deadline, f"the router did not relearn 'mig' (EASY - HARD quality {gap:.2f})"
+    while True:
+        now = quality(decision(client, base, ask(client, base, EASY).json()["id"]), pool) - \
+            quality(decision(client, base, ask(client, base, HARD).json()["id"]), pool)
+        if now * gap > 0 and abs(now) >= abs(gap):
+            return
+        assert time.monotonic() < deadline, f"the router did not relearn '{pool}' (EASY - HARD quality {now:.2f})"
 
 
 class StreamOnPool:

@@ -126,7 +126,7 @@ class FleetGateway:
         self.learning_router = self.router if isinstance(self.router, LearningRouter) else None
         self.embedder = None
         self._router_started = asyncio.Lock()
-        self.labels_learned: dict[str, int] = {}  # pool -> weight version whose verifier scores the router has
+        self.labels_learned: dict[str, int] = {}  # pool -> revision of the verifier scores the router learned
         self._relearning: asyncio.Task | None = None
         # A request accepts the same wait for a restarting controller as for a replica's replacement.
         self.view = ControllerView(self.controller, self.spec.ingress.replay_wait_s)
@@ -195,22 +195,24 @@ class FleetGateway:
         if self.embedder is None or (self._relearning is not None and not self._relearning.done()):
             return
         due = [name for name, pool in snapshot.pools.items()
-               if pool.quality_labels_version > self.labels_learned.get(name, 0)]
+               if pool.quality_labels_revision != self.labels_learned.get(name, 0)]
         if due:
             self._relearning = asyncio.create_task(self._relearn(due))
 
     async def _relearn(self, pools: list[str]) -> None:
         for pool in pools:
             try:
-                version, rows = await self.controller.pool_quality_labels.remote(pool)
-                self.learning_router.relearn(pool, rows, await self.embedder.embed.remote([r.prompt for r in rows]))
+                revision, rows = await self.controller.pool_quality_labels.remote(pool)
+                if rows:  # none: a controller on a memory:// store lost them; the router keeps what it knew
+                    self.learning_router.relearn(pool, rows,
+                                                 await self.embedder.embed.remote([r.prompt for r in rows]))
+                    logger.info("router %s relearned pool %s from %d verifier scores (revision %d)",
+                                self.spec.policies.router.name, pool, len(rows), revision)
             except Exception as error:  # the next view retries; routing goes on with what the router knew
                 logger.warning("relearning pool %s from its promoted weights' verifier scores failed: %s: %s",
                                pool, type(error).__name__, error)
                 continue
-            self.labels_learned[pool] = version
-            logger.info("router %s relearned pool %s from %d verifier scores of weight version %d",
-                        self.spec.policies.router.name, pool, len(rows), version)
+            self.labels_learned[pool] = revision
 
     def authenticate(self, authorization: str, how: str) -> Principal:
         """The caller of an `Authorization: Bearer <key>` value; `how` tells the client where to send the key."""
