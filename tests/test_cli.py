@@ -120,11 +120,13 @@ def test_up_from_the_unactivated_venv_serves_on_a_port_a_new_ingress_takes_over_
         # on the spec's port (no proxy hop).
         listener = listening_pid(port)
         assert "ServeReplica:rayfleet:OpenAIIngress" in psutil.Process(listener).name()
-        # A crashed ingress replica is replaced on the same port (the only one it may use) within seconds.
+        # A crashed ingress replica is replaced on the same port (the only one it may use). Seconds on a quiet
+        # machine; in the suite, with the session fleet's engines on the same two cores, the new replica's
+        # start (imports, vLLM's renderer) once took over a minute.
         psutil.Process(listener).kill()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while listening_pid(port) in (None, listener):
-            assert time.monotonic() < deadline, "no new ingress replica listens on the port a minute after"
+            assert time.monotonic() < deadline, "no new ingress replica listens on the port 3 minutes after"
             time.sleep(0.5)
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
         started = json.loads((tmp_path / "local-cluster.json").read_text())
