@@ -188,10 +188,7 @@ class ChimeraRouter:
 
     def fit_table(self, embeddings) -> None:
         """Load the offline table's rows with their prompts' embeddings (same order as `table_prompts`)."""
-        vectors = self._unit(np.asarray(embeddings, dtype=np.float32))
-        for row, vector in zip(self.rows, vectors):
-            self._tables(row.pool)[0].add(vector, row.score)
-            self._tables(row.pool)[1].add(vector, row.output_tokens)
+        self._add_rows(self.rows, embeddings)
 
     def observe(self, outcome: RequestOutcome) -> None:
         """A finished request: its length teaches the length predictor (and the workflow stage lengths)."""
@@ -223,12 +220,9 @@ class ChimeraRouter:
         stays: same architecture, same hardware."""
         if not rows or any(row.pool != pool for row in rows):
             raise ValueError(f"relearn: every row must be a labelled outcome of pool '{pool}'")
-        vectors = self._unit(np.asarray(embeddings, dtype=np.float32))
-        self.quality[pool] = KnnTable(self.dim, self.capacity)
-        self.length[pool] = KnnTable(self.dim, self.capacity)
-        for row, vector in zip(rows, vectors, strict=True):
-            self.quality[pool].add(vector, row.score)
-            self.length[pool].add(vector, row.output_tokens)
+        self.quality.pop(pool, None)  # _add_rows starts the pool on empty tables
+        self.length.pop(pool, None)
+        self._add_rows(rows, embeddings)
         self.prior[pool] = float(np.mean([row.score for row in rows]))
         self.stage_tokens = {key: tokens for key, tokens in self.stage_tokens.items() if key[0] != pool}
 
@@ -328,6 +322,14 @@ class ChimeraRouter:
             "candidates": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(c).items()}
                            for c in best_per_pool.values()],
         })
+
+    def _add_rows(self, rows: list[LabelledOutcome], embeddings) -> None:
+        """Labelled outcomes into their pools' quality and length tables (embeddings in the same order)."""
+        vectors = self._unit(np.asarray(embeddings, dtype=np.float32))
+        for row, vector in zip(rows, vectors, strict=True):
+            quality, length = self._tables(row.pool)
+            quality.add(vector, row.score)
+            length.add(vector, row.output_tokens)
 
     def _tables(self, pool: str) -> tuple[KnnTable, KnnTable]:
         if pool not in self.quality:
