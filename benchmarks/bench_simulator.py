@@ -10,10 +10,10 @@ section, as the controller and the ingress build them) over simulated replicas (
   CV 2, log-normal prompt and output lengths) at 0.6 req/s per replica, on 16, 64 and 1,000 replicas. Routers
   round robin, least load, power of two; migration `none` or `llumnix`; KV-aware admission on and off. At 1,000
   replicas the point is the policies' decision time per controller tick (goal: under 50 ms).
-- `scaling`: a diurnal trace with bursts (a day compressed into an hour) on a pool of 2-64 replicas: the
-  predictive scaler against the reactive `tokens_in_flight`, each at several settings of its knob (a frontier
-  of replica-hours against SLO violations), both draining by migration (`llumnix` drains):
-  SLO violations and replica-hours.
+- `scaling`: diurnal traces with bursts (a day compressed into half an hour, one trace per seed) on a pool of
+  2-64 replicas: the predictive scaler, with and without its scale-in guard, against the reactive
+  `tokens_in_flight`, each at several settings of its knob (a frontier of replica-hours against SLO
+  violations), all draining by migration (`llumnix` drains): SLO violations and replica-hours per seed.
 - `pd`: a prefill-heavy mix on 8 A100s (`a100-llama-13b`): colocated (vLLM v1's chunked prefill, and without
   chunking as in DistServe's vLLM baseline) against prefill/decode disaggregation at every split, goodput =
   the highest request rate with at least 90% of requests within both SLOs (DistServe's definition), for
@@ -166,26 +166,50 @@ def scale_markdown(sc: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- scaling
-def scaling(args) -> dict[str, Any]:
-    """Each scaler at several settings (its knob trades replica-hours for SLO violations): the comparison is
-    between the two frontiers, at equal replica-hours."""
-    p = profile("a10-llama-7b")
-    trace = diurnal_with_bursts(args.day_s, base_rate=args.day_rate, period_s=args.day_s, seed=args.seed)
-    pool = SimPool("m", p, 4, min_replicas=2, max_replicas=64)
+SCALERS = ("tokens_in_flight", "predictive", "predictive (unguarded)")
+
+
+def scaling_settings(args) -> list[tuple[str, str, float]]:
+    """(contender, knob, value): each scaler's knob trades replica-hours for SLO violations."""
     settings = [("tokens_in_flight", "target_tokens_per_replica", t) for t in args.reactive_targets]
-    settings += [("predictive", "target_utilization", u) for u in args.predictive_utilizations]
+    for name in SCALERS[1:]:
+        settings += [(name, "target_utilization", u) for u in args.predictive_utilizations]
+    return settings
+
+
+def scaling_run(job: tuple[int, str, str, float, argparse.Namespace]) -> dict[str, Any]:
+    """One scaler setting over one seed's trace (a worker process: the runs are independent)."""
+    seed, name, knob, value, args = job
+    p = profile("a10-llama-7b")
+    trace = diurnal_with_bursts(args.day_s, base_rate=args.day_rate, period_s=args.day_s, seed=seed)
+    pool = SimPool("m", p, 4, min_replicas=2, max_replicas=64)
+    params: dict[str, Any] = {knob: value}
+    if name.startswith("predictive"):
+        params.update(startup_s=p.startup_s, guard_scale_in=name == "predictive")
+    result = simulate([pool], trace, {"router": {"name": "least_load"},
+                                      "scaler": {"name": "predictive" if name.startswith("predictive") else name,
+                                                 "params": params},
+                                      "migration": llumnix(p, triggers=["drain"])})
+    s = result.summary(args.slo_ttft_s, args.slo_tpot_s)
+    return {"scaler": name, knob: value, "setting": f"{knob}={value:g}", "seed": seed, "requests": len(trace), **s}
+
+
+def scaling(args) -> dict[str, Any]:
+    """Each scaler at several settings, over several seeds' traces (one trace's frontier is not monotonic: a
+    flash crowd that lands on a lull decides it); the comparison is between frontiers at equal replica-hours,
+    seed by seed. Two worker processes: the runs are independent and each takes one core."""
+    from multiprocessing import get_context
+
+    jobs = [(seed, *setting, args) for seed in args.scaling_seeds for setting in scaling_settings(args)]
     rows = []
-    for name, knob, value in settings:
-        began = time.monotonic()
-        params = {knob: value, **({"startup_s": p.startup_s} if name == "predictive" else {})}
-        result = simulate([pool], trace, {"router": {"name": "least_load"}, "scaler": {"name": name, "params": params},
-                                          "migration": llumnix(p, triggers=["drain"])})
-        s = result.summary(args.slo_ttft_s, args.slo_tpot_s)
-        rows.append({"scaler": name, knob: value, "setting": f"{knob}={value:g}", "requests": len(trace), **s})
-        say(f"scaling {name} {knob}={value:g}: SLO violations {s['slo_violations']} of {s['requests']}, "
-            f"replica-hours {s['replica_hours']:.2f} ({time.monotonic() - began:.0f} s)")
-    return {"profile": p.name, "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s,
-            "day_s": args.day_s, "base_rate": args.day_rate, "rows": rows}
+    with get_context("spawn").Pool(args.workers) as pool:
+        for row in pool.imap(scaling_run, jobs):
+            rows.append(row)
+            say(f"scaling seed {row['seed']} {row['scaler']} {row['setting']}: SLO violations "
+                f"{row['slo_violations']} of {row['requests']}, replica-hours {row['replica_hours']:.2f} "
+                f"({len(rows)}/{len(jobs)})")
+    return {"profile": "a10-llama-7b", "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s,
+            "day_s": args.day_s, "base_rate": args.day_rate, "seeds": list(args.scaling_seeds), "rows": rows}
 
 
 def fewest_within(points: list[tuple[float, float]], hours: float) -> float | None:
@@ -194,24 +218,44 @@ def fewest_within(points: list[tuple[float, float]], hours: float) -> float | No
     return min(within) if within else None
 
 
+def scaling_verdicts(sc: dict[str, Any], scaler: str, setting: str) -> list[bool | None]:
+    """Per seed: fewer violations than the best reactive setting at no more replica-hours (None: no reactive
+    setting used as few replica-hours)."""
+    verdicts = []
+    for seed in sc["seeds"]:
+        mine = next(r for r in sc["rows"] if r["seed"] == seed and r["scaler"] == scaler and r["setting"] == setting)
+        reactive = [(r["replica_hours"], r["slo_violations"]) for r in sc["rows"]
+                    if r["seed"] == seed and r["scaler"] == "tokens_in_flight"]
+        best = fewest_within(reactive, mine["replica_hours"])
+        verdicts.append(None if best is None else mine["slo_violations"] < best)
+    return verdicts
+
+
 def scaling_markdown(sc: dict[str, Any]) -> str:
+    seeds = sc["seeds"]
     lines = [f"SLO: TTFT <= {sc['slo_ttft_s']:g} s and TPOT <= {sc['slo_tpot_s']:g} s; "
-             f"{sc['rows'][0]['requests']} requests over {sc['day_s']:g} s.", "",
-             "| scaler | setting | SLO violations | attainment | replica-hours | TTFT p50 / p99 ms | preemptions | "
-             "drains by migration |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in sc["rows"]:
-        lines.append(f"| {r['scaler']} | {r['setting']} | {r['slo_violations']} | {r['slo_attainment']:.1%} | "
-                     f"{r['replica_hours']:.2f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
-                     f"{r['preemptions']} | {r['migrated']} |")
-    reactive = [(r["replica_hours"], r["slo_violations"]) for r in sc["rows"] if r["scaler"] == "tokens_in_flight"]
+             f"{sc['day_s']:g} s of arrivals per trace, seeds {', '.join(map(str, seeds))} "
+             f"({', '.join(str(next(r['requests'] for r in sc['rows'] if r['seed'] == s)) for s in seeds)} requests). "
+             "Each cell: SLO violations / replica-hours.", "",
+             "| scaler | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | violations, sum | replica-hours, sum |",
+             "| --- | --- | " + " | ".join("---:" for _ in seeds) + " | ---: | ---: |"]
+    settings = list(dict.fromkeys((r["scaler"], r["setting"]) for r in sc["rows"]))
+    for scaler, setting in settings:
+        mine = {r["seed"]: r for r in sc["rows"] if r["scaler"] == scaler and r["setting"] == setting}
+        cells = [f"{mine[s]['slo_violations']} / {mine[s]['replica_hours']:.2f}" for s in seeds]
+        lines.append(f"| {scaler} | {setting} | " + " | ".join(cells) +
+                     f" | {sum(m['slo_violations'] for m in mine.values())} | "
+                     f"{sum(m['replica_hours'] for m in mine.values()):.2f} |")
     lines.append("")
-    for r in (r for r in sc["rows"] if r["scaler"] == "predictive"):
-        best = fewest_within(reactive, r["replica_hours"])
-        verdict = ("no reactive setting used as few replica-hours" if best is None else
-                   f"the best reactive setting at no more replica-hours: {best:.0f} "
-                   f"({'fewer' if r['slo_violations'] < best else 'MORE'} with predictive)")
-        lines.append(f"- predictive {r['setting']}: {r['slo_violations']} violations at {r['replica_hours']:.2f} "
-                     f"replica-hours; {verdict}")
+    for scaler, setting in settings:
+        if scaler == "tokens_in_flight":
+            continue
+        verdicts = scaling_verdicts(sc, scaler, setting)
+        judged = [v for v in verdicts if v is not None]
+        lines.append(f"- {scaler} {setting}: fewer violations than the best reactive setting at no more "
+                     f"replica-hours in {sum(judged)} of {len(judged)} seeds"
+                     + (f" ({len(verdicts) - len(judged)} with fewer replica-hours than any reactive setting)"
+                        if len(judged) < len(verdicts) else ""))
     return "\n".join(lines)
 
 
@@ -302,11 +346,15 @@ def plot(results: dict[str, Any], path: Path) -> str:
             ax.set_ylabel("p99 TTFT, s (log)")
             ax.set_title("A10 LLaMA-7B, bursty BurstGPT-shaped trace", fontsize=9)
         elif part == "scaling":
-            for scaler, marker in (("tokens_in_flight", "o-"), ("predictive", "s-")):
-                mine = sorted((r["replica_hours"], r["slo_violations"]) for r in rows if r["scaler"] == scaler)
-                ax.plot([m[0] for m in mine], [m[1] for m in mine], marker, label=scaler)
-            ax.set_xlabel("replica-hours")
-            ax.set_ylabel("SLO violations")
+            for scaler, marker in zip(SCALERS, ("o-", "s-", "^--")):
+                settings = list(dict.fromkeys(r["setting"] for r in rows if r["scaler"] == scaler))
+                means = sorted((statistics.mean(r["replica_hours"] for r in rows if r["setting"] == setting
+                                                and r["scaler"] == scaler),
+                                statistics.mean(r["slo_violations"] for r in rows if r["setting"] == setting
+                                                and r["scaler"] == scaler)) for setting in settings)
+                ax.plot([m[0] for m in means], [m[1] for m in means], marker, label=scaler)
+            ax.set_xlabel("replica-hours, mean over seeds")
+            ax.set_ylabel("SLO violations, mean over seeds")
             ax.set_title("diurnal + flash crowds: scaler frontiers", fontsize=9)
         else:
             slos = sorted({r["tpot_slo_s"] for r in rows})
@@ -357,8 +405,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration-s", type=float, default=300.0, help="scale: seconds of arrivals (16, 64)")
     parser.add_argument("--big-duration-s", type=float, default=60.0, help="scale: seconds simulated at 1,000")
     parser.add_argument("--day-s", type=float, default=1800.0, help="scaling: the compressed day")
-    parser.add_argument("--reactive-targets", type=int, nargs="+", default=[4000, 5000, 6000, 8000])
-    parser.add_argument("--predictive-utilizations", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
+    parser.add_argument("--reactive-targets", type=int, nargs="+", default=[4000, 4500, 5000, 6000])
+    parser.add_argument("--predictive-utilizations", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    parser.add_argument("--scaling-seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                        help="scaling: one diurnal trace per seed")
+    parser.add_argument("--workers", type=int, default=2, help="scaling: processes running settings at once")
     parser.add_argument("--day-rate", type=float, default=6.0, help="scaling: mean req/s over the day")
     parser.add_argument("--slo-ttft-s", type=float, default=2.0)
     parser.add_argument("--slo-tpot-s", type=float, default=0.1)
@@ -372,6 +423,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.duration_s, args.big_duration_s, args.day_s, args.pd_requests = 120.0, 20.0, 1200.0, 600
         args.pd_tpot_slos = [0.03, 0.1]
+        args.scaling_seeds = args.scaling_seeds[:2]
     return args
 
 

@@ -233,3 +233,25 @@ def test_predictive_scaler_scales_in_only_after_its_delay_and_one_at_a_time():
     assert wanted[:10] == [4] * 10  # idle, but the delay has not passed
     assert 3 in wanted and min(wanted) >= 1
     assert all(later >= earlier - 1 for earlier, later in zip(wanted, wanted[1:]))
+
+
+def test_predictive_scaler_keeps_replicas_its_forecast_still_needs_and_sheds_them_once_demand_is_gone():
+    """Tokens in flight swing between 1,600 (two seconds) and 0 (two seconds) on 4 replicas of 1,600 KV
+    tokens at 0.5 utilization (800 tokens each): a tick alone wants 2 or 1 replicas, and the unguarded scaler
+    drains to 2; the swings' forecast one start-up (2 s) ahead, at its 0.95 quantile, still fills 4, so the
+    guarded scaler keeps them. Once the load is gone for good, the forecast and its error decay and the
+    guarded scaler scales in too, one replica per tick after the delay."""
+    def run(guard: bool) -> list[int]:
+        scaler = PredictiveScaler(startup_s=2.0, window_s=5.0, downscale_delay_s=3.0, quantile=0.95,
+                                  target_utilization=0.5, guard_scale_in=guard)
+        desired, wanted = 4, []
+        for t in range(100):
+            tokens = 1600 if t < 40 and t % 4 < 2 else 0
+            desired = scaler.desired_replicas(pool_at(float(t), started("a1", 0, tokens=tokens), desired=desired))["a"]
+            wanted.append(desired)
+        return wanted
+
+    unguarded, guarded = run(False), run(True)
+    assert unguarded[5:40] == [2] * 35  # drained during the swings
+    assert guarded[:40] == [4] * 40  # kept: the next swing needs them
+    assert guarded[-1] == 1 and all(later >= earlier - 1 for earlier, later in zip(guarded, guarded[1:]))
