@@ -52,11 +52,11 @@ from contenders import (  # noqa: E402
     warm_up,
 )
 from cpu_accounting import cpu_seconds_by_role, snapshot  # noqa: E402
+from doc_sections import write_section  # noqa: E402
 from load_generator import add_workload_args, random_dataset, run_vllm_bench  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks-serving.md"
 RESULTS = REPO / "benchmarks" / "results" / "serving_overhead.json"
-BEGIN, END = "<!-- bench_serving_overhead:begin -->", "<!-- bench_serving_overhead:end -->"
 # (key in vllm bench's result, column title, format)
 COLUMNS = (("request_throughput", "req/s", "{:.2f}"), ("output_throughput", "out tok/s", "{:.0f}"),
            ("p50_ttft_ms", "TTFT p50 ms", "{:.1f}"), ("p99_ttft_ms", "TTFT p99 ms", "{:.1f}"),
@@ -374,15 +374,6 @@ def load_lines(runs: list[dict[str, Any]]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def write_doc(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else f"# Serving benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    before, rest = text.split(BEGIN, 1)
-    _, after = rest.split(END, 1)
-    path.write_text(f"{before}{BEGIN}\n{section}\n{END}{after}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -429,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                f"`{args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}`.\n\n"
                f"{table}\n\nGoal check (fleet vs plain):\n\n" + "\n".join(f"- {g}" for g in goals)
                + ("\n\nLoad average (1 min) around each contender:\n\n" + "\n".join(loads) if loads else ""))
-    write_doc(args.doc, section)
+    write_section(args.doc, "bench_serving_overhead", section, title="# Serving benchmarks\n")
     print(f"wrote {args.out} and {args.doc}")
     return 0
 
