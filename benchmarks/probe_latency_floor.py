@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import datetime
 import os
-import random
 import statistics
 import sys
 import time
@@ -31,20 +30,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from contenders import DEMO_MODELS, ENGINE_ARGS, ENGINE_ENV, REPO, make_contender, warm_up  # noqa: E402
+from bench_serving_overhead import PROBE_PROMPT_TOKENS, probe_http, probe_prompts  # noqa: E402
 from doc_sections import write_section  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks-serving.md"
-PROMPT_TOKENS = 128
 WARM = 5  # first requests of each layer, not counted
 
 
 def say(message: str) -> None:
     print(f"[probe] {message}", flush=True)
-
-
-def prompts(count: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(10, 500) for _ in range(PROMPT_TOKENS)] for _ in range(count)]
 
 
 def one_token():
@@ -70,7 +64,7 @@ def engine_in_process(model: Path, count: int) -> list[float]:
                                                            **migration_engine_kwargs()))
         try:
             latencies = []
-            for i, prompt in enumerate(prompts(count, 1)):
+            for i, prompt in enumerate(probe_prompts(count, 1)):
                 params = one_token()
                 params.output_kind, params.detokenize = RequestOutputKind.DELTA, False  # as the replica asks
                 began = time.perf_counter()
@@ -114,7 +108,7 @@ def replica_layers(model: Path, count: int) -> dict[str, list[float]]:
         ray.get(replica.start.remote())
         layers: dict[str, list[float]] = {"inside": [], "unary": [], "stream": [], "rtt": []}
         # Each layer its own prompts: a prompt seen before would hit the prefix cache and skip the prefill.
-        by_layer = {kind: prompts(count, seed) for seed, kind in enumerate(("inside", "unary", "stream"), start=10)}
+        by_layer = {kind: probe_prompts(count, seed) for seed, kind in enumerate(("inside", "unary", "stream"), start=10)}
         for i in range(count):
             def call(kind: str) -> GenerateCall:
                 return GenerateCall(request_id=f"{kind}-{i}", prompt_token_ids=by_layer[kind][i],
@@ -138,13 +132,11 @@ def replica_layers(model: Path, count: int) -> dict[str, list[float]]:
 
 
 def http_layer(name: str, model: Path, count: int, log_dir: Path) -> list[float]:
-    from bench_serving_overhead import probe_http
-
     contender = make_contender(name, model, log_dir)
     contender.start()
     try:
         warm_up(contender.base_url)
-        return probe_http(contender.base_url, prompts(count, 3))
+        return probe_http(contender.base_url, probe_prompts(count, 3))
     finally:
         contender.stop()
 
@@ -178,7 +170,8 @@ def report(rounds: list[dict[str, float]], args: argparse.Namespace, loads: list
              f"{args.rounds}` on {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} "
              f"(x86_64, 2-core CPU; load average before / after each round: "
              f"{', '.join(f'{a:.2f} / {b:.2f}' for a, b in loads)}; {took_s / 60:.1f} min). Each round: the median "
-             f"of {args.requests - WARM} sequential 1-token greedy requests per layer (128-token prompts), ms:", "",
+             f"of {args.requests - WARM} sequential 1-token greedy requests per layer ({PROBE_PROMPT_TOKENS}-token "
+             "prompts), ms:", "",
              "| layer | " + " | ".join(f"round {i + 1}" for i in range(len(rounds))) +
              " | median | over the engine in process | over plain vLLM over HTTP |",
              "| --- | " + " | ".join("---:" for _ in rounds) + " | ---: | ---: | ---: |"]

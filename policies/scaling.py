@@ -139,8 +139,8 @@ class PredictiveScaler:
     forecast and measured error, would still fill the replicas it has. Without the guard, a lull between
     the swings of a bursty load drained replicas the next swing needed (each drain also migrates requests),
     and SLO violations came from that churn more than from a lack of replicas: in the simulator's
-    diurnal-with-bursts trace over 5 seeds the guard cut violations 1.4-12x at about the same replica-hours
-    (`docs/benchmarks-simulator.md`).
+    diurnal-with-bursts traces the guard cut violations 1.7-3.0x summed over 5 seeds (1.1-16x seed by seed)
+    for 2-3% more replica-hours (`docs/benchmarks-simulator.md`).
     """
 
     def __init__(self, startup_s: float = 60.0, quantile: float = 0.9, target_utilization: float = 0.6,
