@@ -36,7 +36,10 @@ def chimera_url(fleet, tmp_path_factory):
             for pool, score, latency in zip(("tiny-a", "tiny-b"), scores, (0.05, 0.08))]
     table.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = fleet.spec.model_dump()
-    spec["policies"]["router"] = {"name": "chimera", "params": {"table": str(table), "latency_weight": 0.1}}
+    # These tests compare predictions made with the prompt's embedding: on a loaded machine the default 0.1 s
+    # wait can pass before the embedding is back, and that request is routed on the pools' priors instead.
+    spec["policies"]["router"] = {"name": "chimera", "params": {"table": str(table), "latency_weight": 0.1,
+                                                                "embedding_wait_s": 30.0}}
     serve.run(build_app({"spec": spec}), name="rayfleet-chimera", route_prefix="/chimera", blocking=False)
     base = fleet.base_url.removesuffix("/v1") + "/chimera/v1"
     with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
@@ -112,6 +115,7 @@ def test_malformed_feedback_is_a_400_and_changes_nothing(chimera_url, body, para
     assert response.json()["error"]["param"] == param
     second = ask(client, base, EASY).json()
     after = decision(client, base, second["id"])
+    assert before["embedded"] and after["embedded"]
     assert {c["pool"]: c["quality"] for c in after["candidates"]} == \
         {c["pool"]: c["quality"] for c in before["candidates"]}
 
