@@ -6,9 +6,12 @@ exactly the reference ("exact greedy", teacher-forced argmax). Separates the lea
 pipeline (docs/rl.md, "Diagnosis").
 
     MODEL=actors/tasks/trained/task-small-mid CELL=products/easy [OPT=sgd] [NGROUPS=8] [SEED=0] [EVERY=6] \
-        python benchmarks/rl_inprocess_check.py LR STEPS TEMPERATURE
+        [FREEZE=REGEX] python benchmarks/rl_inprocess_check.py LR STEPS TEMPERATURE
+
+FREEZE keeps the parameters whose names match REGEX fixed (e.g. 'embed_tokens|norm|layers.0.self_attn', the
+directions the gradient check found sharp) and trains the rest with Adam.
 """
-import os, sys, time, torch
+import os, re, sys, time, torch
 from rayfleet.actors.rl.trainer import GRPOTrainer, TrainerSpec
 from rayfleet.actors.rl.samples import Sample, SampleGroup
 from rayfleet.actors.rl.rollout import TaskStream, held_out, render_prompt
@@ -24,6 +27,10 @@ tok = tr.tokenizer
 if os.environ.get("OPT") == "sgd":
     tr.optimizer = torch.optim.SGD(tr.model.parameters(), lr=lr)
 B = int(os.environ.get("NGROUPS", B))
+if os.environ.get("FREEZE"):
+    for name, param in tr.model.named_parameters():
+        param.requires_grad_(not re.search(os.environ["FREEZE"], name))
+    tr.optimizer = torch.optim.AdamW([p for p in tr.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 evals = held_out(cells, 1950000000, 128)
 eprompts = [render_prompt(tok, i) for i in evals]
 gen = torch.Generator().manual_seed(123 + SEED)

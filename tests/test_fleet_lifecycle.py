@@ -108,7 +108,7 @@ async def test_stalled_engine_core_of_a_single_replica_pool_is_replaced_and_its_
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 text.append(chunk.choices[0].delta.content)
-                if len(text) == 20:
+                if len(text) == 5:
                     stopped = psutil.Process(ray.get(handle.pid.remote())).children(recursive=True)
                     for process in stopped:
                         process.send_signal(signal.SIGSTOP)

@@ -74,7 +74,9 @@ async def stream_with_migrations(fleet, async_client, hops: int, mode: str, max_
         chunks += 1
         if chunk.usage:
             usage = chunk.usage
-        if len(records) < hops and chunks == 20 + 40 * len(records):
+        # Early in the stream: under load the ingress merges deltas, so a 240-token stream can arrive in far fewer
+        # chunks than tokens, and an engine that runs ahead of a slow client can finish before a late hop starts.
+        if len(records) < hops and chunks == 5 + 15 * len(records):
             # The first location comes from the controller; after that the request is where we moved it.
             src = records[-1]["dst"] if records else await asyncio.to_thread(where, fleet, request_id)
             dst = next(r for r in mig_replicas(fleet) if r != src)
@@ -146,7 +148,7 @@ async def test_destination_killed_mid_migration_leaves_request_on_source(fleet, 
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             text.append(chunk.choices[0].delta.content)
-        if record is None and len(text) == 20:
+        if record is None and len(text) == 5:
             here = await asyncio.to_thread(where, fleet, chunk.id)
             other = next(r for r in mig_replicas(fleet) if r != here)
             victim = replica_handle(other)
@@ -253,7 +255,7 @@ async def test_destination_failing_after_the_stop_resumes_on_the_source_token_ex
             if chunk.choices and chunk.choices[0].delta.content:
                 text.append(chunk.choices[0].delta.content)
             usage = chunk.usage or usage
-            if record is None and len(text) == 20:
+            if record is None and len(text) == 5:
                 here = await asyncio.to_thread(where, fleet, chunk.id)
                 record = await replica_handle(here).migrate_out.remote(
                     chunk.id, Destination("stand-in", destination, ""), f"mig-fail-{fail_at}", "stop_and_copy")

@@ -66,7 +66,7 @@ async def test_migrated_request_is_one_span_tree_across_ingress_and_replicas(fle
     chunks, record = 0, None
     async for chunk in stream:
         chunks += 1
-        if chunks == 20:
+        if chunks == 5:  # early: merged deltas and a lagging client could otherwise see the request finish
             src = await asyncio.to_thread(where, fleet, chunk.id)
             dst = next(r for r in mig_pool if r != src)
             record = await fleet.controller.migrate.remote(chunk.id, src, dst, "stop_and_copy")
