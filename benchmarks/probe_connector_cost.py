@@ -29,9 +29,9 @@ sys.path.insert(0, str(HERE))
 
 from contenders import DEMO_MODELS, ENGINE_ARGS, ENGINE_ENV  # noqa: E402
 from bench_serving_overhead import probe_prompts  # noqa: E402
+from probe_latency_floor import engine_params, median_ms  # noqa: E402
 
 CONTENDERS = ("none", "noop", "rayfleet")
-WARM = 5
 
 
 def engine_kwargs(contender: str) -> dict:
@@ -49,15 +49,8 @@ def engine_kwargs(contender: str) -> dict:
 
 async def measure(contender: str, requests: int) -> tuple[float, float]:
     """(1-token latency, time per output token of a single stream), medians, in ms."""
-    from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
-
-    def params(tokens: int) -> SamplingParams:
-        p = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-        p.output_kind, p.detokenize = RequestOutputKind.DELTA, False  # as the replica asks
-        return p
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(DEMO_MODELS / "tiny-llama-b"), **ENGINE_ARGS,
                                                        **engine_kwargs(contender)))
@@ -66,16 +59,16 @@ async def measure(contender: str, requests: int) -> tuple[float, float]:
         latencies = []
         for i, prompt in enumerate(prompts[:requests]):
             began = time.perf_counter()
-            async for _ in engine.generate({"prompt_token_ids": prompt}, params(1), request_id=f"one-{i}"):
+            async for _ in engine.generate({"prompt_token_ids": prompt}, engine_params(1), request_id=f"one-{i}"):
                 pass
             latencies.append(time.perf_counter() - began)
         per_token = []
         for i, prompt in enumerate(prompts[requests:]):
             first = None
-            async for _ in engine.generate({"prompt_token_ids": prompt}, params(200), request_id=f"long-{i}"):
+            async for _ in engine.generate({"prompt_token_ids": prompt}, engine_params(200), request_id=f"long-{i}"):
                 first = first or time.perf_counter()
             per_token.append((time.perf_counter() - first) / 199)
-        return statistics.median(latencies[WARM:]) * 1e3, statistics.median(per_token) * 1e3
+        return median_ms(latencies), statistics.median(per_token) * 1e3
     finally:
         engine.shutdown()
 

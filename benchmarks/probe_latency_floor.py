@@ -47,6 +47,16 @@ def one_token():
     return SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 
 
+def engine_params(max_tokens: int):
+    """Greedy, EOS ignored, token-id deltas without detokenizing: what the replica asks of its engine."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    params.output_kind, params.detokenize = RequestOutputKind.DELTA, False
+    return params
+
+
 def median_ms(seconds: list[float]) -> float:
     return statistics.median(seconds[WARM:]) * 1e3
 
@@ -54,7 +64,6 @@ def median_ms(seconds: list[float]) -> float:
 # ---------------------------------------------------------------- layers
 def engine_in_process(model: Path, count: int) -> list[float]:
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from rayfleet.actors.kv.engine_migrator import migration_engine_kwargs
@@ -65,10 +74,9 @@ def engine_in_process(model: Path, count: int) -> list[float]:
         try:
             latencies = []
             for i, prompt in enumerate(probe_prompts(count, 1)):
-                params = one_token()
-                params.output_kind, params.detokenize = RequestOutputKind.DELTA, False  # as the replica asks
                 began = time.perf_counter()
-                async for _ in engine.generate({"prompt_token_ids": prompt}, params, request_id=f"local-{i}"):
+                async for _ in engine.generate({"prompt_token_ids": prompt}, engine_params(1),
+                                               request_id=f"local-{i}"):
                     pass
                 latencies.append(time.perf_counter() - began)
             return latencies

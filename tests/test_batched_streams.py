@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from rayfleet.kernels import live_files, shared_rows
-from test_live_migration import free_blocks, mig_replicas, replica_handle, where
+from test_live_migration import free_blocks, mig_replicas, replica_handle, settle, where
 
 pytestmark = pytest.mark.engines
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
@@ -139,12 +139,8 @@ async def test_migration_inside_a_shared_batch_loses_and_duplicates_nothing_and_
     assert record["outcome"] == "migrated", record
     assert text == reference.choices[0].message.content and completion_tokens == 160
     assert all(o["text"] == text and o["usage"].completion_tokens == 160 for o in others)
-    # A request's blocks are freed an engine step after it ends, the migration's rows when its cleanup runs:
-    # wait for both (bounded), then assert each, so that a leak fails naming what leaked.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and ({r: free_blocks(r) for r in mig_replicas(fleet)} != blocks_before
-                                           or live_files() != files_before):
-        await asyncio.sleep(0.25)
+    await settle(lambda: {r: free_blocks(r) for r in mig_replicas(fleet)} == blocks_before
+                 and live_files() == files_before)
     assert {r: free_blocks(r) for r in mig_replicas(fleet)} == blocks_before, "KV blocks leaked"
     assert live_files() == files_before, "shared-memory rows leaked"
     pools: dict[str, int] = {}

@@ -43,6 +43,14 @@ def free_blocks(replica_id: str) -> int:
     return ray.get(replica_handle(replica_id).kv_stats.remote())["num_free_blocks"]
 
 
+async def settle(condition, timeout_s: float = 30.0) -> None:
+    """Wait, bounded, until `condition()` holds, without failing: the asserts after it name what did not settle
+    (a request's KV blocks are freed an engine step after it ends, a migration's rows when its cleanup runs)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not await asyncio.to_thread(condition):
+        await asyncio.sleep(0.25)
+
+
 @pytest.fixture
 def mig_pool(fleet) -> list[str]:
     """The "mig" pool with both its replicas ready: a drain (or a kill) earlier in the session may have left
@@ -99,7 +107,7 @@ async def test_migrated_stream_is_token_identical(fleet, async_client, reference
         assert record["downtime_s"] > 0
         if mode == "precopy":
             assert record["stages"] >= 2
-    await asyncio.sleep(1.5)  # one engine step after the last request for the stats to settle
+    await settle(lambda: {r: free_blocks(r) for r in mig_replicas(fleet)} == before)
     assert {r: free_blocks(r) for r in mig_replicas(fleet)} == before, "KV blocks leaked"
 
 
