@@ -12,6 +12,8 @@ Each contender serves the same model folder with the same engine arguments (dtyp
              with the live-migration KV connector (the pool default)
   fleet_proxy  the same through Serve's proxy (`ingress.direct_ingress: off`)
   fleet_nomig  the same with `live_migration: false` (no KV connector in the engine)
+  fleet_view_wait  the same with `ingress.view_stale_s: 0`: a request that finds the routing view older than
+             0.25 s waits for a fresh one from the controller (the ingress before 2026-12-03)
   serve_llm  Ray Serve LLM: build_openai_app(LLMConfig) -> OpenAiIngress -> LLMServer -> AsyncLLM
 Contenders run one after another in one invocation (one engine alive at a time: the machine has 2 cores), in
 rotated order each round, so slow drifts of the shared machine's load hit every contender alike. In each round

@@ -41,7 +41,7 @@ ENGINE_ARGS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "max_m
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 # fleet_nomig: rayfleet with the pool's live migration off (no KV connector in the engine), to split the
 # fleet's overhead into its serving path and its migration-ready engine.
-CONTENDERS = ("plain", "fleet", "fleet_proxy", "fleet_nomig", "serve_llm")
+CONTENDERS = ("plain", "fleet", "fleet_proxy", "fleet_nomig", "fleet_view_wait", "serve_llm")
 _ray_env: dict[str, str] = {}  # the Serve settings the running Ray was started with
 
 
@@ -177,6 +177,7 @@ class Fleet(Contender):
     spec_overrides: dict[str, Any] | None = None
     pool_overrides: dict[str, Any] | None = None
     direct_ingress: str = "auto"  # the spec's ingress.direct_ingress
+    ingress_overrides: dict[str, Any] | None = None
     controller: Any = None
 
     def spec(self, port: int) -> dict[str, Any]:
@@ -186,7 +187,7 @@ class Fleet(Contender):
                 **(self.pool_overrides or {})}
         return {"name": "rayfleet-bench", "pools": [pool],
                 "ingress": {"host": "127.0.0.1", "port": port, "auth": "none",  # loopback benchmark
-                            "direct_ingress": self.direct_ingress},
+                            "direct_ingress": self.direct_ingress, **(self.ingress_overrides or {})},
                 # Plain vLLM and Ray Serve LLM queue every request; so does the fleet here (its default admission
                 # answers a burst of 200 on one replica with 429s beyond 64 waiting, which is a policy, not the
                 # data path this compares).
@@ -249,7 +250,8 @@ class ServeLLM(Contender):
 
 
 def make_contender(name: str, model_dir: Path, log_dir: Path, **kwargs: Any) -> Contender:
-    kinds = {"plain": PlainVLLM, "fleet": Fleet, "fleet_proxy": Fleet, "fleet_nomig": Fleet, "serve_llm": ServeLLM}
+    kinds = {"plain": PlainVLLM, "fleet": Fleet, "fleet_proxy": Fleet, "fleet_nomig": Fleet, "fleet_view_wait": Fleet,
+             "serve_llm": ServeLLM}
     if name not in kinds:
         raise ValueError(f"unknown contender '{name}'; choose from {', '.join(kinds)}")
     contender = kinds[name](name=name, model_dir=model_dir, log_dir=log_dir)
@@ -257,6 +259,8 @@ def make_contender(name: str, model_dir: Path, log_dir: Path, **kwargs: Any) -> 
         contender.pool_overrides = {"live_migration": False}
     if name == "fleet_proxy":
         contender.direct_ingress = "off"
+    if name == "fleet_view_wait":  # the routing view as before 2026-12-03: a stale one is fetched before routing
+        contender.ingress_overrides = {"view_stale_s": 0}
     for key, value in kwargs.items():
         setattr(contender, key, value)
     return contender

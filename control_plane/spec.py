@@ -206,6 +206,11 @@ class IngressSpec(Strict):
         "(e.g. the replacement) before it fails; also how long the ingress routes on its last view while the "
         "controller restarts.")
     max_replays: int = Field(3, ge=0, description="Replays of one request after replica failures.")
+    view_stale_s: float = Field(
+        1.0, ge=0, description="Oldest routing view (the controller's snapshot of replicas and their load) a "
+        "request is routed on while a fresh one is fetched in the background; an older view is fetched first, "
+        "which costs that request a round trip to the controller (4-8 ms on a 2-core machine). 0: every request "
+        "arriving more than 0.25 s after the last fetch waits for a fresh view.")
     direct_ingress: Literal["auto", "on", "off"] = Field(
         "auto", description="Serve's direct ingress: the ingress replica serves HTTP itself, without the hop "
         "through Serve's proxy (about a third less CPU per output token, docs/benchmarks-serving.md). Ray must "

@@ -200,7 +200,7 @@ async def test_a_restarting_controller_s_last_view_routes_up_to_the_replay_wait_
 
     controller, now = _RestartingController(), [1000.0]
     monkeypatch.setattr(gateway.time, "monotonic", lambda: now[0])
-    view = gateway.ControllerView(controller, max_stale_s=IngressSpec().replay_wait_s)
+    view = gateway.ControllerView(controller, IngressSpec().replay_wait_s, IngressSpec().view_stale_s)
     assert (await view.get())[1] == {"r1": "handle"}
     controller.up = False
     now[0] += 120  # a restart on a loaded 2-core machine took 65 s in the soak
@@ -209,6 +209,45 @@ async def test_a_restarting_controller_s_last_view_routes_up_to_the_replay_wait_
     with pytest.raises(OpenAIHTTPError) as error:
         await view.get(fresh=True)
     assert error.value.status == 503
+
+
+class _CountingController:
+    """Stand-in for the controller's actor handle that counts the views it hands out (the cache's logic is what
+    is tested; the live fleet's requests exercise the real controller)."""
+
+    def __init__(self):
+        self.views = 0
+        self.fleet_view = self
+
+    async def remote(self):
+        from rayfleet.policies.base import FleetSnapshot
+
+        self.views += 1
+        return FleetSnapshot(pools={}), {"view": self.views}
+
+
+async def test_a_stale_view_is_used_at_once_and_refreshed_off_the_request_path(monkeypatch):
+    from rayfleet.control_plane.serving import gateway
+
+    controller, now = _CountingController(), [1000.0]
+    monkeypatch.setattr(gateway.time, "monotonic", lambda: now[0])
+    spec = IngressSpec()
+    view = gateway.ControllerView(controller, spec.replay_wait_s, spec.view_stale_s)
+    assert (await view.get())[1] == {"view": 1}
+    now[0] += gateway.VIEW_TTL_S / 2
+    assert (await view.get())[1] == {"view": 1} and controller.views == 1  # fresh enough: no fetch at all
+    now[0] += gateway.VIEW_TTL_S  # stale, within view_stale_s: this request routes on the view it has...
+    assert (await view.get())[1] == {"view": 1}
+    assert (await view.get())[1] == {"view": 1}  # ...and so does the next one, while one fetch runs
+    await view._refresh
+    assert controller.views == 2 and (await view.get())[1] == {"view": 2}
+    now[0] += spec.view_stale_s + 1  # too old to route on: the request waits for the controller
+    assert (await view.get())[1] == {"view": 3}
+    assert (await view.get(fresh=True))[1] == {"view": 4}  # a replay asks for a fresh view: always fetched
+    waiting = gateway.ControllerView(_CountingController(), spec.replay_wait_s, stale_s=0)  # as before 2026-12-03
+    await waiting.get()
+    now[0] += gateway.VIEW_TTL_S * 1.5
+    assert (await waiting.get())[1] == {"view": 2}
 
 
 def test_a_lost_replica_is_one_warning_however_many_requests_it_had(caplog):
