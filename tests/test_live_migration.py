@@ -130,7 +130,11 @@ async def test_migration_onto_a_full_replica_is_refused_and_completes_on_source(
         sampling_params=SamplingParams(max_tokens=560, ignore_eos=True))) for i in range(2)]
     for filler in fillers:
         await (await filler.__anext__())
-    await asyncio.sleep(1.5)  # the controller sees dst's load, so the router sends the next request elsewhere
+    # Until the controller sees dst's load, the router could send the next request there. (The ingress' last
+    # view came with the reference request, seconds ago: older than `view_stale_s`, so it fetches a fresh one.)
+    await asyncio.to_thread(fleet.wait_for, lambda: {"filler-0", "filler-1"} <= {
+        rid for r in fleet.replicas("mig") if r["replica_id"] == dst for rid in r["requests"]},
+        what="the fillers in the controller's view of dst")
 
     stream = await async_client.completions.create(model="mig", prompt=long_prompt, max_tokens=170, stream=True,
                                                    **GREEDY)
