@@ -127,6 +127,8 @@ class ControllerView:
             await self._fetch()
         except OpenAIHTTPError:  # the controller is gone for too long: the next request's own fetch says so
             pass
+        except Exception as error:  # routing goes on with the view it has; a request's own fetch raises it
+            logger.warning("refreshing the routing view failed: %s: %s", type(error).__name__, error)
 
 
 class FleetGateway:
