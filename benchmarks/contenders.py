@@ -176,8 +176,7 @@ class Fleet(Contender):
 
     spec_overrides: dict[str, Any] | None = None
     pool_overrides: dict[str, Any] | None = None
-    direct_ingress: str = "auto"  # the spec's ingress.direct_ingress
-    ingress_overrides: dict[str, Any] | None = None
+    ingress_overrides: dict[str, Any] | None = None  # merge into the spec's ingress (direct_ingress, view_stale_s)
     controller: Any = None
 
     def spec(self, port: int) -> dict[str, Any]:
@@ -187,7 +186,7 @@ class Fleet(Contender):
                 **(self.pool_overrides or {})}
         return {"name": "rayfleet-bench", "pools": [pool],
                 "ingress": {"host": "127.0.0.1", "port": port, "auth": "none",  # loopback benchmark
-                            "direct_ingress": self.direct_ingress, **(self.ingress_overrides or {})},
+                            **(self.ingress_overrides or {})},
                 # Plain vLLM and Ray Serve LLM queue every request; so does the fleet here (its default admission
                 # answers a burst of 200 on one replica with 429s beyond 64 waiting, which is a policy, not the
                 # data path this compares).
@@ -258,7 +257,7 @@ def make_contender(name: str, model_dir: Path, log_dir: Path, **kwargs: Any) -> 
     if name == "fleet_nomig":
         contender.pool_overrides = {"live_migration": False}
     if name == "fleet_proxy":
-        contender.direct_ingress = "off"
+        contender.ingress_overrides = {"direct_ingress": "off"}
     if name == "fleet_view_wait":  # the routing view as before 2026-12-03: a stale one is fetched before routing
         contender.ingress_overrides = {"view_stale_s": 0}
     for key, value in kwargs.items():

@@ -177,12 +177,14 @@ def test_a_seeded_rollout_replays_from_a_derived_seed_and_a_seeded_client_reques
     assert replay.sampling_params.seed == after_three_tokens(reseed_replays=True).replay_call().sampling_params.seed
 
 
-class _RestartingController:
+class _ControllerStandIn:
     """Stand-in for the controller's actor handle (a controller kept down for minutes cannot be had cheaply
-    here; the chaos soak does it for real): answers with a view, then fails as Ray does while re-creating it."""
+    here; the chaos soak does it for real): hands out numbered views, or fails as Ray does while re-creating
+    it. The view cache's logic is what is tested; the live fleet's requests exercise the real controller."""
 
     def __init__(self):
         self.up = True
+        self.views = 0
         self.fleet_view = self
 
     async def remote(self):
@@ -192,44 +194,30 @@ class _RestartingController:
             raise ray.exceptions.ActorUnavailableError("restarting", None)
         from rayfleet.policies.base import FleetSnapshot
 
-        return FleetSnapshot(pools={}), {"r1": "handle"}
+        self.views += 1
+        return FleetSnapshot(pools={}), {"view": self.views}
 
 
 async def test_a_restarting_controller_s_last_view_routes_up_to_the_replay_wait_then_503(monkeypatch):
     from rayfleet.control_plane.serving import gateway
 
-    controller, now = _RestartingController(), [1000.0]
+    controller, now = _ControllerStandIn(), [1000.0]
     monkeypatch.setattr(gateway.time, "monotonic", lambda: now[0])
     view = gateway.ControllerView(controller, IngressSpec().replay_wait_s, IngressSpec().view_stale_s)
-    assert (await view.get())[1] == {"r1": "handle"}
+    assert (await view.get())[1] == {"view": 1}
     controller.up = False
     now[0] += 120  # a restart on a loaded 2-core machine took 65 s in the soak
-    assert (await view.get(fresh=True))[1] == {"r1": "handle"}
+    assert (await view.get(fresh=True))[1] == {"view": 1}
     now[0] += 200  # past replay_wait_s (300 s): the controller is not coming back soon
     with pytest.raises(OpenAIHTTPError) as error:
         await view.get(fresh=True)
     assert error.value.status == 503
 
 
-class _CountingController:
-    """Stand-in for the controller's actor handle that counts the views it hands out (the cache's logic is what
-    is tested; the live fleet's requests exercise the real controller)."""
-
-    def __init__(self):
-        self.views = 0
-        self.fleet_view = self
-
-    async def remote(self):
-        from rayfleet.policies.base import FleetSnapshot
-
-        self.views += 1
-        return FleetSnapshot(pools={}), {"view": self.views}
-
-
 async def test_a_stale_view_is_used_at_once_and_refreshed_off_the_request_path(monkeypatch):
     from rayfleet.control_plane.serving import gateway
 
-    controller, now = _CountingController(), [1000.0]
+    controller, now = _ControllerStandIn(), [1000.0]
     monkeypatch.setattr(gateway.time, "monotonic", lambda: now[0])
     spec = IngressSpec()
     view = gateway.ControllerView(controller, spec.replay_wait_s, spec.view_stale_s)
@@ -244,7 +232,7 @@ async def test_a_stale_view_is_used_at_once_and_refreshed_off_the_request_path(m
     now[0] += spec.view_stale_s + 1  # too old to route on: the request waits for the controller
     assert (await view.get())[1] == {"view": 3}
     assert (await view.get(fresh=True))[1] == {"view": 4}  # a replay asks for a fresh view: always fetched
-    waiting = gateway.ControllerView(_CountingController(), spec.replay_wait_s, stale_s=0)  # as before 2026-12-03
+    waiting = gateway.ControllerView(_ControllerStandIn(), spec.replay_wait_s, stale_s=0)  # as before 2026-12-03
     await waiting.get()
     now[0] += gateway.VIEW_TTL_S * 1.5
     assert (await waiting.get())[1] == {"view": 2}
