@@ -1,8 +1,10 @@
 """Prefix reuse across replicas through the fleet KV store, end to end on CPU: with and without the store.
 
-One fleet (a real FleetController on a local Ray cluster) runs two pools of the same model with two replicas
-each: `shared` uses the fleet's KV store (`use_kv_store: true`), `plain` does not. Both have rayfleet's
-KV connector and vLLM's local prefix cache, and a small KV cache (`--kv-blocks` per replica) so the local
+One fleet (a real FleetController on a local Ray cluster) runs three pools of the same model with two replicas
+each: `shared` uses the fleet's KV store (`use_kv_store: true`) as configured by default, pricing each lookup
+and load against its engine's own prefill (`kv_store.priced`, policies/kv_pricing.py); `unpriced` uses the same
+store with `kv_store_priced: false` (every request with blocks beyond its local hit asks); `plain` has no store.
+All have rayfleet's KV connector and vLLM's local prefix cache, and a small KV cache (`--kv-blocks` per replica) so the local
 cache also evicts under memory pressure. The workload: `--system-prompts` long system prompts
 (`--system-len` tokens), `--chats` multi-turn chats that each start with one of them and grow by a user
 message and the assistant's reply every turn (`--turns`). Turn t of every chat is sent before turn t+1,
@@ -12,15 +14,16 @@ store the second replica recomputes the prefix the first one computed.
 
 Requests go straight to the replica actors over Ray (`LLMReplica.generate`), not through the HTTP ingress,
 to keep this 2-core machine's noise out of the TTFT. TTFT is measured in this process: call to first chunk
-with tokens. The two modes run one after the other, never at the same time, alternating their order every
-repetition (`--reps`), each repetition with fresh prompts (a new seed) so no mode benefits from an earlier
-one; the same prompts go to both modes within a repetition.
+with tokens. The modes run one after the other, never at the same time, their order rotated every repetition
+(`--reps`), each repetition with fresh prompts (a new seed) so no mode benefits from an earlier one; the same
+prompts go to every mode within a repetition.
 
 Printed (and with --json written): per mode, prompt tokens, tokens served from cache (vLLM's
 num_cached_tokens: local prefix cache + store), tokens loaded from the store, prefill tokens computed,
-store hit rate (blocks the store held / blocks asked for beyond the local hit, at admission), TTFT p50/p99.
+store hit rate (blocks the store held / blocks asked for beyond the local hit, at admission), lookups and
+loads the pricing declined, TTFT p50/p99, and each store mode's ratio to `plain`.
 
-    python benchmarks/bench_prefix_reuse.py --reps 2
+    python benchmarks/bench_prefix_reuse.py --reps 3
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("shared", "plain")  # pool names: with and without the KV store
+MODES = ("shared", "unpriced", "plain")  # pool names: the store priced, the store always asked, no store
+WITH_STORE = {"shared": "the KV store, priced", "unpriced": "the KV store, every lookup made", "plain": "no KV store"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight per mode")
     parser.add_argument("--kv-blocks", type=int, default=160, help="KV blocks (of 32 tokens) per replica")
     parser.add_argument("--store-mib", type=int, default=512, help="memory tier of the one store shard")
-    parser.add_argument("--reps", type=int, default=2, help="repetitions, mode order alternating")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions, mode order rotated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sync-loads", action="store_true",
                         help="the store's first design: lookups and loads block the engine step (async_loads: false)")
@@ -122,7 +126,9 @@ def fleet_spec(args: argparse.Namespace) -> dict[str, Any]:
             "env": env, "engine_args": engine}
     return {
         "name": "bench-prefix-reuse",
-        "pools": [{**pool, "name": "shared", "use_kv_store": True}, {**pool, "name": "plain", "use_kv_store": False}],
+        "pools": [{**pool, "name": "shared", "use_kv_store": True},
+                  {**pool, "name": "unpriced", "use_kv_store": True, "kv_store_priced": False},
+                  {**pool, "name": "plain", "use_kv_store": False}],
         "kv_store": {"name": "bench-prefix-kv", "memory_bytes": args.store_mib << 20, "pin_memory": False,
                      "async_loads": not args.sync_loads},
         "health": {"check_period_s": 5.0, "check_timeout_s": 30},
@@ -226,6 +232,8 @@ def summarize(runs: list[ModeRun], block_size: int = 32) -> dict[str, Any]:
         "store_hit_rate": (counters.get("store_hit_blocks", 0) / asked) if asked else None,
         "store_blocks_saved": counters.get("store_blocks_saved", 0),
         "store_load_errors": counters.get("store_load_errors", 0),
+        "store_lookups_priced_out": counters.get("store_lookups_priced_out", 0),
+        "store_loads_priced_out": counters.get("store_loads_priced_out", 0),
         # Mean wait per store call, ms: lookups and loads delay a step, puts run beside it.
         "store_lookup_ms": _mean_ms(counters, "store_lookup_s", "store_lookups"),
         "store_load_ms": _mean_ms(counters, "store_load_s", "store_loads"),
@@ -237,10 +245,11 @@ def summarize(runs: list[ModeRun], block_size: int = 32) -> dict[str, Any]:
 
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
-    shared, plain = summary["shared"], summary["plain"]
+    plain = summary["plain"]
+    stores = [mode for mode in MODES if mode != "plain"]
 
-    def ratio(key: str) -> str:
-        return f"{shared[key] / plain[key]:.2f}x" if plain[key] else "-"
+    def ratio(mode: str, key: str) -> str:
+        return f"{summary[mode][key] / plain[key]:.2f}x" if plain[key] else "-"
 
     def fmt(key: str, value: Any) -> str:
         if value is None:
@@ -252,26 +261,28 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     rows = [("requests", "requests"), ("prompt tokens", "prompt_tokens"),
             ("tokens from cache (local + store)", "cached_tokens"), ("  of which loaded from the store", "store_tokens_loaded"),
             ("prefill tokens computed", "prefill_tokens_computed"), ("store hit rate (blocks)", "store_hit_rate"),
+            ("lookups priced out", "store_lookups_priced_out"), ("loads priced out", "store_loads_priced_out"),
             ("blocks put into the store", "store_blocks_saved"), ("store load errors", "store_load_errors"),
-            ("mean store lookup (ms, on the step)", "store_lookup_ms"), ("mean store load (ms, on the step)", "store_load_ms"),
+            ("mean store lookup (ms)", "store_lookup_ms"), ("mean store load (ms)", "store_load_ms"),
             ("mean store put (ms, background)", "store_put_ms"),
             ("TTFT p50 (ms)", "ttft_p50_ms"), ("TTFT p99 (ms)", "ttft_p99_ms"), ("TTFT mean (ms)", "ttft_mean_ms")]
-    lines = ["| metric | with store | without store | with / without |", "| --- | ---: | ---: | ---: |"]
+    compared = ("cached_tokens", "prefill_tokens_computed", "ttft_p50_ms", "ttft_p99_ms", "ttft_mean_ms")
+    lines = ["| metric | " + " | ".join(f"`{m}` ({WITH_STORE[m]})" for m in MODES) + " | "
+             + " | ".join(f"`{m}` / `plain`" for m in stores) + " |",
+             "| --- | " + " | ".join("---:" for _ in MODES) + " | " + " | ".join("---:" for _ in stores) + " |"]
     for label, key in rows:
-        numeric = isinstance(plain[key], (int, float)) and isinstance(shared[key], (int, float))
-        lines.append(f"| {label} | {fmt(key, shared[key])} | {fmt(key, plain[key])} | "
-                     f"{ratio(key) if numeric and key not in ('requests', 'prompt_tokens') else ''} |")
-    saved = plain["prefill_tokens_computed"] - shared["prefill_tokens_computed"]
-    lines.append(f"\nprefill tokens saved by the store: {saved} of {plain['prefill_tokens_computed']} computed "
-                 f"without it ({saved / max(1, plain['prefill_tokens_computed']):.1%})")
-    lines += ["", "per repetition (fresh prompts each; the two modes run one after the other, in this order):", "",
-              "| rep | order | TTFT p50 with / without (ms) | TTFT p99 with / without (ms) | prefill computed with / without |",
-              "| ---: | --- | ---: | ---: | ---: |"]
+        lines.append(f"| {label} | " + " | ".join(fmt(key, summary[m][key]) for m in MODES) + " | "
+                     + " | ".join(ratio(m, key) if key in compared else "" for m in stores) + " |")
+    for mode in stores:
+        saved = plain["prefill_tokens_computed"] - summary[mode]["prefill_tokens_computed"]
+        lines.append(f"\nprefill tokens saved by `{mode}`: {saved} of {plain['prefill_tokens_computed']} computed "
+                     f"without a store ({saved / max(1, plain['prefill_tokens_computed']):.1%})")
+    lines += ["", "per repetition (fresh prompts each; the modes run one after the other, in this order):", "",
+              "| rep | order | " + " | ".join(f"TTFT p50 / p99 `{m}` (ms)" for m in MODES) + " |",
+              "| ---: | --- | " + " | ".join("---:" for _ in MODES) + " |"]
     for i, rep in enumerate(summary["reps"]):
-        with_, without = rep["shared"], rep["plain"]
-        lines.append(f"| {i + 1} | {' then '.join(rep['order'])} | {with_['ttft_p50_ms']:.1f} / {without['ttft_p50_ms']:.1f} "
-                     f"| {with_['ttft_p99_ms']:.1f} / {without['ttft_p99_ms']:.1f} "
-                     f"| {with_['prefill_tokens_computed']} / {without['prefill_tokens_computed']} |")
+        lines.append(f"| {i + 1} | {' then '.join(rep['order'])} | "
+                     + " | ".join(f"{rep[m]['ttft_p50_ms']:.1f} / {rep[m]['ttft_p99_ms']:.1f}" for m in MODES) + " |")
     return "\n".join(lines)
 
 
@@ -289,13 +300,17 @@ async def bench(args: argparse.Namespace, controller) -> dict[str, Any]:
     runs: dict[str, list[ModeRun]] = {mode: [] for mode in MODES}
     for rep in range(args.reps):
         workload = make_workload(args, args.seed + rep)
-        order = MODES if rep % 2 == 0 else MODES[::-1]
-        for mode in order:
-            log(f"rep {rep + 1}/{args.reps}: {mode} ({'with' if mode == 'shared' else 'without'} the KV store)")
+        for mode in rotated(rep):
+            log(f"rep {rep + 1}/{args.reps}: {mode} ({WITH_STORE[mode]})")
             runs[mode].append(await run_mode(pools[mode], workload, args, f"r{rep}-{mode}"))
     return {**{mode: summarize(runs[mode]) for mode in MODES},
-            "reps": [{"order": list(MODES if rep % 2 == 0 else MODES[::-1]),
-                      **{mode: summarize([runs[mode][rep]]) for mode in MODES}} for rep in range(args.reps)]}
+            "reps": [{"order": rotated(rep), **{mode: summarize([runs[mode][rep]]) for mode in MODES}}
+                     for rep in range(args.reps)]}
+
+
+def rotated(rep: int) -> list[str]:
+    """The modes' order in repetition `rep`: each mode goes first, second and last equally often."""
+    return list(MODES[rep % len(MODES):] + MODES[:rep % len(MODES)])
 
 
 def main() -> None:
@@ -310,7 +325,7 @@ def main() -> None:
     build_demo_models(Path(os.environ["RAYFLEET_DEMO_MODELS"]))
     ray.init(num_cpus=8, include_dashboard=False, namespace="rayfleet", log_to_driver=False)
     spec = parse_spec(fleet_spec(args))
-    log("starting the fleet: 2 pools x 2 replicas of " + args.model + " and the KV store")
+    log(f"starting the fleet: {len(MODES)} pools x 2 replicas of {args.model} and the KV store")
     started = time.monotonic()
     controller = get_or_create_controller(spec)
     try:

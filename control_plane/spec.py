@@ -87,6 +87,10 @@ class PoolSpec(Strict):
         None, description="For a 'decode' pool: the 'prefill' pool whose replicas prefill this pool's requests "
         "(with the prefill_decode router). Same model and KV layout as this pool.",
     )
+    kv_store_priced: bool | None = Field(
+        None, description="Override of kv_store.priced for this pool's engines (false: every request with blocks "
+        "beyond its local prefix hit asks the store, whatever the price). None: the fleet's kv_store.priced.",
+    )
     kv_store_namespace: str | None = Field(
         None, min_length=1, description="Hash namespace of this pool's blocks in the KV store. Pools sharing one "
         "must produce identical KV bytes for identical tokens (same model, dtype, KV layout, block size, "

@@ -31,9 +31,11 @@ def store(ray_cluster):
     from rayfleet.actors.kv.store import get_or_create_kv_store
     from rayfleet.actors.kv.store_config import KVStoreConfig
 
+    # Unpriced: these tests assert what loads do, and on this tiny model a priced engine would compute the
+    # prefixes instead (test_replica_kv_store shows the pricing on a real engine).
     client = get_or_create_kv_store(KVStoreConfig(name="test-prefix-store", memory_bytes=64 << 20, pin_memory=False,
                                                   lookup_budget_s=30.0, lookup_budget_per_block_s=None,
-                                                  load_budget_s=30.0))
+                                                  load_budget_s=30.0, priced=False))
     yield client
     client.shutdown()
 

@@ -19,6 +19,7 @@ from rayfleet.actors.kv.metadata import RayfleetConnectorMetadata, StoreLoad, St
 from rayfleet.actors.kv.prefix_store import SchedulerPrefixStore, WorkerPrefixStore
 from rayfleet.actors.kv.store_config import KVStoreConfig
 from rayfleet.kernels import KVCacheLayers, gather_blocks
+from rayfleet.policies.kv_pricing import StorePricing
 
 BS = 4  # block size
 NS = "units"
@@ -341,3 +342,82 @@ def test_async_load_past_its_budget_is_recomputed_and_its_late_answer_dropped():
     assert worker.take_finished_loads() is None
     assert not gather_blocks(cache, [3, 4, 5]).any()  # never scattered
     assert worker.stats()["store_load_timeouts"] == 1
+
+
+def primed_pricing(load_s: float | None = None) -> StorePricing:
+    """An engine that has timed its steps: 5 ms each plus 1 ms per token (4 ms per block of BS tokens)."""
+    pricing = StorePricing(block_size=BS)
+    for i in range(pricing.min_steps):
+        tokens = 1 + i % 8
+        pricing.observe_step(tokens, 0.005 + 0.001 * tokens)
+    if load_s is not None:
+        pricing.observe_load(load_s)
+    return pricing
+
+
+def test_a_lookup_that_cannot_pay_never_reaches_the_store_and_is_counted():
+    store = FakeStore()
+    tokens = list(range(100, 110))  # 2 claimable blocks: 8 ms of prefill against a ~10 ms step and a load
+    hold(store, tokens, 2)
+    side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0), pricing=primed_pricing())
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert side.get_num_new_matched_tokens(request, 0) == 0  # computed at once: no lookup, no wait
+    assert store.lookups == 0
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({}))
+    assert meta.store_counts["store_lookups_priced_out"] == 1
+    assert meta.store_counts.get("store_lookup_blocks", 0) == 0  # not asked: the hit rate stays about real asks
+
+
+def test_a_long_prefix_is_looked_up_but_a_short_hit_in_it_is_computed_rather_than_loaded():
+    store = FakeStore()
+    tokens = list(range(100, 145))  # 11 claimable blocks: 44 ms of prefill, worth a lookup
+    hold(store, tokens, 2)  # the store holds only the first 2 (8 ms of prefill), and loads take 10 ms
+    side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0), pricing=primed_pricing(0.010))
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert eventually(lambda: side.get_num_new_matched_tokens(request, 0)) == 0
+    assert store.lookups == 1
+    assert side.get_num_new_matched_tokens(request, 0) == 0  # decided once, also when asked again
+    side.update_state_after_alloc(request, FakeBlocks(list(range(12))), 0)
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({}))
+    assert meta.store_loads == [] and meta.store_counts["store_loads_priced_out"] == 1
+
+
+def test_without_pricing_every_request_with_blocks_beyond_its_local_hit_asks():
+    store = FakeStore()
+    tokens = list(range(100, 110))
+    hold(store, tokens, 2)
+    side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0, priced=False),
+                                pricing=primed_pricing(0.010))
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert eventually(lambda: side.get_num_new_matched_tokens(request, 0)) == 2 * BS
+    assert store.lookups == 1
+
+
+def test_steps_are_timed_only_while_the_engine_stays_busy():
+    pricing = StorePricing(block_size=BS)
+    side = SchedulerPrefixStore(FakeStore(), NS, BS, KVStoreConfig(), pricing=pricing)
+    for scheduled in ({"a": 5}, {"b": 7}, {"b": 1}, {"c": 3}):
+        side.add_to_meta(RayfleetConnectorMetadata(), FakeOutput(scheduled))
+    # a -> b: nothing ran in both (the engine may have idled in between); b -> b: one step of 7 tokens timed;
+    # b -> c: again not.
+    assert pricing.steps.points == 1 and pricing.steps.sx == 7
+
+
+def test_a_finished_async_load_teaches_the_price_of_loads():
+    store = FakeStore()
+    tokens = list(range(100, 145))
+    hold(store, tokens, 11)
+    pricing = primed_pricing()
+    side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0), pricing=pricing)
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert eventually(lambda: side.get_num_new_matched_tokens(request, 0)) == 11 * BS
+    side.update_state_after_alloc(request, FakeBlocks(list(range(12))), 11 * BS)
+    assert pricing.load_s.value is None
+    side.loads_finished({"r"})
+    assert pricing.load_s.value is not None and pricing.load_s.value >= 0

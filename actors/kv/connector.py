@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 
@@ -153,6 +154,11 @@ class RayfleetKVConnector(KVConnectorBase_V1):
         if self.store_scheduler is not None:
             self.store_scheduler.add_to_meta(meta, scheduler_output)
         return meta
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        # Migration loads are synchronous: every async load finished here is a store load.
+        if self.store_scheduler is not None and connector_output.finished_recving:
+            self.store_scheduler.loads_finished(connector_output.finished_recving)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self.continuation.forget(request.request_id)

@@ -29,6 +29,10 @@ restarting or gone) reports its blocks as load errors, and vLLM recomputes them.
 costs recomputation, never an engine. ``async_loads: false`` keeps the first, synchronous design (the store
 round trips on the step) for comparison.
 
+With ``priced`` (the default, async loads only) the scheduler side also prices each lookup and load
+(``policies/kv_pricing.py``): it times the engine's own steps against the tokens they schedule and the loads it
+claims, and asks the store only when the blocks it could bring take longer to prefill than the wait.
+
 Blocks move in the kernels' row format (``rayfleet.kernels``: one row per block, all layers): a save is one
 gather, a load one scatter. Neither process is a Ray worker: both connect to the cluster named by ``RAY_ADDRESS``, which the
 replica sets to its GCS address before it builds the engine. See docs/kv_connector.md.
@@ -52,6 +56,7 @@ from rayfleet.actors.kv.metadata import StoreLoad, StoreSave
 from rayfleet.actors.kv.store import KVStoreClient, get_or_create_kv_store
 from rayfleet.actors.kv.store_config import KVStoreConfig
 from rayfleet.kernels import KVCacheLayers, gather_to_host, scatter_rows, stack_rows
+from rayfleet.policies.kv_pricing import StorePricing
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -75,6 +80,8 @@ STORE_COUNTERS = (
     "store_lookup_s", "store_load_s", "store_put_s", "store_lookups", "store_loads", "store_puts",
     # Async path: lookups given up after their budget, loads past theirs, lookup errors (shard failures).
     "store_lookup_timeouts", "store_load_timeouts", "store_lookup_errors",
+    # Pricing: lookups not made and held blocks not loaded because computing them was cheaper than the wait.
+    "store_lookups_priced_out", "store_loads_priced_out",
 )
 
 
@@ -137,7 +144,8 @@ class _PendingLookup:
 class SchedulerPrefixStore:
     """Scheduler side: plans loads at admission and saves after every step."""
 
-    def __init__(self, store: KVStoreClient, namespace: str, block_size: int, config: KVStoreConfig | None = None):
+    def __init__(self, store: KVStoreClient, namespace: str, block_size: int, config: KVStoreConfig | None = None,
+                 pricing: StorePricing | None = None):
         config = config or KVStoreConfig()
         self._store = store
         self._namespace = namespace
@@ -156,6 +164,9 @@ class SchedulerPrefixStore:
         self._counts_lock = threading.Lock()  # lookup threads count too
         self._loads: list[StoreLoad] = []
         self._lookup_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayfleet-kv-lookup")
+        self._pricing = (pricing or StorePricing(block_size)) if config.priced and config.async_loads else None
+        self._last_step: tuple[float, int, set[str]] | None = None  # when, tokens scheduled, which requests
+        self._claimed_at: dict[str, float] = {}  # async loads in flight: when their blocks were claimed
 
     def bind_kv_cache_manager(self, kv_cache_manager) -> None:
         self._kv_cache_manager = kv_cache_manager
@@ -206,12 +217,21 @@ class SchedulerPrefixStore:
         hit = 0
         if asked and not self.async_loads:
             hit = self._contains(self._chain(request, claimable)[local_blocks:], None)
+        elif asked and not self._lookup_pays(request, asked):
+            asked = 0
         elif asked:
             hit = self._async_hit(request, local_blocks, claimable)
             if hit is None:
                 return None
         self._lookups[request.request_id] = _Lookup(local_blocks, asked, hit)
         return hit * self._block_size
+
+    def _lookup_pays(self, request: Request, asked: int) -> bool:
+        """A lookup already running goes on; a new one only when its blocks' prefill would outlast the wait."""
+        if self._pricing is None or request.request_id in self._pending or self._pricing.lookup_pays(asked):
+            return True
+        self._count(store_lookups_priced_out=1)
+        return False
 
     def _async_hit(self, request: Request, local_blocks: int, claimable: int) -> int | None:
         pending = self._pending.get(request.request_id)
@@ -228,7 +248,13 @@ class SchedulerPrefixStore:
             self._count(store_lookup_timeouts=1)
             return 0
         held_until = pending.first_block + pending.future.result()
-        return max(0, min(held_until, claimable) - local_blocks)
+        hit = max(0, min(held_until, claimable) - local_blocks)
+        if hit and self._pricing is not None and not self._pricing.load_pays(hit):
+            # Decided once: the scheduler may ask again for the same request.
+            self._pending[request.request_id] = _PendingLookup(_answered(0), local_blocks, pending.asked_blocks)
+            self._count(store_loads_priced_out=1)
+            return 0
+        return hit
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         lookup = self._lookups.pop(request.request_id, None)
@@ -239,14 +265,35 @@ class SchedulerPrefixStore:
         first = lookup.local_blocks
         self._count(store_lookup_blocks=lookup.asked_blocks, store_hit_blocks=hit)
         if hit:
+            if self.async_loads:
+                self._claimed_at[request.request_id] = time.monotonic()
             block_ids = blocks.get_block_ids()[0][first:first + hit]
             self._loads.append(StoreLoad(request.request_id, self._chain(request, first + hit)[first:],
                                          list(block_ids), is_async=self.async_loads))
         # What the engine did not compute itself is not saved again.
         self._saved_upto[request.request_id] = max(self._saved_upto.get(request.request_id, 0), first + hit)
 
+    def loads_finished(self, request_ids) -> None:
+        """The worker reported these async loads done (scattered, or failed and to be recomputed)."""
+        now = time.monotonic()
+        for request_id in request_ids:
+            claimed = self._claimed_at.pop(request_id, None)
+            if claimed is not None and self._pricing is not None:
+                self._pricing.observe_load(now - claimed)
+
+    def _observe_step(self, scheduled: dict[str, int]) -> None:
+        """Time the step that ran since the last schedule. Only when a request ran in both (the engine was busy
+        throughout): otherwise the interval includes the engine's idle wait for work."""
+        now = time.perf_counter()
+        last = self._last_step
+        if last is not None and not last[2].isdisjoint(scheduled):
+            self._pricing.observe_step(last[1], now - last[0])
+        self._last_step = (now, sum(scheduled.values()), set(scheduled))
+
     def add_to_meta(self, meta, scheduler_output: SchedulerOutput) -> None:
         """Fill ``meta.store_loads``, ``meta.store_saves`` and ``meta.store_counts`` for this step."""
+        if self._pricing is not None:
+            self._observe_step(scheduler_output.num_scheduled_tokens)
         meta.store_loads, self._loads = self._loads, []
         with self._counts_lock:
             meta.store_counts, self._lookup_counts = dict(self._lookup_counts), Counter()
@@ -273,7 +320,7 @@ class SchedulerPrefixStore:
                 meta.store_saves.append(StoreSave(req_id, [chain[i] for i in fresh], [block_ids[i] for i in fresh]))
 
     def request_finished(self, request: Request) -> None:
-        for table in (self._requests, self._hashes, self._lookups, self._saved_upto, self._pending):
+        for table in (self._requests, self._hashes, self._lookups, self._saved_upto, self._pending, self._claimed_at):
             table.pop(request.request_id, None)
 
 

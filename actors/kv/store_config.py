@@ -48,8 +48,13 @@ class KVStoreConfig(BaseModel):
         "lookup_budget_s alone.")
     load_budget_s: float = Field(
         1.0, gt=0, description="Longest an async load may take; a slower (or dead) shard's blocks are recomputed.")
+    priced: bool = Field(
+        True, description="With async_loads: each engine times its own steps and the loads it waits for, and asks "
+        "the store only when the blocks it could bring take longer to prefill than the wait (a lookup costs at "
+        "least a step). False: every request with blocks beyond its local prefix hit asks.")
 
-    CLIENT_FIELDS: ClassVar[tuple[str, ...]] = ("async_loads", "lookup_budget_s", "lookup_budget_per_block_s", "load_budget_s")
+    CLIENT_FIELDS: ClassVar[tuple[str, ...]] = ("async_loads", "lookup_budget_s", "lookup_budget_per_block_s",
+                                                "load_budget_s", "priced")
 
     @field_validator("disk_dir")
     @classmethod

@@ -1,0 +1,111 @@
+"""Whether a KV store lookup or load can pay: the engine's own prefill time against the wait the store costs.
+
+A request that asks the fleet's KV store for its prefix waits: at least one engine step while the lookup runs
+(the scheduler skips it and steps on), and on a hit until its blocks are loaded (vLLM's
+`WAITING_FOR_REMOTE_KVS`). Computing those blocks instead costs their prefill, inside steps the request runs in
+anyway. So a lookup pays only when the blocks it could bring take longer to prefill than the wait, and a load
+only when the blocks found do. Both sides are measured on the engine that decides: its step time as a line in
+the tokens a step schedules (the slope is the price of a prefill token, fitted by exponentially weighted least
+squares so it follows the load), and the store's load latency as the engine saw it.
+
+Measured (docs/benchmarks-kv-store.md): a small model on a loaded CPU prefills a 32-token block in a few
+milliseconds while a lookup costs a step, so most lookups (a chat turn's few new blocks) cannot pay and the
+store made the median request slower; a long shared prefix recomputed on another replica still pays. On a GPU
+with a large model a block's prefill costs more than a same-node load, and the same rule loads nearly always.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WeightedLine:
+    """y ~ intercept + slope * x by exponentially weighted least squares: each new point weighs 1, older ones
+    `decay` times less per point (`1 / (1 - decay)` points of memory)."""
+
+    decay: float = 0.98
+    weight: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+    points: int = 0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        self.weight = self.weight * d + 1.0
+        self.sx = self.sx * d + x
+        self.sy = self.sy * d + y
+        self.sxx = self.sxx * d + x * x
+        self.sxy = self.sxy * d + x * y
+        self.points += 1
+
+    @property
+    def mean_y(self) -> float:
+        return self.sy / self.weight if self.weight else 0.0
+
+    @property
+    def slope(self) -> float | None:
+        """None while x has not varied enough to tell a slope from the intercept."""
+        spread = self.weight * self.sxx - self.sx * self.sx
+        if self.weight == 0 or spread <= 1e-9 * self.weight * self.sxx:
+            return None
+        return max(0.0, (self.weight * self.sxy - self.sx * self.sy) / spread)
+
+
+@dataclass
+class Ewma:
+    alpha: float = 0.2
+    value: float | None = None
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
+
+
+@dataclass
+class StorePricing:
+    """One engine's price of a prefill token and of the store's wait; decides lookups and loads.
+
+    Until it has seen `min_steps` steps with a measurable slope it has no price and says yes (the store's
+    behaviour without pricing). A load it refuses teaches it nothing about loads, so one in `explore_every`
+    refused loads is taken anyway and keeps the load latency current.
+    """
+
+    block_size: int
+    min_steps: int = 32
+    explore_every: int = 16
+    steps: WeightedLine = field(default_factory=WeightedLine)
+    load_s: Ewma = field(default_factory=Ewma)
+    refused_loads: int = 0
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """One engine step that scheduled `tokens` tokens took `seconds` (schedule to next schedule)."""
+        self.steps.add(float(tokens), seconds)
+
+    def observe_load(self, seconds: float) -> None:
+        """A load of claimed blocks took `seconds` from the claim until the engine could schedule the request."""
+        self.load_s.add(seconds)
+
+    def prefill_s(self, blocks: int) -> float | None:
+        """What computing `blocks` blocks costs the engine; None: no price yet."""
+        slope = self.steps.slope
+        if slope is None or self.steps.points < self.min_steps:
+            return None
+        return slope * blocks * self.block_size
+
+    def lookup_pays(self, blocks: int) -> bool:
+        """Is asking the store for `blocks` blocks worth a step's wait, plus the load's if they are held?"""
+        prefill = self.prefill_s(blocks)
+        if prefill is None:
+            return True
+        load = self.load_s.value if self.load_s.value is not None else self.steps.mean_y
+        return prefill > self.steps.mean_y + load
+
+    def load_pays(self, blocks: int) -> bool:
+        """Is loading `blocks` blocks the store holds faster than computing them?"""
+        prefill = self.prefill_s(blocks)
+        if prefill is None or self.load_s.value is None or prefill > self.load_s.value:
+            return True
+        self.refused_loads += 1
+        return self.refused_loads % self.explore_every == 0

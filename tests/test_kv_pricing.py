@@ -1,0 +1,69 @@
+"""Pricing the KV store against the engine's own prefill (`policies/kv_pricing.py`): the line it fits, and the
+lookups and loads it lets through or refuses. Pure policy code: no engine, no store."""
+
+from __future__ import annotations
+
+import pytest
+
+from rayfleet.policies.kv_pricing import StorePricing, WeightedLine
+
+BLOCK = 32
+
+
+def test_the_weighted_line_recovers_a_steps_intercept_and_per_token_slope():
+    line = WeightedLine(decay=0.98)
+    for i in range(200):
+        tokens = (i * 37) % 512
+        line.add(tokens, 0.005 + 0.0001 * tokens)
+    assert line.slope == pytest.approx(0.0001, rel=1e-6)
+
+
+def test_the_weighted_line_has_no_slope_until_the_token_counts_vary():
+    line = WeightedLine()
+    for _ in range(50):
+        line.add(64, 0.01)  # decode-only steps of one size: intercept and slope cannot be told apart
+    assert line.slope is None
+    line.add(512, 0.05)
+    assert line.slope is not None
+
+
+def test_the_weighted_line_follows_a_change_of_price():
+    line = WeightedLine(decay=0.9)
+    for i in range(100):
+        line.add(i % 10 * 50, 0.001 * (i % 10 * 50))
+    for i in range(100):
+        line.add(i % 10 * 50, 0.004 * (i % 10 * 50))  # the engine got 4x slower per token (a busier machine)
+    assert line.slope == pytest.approx(0.004, rel=0.01)
+
+
+def priced(step_s: float, per_token_s: float, steps: int = 64) -> StorePricing:
+    pricing = StorePricing(block_size=BLOCK)
+    for i in range(steps):
+        tokens = 16 + (i % 8) * 64
+        pricing.observe_step(tokens, step_s + per_token_s * tokens)
+    return pricing
+
+
+def test_without_a_price_every_lookup_and_load_goes_ahead():
+    pricing = priced(0.01, 0.0001, steps=5)  # fewer steps than min_steps
+    assert pricing.prefill_s(1) is None
+    assert pricing.lookup_pays(1) and pricing.load_pays(1)
+
+
+def test_a_lookup_pays_only_for_blocks_that_prefill_longer_than_the_wait():
+    # 0.1 ms per token: a 32-token block prefills in 3.2 ms; a step takes ~25 ms on average here.
+    pricing = priced(0.005, 0.0001)
+    wait = pricing.steps.mean_y * 2  # a step for the lookup and, with no load measured yet, one for the load
+    few = int(wait / (0.0001 * BLOCK)) - 1  # blocks whose prefill is under the wait
+    assert not pricing.lookup_pays(few)
+    assert pricing.lookup_pays(few + 2)
+    pricing.observe_load(0.5)  # a slow store: loads take half a second
+    assert not pricing.lookup_pays(few + 2)
+
+
+def test_a_load_pays_only_when_it_is_faster_than_computing_its_blocks_and_refusals_still_explore():
+    pricing = priced(0.005, 0.0001)
+    pricing.observe_load(0.010)  # 10 ms per load: 4 blocks (12.8 ms of prefill) pay, 2 (6.4 ms) do not
+    assert pricing.load_pays(4)
+    answers = [pricing.load_pays(2) for _ in range(pricing.explore_every * 2)]
+    assert answers.count(True) == 2  # one in explore_every refused loads is taken to keep the latency current
