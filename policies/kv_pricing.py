@@ -2,11 +2,13 @@
 
 A request that asks the fleet's KV store for its prefix waits: at least one engine step while the lookup runs
 (the scheduler skips it and steps on), and on a hit until its blocks are loaded (vLLM's
-`WAITING_FOR_REMOTE_KVS`). Computing those blocks instead costs their prefill, inside steps the request runs in
-anyway. So a lookup pays only when the blocks it could bring take longer to prefill than the wait, and a load
-only when the blocks found do. Both sides are measured on the engine that decides: its step time as a line in
-the tokens a step schedules (the slope is the price of a prefill token, fitted by exponentially weighted least
-squares so it follows the load), and the store's load latency as the engine saw it.
+`WAITING_FOR_REMOTE_KVS`). Computing those blocks instead costs their prefill, and not only to that request: a
+step that prefills them is longer for every request in the batch (prefill interference), so their prefill time
+counts once per request in the engine's usual batch. A lookup pays only when that exceeds the wait, and a load
+only when it exceeds the load's. Both sides are measured on the engine that decides: its step time as a line
+in the tokens a step schedules (the slope is the price of a prefill token, fitted by exponentially weighted
+least squares so it follows the load), the requests per step, and the store's load latency as the engine saw
+it.
 
 Measured (docs/benchmarks-kv-store.md): a small model on a loaded CPU prefills a 32-token block in a few
 milliseconds while a lookup costs a step, so most lookups (a chat turn's few new blocks) cannot pay and the
@@ -76,23 +78,26 @@ class StorePricing:
     min_steps: int = 32
     explore_every: int = 16
     steps: WeightedLine = field(default_factory=WeightedLine)
+    batch: Ewma = field(default_factory=Ewma)  # requests per step
     load_s: Ewma = field(default_factory=Ewma)
     refused_loads: int = 0
 
-    def observe_step(self, tokens: int, seconds: float) -> None:
-        """One engine step that scheduled `tokens` tokens took `seconds` (schedule to next schedule)."""
+    def observe_step(self, tokens: int, seconds: float, requests: int) -> None:
+        """One engine step that scheduled `tokens` tokens of `requests` requests took `seconds`."""
         self.steps.add(float(tokens), seconds)
+        self.batch.add(float(requests))
 
     def observe_load(self, seconds: float) -> None:
         """A load of claimed blocks took `seconds` from the claim until the engine could schedule the request."""
         self.load_s.add(seconds)
 
     def prefill_s(self, blocks: int) -> float | None:
-        """What computing `blocks` blocks costs the engine; None: no price yet."""
+        """What computing `blocks` blocks costs the requests of the batch they join (the usual batch and the
+        asking request); None: no price yet."""
         slope = self.steps.slope
         if slope is None or self.steps.points < self.min_steps:
             return None
-        return slope * blocks * self.block_size
+        return slope * blocks * self.block_size * ((self.batch.value or 0.0) + 1)
 
     def lookup_pays(self, blocks: int) -> bool:
         """Is asking the store for `blocks` blocks worth a step's wait, plus the load's if they are held?"""
@@ -101,6 +106,22 @@ class StorePricing:
             return True
         load = self.load_s.value if self.load_s.value is not None else self.steps.mean_y
         return prefill > self.steps.mean_y + load
+
+    def break_even_blocks(self) -> int | None:
+        """The fewest blocks a lookup must be able to bring to be made; None: no price yet (all are made)."""
+        per_block = self.prefill_s(1)
+        if per_block is None:
+            return None
+        load = self.load_s.value if self.load_s.value is not None else self.steps.mean_y
+        return int((self.steps.mean_y + load) / per_block) + 1 if per_block > 0 else None
+
+    def describe(self) -> str:
+        per_block = self.prefill_s(1)
+        if per_block is None:
+            return f"no price yet ({self.steps.points} steps timed)"
+        load = "not measured" if self.load_s.value is None else f"{self.load_s.value * 1e3:.1f} ms"
+        return (f"prefill {per_block * 1e3:.2f} ms per block, step {self.steps.mean_y * 1e3:.1f} ms, load {load}: "
+                f"lookups of >= {self.break_even_blocks()} blocks pay")
 
     def load_pays(self, blocks: int) -> bool:
         """Is loading `blocks` blocks the store holds faster than computing them?"""

@@ -345,11 +345,12 @@ def test_async_load_past_its_budget_is_recomputed_and_its_late_answer_dropped():
 
 
 def primed_pricing(load_s: float | None = None) -> StorePricing:
-    """An engine that has timed its steps: 5 ms each plus 1 ms per token (4 ms per block of BS tokens)."""
+    """An engine that has timed its steps: 5 ms each plus 1 ms per token (4 ms per block of BS tokens), and no
+    batch to join (a block's prefill slows only the request that computes it)."""
     pricing = StorePricing(block_size=BS)
     for i in range(pricing.min_steps):
         tokens = 1 + i % 8
-        pricing.observe_step(tokens, 0.005 + 0.001 * tokens)
+        pricing.observe_step(tokens, 0.005 + 0.001 * tokens, 0)
     if load_s is not None:
         pricing.observe_load(load_s)
     return pricing
@@ -421,3 +422,33 @@ def test_a_finished_async_load_teaches_the_price_of_loads():
     assert pricing.load_s.value is None
     side.loads_finished({"r"})
     assert pricing.load_s.value is not None and pricing.load_s.value >= 0
+
+
+def test_with_async_scheduling_the_time_between_schedules_is_priced_as_the_step_before():
+    pricing = StorePricing(block_size=BS)
+    side = SchedulerPrefixStore(FakeStore(), NS, BS, KVStoreConfig(), pricing=pricing, pipelined=True)
+    for scheduled in ({"a": 5}, {"a": 7}, {"a": 1}):
+        side.add_to_meta(RayfleetConnectorMetadata(), FakeOutput(scheduled))
+    # Scheduling the third step waited for the first (5 tokens) to finish; the second was scheduled meanwhile.
+    assert pricing.steps.points == 1 and pricing.steps.sx == 5
+
+
+def test_a_lookup_the_store_answers_past_its_budget_counts_as_a_time_out_not_a_failure():
+    from ray.exceptions import GetTimeoutError
+
+    class LateStore(FakeStore):
+        def contains_prefix(self, hashes, timeout_s=None):
+            self.lookups += 1
+            raise GetTimeoutError("Get timed out: some object(s) not ready.")  # the client's Ray timeout
+
+    store = LateStore()
+    tokens = list(range(100, 114))
+    side, _ = scheduler(store, KVStoreConfig(lookup_budget_s=5.0))
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert eventually(lambda: side.get_num_new_matched_tokens(request, BS)) == 0
+    assert side.get_num_new_matched_tokens(request, BS) == 0  # counted once, also when asked again
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({}))
+    assert meta.store_counts["store_lookup_timeouts"] == 1
+    assert meta.store_counts.get("store_lookup_errors", 0) == 0

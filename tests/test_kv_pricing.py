@@ -36,11 +36,11 @@ def test_the_weighted_line_follows_a_change_of_price():
     assert line.slope == pytest.approx(0.004, rel=0.01)
 
 
-def priced(step_s: float, per_token_s: float, steps: int = 64) -> StorePricing:
+def priced(step_s: float, per_token_s: float, steps: int = 64, batch: int = 1) -> StorePricing:
     pricing = StorePricing(block_size=BLOCK)
     for i in range(steps):
         tokens = 16 + (i % 8) * 64
-        pricing.observe_step(tokens, step_s + per_token_s * tokens)
+        pricing.observe_step(tokens, step_s + per_token_s * tokens, batch)
     return pricing
 
 
@@ -51,18 +51,24 @@ def test_without_a_price_every_lookup_and_load_goes_ahead():
 
 
 def test_a_lookup_pays_only_for_blocks_that_prefill_longer_than_the_wait():
-    # 0.1 ms per token: a 32-token block prefills in 3.2 ms; a step takes ~25 ms on average here.
+    # 0.1 ms per token: a 32-token block prefills in 3.2 ms, for the asking request and the one it runs beside;
+    # a step takes ~25 ms on average here.
     pricing = priced(0.005, 0.0001)
     wait = pricing.steps.mean_y * 2  # a step for the lookup and, with no load measured yet, one for the load
-    few = int(wait / (0.0001 * BLOCK)) - 1  # blocks whose prefill is under the wait
+    few = int(wait / (0.0001 * BLOCK * 2)) - 1  # blocks whose prefill is under the wait
     assert not pricing.lookup_pays(few)
     assert pricing.lookup_pays(few + 2)
     pricing.observe_load(0.5)  # a slow store: loads take half a second
     assert not pricing.lookup_pays(few + 2)
 
 
+def test_a_prefill_is_priced_for_every_request_of_the_batch_it_slows():
+    alone, busy = priced(0.005, 0.0001, batch=0), priced(0.005, 0.0001, batch=7)
+    assert busy.prefill_s(3) == pytest.approx(8 * alone.prefill_s(3))
+
+
 def test_a_load_pays_only_when_it_is_faster_than_computing_its_blocks_and_refusals_still_explore():
-    pricing = priced(0.005, 0.0001)
+    pricing = priced(0.005, 0.0001, batch=0)
     pricing.observe_load(0.010)  # 10 ms per load: 4 blocks (12.8 ms of prefill) pay, 2 (6.4 ms) do not
     assert pricing.load_pays(4)
     answers = [pricing.load_pays(2) for _ in range(pricing.explore_every * 2)]

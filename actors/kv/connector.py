@@ -68,8 +68,9 @@ class RayfleetKVConnector(KVConnectorBase_V1):
             self.continuation = GrammarContinuation()
             if store is not None:
                 config, namespace = store
-                self.store_scheduler = SchedulerPrefixStore(connect_store(config), namespace,
-                                                            vllm_config.cache_config.block_size, config)
+                self.store_scheduler = SchedulerPrefixStore(
+                    connect_store(config), namespace, vllm_config.cache_config.block_size, config,
+                    pipelined=bool(vllm_config.scheduler_config.async_scheduling))
         else:
             self.worker_state = WorkerKVMigrationState(vllm_config, kv_cache_config)
             if store is not None:

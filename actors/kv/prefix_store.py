@@ -43,12 +43,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from ray.exceptions import GetTimeoutError
 from vllm.logger import init_logger
 
 from rayfleet.actors.kv.block_hash import BlockHash, block_hashes
@@ -64,7 +65,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-logger = init_logger(__name__)
+# Under vLLM's logger: this code runs in the engine's processes, where only vLLM's loggers have a handler.
+logger = init_logger("vllm.rayfleet.kv_store")
 
 # Hashes this engine put recently: a shared system prompt recomputed after a local eviction is not put
 # again while the store most likely still holds it. Bounded, oldest forgotten first.
@@ -145,7 +147,7 @@ class SchedulerPrefixStore:
     """Scheduler side: plans loads at admission and saves after every step."""
 
     def __init__(self, store: KVStoreClient, namespace: str, block_size: int, config: KVStoreConfig | None = None,
-                 pricing: StorePricing | None = None):
+                 pricing: StorePricing | None = None, pipelined: bool = False):
         config = config or KVStoreConfig()
         self._store = store
         self._namespace = namespace
@@ -165,7 +167,12 @@ class SchedulerPrefixStore:
         self._loads: list[StoreLoad] = []
         self._lookup_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayfleet-kv-lookup")
         self._pricing = (pricing or StorePricing(block_size)) if config.priced and config.async_loads else None
-        self._last_step: tuple[float, int, set[str]] | None = None  # when, tokens scheduled, which requests
+        # The last two schedules: when, tokens scheduled, which requests. The time since the last one is the
+        # step it scheduled, or with async scheduling (`pipelined`: the next step is scheduled while one runs)
+        # the step before it.
+        self._schedules: deque[tuple[float, int, set[str]]] = deque(maxlen=2)
+        self._timed_lag = 2 if pipelined else 1
+        self._price_logged: tuple[float, int | None] = (0.0, None)  # when, break-even blocks
         self._claimed_at: dict[str, float] = {}  # async loads in flight: when their blocks were claimed
 
     def bind_kv_cache_manager(self, kv_cache_manager) -> None:
@@ -183,12 +190,15 @@ class SchedulerPrefixStore:
             self._hashes[request.request_id] = chain
         return chain[:num_blocks]
 
-    def _contains(self, chain: list[BlockHash], timeout_s: float | None) -> int:
-        """Leading blocks of `chain` the store holds; 0 when a shard fails or is too slow (then compute)."""
+    def _contains(self, chain: list[BlockHash], timeout_s: float | None) -> int | None:
+        """Leading blocks of `chain` the store holds; 0 when a shard fails (then compute), None past
+        `timeout_s`."""
         began = time.perf_counter()
         failed = 0
         try:
             return self._store.contains_prefix(chain, timeout_s=timeout_s)
+        except GetTimeoutError:  # past its budget (async lookups only): counted as a time-out by the scheduler
+            return None
         except Exception as error:  # a shard slow, restarting or gone: the request is computed
             logger.warning("rayfleet: KV store lookup failed (%s: %s); computing instead", type(error).__name__, error)
             failed = 1
@@ -240,9 +250,10 @@ class SchedulerPrefixStore:
             budget = self._budget(len(chain))
             pending = self._pending[request.request_id] = _PendingLookup(
                 self._lookup_threads.submit(self._contains, chain, budget), local_blocks, len(chain))
-        if not pending.future.done():
-            if time.monotonic() - pending.started < self._budget(pending.asked_blocks):
-                return None
+        timed_out = pending.future.done() and pending.future.result() is None
+        if not pending.future.done() and time.monotonic() - pending.started < self._budget(pending.asked_blocks):
+            return None
+        if timed_out or not pending.future.done():
             pending.future.cancel()
             self._pending[request.request_id] = _PendingLookup(_answered(0), pending.first_block, 0)
             self._count(store_lookup_timeouts=1)
@@ -285,10 +296,24 @@ class SchedulerPrefixStore:
         """Time the step that ran since the last schedule. Only when a request ran in both (the engine was busy
         throughout): otherwise the interval includes the engine's idle wait for work."""
         now = time.perf_counter()
-        last = self._last_step
-        if last is not None and not last[2].isdisjoint(scheduled):
-            self._pricing.observe_step(last[1], now - last[0])
-        self._last_step = (now, sum(scheduled.values()), set(scheduled))
+        schedules, lag = self._schedules, self._timed_lag
+        if len(schedules) >= lag:
+            timed = schedules[-lag]
+            next_requests = scheduled if lag == 1 else schedules[-1][2]
+            if not timed[2].isdisjoint(next_requests):
+                self._pricing.observe_step(timed[1], now - schedules[-1][0], len(timed[2]))
+        schedules.append((now, sum(scheduled.values()), set(scheduled)))
+        self._log_price(now)
+
+    def _log_price(self, now: float) -> None:
+        """The price in the engine's log when its break-even moves by half or more, and once a minute."""
+        at, logged = self._price_logged
+        break_even = self._pricing.break_even_blocks()
+        moved = (break_even is None) != (logged is None) or (
+            break_even is not None and not logged / 2 <= break_even <= logged * 1.5)
+        if moved or now - at > 60:
+            self._price_logged = (now, break_even)
+            logger.info("rayfleet: KV store price: %s", self._pricing.describe())
 
     def add_to_meta(self, meta, scheduler_output: SchedulerOutput) -> None:
         """Fill ``meta.store_loads``, ``meta.store_saves`` and ``meta.store_counts`` for this step."""
