@@ -306,12 +306,13 @@ class SchedulerPrefixStore:
         self._log_price(now)
 
     def _log_price(self, now: float) -> None:
-        """The price in the engine's log when its break-even moves by half or more, and once a minute."""
+        """The price in the engine's log once a minute, and after 10 s when its break-even moved by half or more
+        (the price follows the load: on a busy small machine it moves within seconds)."""
         at, logged = self._price_logged
         break_even = self._pricing.break_even_blocks()
         moved = (break_even is None) != (logged is None) or (
             break_even is not None and not logged / 2 <= break_even <= logged * 1.5)
-        if moved or now - at > 60:
+        if now - at > 60 or (moved and now - at > 10):
             self._price_logged = (now, break_even)
             logger.info("rayfleet: KV store price: %s", self._pricing.describe())
 
