@@ -274,7 +274,10 @@ async def test_destination_failing_after_the_stop_resumes_on_the_source_token_ex
     assert (record["outcome"], record["reason"][:19]) == ("aborted", "destination failed:"), str(record)
     assert "".join(text) == expected, "a token was lost or repeated when the request resumed on the source"
     assert usage.completion_tokens == LONG
-    await asyncio.sleep(1.5)  # one controller tick
+    # Two controller ticks after the stream ended: the replicas' loads it shows were read after the end.
+    ticks = fleet.status()["controller"]["ticks"]
+    await asyncio.to_thread(fleet.wait_for, lambda: fleet.status()["controller"]["ticks"] >= ticks + 2,
+                            what="two controller ticks")
     assert request_id not in {rid for r in fleet.replicas("mig") for rid in r["requests"]}, "phantom request"
 
 
