@@ -364,6 +364,7 @@ def test_a_lookup_that_cannot_pay_never_reaches_the_store_and_is_counted():
     request = FakeRequest("r", tokens)
     side.on_new_request(request)
     assert side.get_num_new_matched_tokens(request, 0) == 0  # computed at once: no lookup, no wait
+    assert side.get_num_new_matched_tokens(request, 0) == 0  # asked again (it waited for KV room): same answer
     assert store.lookups == 0
     meta = RayfleetConnectorMetadata()
     side.add_to_meta(meta, FakeOutput({}))

@@ -174,6 +174,7 @@ class SchedulerPrefixStore:
         self._timed_lag = 2 if pipelined else 1
         self._price_logged: tuple[float, int | None] = (0.0, None)  # when, break-even blocks
         self._claimed_at: dict[str, float] = {}  # async loads in flight: when their blocks were claimed
+        self._priced_out: set[str] = set()  # requests whose lookup could not pay: computed, not asked again
 
     def bind_kv_cache_manager(self, kv_cache_manager) -> None:
         self._kv_cache_manager = kv_cache_manager
@@ -237,9 +238,16 @@ class SchedulerPrefixStore:
         return hit * self._block_size
 
     def _lookup_pays(self, request: Request, asked: int) -> bool:
-        """A lookup already running goes on; a new one only when its blocks' prefill would outlast the wait."""
-        if self._pricing is None or request.request_id in self._pending or self._pricing.lookup_pays(asked):
+        """A lookup already running goes on; a new one only when its blocks' prefill would outlast the wait.
+        Decided once per request: the scheduler asks again every step a request waits (for KV room)."""
+        rid = request.request_id
+        if self._pricing is None or rid in self._pending:
             return True
+        if rid in self._priced_out:
+            return False
+        if self._pricing.lookup_pays(asked):
+            return True
+        self._priced_out.add(rid)
         self._count(store_lookups_priced_out=1)
         return False
 
@@ -348,6 +356,7 @@ class SchedulerPrefixStore:
     def request_finished(self, request: Request) -> None:
         for table in (self._requests, self._hashes, self._lookups, self._saved_upto, self._pending, self._claimed_at):
             table.pop(request.request_id, None)
+        self._priced_out.discard(request.request_id)
 
 
 def _answered(value: int) -> Future:
