@@ -94,13 +94,15 @@ def test_a_priced_replica_computes_a_short_prefix_instead_of_waiting_for_the_sto
         ray.get(replica.start.remote())
         rng = random.Random(11)
         # Requests of different lengths at once: a prefill step, then decode steps of 6, 5, ... 1 requests, so
-        # the engine times steps of many sizes and has a price of a prefill token before the probe comes.
-        warm = [replica.generate.options(num_returns="streaming").remote(GenerateCall(
-            f"warm-{i}", [rng.randrange(10, 500) for _ in range(20 + 40 * i)],
-            SamplingParams(max_tokens=12 * (i + 1), temperature=0.0, ignore_eos=True))) for i in range(6)]
-        for stream in warm:
-            for ref in stream:
-                ray.get(ref)
+        # the engine times steps of many sizes and has a price of a prefill token before the probe comes. Two
+        # waves: the price's slope rests on the prefill steps, and one slow step alone should not set it.
+        for wave in range(2):
+            warm = [replica.generate.options(num_returns="streaming").remote(GenerateCall(
+                f"warm-{wave}-{i}", [rng.randrange(10, 500) for _ in range(20 + 40 * i)],
+                SamplingParams(max_tokens=8 * (i + 1), temperature=0.0, ignore_eos=True))) for i in range(6)]
+            for stream in warm:
+                for ref in stream:
+                    ray.get(ref)
         before = ray.get(replica.kv_stats.remote())
         probe = [rng.randrange(10, 500) for _ in range(BLOCK_SIZE + 8)]  # one claimable block, nothing local
         tokens, _ = _collect(ray, replica, GenerateCall("probe", probe, SamplingParams(max_tokens=4, temperature=0.0)))
