@@ -164,13 +164,37 @@ def test_store_blocks_unusable_at_load_time_are_recomputed(engines, store):
     engines.run(body())
 
 
-def test_a_shard_killed_mid_load_costs_a_recompute_and_the_engine_survives(engines, store):
+def _hold_until(path: str):
+    """A call that keeps the shard busy (it runs one call at a time) until `path` exists, or 120 s."""
+    def hold(_shard) -> None:
+        import os
+        import time
+
+        deadline = time.monotonic() + 120
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return hold
+
+
+async def _until_waiting_on(shard, method: str, timeout_s: float = 60) -> None:
+    """Until a call of `method` is queued or running on `shard` (Ray's task events come about a second late)."""
+    from ray.util.state import list_tasks
+
+    def waiting() -> bool:
+        tasks = list_tasks(filters=[("actor_id", "=", shard._actor_id.hex())], limit=1000)
+        return any(t.name.endswith(f".{method}") and t.state not in ("FINISHED", "FAILED") for t in tasks)
+
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await asyncio.to_thread(waiting):
+        assert asyncio.get_running_loop().time() < deadline, f"no {method} call reached the shard in {timeout_s} s"
+        await asyncio.sleep(0.2)
+
+
+def test_a_shard_killed_mid_load_costs_a_recompute_and_the_engine_survives(engines, store, tmp_path):
     """A computes a prompt and puts its blocks; B's lookup finds them; B's async load then waits on the shard
-    (held busy by a second call) and the shard is killed under it. The load fails, vLLM recomputes the blocks,
+    (held busy by another call) and the shard is killed under it. The load fails, vLLM recomputes the blocks,
     B's output is exact and B keeps serving. (The shard restarts empty: later tests put their own blocks.)"""
     import ray
-
-    hold = lambda seconds: lambda shard: __import__("time").sleep(seconds)  # noqa: E731 - runs in the shard
 
     async def body():
         prompt = _prompt(5)
@@ -178,11 +202,13 @@ def test_a_shard_killed_mid_load_costs_a_recompute_and_the_engine_survives(engin
         await engines.rpc_a.stats()  # returns once A's puts are in the store
         shard = store.shards[0]
         before = await engines.rpc_b.stats()
-        shard.__ray_call__.remote(hold(1.0))  # B's lookup queues behind this...
+        release_lookup = tmp_path / "release-lookup"
+        shard.__ray_call__.remote(_hold_until(str(release_lookup)))
         request = asyncio.ensure_future(generate_to_end(engines.b, prompt, _greedy(), "kill-b"))
-        await asyncio.sleep(0.5)
-        shard.__ray_call__.remote(hold(10.0))  # ...and its get, sent once the lookup answers, behind this
-        await asyncio.sleep(1.5)
+        await _until_waiting_on(shard, "contains")  # B's lookup, behind the first hold
+        shard.__ray_call__.remote(_hold_until(str(tmp_path / "never")))  # B's get will wait behind this one
+        release_lookup.touch()
+        await _until_waiting_on(shard, "get")
         ray.kill(shard, no_restart=False)
         tokens, _ = await request
         after = await engines.rpc_b.stats()
