@@ -102,18 +102,20 @@ class StorePricing:
     def lookup_pays(self, blocks: int) -> bool:
         """Is asking the store for `blocks` blocks worth a step's wait, plus the load's if they are held?"""
         prefill = self.prefill_s(blocks)
-        if prefill is None:
-            return True
+        return prefill is None or prefill > self.lookup_wait_s()
+
+    def lookup_wait_s(self) -> float:
+        """What asking costs the request: a step while the lookup runs, then the load (a second step while no
+        load has been timed)."""
         load = self.load_s.value if self.load_s.value is not None else self.steps.mean_y
-        return prefill > self.steps.mean_y + load
+        return self.steps.mean_y + load
 
     def break_even_blocks(self) -> int | None:
         """The fewest blocks a lookup must be able to bring to be made; None: no price yet (all are made)."""
         per_block = self.prefill_s(1)
-        if per_block is None:
+        if not per_block:  # no price yet, or computing is free: every lookup is made, or none pays
             return None
-        load = self.load_s.value if self.load_s.value is not None else self.steps.mean_y
-        return int((self.steps.mean_y + load) / per_block) + 1 if per_block > 0 else None
+        return int(self.lookup_wait_s() / per_block) + 1
 
     def describe(self) -> str:
         per_block = self.prefill_s(1)

@@ -139,11 +139,11 @@ async def test_scale_up_then_down_drains_in_flight_requests(fleet, async_client)
             extra_body={"ignore_eos": True})
 
     tasks = [asyncio.create_task(long_request(i)) for i in range(6)]
-    # In a thread: the requests' tasks need this event loop while the controller's view catches up.
     def both_busy() -> bool:
         replicas = fleet.replicas("tiny-a")
         return len(replicas) == 2 and all(r["tokens_in_flight"] > 0 for r in replicas)
 
+    # In a thread: the requests' tasks need this event loop while the controller's view catches up.
     await asyncio.to_thread(fleet.wait_for, both_busy, 60, "the long requests to spread over both replicas")
     ray.get(fleet.controller.scale.remote("tiny-a", 1))
     draining = fleet.replicas("tiny-a", state="draining")

@@ -258,10 +258,10 @@ class SchedulerPrefixStore:
             budget = self._budget(len(chain))
             pending = self._pending[request.request_id] = _PendingLookup(
                 self._lookup_threads.submit(self._contains, chain, budget), local_blocks, len(chain))
-        timed_out = pending.future.done() and pending.future.result() is None
-        if not pending.future.done() and time.monotonic() - pending.started < self._budget(pending.asked_blocks):
+        done = pending.future.done()
+        if not done and time.monotonic() - pending.started < self._budget(pending.asked_blocks):
             return None
-        if timed_out or not pending.future.done():
+        if not done or pending.future.result() is None:  # past its budget: here, or the client's Ray timeout
             pending.future.cancel()
             self._pending[request.request_id] = _PendingLookup(_answered(0), pending.first_block, 0)
             self._count(store_lookup_timeouts=1)
@@ -284,7 +284,7 @@ class SchedulerPrefixStore:
         first = lookup.local_blocks
         self._count(store_lookup_blocks=lookup.asked_blocks, store_hit_blocks=hit)
         if hit:
-            if self.async_loads:
+            if self._pricing is not None:
                 self._claimed_at[request.request_id] = time.monotonic()
             block_ids = blocks.get_block_ids()[0][first:first + hit]
             self._loads.append(StoreLoad(request.request_id, self._chain(request, first + hit)[first:],
@@ -317,10 +317,12 @@ class SchedulerPrefixStore:
         """The price in the engine's log once a minute, and after 10 s when its break-even moved by half or more
         (the price follows the load: on a busy small machine it moves within seconds)."""
         at, logged = self._price_logged
+        if now - at <= 10:
+            return
         break_even = self._pricing.break_even_blocks()
         moved = (break_even is None) != (logged is None) or (
             break_even is not None and not logged / 2 <= break_even <= logged * 1.5)
-        if now - at > 60 or (moved and now - at > 10):
+        if moved or now - at > 60:
             self._price_logged = (now, break_even)
             logger.info("rayfleet: KV store price: %s", self._pricing.describe())
 
