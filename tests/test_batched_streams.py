@@ -111,21 +111,27 @@ async def test_migration_inside_a_shared_batch_loses_and_duplicates_nothing_and_
         ray.get(fleet.controller.scale.remote("mig", 2))
         fleet.wait_for(lambda: len(mig_replicas(fleet)) == 2, what="two ready mig replicas")
     messages = [{"role": "user", "content": "Describe live migration of a running request."}]
-    reference = client.chat.completions.create(model="mig", messages=messages, max_tokens=160, **GREEDY)
+    # The moved request runs 256 tokens, its neighbours 160: on a loaded machine a 160-token request once finished
+    # before its pre-copy move did (outcome finished_on_source). Four such requests still fit one replica's 40
+    # blocks (3 x 6 + 9), wherever the router puts them.
+    moved_tokens, neighbour_tokens = 256, 160
+    reference = client.chat.completions.create(model="mig", messages=messages, max_tokens=moved_tokens, **GREEDY)
+    neighbour_reference = client.chat.completions.create(
+        model="mig", messages=messages, max_tokens=neighbour_tokens, **GREEDY)
     files_before = live_files()
     blocks_before = {r: free_blocks(r) for r in mig_replicas(fleet)}
 
     async def migrated_stream() -> tuple[str, int, dict]:
         stream = await async_client.chat.completions.create(
-            model="mig", messages=messages, max_tokens=160, stream=True, stream_options={"include_usage": True},
-            **GREEDY)
+            model="mig", messages=messages, max_tokens=moved_tokens, stream=True,
+            stream_options={"include_usage": True}, **GREEDY)
         text, usage, record, events = [], None, None, 0
         async for chunk in stream:
             events += 1
             usage = chunk.usage or usage
             text += [c.delta.content or "" for c in chunk.choices]
-            # Early: deltas that queue up while the ingress is busy come merged, so on a fast machine the 160
-            # tokens may arrive in far fewer than 160 events (once fewer than 20, and the move never started).
+            # Early: deltas that queue up while the ingress is busy come merged, so on a fast machine the
+            # stream may arrive in far fewer events than tokens (once fewer than 20, and the move never started).
             if events == 3:
                 src = await asyncio.to_thread(where, fleet, chunk.id)
                 dst = next(r for r in mig_replicas(fleet) if r != src)
@@ -133,12 +139,13 @@ async def test_migration_inside_a_shared_batch_loses_and_duplicates_nothing_and_
         return "".join(text), usage.completion_tokens, record
 
     # Neighbours on the same replicas share the moved request's stream items before and after the handoff.
-    neighbours = [streamed(async_client, "mig", messages, 160) for _ in range(3)]
+    neighbours = [streamed(async_client, "mig", messages, neighbour_tokens) for _ in range(3)]
     (text, completion_tokens, record), *others = await asyncio.gather(migrated_stream(), *neighbours)
     assert record is not None, "the stream ended before the test could move it"
     assert record["outcome"] == "migrated", record
-    assert text == reference.choices[0].message.content and completion_tokens == 160
-    assert all(o["text"] == text and o["usage"].completion_tokens == 160 for o in others)
+    assert text == reference.choices[0].message.content and completion_tokens == moved_tokens
+    assert all(o["text"] == neighbour_reference.choices[0].message.content
+               and o["usage"].completion_tokens == neighbour_tokens for o in others)
     await settle(lambda: {r: free_blocks(r) for r in mig_replicas(fleet)} == blocks_before
                  and live_files() == files_before)
     assert {r: free_blocks(r) for r in mig_replicas(fleet)} == blocks_before, "KV blocks leaked"
