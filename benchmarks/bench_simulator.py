@@ -11,9 +11,10 @@ section, as the controller and the ingress build them) over simulated replicas (
   round robin, least load, power of two; migration `none` or `llumnix`; KV-aware admission on and off. At 1,000
   replicas the point is the policies' decision time per controller tick (goal: under 50 ms).
 - `scaling`: diurnal traces with bursts (a day compressed into half an hour, one trace per seed) on a pool of
-  2-64 replicas: the predictive scaler, with and without its scale-in guard, against the reactive
-  `tokens_in_flight`, each at several settings of its knob (a frontier of replica-hours against SLO
-  violations), all draining by migration (`llumnix` drains): SLO violations and replica-hours per seed.
+  2-64 replicas: the predictive scaler, provisioning for an upper quantile of its forecast and for its mean,
+  against the reactive `tokens_in_flight`, each at several settings of its knob (a frontier of replica-hours
+  against SLO violations), all draining by migration (`llumnix` drains): SLO violations and replica-hours per
+  seed and over all seeds together.
 - `pd`: a prefill-heavy mix on 8 A100s (`a100-llama-13b`): colocated (vLLM v1's chunked prefill, and without
   chunking as in DistServe's vLLM baseline) against prefill/decode disaggregation at every split, goodput =
   the highest request rate with at least 90% of requests within both SLOs (DistServe's definition), for
@@ -170,32 +171,37 @@ def scale_markdown(sc: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- scaling
-SCALERS = ("tokens_in_flight", "predictive", "predictive (unguarded)")
+def predictive_contender(quantile: float) -> str:
+    return f"predictive (quantile {quantile:g})"
 
 
-def scaling_settings(args) -> list[tuple[str, str, float]]:
-    """(contender, knob, value): each scaler's knob trades replica-hours for SLO violations."""
-    settings = [("tokens_in_flight", "target_tokens_per_replica", t) for t in args.reactive_targets]
-    for name in SCALERS[1:]:
-        settings += [(name, "target_utilization", u) for u in args.predictive_utilizations]
+def scaling_settings(args) -> list[tuple[str, dict[str, float]]]:
+    """(contender, params): each scaler's knob trades replica-hours for SLO violations; the predictive scaler
+    once per forecast quantile it provisions for (`--predictive QUANTILE:UTILIZATION,...`)."""
+    settings = [("tokens_in_flight", {"target_tokens_per_replica": t}) for t in args.reactive_targets]
+    for quantile, utilizations in args.predictive:
+        settings += [(predictive_contender(quantile), {"quantile": quantile, "target_utilization": u})
+                     for u in utilizations]
     return settings
 
 
-def scaling_run(job: tuple[int, str, str, float, argparse.Namespace]) -> dict[str, Any]:
+def scaling_run(job: tuple[int, str, dict[str, float], argparse.Namespace]) -> dict[str, Any]:
     """One scaler setting over one seed's trace (a worker process: the runs are independent)."""
-    seed, name, knob, value, args = job
+    seed, name, knobs, args = job
     p = profile("a10-llama-7b")
     trace = diurnal_with_bursts(args.day_s, base_rate=args.day_rate, period_s=args.day_s, seed=seed)
     pool = SimPool("m", p, 4, min_replicas=2, max_replicas=64)
-    params: dict[str, Any] = {knob: value}
+    params: dict[str, Any] = dict(knobs)
     if name.startswith("predictive"):
-        params.update(startup_s=p.startup_s, guard_scale_in=name == "predictive")
+        params["startup_s"] = p.startup_s
     result = simulate([pool], trace, {"router": {"name": "least_load"},
                                       "scaler": {"name": "predictive" if name.startswith("predictive") else name,
                                                  "params": params},
                                       "migration": llumnix(p, triggers=["drain"])})
     s = result.summary(args.slo_ttft_s, args.slo_tpot_s)
-    return {"scaler": name, knob: value, "setting": f"{knob}={value:g}", "seed": seed, "requests": len(trace), **s}
+    shown_knobs = {k: v for k, v in knobs.items() if k != "quantile"}  # the contender's name carries it
+    return {"scaler": name, **knobs, "setting": ", ".join(f"{k}={v:g}" for k, v in shown_knobs.items()),
+            "seed": seed, "requests": len(trace), **s}
 
 
 def scaling(args) -> dict[str, Any]:
@@ -259,8 +265,24 @@ def scaling_markdown(sc: dict[str, Any]) -> str:
         lines.append(f"- {scaler} {setting}: fewer violations than the best reactive setting at no more "
                      f"replica-hours in {sum(judged)} of {len(judged)} seeds"
                      + (f" ({len(verdicts) - len(judged)} with fewer replica-hours than any reactive setting)"
-                        if len(judged) < len(verdicts) else ""))
+                        if len(judged) < len(verdicts) else "") + "; " + summed_verdict(sc, scaler, setting))
     return "\n".join(lines)
+
+
+def summed_verdict(sc: dict[str, Any], scaler: str, setting: str) -> str:
+    """All seeds' traces taken as one: this setting's totals against the reactive settings' totals."""
+    def totals(name: str, knob_setting: str) -> tuple[float, int]:
+        rows = [r for r in sc["rows"] if r["scaler"] == name and r["setting"] == knob_setting]
+        return sum(r["replica_hours"] for r in rows), sum(r["slo_violations"] for r in rows)
+
+    hours, violations = totals(scaler, setting)
+    reactive = [totals("tokens_in_flight", s) for s in dict.fromkeys(
+        r["setting"] for r in sc["rows"] if r["scaler"] == "tokens_in_flight")]
+    best = fewest_within(reactive, hours)
+    if best is None:
+        return f"all seeds together {violations} at {hours:.1f} replica-hours, fewer than any reactive setting"
+    return (f"all seeds together {violations} at {hours:.1f} replica-hours against {best} for the best reactive "
+            f"setting at no more ({'fewer' if violations < best else 'not fewer'})")
 
 
 # ---------------------------------------------------------------- prefill/decode
@@ -350,7 +372,7 @@ def plot(results: dict[str, Any], path: Path) -> str:
             ax.set_ylabel("p99 TTFT, s (log)")
             ax.set_title("A10 LLaMA-7B, bursty BurstGPT-shaped trace", fontsize=9)
         elif part == "scaling":
-            for scaler, marker in zip(SCALERS, ("o-", "s-", "^--")):
+            for scaler, marker in zip(dict.fromkeys(r["scaler"] for r in rows), ("o-", "s-", "^--", "d-.")):
                 settings = list(dict.fromkeys(r["setting"] for r in rows if r["scaler"] == scaler))
                 means = sorted((statistics.mean(r["replica_hours"] for r in rows if r["setting"] == setting
                                                 and r["scaler"] == scaler),
@@ -387,6 +409,16 @@ def shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def quantile_and_utilizations(text: str) -> tuple[float, list[float]]:
+    """`0.5:0.35,0.4` -> (0.5, [0.35, 0.4])."""
+    try:
+        quantile, utilizations = text.split(":")
+        return float(quantile), [float(u) for u in utilizations.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected QUANTILE:UTILIZATION[,UTILIZATION...], "
+                                         "e.g. 0.5:0.35,0.4") from None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated of {', '.join(SECTIONS)}")
@@ -398,8 +430,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration-s", type=float, default=300.0, help="scale: seconds of arrivals (16, 64)")
     parser.add_argument("--big-duration-s", type=float, default=60.0, help="scale: seconds simulated at 1,000")
     parser.add_argument("--day-s", type=float, default=1800.0, help="scaling: the compressed day")
-    parser.add_argument("--reactive-targets", type=int, nargs="+", default=[4000, 4500, 5000, 6000])
-    parser.add_argument("--predictive-utilizations", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    parser.add_argument("--reactive-targets", type=int, nargs="+", default=[3500, 4000, 4500, 5000])
+    parser.add_argument("--predictive", type=quantile_and_utilizations, nargs="+",
+                        default=[(0.9, [0.5, 0.6]), (0.5, [0.35, 0.4, 0.45])], metavar="QUANTILE:UTILIZATION,...",
+                        help="scaling: the predictive scaler at each forecast quantile, at these target utilizations "
+                             "(default: 0.9:0.5,0.6 0.5:0.35,0.4,0.45)")
     parser.add_argument("--scaling-seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
                         help="scaling: one diurnal trace per seed")
     parser.add_argument("--workers", type=int, default=2, help="scaling: processes running settings at once")

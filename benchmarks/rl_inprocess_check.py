@@ -5,8 +5,10 @@ instance) every EVERY steps, and a noise-free held-out measure: over the held-ou
 exactly the reference ("exact greedy", teacher-forced argmax). Separates the learning signal from the fleet
 pipeline (docs/rl.md, "Diagnosis").
 
-    MODEL=actors/tasks/trained/task-small-mid CELL=products/easy [OPT=sgd] [NGROUPS=8] [SEED=0] [EVERY=6] \
-        [FREEZE=REGEX] python benchmarks/rl_inprocess_check.py LR STEPS TEMPERATURE
+    MODEL=actors/tasks/trained/task-small-mid CELL=products/easy [OPT=sgd] [NGROUPS=8] [GROUP=8] [KL=0] [SEED=0] \
+        [EVERY=6] [FREEZE=REGEX] python benchmarks/rl_inprocess_check.py LR STEPS TEMPERATURE
+
+GROUP is the samples per prompt, KL the trainer's `kl_coef` (k3 KL to the starting model).
 
 FREEZE keeps the parameters whose names match REGEX fixed (e.g. 'embed_tokens|norm|layers.0.self_attn', the
 directions the gradient check found sharp) and trains the rest with Adam.
@@ -22,7 +24,9 @@ path = os.environ.get("MODEL") or str(TRAINED_MODELS_DIR / "task-small")
 cells = {tuple(os.environ.get("CELL", "products/hard").split("/")): 1.0}
 SEED, EVERY = int(os.environ.get("SEED", "0")), int(os.environ.get("EVERY", "6"))
 torch.set_num_threads(1)
-tr = GRPOTrainer(path, TrainerSpec(lr=lr, clip_eps=0.2, micro_batch_groups=4, temperature=T, seed=SEED))
+G = int(os.environ.get("GROUP", G))
+tr = GRPOTrainer(path, TrainerSpec(lr=lr, clip_eps=0.2, micro_batch_groups=4, temperature=T, seed=SEED,
+                                   kl_coef=float(os.environ.get("KL", "0"))))
 tok = tr.tokenizer
 if os.environ.get("OPT") == "sgd":
     tr.optimizer = torch.optim.SGD(tr.model.parameters(), lr=lr)
