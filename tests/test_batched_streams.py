@@ -10,6 +10,9 @@ import time
 import pytest
 import ray
 
+from rayfleet.actors.replica.protocol import GenerateCall
+from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
+from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
 from rayfleet.kernels import live_files, shared_rows
 from test_live_migration import free_blocks, mig_replicas, replica_handle, settle, where
 
@@ -54,6 +57,61 @@ async def test_concurrent_streams_match_their_non_streamed_outputs_exactly(fleet
     # there may be fewer than tokens); several requests' deltas share each stream item.
     batches, deltas = after["batches"] - before["batches"], after["deltas"] - before["deltas"]
     assert deltas >= len(lengths) and batches < deltas / 2, f"{deltas} deltas in {batches} stream items"
+
+
+def token_call(request_id: str, seed: int, max_tokens: int) -> GenerateCall:
+    from vllm import SamplingParams
+
+    return GenerateCall(request_id=request_id, prompt_token_ids=[20 + (seed * 7 + i) % 400 for i in range(24)],
+                        sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+
+
+async def test_a_burst_of_requests_starts_in_a_few_submit_calls_and_each_finishes_whole(fleet):
+    """Requests that become ready together reach the replica in one `submit` call (a call per request queued
+    the replica's calls, weight updates included, for seconds under a burst); none is lost or cut short."""
+    replica_id = fleet.replicas("tiny-b")[0]["replica_id"]
+    replica = replica_handle(replica_id)
+    streams = ReplicaStreams()
+
+    async def nowhere(_call, _exclude):  # placed on the replica up front; a replay would be a failure
+        raise AssertionError("a burst request was replayed")
+
+    async def run(i: int) -> tuple[list[int], str | None]:
+        ledger = TokenLedger(token_call(f"burst-{i}-{time.monotonic_ns()}", i, 12),
+                             placement=Placement(replica_id, replica))
+        tokens, finish = [], None
+        async for choice in follow(ledger, nowhere, streams, max_replays=0):
+            tokens += choice.token_ids or []
+            finish = choice.finish_reason or finish
+        return tokens, finish
+
+    await run(0)  # the stream is open: what follows measures only the burst
+    before = await replica.delta_stats.remote()
+    results = await asyncio.gather(*(run(i) for i in range(1, 33)))
+    after = await replica.delta_stats.remote()
+    assert all(len(tokens) == 12 and finish == "length" for tokens, finish in results), results
+    started = after["requests_started"] - before["requests_started"]
+    calls = after["submit_calls"] - before["submit_calls"]
+    assert started == 32 and calls <= 2, f"{started} requests started in {calls} submit calls"
+
+
+async def test_a_request_refused_inside_a_submit_batch_fails_alone(fleet):
+    """One call of a batch that the replica refuses (here a request id already running) raises for its
+    caller only; the others in the same `submit` call start."""
+    replica_id = fleet.replicas("tiny-b")[0]["replica_id"]
+    replica = replica_handle(replica_id)
+    stream = ReplicaStreams().stream(replica_id, replica)
+    first, duplicate, other = (token_call("batch-a", 1, 600), token_call("batch-a", 2, 600),
+                               token_call("batch-b", 3, 600))
+    outcomes = await asyncio.gather(*(stream.batcher.submit(call) for call in (first, duplicate, other)),
+                                    return_exceptions=True)
+    assert outcomes[0] is None and outcomes[2] is None, outcomes
+    assert isinstance(outcomes[1], ValueError) and "already running" in str(outcomes[1]), outcomes
+    running = {p.request_id for p in (await replica.load.remote()).requests} & {"batch-a", "batch-b"}
+    assert running == {"batch-a", "batch-b"}
+    stream.reader.cancel()  # the reader leaves: the replica aborts what still streams to it
+    fleet.wait_for(lambda: not {p.request_id for p in ray.get(replica.load.remote()).requests} & running,
+                   timeout_s=30, what="the replica to abort the batch's requests when their reader left")
 
 
 async def test_a_client_leaving_mid_batch_aborts_only_its_request(fleet, async_client):

@@ -102,6 +102,7 @@ class LLMReplica:
         self.unclaimed: dict[str, tuple[float, ActiveRequest]] = {}  # finished before the ingress attached
         self.outboxes = Outboxes()
         self.requests_started = 0
+        self.submit_calls = 0
         self.handoffs: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)  # P/D handoff records
         self._tasks: set[asyncio.Task] = set()  # background work the replica must keep a reference to
         self._write_aheads: dict[str, list[asyncio.Task]] = {}  # migration id -> its write-ahead requests
@@ -213,9 +214,23 @@ class LLMReplica:
                 logger.info("reader of %s left; aborting it", call.request_id)
                 await self.engine.abort(call.request_id)
 
-    async def submit(self, call: GenerateCall, subscriber: str) -> None:
-        """Run a request whose chunks go out on `subscriber`'s multiplexed stream (`deltas`)."""
-        self._start(call).deliver_to(self.outboxes.get(subscriber))
+    async def submit(self, calls: list[GenerateCall], subscriber: str) -> list[Exception | None]:
+        """Start requests whose chunks go out on `subscriber`'s multiplexed stream (`deltas`). One answer per
+        call, in order: None when it started, else why it was refused (the caller fails only that request).
+        A batch per Ray call: under a burst, one actor call per request queued the replica's calls for seconds
+        (weight updates and health checks behind them), while starting a request costs far less than a call."""
+        self.submit_calls += 1
+        outbox = self.outboxes.get(subscriber)
+        refusals: list[Exception | None] = []
+        for call in calls:
+            try:
+                self._start(call).deliver_to(outbox)
+                refusals.append(None)
+            except Exception as error:  # one bad call must not fail the batch
+                if not isinstance(error, ReplicaNotAccepting):
+                    logger.warning("request %s refused on %s: %r", call.request_id, self.replica_id, error)
+                refusals.append(error)
+        return refusals
 
     async def attach_to(self, request_id: str, subscriber: str) -> None:
         """Send the rest of a request that arrived here by migration on `subscriber`'s stream."""
@@ -235,8 +250,10 @@ class LLMReplica:
                 await self.engine.abort(orphans)
 
     def delta_stats(self) -> dict[str, int]:
-        """Items sent on the multiplexed streams and the request deltas (engine outputs) they carried."""
-        return asdict(self.outboxes.stats)
+        """Items sent on the multiplexed streams and the request deltas (engine outputs) they carried; `submit`
+        calls and the requests started (by `submit` or `generate`)."""
+        return {**asdict(self.outboxes.stats), "submit_calls": self.submit_calls,
+                "requests_started": self.requests_started}
 
     def _start(self, call: GenerateCall) -> ActiveRequest:
         if not self.accepting or self.engine is None or not self.weights.healthy:

@@ -8,8 +8,11 @@ unchanged. A stream that fails (the replica died) fails every request on it with
 treats as a lost replica; the next request to that replica opens a new stream.
 
 Why: a Ray stream item costs tens of microseconds on each side, per request and token; here it is one item
-per engine step for all of this ingress' requests on the replica. The queue is registered before `submit` is
-sent, so no delta can arrive for a request nobody listens to yet.
+per engine step for all of this ingress' requests on the replica. Starting requests is batched the same way
+(`SubmitBatcher`): one `submit` call carries every request that became ready while the previous call was on
+its way, so a lone request goes out at once and a burst of hundreds costs a few calls, not hundreds (which
+queued the replica's calls, weight updates and health checks included, for seconds). The queue is registered
+before the request is handed to the batcher, so no delta can arrive for a request nobody listens to yet.
 """
 
 from __future__ import annotations
@@ -27,6 +30,47 @@ from rayfleet.actors.replica.protocol import GenerateCall, ReplicaChunk, Replica
 logger = logging.getLogger("rayfleet.ingress")
 
 
+MAX_SUBMIT_BATCH = 64  # requests per `submit` call: the replica starts them in one go on its event loop
+
+
+class SubmitBatcher:
+    """Starts requests on one replica with at most one `submit` call on the way: what arrives meanwhile
+    goes in the next call (no batching window, so an idle replica gets a request without delay)."""
+
+    def __init__(self, replica, subscriber: str) -> None:
+        self.replica, self.subscriber = replica, subscriber
+        self.pending: list[tuple[GenerateCall, asyncio.Future]] = []
+        self.sender: asyncio.Task | None = None
+
+    async def submit(self, call: GenerateCall) -> None:
+        """Returns once the replica started `call`; raises what the replica refused it with."""
+        started = asyncio.get_running_loop().create_future()
+        self.pending.append((call, started))
+        if self.sender is None or self.sender.done():
+            # A fresh context, for the reason the stream's reader has one: a batch carries many requests.
+            self.sender = asyncio.create_task(self._send(), context=contextvars.Context())
+        await started
+
+    async def _send(self) -> None:
+        while self.pending:
+            # A caller that left before its call went out (a client disconnect) is dropped, not started.
+            batch = [(call, started) for call, started in self.pending[:MAX_SUBMIT_BATCH] if not started.done()]
+            del self.pending[:MAX_SUBMIT_BATCH]
+            if not batch:
+                continue
+            try:
+                refusals = await self.replica.submit.remote([call for call, _ in batch], self.subscriber)
+            except Exception as error:  # the replica is unreachable: every request in the call is lost there
+                refusals = [error] * len(batch)
+            for (_, started), refusal in zip(batch, refusals):
+                if started.done():
+                    continue
+                if refusal is None:
+                    started.set_result(None)
+                else:
+                    started.set_exception(refusal)
+
+
 class ReplicaStream:
     """One replica's multiplexed stream to this process, and the requests listening on it."""
 
@@ -35,6 +79,7 @@ class ReplicaStream:
         self.replica = replica
         self.subscriber = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.listeners: dict[str, asyncio.Queue[RequestDelta]] = {}
+        self.batcher = SubmitBatcher(replica, self.subscriber)
         self.failure: BaseException | None = None
         # A fresh context: the stream must not belong to the request that happens to open it. Ray counts a
         # call made inside a request's actor task as that task's child, and Serve cancels a request whose
@@ -59,13 +104,13 @@ class ReplicaStream:
             for request_id, listener in self.listeners.items():
                 listener.put_nowait(RequestDelta(request_id, error=self.failure))
 
-    async def chunks(self, request_id: str, start: Callable[[str], Awaitable[None]]) -> AsyncIterator[ReplicaChunk]:
-        """The request's chunks on this replica; `start(subscriber)` makes the replica send them here."""
+    async def chunks(self, request_id: str, start: Callable[[], Awaitable[None]]) -> AsyncIterator[ReplicaChunk]:
+        """The request's chunks on this replica; `start()` makes the replica send them here."""
         if self.failure is not None:
             raise self.failure
         listener = self.listeners[request_id] = asyncio.Queue()
         try:
-            await start(self.subscriber)
+            await start()
             async for chunk in read_chunks(listener):
                 yield chunk
         finally:
@@ -87,9 +132,9 @@ class ReplicaStreams:
         return stream
 
     def generate(self, replica_id: str, replica, call: GenerateCall) -> AsyncIterator[ReplicaChunk]:
-        return self.stream(replica_id, replica).chunks(
-            call.request_id, lambda subscriber: replica.submit.remote(call, subscriber))
+        stream = self.stream(replica_id, replica)
+        return stream.chunks(call.request_id, lambda: stream.batcher.submit(call))
 
     def attach(self, replica_id: str, replica, request_id: str) -> AsyncIterator[ReplicaChunk]:
-        return self.stream(replica_id, replica).chunks(
-            request_id, lambda subscriber: replica.attach_to.remote(request_id, subscriber))
+        stream = self.stream(replica_id, replica)
+        return stream.chunks(request_id, lambda: replica.attach_to.remote(request_id, stream.subscriber))
