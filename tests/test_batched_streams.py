@@ -169,10 +169,10 @@ async def test_migration_inside_a_shared_batch_loses_and_duplicates_nothing_and_
         ray.get(fleet.controller.scale.remote("mig", 2))
         fleet.wait_for(lambda: len(mig_replicas(fleet)) == 2, what="two ready mig replicas")
     messages = [{"role": "user", "content": "Describe live migration of a running request."}]
-    # The moved request runs 256 tokens, its neighbours 160: on a loaded machine a 160-token request once finished
-    # before its pre-copy move did (outcome finished_on_source). Four such requests still fit one replica's 40
-    # blocks (3 x 6 + 9), wherever the router puts them.
-    moved_tokens, neighbour_tokens = 256, 160
+    # The moved request runs 512 tokens, its neighbours 160: on a loaded machine a 160-token and later a 256-token
+    # request finished before its pre-copy move did (outcome finished_on_source). Four such requests still fit
+    # one replica's 40 blocks of 32 tokens (3 x 6 + 17), wherever the router puts them.
+    moved_tokens, neighbour_tokens = 512, 160
     reference = client.chat.completions.create(model="mig", messages=messages, max_tokens=moved_tokens, **GREEDY)
     neighbour_reference = client.chat.completions.create(
         model="mig", messages=messages, max_tokens=neighbour_tokens, **GREEDY)
