@@ -5,6 +5,7 @@ and live migrations. KV moves by reference (shared memory) and leaves no file be
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
 from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
 from rayfleet.kernels import live_files, shared_rows
 from test_live_migration import free_blocks, mig_replicas, replica_handle, settle, where
+from test_replica_kv_moves import greedy_call
 
 pytestmark = pytest.mark.engines
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
@@ -60,10 +62,8 @@ async def test_concurrent_streams_match_their_non_streamed_outputs_exactly(fleet
 
 
 def token_call(request_id: str, seed: int, max_tokens: int) -> GenerateCall:
-    from vllm import SamplingParams
-
-    return GenerateCall(request_id=request_id, prompt_token_ids=[20 + (seed * 7 + i) % 400 for i in range(24)],
-                        sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    return dataclasses.replace(greedy_call([20 + (seed * 7 + i) % 400 for i in range(24)], max_tokens),
+                               request_id=request_id)
 
 
 async def test_a_burst_of_requests_starts_in_a_few_submit_calls_and_each_finishes_whole(fleet):
@@ -103,8 +103,11 @@ async def test_a_request_refused_inside_a_submit_batch_fails_alone(fleet):
     stream = ReplicaStreams().stream(replica_id, replica)
     first, duplicate, other = (token_call("batch-a", 1, 600), token_call("batch-a", 2, 600),
                                token_call("batch-b", 3, 600))
+    before = await replica.delta_stats.remote()
     outcomes = await asyncio.gather(*(stream.batcher.submit(call) for call in (first, duplicate, other)),
                                     return_exceptions=True)
+    after = await replica.delta_stats.remote()
+    assert after["submit_calls"] - before["submit_calls"] == 1, "the three calls did not share one submit call"
     assert outcomes[0] is None and outcomes[2] is None, outcomes
     assert isinstance(outcomes[1], ValueError) and "already running" in str(outcomes[1]), outcomes
     running = {p.request_id for p in (await replica.load.remote()).requests} & {"batch-a", "batch-b"}
@@ -137,8 +140,6 @@ async def test_a_ray_caller_leaving_a_replicas_own_stream_aborts_its_request(fle
     """`LLMReplica.generate` (a stream per request, for callers over Ray): cancelling it aborts the request in
     the engine, which would otherwise decode all its tokens for nobody."""
     from vllm import SamplingParams
-
-    from rayfleet.actors.replica.protocol import GenerateCall
 
     replica_id = fleet.replicas("tiny-a")[0]["replica_id"]
     replica = replica_handle(replica_id)
