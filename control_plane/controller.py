@@ -28,7 +28,6 @@ import ray
 from rayfleet.actors.kv.store import get_or_create_kv_store
 from rayfleet.actors.observability import tracing
 from rayfleet.actors.observability.logs import configure_actor_logging
-from rayfleet.actors.replica.live_migration import Destination
 from rayfleet.control_plane.controller_api import (
     CONTROLLER_NAME,
     NAMESPACE,
@@ -36,7 +35,7 @@ from rayfleet.control_plane.controller_api import (
     FleetError,
     replica_actor_name,
 )
-from rayfleet.actors.replica.protocol import WeightUpdate
+from rayfleet.actors.replica.protocol import Destination, WeightUpdate
 from rayfleet.control_plane.kuberay import CLUSTER_NAME_ENV, KubeRayScaler
 from rayfleet.control_plane.spec import FleetSpec, PoolSpec, SpecError, parse_spec
 from rayfleet.control_plane.state_store import DurableState

@@ -67,6 +67,16 @@ def test_status_and_scale_against_the_running_fleet(fleet):
     assert refused.returncode != 0 and "max_replicas=2" in refused.stderr
 
 
+def test_control_commands_load_the_controller_class_without_vllm():
+    """`ray.get_actor` imports the actor's class module in the caller: the controller's module must not pull vLLM
+    (or torch) in, or every `status`, `scale`, `drain`, `migrate` and `down` pays seconds of imports for it (10 s
+    on this machine before the messages stopped importing vLLM for a type annotation)."""
+    probe = ("import sys; import rayfleet.control_plane.controller, rayfleet.control_plane.cli.main; "
+             "print(sorted(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
 def test_version_names_rayfleet_ray_and_vllm():
     out = rayfleet("--version").stdout
     assert out.startswith("rayfleet 0.") and "ray 2.60" in out and "vllm 0.32" in out

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import ray
+from test_live_migration import replica_handle
 
 pytestmark = pytest.mark.engines
 
@@ -128,17 +129,19 @@ async def test_stalled_engine_core_of_a_single_replica_pool_is_replaced_and_its_
         process.kill()
 
 
-async def test_scale_up_then_down_drains_in_flight_requests(fleet, async_client):
+async def test_scale_down_drains_in_flight_requests_and_the_draining_replica_takes_no_new_ones(fleet, async_client):
+    """tiny-a scaled 2 -> 1 under six long requests: the replica chosen to go finishes every request it has (this
+    pool does not migrate), gets none of the requests sent while it drains, and is removed once empty."""
     ray.get(fleet.controller.scale.remote("tiny-a", 2))
     fleet.wait_for(lambda: len(fleet.replicas("tiny-a")) == 2, what="tiny-a to reach 2 ready replicas")
 
     # Long requests land on both replicas (least-load spreads them), then the pool shrinks under them.
-    async def long_request(i):
+    async def chat(content: str, max_tokens: int):
         return await async_client.chat.completions.create(
-            model="tiny-a", messages=[{"role": "user", "content": f"long {i}"}], max_tokens=400,
+            model="tiny-a", messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
             extra_body={"ignore_eos": True})
 
-    tasks = [asyncio.create_task(long_request(i)) for i in range(6)]
+    tasks = [asyncio.create_task(chat(f"long {i}", 600)) for i in range(6)]
     def both_busy() -> bool:
         replicas = fleet.replicas("tiny-a")
         return len(replicas) == 2 and all(r["tokens_in_flight"] > 0 for r in replicas)
@@ -146,22 +149,17 @@ async def test_scale_up_then_down_drains_in_flight_requests(fleet, async_client)
     # In a thread: the requests' tasks need this event loop while the controller's view catches up.
     await asyncio.to_thread(fleet.wait_for, both_busy, 60, "the long requests to spread over both replicas")
     ray.get(fleet.controller.scale.remote("tiny-a", 1))
-    draining = fleet.replicas("tiny-a", state="draining")
-    assert len(draining) == 1
+    [draining] = fleet.replicas("tiny-a", state="draining")
+    drained = replica_handle(draining["replica_id"])
+    started = (await drained.delta_stats.remote())["requests_started"]
+    short = await asyncio.gather(*(chat(f"short {i}", 2) for i in range(4)))
+    assert all(r.usage.completion_tokens == 2 for r in short)
+    assert (await drained.delta_stats.remote())["requests_started"] == started, "a draining replica took a request"
+    # Still draining when they ran, so the router had it to choose and passed it over.
+    assert fleet.replicas("tiny-a", state="draining"), "the long requests ended before the short ones: no test"
 
     results = await asyncio.gather(*tasks)
-    assert all(r.usage.completion_tokens == 400 for r in results), "a drained replica dropped a request"
+    assert all(r.usage.completion_tokens == 600 for r in results), "a drained replica dropped a request"
     fleet.wait_for(lambda: not fleet.replicas("tiny-a", state="draining") and len(fleet.replicas("tiny-a")) == 1,
                    timeout_s=60, what="the drained replica to stop")
-
-
-async def test_drained_replica_takes_no_new_requests(fleet, client):
-    ray.get(fleet.controller.scale.remote("tiny-a", 2))
-    fleet.wait_for(lambda: len(fleet.replicas("tiny-a")) == 2, what="tiny-a to reach 2 ready replicas")
-    target = fleet.replicas("tiny-a")[0]["replica_id"]
-    ray.get(fleet.controller.drain.remote(target))
-    for _ in range(4):
-        client.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "x"}], max_tokens=2)
-    fleet.wait_for(lambda: target not in {r["replica_id"] for r in fleet.status()["replicas"]}, timeout_s=60,
-                   what="the drained replica to be removed")
     assert fleet.status()["pools"]["tiny-a"]["desired"] == 1

@@ -10,9 +10,10 @@ its requests on a replica over one stream, in `DeltaBatch`es (see `delta_stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
+if TYPE_CHECKING:  # only a type here: the controller and the CLI read these messages without importing vLLM
+    from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
 
 
 @dataclass(frozen=True)
