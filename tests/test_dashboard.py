@@ -174,6 +174,10 @@ def test_migrating_a_request_from_the_page_moves_it(dashboard, fleet, client, mi
 
 
 def test_draining_a_replica_from_the_page_moves_its_requests(dashboard, fleet, client, mig_pool):  # noqa: F811
+    # Both drain buttons on the page before the stream starts: the stream lasts seconds, and a click that first
+    # waits for its row to render once came after the stream had finished (nothing left to move).
+    for replica_id in mig_pool:
+        dashboard.expect(dashboard.page.get_by_test_id(f"drain-{replica_id}")).to_be_enabled(timeout=30_000)
     stream = LongStream(client)
     stream.start()
     src = stream.where(fleet)
