@@ -55,15 +55,18 @@ def start_fleet(replicas: int):
     return controller
 
 
-def config_for(k: int, steps: int, seed: int, eval_every: int, sync: str | None = None):
+def config_for(k: int, steps: int, seed: int, eval_every: int, sync: str | None = None,
+               iterations: int | None = None):
     from rayfleet.control_plane.rl.config import load_rl_config
 
     config = load_rl_config(CONFIG)
+    trainer = config.trainer.model_copy(update={"seed": config.trainer.seed + seed,
+                                                "iterations": iterations or config.trainer.iterations})
     weight_sync = config.weight_sync.model_copy(update={"policy": sync or config.weight_sync.policy})
     return config.model_copy(update={
         "staleness_bound": k, "steps": steps, "name": f"products-s{seed}", "weight_sync": weight_sync,
         "tasks": config.tasks.model_copy(update={"seed": config.tasks.seed + seed}),
-        "trainer": config.trainer.model_copy(update={"seed": config.trainer.seed + seed}),
+        "trainer": trainer,
         "eval": config.eval.model_copy(update={"every_steps": eval_every})})
 
 
@@ -164,6 +167,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--replicas", type=int, default=2, help="rollout replicas (each one vLLM CPU engine)")
+    parser.add_argument("--iterations", type=int, help="trainer updates per step over its groups (GRPO's mu; "
+                        "default: the config's)")
     parser.add_argument("--target", type=float, help="held-out reward for the time-to-target column "
                         "(default: halfway from the start to the synchronous run's end)")
     parser.add_argument("--no-kill", action="store_true", help="skip the run with a rollout replica killed")
@@ -186,12 +191,13 @@ def main() -> None:
     load_before = load_average()
     controller = start_fleet(args.replicas)
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": started.isoformat(),
-                 "command": " ".join(["python"] + sys.argv), "load_before": load_before, "steps": args.steps}
+                 "command": " ".join(["python"] + sys.argv), "load_before": load_before, "steps": args.steps,
+           "replicas": args.replicas, "iterations": args.iterations}
     results: dict[str, dict] = {}
     contenders = [] if args.contenders == "none" else args.contenders.split(",")
     for contender in contenders:
         k, _, sync = contender.partition(":")
-        result, _ = asyncio.run(run_job(controller, config_for(int(k), args.steps, 0, args.eval_every, sync or None)))
+        result, _ = asyncio.run(run_job(controller, config_for(int(k), args.steps, 0, args.eval_every, sync or None, args.iterations)))
         name = f"k={k}" + (f" {sync}" if sync else "")
         results[name] = result.to_json()
         print(f"{name}: {result.samples_per_s:.1f} samples/s, held-out {result.curve[0]['reward']:.3f} -> "
@@ -205,7 +211,7 @@ def main() -> None:
         out["contenders"] = summarize(results, target or 1.0)
         out["runs"] = results
     if not args.no_kill:
-        result, kill = asyncio.run(run_job(controller, config_for(1, args.steps, 0, args.eval_every), args.kill_at))
+        result, kill = asyncio.run(run_job(controller, config_for(1, args.steps, 0, args.eval_every, iterations=args.iterations), args.kill_at))
         out["kill_run"] = {"killed": kill, "steps_done": len(result.steps), "replays": result.replays,
                            "groups_started": result.groups_started, "dropped_stale": result.dropped_stale,
                            "samples_per_s": round(result.samples_per_s, 2),

@@ -228,6 +228,28 @@ def test_checkpoint_and_resume_continue_exactly_as_an_uninterrupted_run(tmp_path
     assert not math.isnan(losses[-1])
 
 
+def test_iterations_update_the_step_groups_that_many_times_under_one_version():
+    """GRPO's mu: a step with `iterations` 3 makes the same three updates as three one-update steps over the same
+    groups (bit for bit: each pass is the full batch's gradient, its ratio against the rollout logprobs), but
+    publishes one version; its report averages the passes' loss terms (the later passes' ratios have moved off 1
+    and are clipped)."""
+    spec = TrainerSpec(lr=3e-3, micro_batch_groups=2, seed=5, torch_threads=1)
+    once = GRPOTrainer(str(TASK_MODEL), spec)
+    micro = fixed_groups(once, 1)[0]
+    passes = [once.train_step(micro) for _ in range(3)]
+    thrice = GRPOTrainer(str(TASK_MODEL), spec.model_copy(update={"iterations": 3}))
+    report = thrice.train_step(micro)
+
+    assert (thrice.version, once.version) == (1, 3)
+    assert (report.groups, report.samples) == (4, 16)  # counted once, not per pass
+    assert thrice.counters.samples_used == 16
+    for (name, a), (_, b) in zip(once.model.state_dict().items(), thrice.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    for term in ("loss", "clipped_fraction", "mean_ratio"):
+        assert getattr(report, term) == pytest.approx(sum(getattr(r, term) for r in passes) / 3), term
+    assert passes[-1].clipped_fraction > 0 and report.clipped_fraction > 0
+
+
 # ---------------------------------------------------------------------- prompts and config
 def test_task_stream_is_reproducible_from_its_cursor():
     cells = {("products", "hard"): 1.0, ("chain_sum", "easy"): 1.0}

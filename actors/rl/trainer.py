@@ -2,8 +2,10 @@
 
 Used in process (tests, the benchmark's analysis) or as a Ray actor (`TrainerActor`, the RL job's consumer).
 A step accumulates gradients over micro-batches of `micro_batch_groups` groups, taken from the sample store
-as soon as they are complete (no barrier on the whole step's data), then clips, steps the optimizer, and
-bumps the version. Version v means "after v optimizer steps"; the rollout engines label tokens with it.
+as soon as they are complete (no barrier on the whole step's data), then clips and steps the optimizer; with
+`iterations` > 1 (GRPO's mu) it makes that many updates over the same groups, each a full pass whose ratio is
+clipped against the rollout logprobs. Then it bumps the version. Version v means "after v steps"; the rollout
+engines label tokens with it.
 
 A checkpoint holds everything that decides what happens next: weights, optimizer moments, version, the
 random generators' states, the staleness counters, and the job's own state (`extra`, e.g. its prompt
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from rayfleet.actors.rl.grpo import build_batch, grpo_loss, token_logprobs
+from rayfleet.actors.rl.grpo import LossParts, TokenBatch, build_batch, grpo_loss, token_logprobs
 from rayfleet.actors.rl.samples import SampleGroup
 
 logger = logging.getLogger("rayfleet.rl.trainer")
@@ -42,6 +44,9 @@ class TrainerSpec(BaseModel):
     kl_coef: float = Field(0.0, ge=0, description="Weight of the k3 KL to the starting model; 0: no reference.")
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_groups: int = Field(2, ge=1, description="Groups per forward/backward (gradient accumulation).")
+    iterations: int = Field(1, ge=1, description="Optimizer updates per step over the step's groups (GRPO's mu, "
+                            "TRL's num_iterations): the first as the groups stream in, the rest over the same "
+                            "groups, the importance ratio clipped against the rollout logprobs.")
     temperature: float = Field(1.0, gt=0, description="The rollouts' sampling temperature (set by the job).")
     seed: int = 0
     torch_threads: int = Field(1, ge=1)
@@ -96,6 +101,8 @@ class GRPOTrainer:
         self.counters = StalenessCounters()
         self.extra: dict[str, Any] = {}
         self._pending: list[dict[str, float]] = []  # micro-batch metrics of the step in progress
+        self._step_groups: list[list[SampleGroup]] = []  # its micro-batches, for the updates after the first
+        self._later: list[dict[str, float]] = []  # the loss terms of those updates' passes
         self._pending_lags: list[int] = []
         self._pending_rewards: list[float] = []
         if self.checkpoint_dir is not None and (self.checkpoint_dir / CHECKPOINT_FILE).exists():
@@ -104,6 +111,17 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ training
     def accumulate(self, groups: list[SampleGroup], micro_batches_per_step: int) -> dict[str, float]:
         """Forward and backward one micro-batch; its gradient is 1/`micro_batches_per_step` of the step's."""
+        parts, batch = self._backward(groups, micro_batches_per_step)
+        tokens = int(batch.completion_mask.sum())
+        metrics = {**_loss_terms(parts), "tokens": tokens, "samples": len(batch.advantages), "groups": len(groups)}
+        self._pending.append(metrics)
+        self._pending_lags += [self.version - int(v) for v in batch.versions]
+        self._pending_rewards += [r for g in groups for r in g.rewards]
+        if self.spec.iterations > 1:
+            self._step_groups.append(groups)
+        return metrics
+
+    def _backward(self, groups: list[SampleGroup], micro_batches_per_step: int) -> tuple[LossParts, TokenBatch]:
         batch = build_batch(groups, self.tokenizer.pad_token_id)
         logprobs = token_logprobs(self.model, batch, self.spec.temperature)
         reference = None
@@ -112,23 +130,26 @@ class GRPOTrainer:
                 reference = token_logprobs(self.reference, batch, self.spec.temperature)
         parts = grpo_loss(logprobs, batch, self.spec.clip_eps, self.spec.kl_coef, reference)
         (parts.loss / micro_batches_per_step).backward()
-        tokens = int(batch.completion_mask.sum())
-        metrics = {"loss": float(parts.loss.detach()), "clipped_fraction": parts.clipped_fraction,
-                   "mean_ratio": parts.mean_ratio, "kl": parts.kl, "tokens": tokens,
-                   "samples": len(batch.advantages), "groups": len(groups)}
-        self._pending.append(metrics)
-        self._pending_lags += [self.version - int(v) for v in batch.versions]
-        self._pending_rewards += [r for g in groups for r in g.rewards]
-        return metrics
+        return parts, batch
 
-    def optimizer_step(self, wait_s: float = 0.0, compute_s: float = 0.0) -> StepReport:
-        started = time.perf_counter()
+    def _update(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self, wait_s: float = 0.0, compute_s: float = 0.0) -> StepReport:
+        """The step's updates (the accumulated one, then `iterations` - 1 more passes over its groups), then the
+        version bump and the step's report (loss terms averaged over every pass)."""
+        started = time.perf_counter()
+        self._update()
+        for _ in range(self.spec.iterations - 1):
+            for groups in self._step_groups:
+                self._later.append(_loss_terms(self._backward(groups, len(self._step_groups))[0]))
+            self._update()
         self.version += 1
         pending, lags, rewards = self._pending, self._pending_lags, self._pending_rewards
-        self._pending, self._pending_lags, self._pending_rewards = [], [], []
+        passes = pending + self._later
+        self._pending, self._pending_lags, self._pending_rewards, self._step_groups, self._later = [], [], [], [], []
         groups = int(sum(m["groups"] for m in pending))
         samples = int(sum(m["samples"] for m in pending))
         self.counters.groups_used += groups
@@ -136,15 +157,15 @@ class GRPOTrainer:
         return StepReport(
             version=self.version, groups=groups, samples=samples, tokens=int(sum(m["tokens"] for m in pending)),
             reward_mean=float(np.mean(rewards)) if rewards else 0.0,
-            loss=float(np.mean([m["loss"] for m in pending])),
-            clipped_fraction=float(np.mean([m["clipped_fraction"] for m in pending])),
-            mean_ratio=float(np.mean([m["mean_ratio"] for m in pending])),
-            kl=float(np.mean([m["kl"] for m in pending])),
+            loss=float(np.mean([m["loss"] for m in passes])),
+            clipped_fraction=float(np.mean([m["clipped_fraction"] for m in passes])),
+            mean_ratio=float(np.mean([m["mean_ratio"] for m in passes])),
+            kl=float(np.mean([m["kl"] for m in passes])),
             version_lag_mean=float(np.mean(lags)) if lags else 0.0, version_lag_max=max(lags, default=0),
             wait_s=wait_s, compute_s=compute_s + time.perf_counter() - started)
 
     def train_step(self, micro_batches: list[list[SampleGroup]]) -> StepReport:
-        """One optimizer step over groups already in hand (tests, offline use)."""
+        """One step (its `iterations` updates) over groups already in hand (tests, offline use)."""
         started = time.perf_counter()
         for groups in micro_batches:
             self.accumulate(groups, len(micro_batches))
@@ -220,6 +241,11 @@ class GRPOTrainer:
         self.extra = state["extra"]
         _set_rng_state(state["rng"])
         logger.info("resumed from %s at version %d (%s)", directory, self.version, self.counters)
+
+
+def _loss_terms(parts: LossParts) -> dict[str, float]:
+    return {"loss": float(parts.loss.detach()), "clipped_fraction": parts.clipped_fraction,
+            "mean_ratio": parts.mean_ratio, "kl": parts.kl}
 
 
 def _seed_everything(seed: int) -> None:
