@@ -7,7 +7,8 @@ per wall-clock minute, and where the time went (trainer compute, trainer waiting
 rollouts held back by the staleness bound). Held-out reward is the greedy verifier score of weight snapshots
 taken during the run and evaluated after it (evaluation costs the run nothing).
 
-    python benchmarks/bench_rl.py                          # k = 0, 1, 2 and the kill run (~10 min on 2 cores)
+    python benchmarks/bench_rl.py                          # k = 0, 1, 2 and the kill run (~7 min on 2 cores)
+    python benchmarks/bench_rl.py --replicas 1 --iterations 4 --contenders 2,1,0 --no-kill   # one engine, mu = 4
     python benchmarks/bench_rl.py --spread 4 --steps 12 --contenders none --no-kill   # seed-to-seed spread only
 Results: benchmarks/results/rl_async.json, docs/benchmarks-rl-curves.{csv,png} (`--results`, `--curves`);
 docs/benchmarks-rl.md quotes them. `--plot` draws RL job results (`--out` of the job) into docs/rl-reward-curve.
@@ -150,7 +151,7 @@ def write_curves(results: dict[str, dict], stem: Path) -> None:
         rewards = [p["reward"] for p in r["curve"]]
         by_step.plot(versions, rewards, marker="o", label=name)
         by_time.plot([p["elapsed_s"] for p in r["curve"]], rewards, marker="o", label=name)
-    by_step.set(xlabel="trainer version (optimizer steps)", ylabel="held-out greedy reward",
+    by_step.set(xlabel="trainer version (training steps)", ylabel="held-out greedy reward",
                 title="held-out reward by trainer version")
     by_time.set(xlabel="wall clock (s)", ylabel="held-out greedy reward", title="same runs against wall time")
     for ax in (by_step, by_time):
@@ -171,6 +172,9 @@ def main() -> None:
                         "default: the config's)")
     parser.add_argument("--target", type=float, help="held-out reward for the time-to-target column "
                         "(default: halfway from the start to the synchronous run's end)")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="an unreported k = 0 job of this many steps "
+                        "first, so that no contender pays the fresh fleet's warm-up (on 2026-12-04 a first k = 0 "
+                        "job ran at 139 samples/s, the same job after a warm-up at 171-208)")
     parser.add_argument("--no-kill", action="store_true", help="skip the run with a rollout replica killed")
     parser.add_argument("--kill-at", type=int, default=8, help="version at which the kill run loses a replica")
     parser.add_argument("--spread", type=int, default=0, help="also run the job with this many seeds (k = 1)")
@@ -192,7 +196,9 @@ def main() -> None:
     controller = start_fleet(args.replicas)
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": started.isoformat(),
                  "command": " ".join(["python"] + sys.argv), "load_before": load_before, "steps": args.steps,
-           "replicas": args.replicas, "iterations": args.iterations}
+           "replicas": args.replicas, "iterations": args.iterations, "warmup_steps": args.warmup_steps}
+    if args.warmup_steps:
+        asyncio.run(run_job(controller, config_for(0, args.warmup_steps, 0, args.warmup_steps, None, args.iterations)))
     results: dict[str, dict] = {}
     contenders = [] if args.contenders == "none" else args.contenders.split(",")
     for contender in contenders:
