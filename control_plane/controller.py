@@ -69,6 +69,11 @@ class ReplicaRecord:
     start_task: asyncio.Task | None = None
     readopted: bool = False  # taken back after a controller restart: may already serve requests
 
+    @property
+    def still_starting(self) -> bool:
+        """Its engine is still being built (a readopted replica may already serve, so it never counts)."""
+        return self.start_task is not None and not self.start_task.done() and not self.readopted
+
     def snapshot(self, pool: PoolSpec) -> ReplicaSnapshot:
         load = self.load
         return ReplicaSnapshot(
@@ -411,8 +416,7 @@ class FleetController:
 
     async def _progress_drains(self) -> None:
         for record in [r for r in self.replicas.values() if r.state is ReplicaState.DRAINING]:
-            if record.start_task is not None and not record.start_task.done() and not record.readopted:
-                record.start_task.cancel()
+            if record.still_starting:
                 await self._stop(record)
                 continue
             idle = record.load is not None and not record.load.requests
@@ -425,10 +429,15 @@ class FleetController:
 
     async def _stop(self, record: ReplicaRecord) -> None:
         release_pod = record.state is ReplicaState.DRAINING
-        try:
-            await asyncio.wait_for(record.handle.shutdown.remote(), timeout=30)
-        except Exception:  # dead or stuck: the kill below is what matters
-            pass
+        if record.still_starting:
+            # Nothing to finish gracefully, and a shutdown call would queue behind the engine's build for up to
+            # the 30 s below (a pool removed while a replacement starts waited exactly that long).
+            record.start_task.cancel()
+        else:
+            try:
+                await asyncio.wait_for(record.handle.shutdown.remote(), timeout=30)
+            except Exception:  # dead or stuck: the kill below is what matters
+                pass
         try:
             ray.kill(record.handle)
         except Exception:

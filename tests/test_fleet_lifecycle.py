@@ -163,3 +163,30 @@ async def test_scale_down_drains_in_flight_requests_and_the_draining_replica_tak
     fleet.wait_for(lambda: not fleet.replicas("tiny-a", state="draining") and len(fleet.replicas("tiny-a")) == 1,
                    timeout_s=60, what="the drained replica to stop")
     assert fleet.status()["pools"]["tiny-a"]["desired"] == 1
+
+
+def test_a_pool_removed_while_its_replica_builds_its_engine_stops_it_at_once(fleet, demo_models):
+    """A replica still building its engine (its actor alive, `start` running) has nothing to finish: removing its
+    pool kills it at once. A graceful shutdown call queued behind the ~30 s build, so removing a pool (or
+    stopping the fleet) while a replacement started waited the shutdown's full 30 s timeout."""
+    from ray.util.state import list_actors
+
+    from conftest import fleet_spec_dict
+
+    pool = {**fleet_spec_dict(demo_models, "redis://unused", 0)["pools"][0], "name": "brief", "max_replicas": 1}
+    ray.get(fleet.controller.add_pool.remote(pool))
+    [replica] = fleet.replicas("brief", state="starting")
+    name = f"rayfleet-replica-{replica['replica_id']}"
+
+    def actor_state() -> str:
+        found = list_actors(filters=[("name", "=", name)])
+        return found[0].state if found else "UNKNOWN"
+
+    fleet.wait_for(lambda: actor_state() == "ALIVE", timeout_s=60, what="the replica's actor to run its engine build")
+    assert fleet.replicas("brief", state="starting"), "the engine was built before the pool was removed: no test"
+    started = time.monotonic()
+    assert ray.get(fleet.controller.remove_pool.remote("brief"))["stopped"] == 1
+    took = time.monotonic() - started
+    assert took < 10, f"removing the pool took {took:.1f} s: it waited for the starting replica"
+    fleet.wait_for(lambda: actor_state() == "DEAD", timeout_s=30, what="the starting replica's actor to be killed")
+    assert "brief" not in fleet.status()["pools"]
