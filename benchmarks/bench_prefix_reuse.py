@@ -231,6 +231,7 @@ def summarize(runs: list[ModeRun], block_size: int = 32) -> dict[str, Any]:
         "prefill_tokens_computed": prompt - cached,
         "store_hit_rate": (counters.get("store_hit_blocks", 0) / asked) if asked else None,
         "store_blocks_saved": counters.get("store_blocks_saved", 0),
+        "store_blocks_already_held": counters.get("store_blocks_already_held", 0),
         "store_load_errors": counters.get("store_load_errors", 0),
         "store_lookups_priced_out": counters.get("store_lookups_priced_out", 0),
         "store_loads_priced_out": counters.get("store_loads_priced_out", 0),
@@ -262,7 +263,9 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             ("tokens from cache (local + store)", "cached_tokens"), ("  of which loaded from the store", "store_tokens_loaded"),
             ("prefill tokens computed", "prefill_tokens_computed"), ("store hit rate (blocks)", "store_hit_rate"),
             ("lookups priced out", "store_lookups_priced_out"), ("loads priced out", "store_loads_priced_out"),
-            ("blocks put into the store", "store_blocks_saved"), ("store load errors", "store_load_errors"),
+            ("blocks put into the store", "store_blocks_saved"),
+            ("blocks computed but already in the store (not sent)", "store_blocks_already_held"),
+            ("store load errors", "store_load_errors"),
             ("mean store lookup (ms)", "store_lookup_ms"), ("mean store load (ms)", "store_load_ms"),
             ("mean store put (ms, background)", "store_put_ms"),
             ("TTFT p50 (ms)", "ttft_p50_ms"), ("TTFT p99 (ms)", "ttft_p99_ms"), ("TTFT mean (ms)", "ttft_mean_ms")]

@@ -31,6 +31,7 @@ class FakeStore:
     def __init__(self):
         self.blocks: dict[bytes, np.ndarray] = {}
         self.lookups = 0
+        self.sent: list[bytes] = []  # every block hash a put carried
         self.gate: threading.Event | None = None
         self.broken = False
 
@@ -49,7 +50,12 @@ class FakeStore:
         self._wait()
         return [self.blocks.get(h) for h in hashes]
 
+    def contains(self, hashes, timeout_s=None):
+        self._wait()
+        return [h in self.blocks for h in hashes]
+
     def put(self, hashes, blocks):
+        self.sent += list(hashes)
         for h, b in zip(hashes, blocks, strict=True):
             self.blocks.setdefault(h, np.asarray(b).copy())
 
@@ -217,6 +223,25 @@ def test_worker_loads_up_to_the_first_unusable_block_and_reports_the_rest():
     worker.flush()
     assert worker.stats()["store_blocks_saved"] == 0
     assert (worker.stats()["store_blocks_loaded"], worker.stats()["store_load_errors"]) == (1, 1)
+
+
+def test_blocks_another_engine_put_meanwhile_are_not_sent_again():
+    """Two engines computed the same prefix (the second's lookup priced out, or both at once): the second's put
+    carries only the block the store does not hold yet, and counts the others as already held."""
+    store = FakeStore()
+    hashes = block_hashes(list(range(12)), BS, NS)
+    workers = []
+    for _ in range(2):
+        worker = WorkerPrefixStore(store)
+        worker.register(KVCacheLayers([torch.arange(48, dtype=torch.uint8).view(6, 8) for _ in range(2)]))
+        workers.append(worker)
+    for worker, blocks in zip(workers, (2, 3)):
+        worker.bind(RayfleetConnectorMetadata(store_saves=[StoreSave("r", hashes[:blocks], [0, 1, 2][:blocks])]))
+        worker.save()
+        worker.flush()
+    assert store.sent == hashes[:3]  # each block sent once
+    assert (workers[1].stats()["store_blocks_saved"], workers[1].stats()["store_blocks_already_held"]) == (1, 2)
+    assert workers[1].stats()["store_bytes_saved"] == 16  # one block: 8 bytes in each of 2 layers
 
 
 # ---------------------------------------------------------------------------------------------- async path

@@ -77,6 +77,7 @@ STORE_COUNTERS = (
     "store_hit_blocks",  # of those, blocks the store held and the engine claimed
     "store_blocks_loaded", "store_bytes_loaded", "store_load_errors",
     "store_blocks_saved", "store_bytes_saved", "store_put_errors",
+    "store_blocks_already_held",  # computed here, but another engine had put them since: not sent again
     # Seconds spent waiting for the store: lookups (scheduler, on the step), loads (worker, on the step),
     # puts (worker, background thread).
     "store_lookup_s", "store_load_s", "store_put_s", "store_lookups", "store_loads", "store_puts",
@@ -482,17 +483,24 @@ class WorkerPrefixStore:
         self._last_put = self._putter.submit(self._put, hashes, rows)
 
     def _put(self, hashes: list[BlockHash], rows: torch.Tensor) -> None:
+        """Send the blocks the store does not hold yet. Another engine may have put some since this one chose
+        to compute them (a lookup priced out, a prefix computed on both at once): asking costs a round trip
+        of hashes, sending them again their bytes through the object store and a copy in the shard."""
         began = time.perf_counter()
         try:
-            self._store.put(hashes, list(rows.numpy()))
+            held = self._store.contains(hashes)
+            missing = [i for i, present in enumerate(held) if not present]
+            if missing:
+                self._store.put([hashes[i] for i in missing], list(rows[missing].numpy()))
         except Exception:  # a lost put is a later miss, never wrong KV; the step must not fail for it
             logger.exception("rayfleet: KV store put of %d blocks failed", len(hashes))
             self.counters["store_put_errors"] += 1
             return
         self.counters["store_put_s"] += time.perf_counter() - began
         self.counters["store_puts"] += 1
-        self.counters["store_blocks_saved"] += len(hashes)
-        self.counters["store_bytes_saved"] += rows.numel()
+        self.counters["store_blocks_saved"] += len(missing)
+        self.counters["store_blocks_already_held"] += len(hashes) - len(missing)
+        self.counters["store_bytes_saved"] += len(missing) * rows[0].numel()
 
     def flush(self) -> None:
         """Wait for the puts submitted so far (tests, and a replica about to shut down)."""

@@ -100,8 +100,12 @@ class KVStoreClient:
         """How many leading blocks of the chain the store holds: the prefix a replica can load instead
         of computing. It may shrink before the `get` that follows if another client's puts evict.
         `timeout_s`: raise `ray.exceptions.GetTimeoutError` past it (a slow or restarting shard)."""
-        present = self._gather(block_hashes, lambda shard: shard.contains, timeout_s)
+        present = self.contains(block_hashes, timeout_s)
         return next((i for i, held in enumerate(present) if not held), len(present))
+
+    def contains(self, block_hashes: Sequence[BlockHash], timeout_s: float | None = None) -> list[bool]:
+        """Which of the blocks the store holds, in order (hashes only travel)."""
+        return self._gather(block_hashes, lambda shard: shard.contains, timeout_s)
 
     def put(self, block_hashes: Sequence[BlockHash], blocks: Sequence[BlockValue]) -> None:
         """Stores blocks (one per hash); returns once every shard holds them, so any replica reads them."""
