@@ -196,14 +196,15 @@ def main() -> None:
     controller = start_fleet(args.replicas)
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": started.isoformat(),
                  "command": " ".join(["python"] + sys.argv), "load_before": load_before, "steps": args.steps,
-           "replicas": args.replicas, "iterations": args.iterations, "warmup_steps": args.warmup_steps}
+                 "replicas": args.replicas, "iterations": args.iterations, "warmup_steps": args.warmup_steps}
     if args.warmup_steps:
         asyncio.run(run_job(controller, config_for(0, args.warmup_steps, 0, args.warmup_steps, None, args.iterations)))
     results: dict[str, dict] = {}
     contenders = [] if args.contenders == "none" else args.contenders.split(",")
     for contender in contenders:
         k, _, sync = contender.partition(":")
-        result, _ = asyncio.run(run_job(controller, config_for(int(k), args.steps, 0, args.eval_every, sync or None, args.iterations)))
+        config = config_for(int(k), args.steps, 0, args.eval_every, sync or None, args.iterations)
+        result, _ = asyncio.run(run_job(controller, config))
         name = f"k={k}" + (f" {sync}" if sync else "")
         results[name] = result.to_json()
         print(f"{name}: {result.samples_per_s:.1f} samples/s, held-out {result.curve[0]['reward']:.3f} -> "
@@ -217,7 +218,8 @@ def main() -> None:
         out["contenders"] = summarize(results, target or 1.0)
         out["runs"] = results
     if not args.no_kill:
-        result, kill = asyncio.run(run_job(controller, config_for(1, args.steps, 0, args.eval_every, iterations=args.iterations), args.kill_at))
+        config = config_for(1, args.steps, 0, args.eval_every, iterations=args.iterations)
+        result, kill = asyncio.run(run_job(controller, config, args.kill_at))
         out["kill_run"] = {"killed": kill, "steps_done": len(result.steps), "replays": result.replays,
                            "groups_started": result.groups_started, "dropped_stale": result.dropped_stale,
                            "samples_per_s": round(result.samples_per_s, 2),

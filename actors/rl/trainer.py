@@ -102,7 +102,6 @@ class GRPOTrainer:
         self.extra: dict[str, Any] = {}
         self._pending: list[dict[str, float]] = []  # micro-batch metrics of the step in progress
         self._step_groups: list[list[SampleGroup]] = []  # its micro-batches, for the updates after the first
-        self._later: list[dict[str, float]] = []  # the loss terms of those updates' passes
         self._pending_lags: list[int] = []
         self._pending_rewards: list[float] = []
         if self.checkpoint_dir is not None and (self.checkpoint_dir / CHECKPOINT_FILE).exists():
@@ -142,14 +141,15 @@ class GRPOTrainer:
         version bump and the step's report (loss terms averaged over every pass)."""
         started = time.perf_counter()
         self._update()
+        later: list[dict[str, float]] = []  # the loss terms of the passes after the first
         for _ in range(self.spec.iterations - 1):
             for groups in self._step_groups:
-                self._later.append(_loss_terms(self._backward(groups, len(self._step_groups))[0]))
+                later.append(_loss_terms(self._backward(groups, len(self._step_groups))[0]))
             self._update()
         self.version += 1
         pending, lags, rewards = self._pending, self._pending_lags, self._pending_rewards
-        passes = pending + self._later
-        self._pending, self._pending_lags, self._pending_rewards, self._step_groups, self._later = [], [], [], [], []
+        passes = pending + later
+        self._pending, self._pending_lags, self._pending_rewards, self._step_groups = [], [], [], []
         groups = int(sum(m["groups"] for m in pending))
         samples = int(sum(m["samples"] for m in pending))
         self.counters.groups_used += groups
