@@ -42,7 +42,7 @@ RESULTS = REPO / "benchmarks" / "results" / "chimera.json"
 PLOT = REPO / "docs" / "benchmarks-chimera-frontier.png"
 TABLE_SEED = 1_700_000_000  # table queries: far from training seeds and from the workflows'
 WORKFLOW_SEED = 1_800_000_000
-ROUTERS = ("chimera", "best_model_only", "least_load", "round_robin", "random")
+ROUTERS = ("chimera", "best_model_only", "least_load", "round_robin", "random", "chimera_per_replica")
 MAX_TOKENS = 16
 
 
@@ -247,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table-queries", type=int, default=30, help="table queries per (family, difficulty)")
     parser.add_argument("--skip-table", action="store_true", help="reuse the committed routing table")
     parser.add_argument("--skip-serve-llm", action="store_true")
-    parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
+    parser.add_argument("--routers", nargs="+", default=list(ROUTERS[:5]), choices=ROUTERS,
+                        help="chimera_per_replica: chimera with every replica congesting alone "
+                             "(cpu_replicas_share_node: false), the ablation of its shared-node congestion")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plot", type=Path, default=PLOT, help="where the frontier PNG goes")
     args = parser.parse_args(argv)
     import ray
     from ray import serve
@@ -273,12 +276,14 @@ def main(argv: list[str] | None = None) -> int:
                "least_load": {"name": "least_load"},
                "best_model_only": {"name": "best_model_only", "params": {"pool": best}},
                "chimera": load_chimera_params()}
+    routers["chimera_per_replica"] = {**routers["chimera"],
+                                      "params": {**routers["chimera"]["params"], "cpu_replicas_share_node": False}}
     runs = {}
     for name in args.routers:
         base = deploy_ingress(demo_spec(routers[name]))
         warm_up(base, "auto")  # off the clock: the router's start (chimera: embedder and table) and first steps
         for rate in args.rates:
-            results = asyncio.run(run_rate(base, "auto", rate, args.duration, feedback=name == "chimera"))
+            results = asyncio.run(run_rate(base, "auto", rate, args.duration, feedback=name.startswith("chimera")))
             runs.setdefault(name, {})[str(rate)] = summarize(results)
             print(name, rate, json.dumps(runs[name][str(rate)]), flush=True)
             args.out.write_text(json.dumps({**report, "runs": runs}, indent=1) + "\n")  # partial, in case
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     report["runs"] = runs
     meta["load_after"] = uptime()
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, PLOT)
+    plot(report, args.plot)
     print(markdown(report))
     return 0
 
@@ -322,7 +327,7 @@ def plot(report: dict, path: Path) -> None:
         for name, by_rate in report["runs"].items():
             cell = by_rate[str(rate)]
             ax.scatter(cell["p50_s"] * 1e3, 100 * cell["stage_accuracy"], s=60,
-                       marker="*" if name == "chimera" else "o", label=name)
+                       marker="*" if name.startswith("chimera") else "o", label=name)
         ax.set_title(f"{rate:g} workflows/s")
         ax.set_xlabel("workflow end-to-end p50 (ms), lower is better")
         ax.set_ylabel("stage accuracy (%), higher is better")

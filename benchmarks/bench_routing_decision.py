@@ -28,7 +28,9 @@ def snapshot() -> FleetSnapshot:
     for pool, count in POOLS.items():
         replicas = tuple(ReplicaSnapshot(replica_id=f"{pool}-{i}", pool=pool, model=pool, state=ReplicaState.READY,
                                          predicted_remaining_tokens=100 * i, tokens_in_flight=300 * i,
-                                         decode_tokens_per_s=400.0) for i in range(count))
+                                         decode_tokens_per_s=400.0, accelerator="CPU",
+                                         node_id=f"node-{i % 4}")  # chimera sums each node's CPU replicas
+                         for i in range(count))
         pools[pool] = PoolSnapshot(name=pool, model=pool, min_replicas=1, max_replicas=8, desired_replicas=count,
                                    replicas=replicas)
     return FleetSnapshot(pools=pools)

@@ -11,7 +11,10 @@ models. For a request it predicts, per pool:
 and per replica:
 - **congestion**: predicted latency = the pool's idle latency for that length (fitted from the table) plus the
   replica's predicted decode backlog (tokens still expected from its unfinished requests, plus the ingress' own)
-  over its measured decode throughput.
+  over its measured decode throughput. CPU replicas on one node share its cores (`cpu_replicas_share_node`): a
+  request sent to an idle one there still waits for the others' work, so their congestion is the node's, their
+  backlogs summed over their throughputs summed, and moving a request between them buys no latency (measured on
+  the demo fleet: spreading its three engines over two cores was slower than one engine batching everything).
 It picks the (pool, replica) maximising `quality - latency_weight * latency`, or, with a latency SLO, the best
 quality among the candidates predicted within it (the fastest when none is). A request that names a pool gets
 the replica of that pool with the lowest predicted latency. Every decision is kept with each candidate's
@@ -148,7 +151,7 @@ class ChimeraRouter:
                  latency_weight: float = 0.05, k: int = 16,
                  prior_weight: float = 0.1, capacity: int = 4096, embedding_dim: int = 384,
                  max_decisions: int = 200, max_pending: int = 20_000, default_output_tokens: int = 16,
-                 embedding_wait_s: float = 0.1):
+                 embedding_wait_s: float = 0.1, cpu_replicas_share_node: bool = True):
         if latency_weight < 0:
             raise ValueError("latency_weight must be >= 0")
         if embedding_wait_s < 0:
@@ -157,6 +160,8 @@ class ChimeraRouter:
         # How long a request waits for its prompt's embedding before it is routed on the pools' priors: an
         # embedding takes ~20 ms on an idle core, and an overloaded embedder must not hold every request up.
         self.embedding_wait_s = embedding_wait_s
+        # False where CPU replicas of one node are pinned to disjoint cores (each then congests alone).
+        self.cpu_replicas_share_node = cpu_replicas_share_node
         self.k = k
         self.prior_weight = prior_weight
         self.capacity = capacity
@@ -261,13 +266,30 @@ class ChimeraRouter:
                  for j in range(stage[0] + 1, stage[1] + 1))
         return this_stage + sum(later)
 
-    def latency(self, replica: ReplicaSnapshot, tokens: float) -> tuple[float, int]:
-        """Predicted seconds for `tokens` output tokens on this replica now, and its decode backlog."""
-        idle = self.idle.get(replica.pool, IdleLatency(0.0, 0.01))
-        backlog = replica.predicted_remaining_tokens
-        # Measured throughput of a busy replica; an idle one decodes at its single-stream rate.
-        throughput = max(replica.decode_tokens_per_s, 1.0 / idle.per_token_s)
-        return idle.seconds(tokens) + backlog / throughput, backlog
+    def latency(self, replica: ReplicaSnapshot, tokens: float, group: tuple[ReplicaSnapshot, ...] = ()
+                ) -> tuple[float, int]:
+        """Predicted seconds for `tokens` output tokens on this replica now, and the decode backlog it waits
+        behind: its own, or that of every replica in `group` (those sharing its compute, itself included)."""
+        members = group or (replica,)
+        backlog = sum(r.predicted_remaining_tokens for r in members)
+        # Measured throughput of the busy members; idle ones decode at their single-stream rate.
+        throughput = max(sum(r.decode_tokens_per_s for r in members),
+                         max(1.0 / self._idle(r.pool).per_token_s for r in members))
+        return self._idle(replica.pool).seconds(tokens) + backlog / throughput, backlog
+
+    def compute_groups(self, snapshot: FleetSnapshot) -> dict[str, tuple[ReplicaSnapshot, ...]]:
+        """Node id -> its CPU replicas (routable or not: a draining one still takes cycles), when CPU replicas
+        share their node's cores; empty otherwise (an accelerator per replica: each congests alone)."""
+        by_node: dict[str, list[ReplicaSnapshot]] = collections.defaultdict(list)
+        if self.cpu_replicas_share_node:
+            for pool in snapshot.pools.values():
+                for r in pool.replicas:
+                    if r.accelerator == "CPU" and r.node_id:
+                        by_node[r.node_id].append(r)
+        return {node: tuple(members) for node, members in by_node.items()}
+
+    def _idle(self, pool: str) -> IdleLatency:
+        return self.idle.get(pool, IdleLatency(0.0, 0.01))
 
     def route(self, request: RequestInfo, snapshot: FleetSnapshot) -> RoutingDecision:
         replicas = candidates(request, snapshot)
@@ -277,10 +299,12 @@ class ChimeraRouter:
         weight = self.latency_weight if request.latency_weight is None else request.latency_weight
         stage = parse_stage(request.workflow_stage)
         per_pool = {pool: self.predict(pool, embedding) for pool in {r.pool for r in replicas}}
+        groups = self.compute_groups(snapshot)
         scored = []
         for replica in replicas:
             quality, tokens = per_pool[replica.pool]
-            seconds, backlog = self.latency(replica, tokens)
+            group = groups.get(replica.node_id, ()) if replica.accelerator == "CPU" else ()
+            seconds, backlog = self.latency(replica, tokens, group)
             scored.append(CandidatePrediction(
                 pool=replica.pool, replica_id=replica.replica_id, quality=quality, output_tokens=tokens,
                 workflow_remaining_tokens=self.workflow_remaining(replica.pool, stage, tokens), latency_s=seconds,

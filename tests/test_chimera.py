@@ -7,6 +7,7 @@ held-out questions, measured on this fleet by `benchmarks/bench_chimera.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -134,6 +135,36 @@ def test_congested_strong_pool_shifts_the_decision_as_the_objective_says(rows, e
     # and with a latency SLO the best quality within it wins.
     assert ask(router, embed, hard.prompt, congested, "r4", latency_slo_s=1.0).pool != "task-large"
     assert ask(router, embed, hard.prompt, congested, "r5", latency_slo_s=30.0).pool == "task-large"
+
+
+def on_nodes(snap: FleetSnapshot, nodes: dict[str, str]) -> FleetSnapshot:
+    """`snap` with its replicas as CPU replicas placed on nodes (replica id -> node id)."""
+    return FleetSnapshot(pools={name: dataclasses.replace(pool, replicas=tuple(
+        dataclasses.replace(r, accelerator="CPU", node_id=nodes[r.replica_id]) for r in pool.replicas))
+        for name, pool in snap.pools.items()})
+
+
+def test_cpu_replicas_sharing_a_node_congest_together_so_easy_prompts_stay_on_the_best_model(rows, embed):
+    """Three CPU engines on one node share its cores: a request on the idle small model waits for the large
+    model's work as much as one batched with it, so the backlog that moves easy prompts to `task-small` when each
+    replica has its own hardware (test above) changes no decision here; on separate nodes it moves them again."""
+    router = router_on(rows, embed, latency_weight=0.5)
+    busy_large = snapshot({"task-large-0": 30})
+    easy = [t for f in ("chain_sum", "products") for t in generate(f, "easy", PROBE_SEED, 8)]
+    one_node = on_nodes(busy_large, {f"{p}-0": "node-a" for p in POOLS})
+    idle_node = on_nodes(snapshot(), {f"{p}-0": "node-a" for p in POOLS})
+    shared = [ask(router, embed, t.prompt, one_node, f"s{i}").pool for i, t in enumerate(easy)]
+    small = next(c for c in router.explain(1)[0]["candidates"] if c["pool"] == "task-small")
+    assert small["backlog_tokens"] == 30  # the node's backlog, though task-small itself has none
+    idle = [ask(router, embed, t.prompt, idle_node, f"i{i}").pool for i, t in enumerate(easy)]
+    assert shared == idle and shared.count("task-large") >= 12, (shared, idle)
+    own_nodes = on_nodes(busy_large, {f"{p}-0": f"node-{p}" for p in POOLS})
+    separate = [ask(router, embed, t.prompt, own_nodes, f"n{i}").pool for i, t in enumerate(easy)]
+    assert separate.count("task-small") >= 14, separate
+    # And a fleet that pins its CPU engines to disjoint cores says so: each congests alone again.
+    pinned = router_on(rows, embed, latency_weight=0.5, cpu_replicas_share_node=False)
+    assert [ask(pinned, embed, t.prompt, one_node, f"p{i}").pool for i, t in enumerate(easy)].count(
+        "task-small") >= 14
 
 
 def test_second_replica_of_a_pool_takes_the_request_when_the_first_is_busy(rows, embed):
