@@ -55,6 +55,10 @@ async def settle(condition, timeout_s: float = 30.0) -> None:
 def mig_pool(fleet) -> list[str]:
     """The "mig" pool with both its replicas ready: a drain (or a kill) earlier in the session may have left
     one, so every test that moves requests between the two asks for them here and stands on its own."""
+    return two_ready_mig_replicas(fleet)
+
+
+def two_ready_mig_replicas(fleet) -> list[str]:
     if len(mig_replicas(fleet)) < 2:
         ray.get(fleet.controller.scale.remote("mig", 2))
         fleet.wait_for(lambda: len(mig_replicas(fleet)) == 2, what="two ready mig replicas")
