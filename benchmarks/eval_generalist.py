@@ -36,9 +36,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def few_shot(family: str, difficulty: str, prompt: str, shots: int) -> str:
+def solved_examples(family: str, difficulty: str, shots: int) -> str:
     solved = generate(family, difficulty, seed=SHOT_SEED, count=shots)
-    return "".join(f"Q: {s.prompt}\nA: {s.answer}\n\n" for s in solved) + f"Q: {prompt}\nA:"
+    return "".join(f"Q: {s.prompt}\nA: {s.answer}\n\n" for s in solved)
 
 
 def accuracy(llm, args: argparse.Namespace) -> dict:
@@ -46,7 +46,8 @@ def accuracy(llm, args: argparse.Namespace) -> dict:
 
     cells = [(f, d) for f in FAMILIES for d in DIFFICULTIES]
     tasks = [(f, d, t) for f, d in cells for t in generate(f, d, seed=EVAL_SEED, count=args.per_cell)]
-    prompts = [few_shot(f, d, t.prompt, args.shots) for f, d, t in tasks]
+    examples = {(f, d): solved_examples(f, d, args.shots) for f, d in cells}
+    prompts = [f"{examples[f, d]}Q: {t.prompt}\nA:" for f, d, t in tasks]
     report = {}
     for mode, temperature in (("greedy", 0.0), ("sampled", 0.7)):
         outputs = llm.generate(prompts, SamplingParams(temperature=temperature, max_tokens=16, stop=["\n"]),
@@ -71,8 +72,8 @@ def speed(llm) -> dict:
         single.append(time.perf_counter() - started)
     started = time.perf_counter()
     llm.generate(prompts * 3, params, use_tqdm=False)
-    return {"single_request_s": statistics.median(single), "batch60_tokens_per_s": 60 * 16 / (time.perf_counter()
-                                                                                             - started)}
+    batch_s = time.perf_counter() - started
+    return {"single_request_s": statistics.median(single), "batch60_tokens_per_s": 60 * 16 / batch_s}
 
 
 def load(model: Path, dtype: str):

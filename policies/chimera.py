@@ -266,27 +266,36 @@ class ChimeraRouter:
                  for j in range(stage[0] + 1, stage[1] + 1))
         return this_stage + sum(later)
 
-    def latency(self, replica: ReplicaSnapshot, tokens: float, group: tuple[ReplicaSnapshot, ...] = ()
+    def latency(self, replica: ReplicaSnapshot, tokens: float, shared: tuple[int, float] | None = None
                 ) -> tuple[float, int]:
         """Predicted seconds for `tokens` output tokens on this replica now, and the decode backlog it waits
-        behind: its own, or that of every replica in `group` (those sharing its compute, itself included)."""
-        members = group or (replica,)
-        backlog = sum(r.predicted_remaining_tokens for r in members)
-        # Measured throughput of the busy members; idle ones decode at their single-stream rate.
-        throughput = max(sum(r.decode_tokens_per_s for r in members),
-                         max(1.0 / self._idle(r.pool).per_token_s for r in members))
+        behind: its own, or `shared`, the (backlog, throughput) of the replicas sharing its compute."""
+        backlog, throughput = shared or self._congestion((replica,))
         return self._idle(replica.pool).seconds(tokens) + backlog / throughput, backlog
 
-    def compute_groups(self, snapshot: FleetSnapshot) -> dict[str, tuple[ReplicaSnapshot, ...]]:
-        """Node id -> its CPU replicas (routable or not: a draining one still takes cycles), when CPU replicas
-        share their node's cores; empty otherwise (an accelerator per replica: each congests alone)."""
+    def shared_congestion(self, snapshot: FleetSnapshot) -> dict[str, tuple[int, float]]:
+        """Replica id -> (backlog, throughput) of its node's CPU replicas (routable or not: a draining one still
+        takes cycles), when CPU replicas share their node's cores; replicas absent here congest alone (an
+        accelerator each)."""
         by_node: dict[str, list[ReplicaSnapshot]] = collections.defaultdict(list)
         if self.cpu_replicas_share_node:
             for pool in snapshot.pools.values():
                 for r in pool.replicas:
                     if r.accelerator == "CPU" and r.node_id:
                         by_node[r.node_id].append(r)
-        return {node: tuple(members) for node, members in by_node.items()}
+        shared = {}
+        for members in by_node.values():
+            figure = self._congestion(members)
+            shared.update((r.replica_id, figure) for r in members)
+        return shared
+
+    def _congestion(self, members) -> tuple[int, float]:
+        """Decode backlog of `members` and the throughput that drains it: the busy members' measured rates,
+        at least the single-stream rate of an idle one."""
+        backlog = sum(r.predicted_remaining_tokens for r in members)
+        throughput = max(sum(r.decode_tokens_per_s for r in members),
+                         max(1.0 / self._idle(r.pool).per_token_s for r in members))
+        return backlog, throughput
 
     def _idle(self, pool: str) -> IdleLatency:
         return self.idle.get(pool, IdleLatency(0.0, 0.01))
@@ -299,12 +308,11 @@ class ChimeraRouter:
         weight = self.latency_weight if request.latency_weight is None else request.latency_weight
         stage = parse_stage(request.workflow_stage)
         per_pool = {pool: self.predict(pool, embedding) for pool in {r.pool for r in replicas}}
-        groups = self.compute_groups(snapshot)
+        shared = self.shared_congestion(snapshot)
         scored = []
         for replica in replicas:
             quality, tokens = per_pool[replica.pool]
-            group = groups.get(replica.node_id, ()) if replica.accelerator == "CPU" else ()
-            seconds, backlog = self.latency(replica, tokens, group)
+            seconds, backlog = self.latency(replica, tokens, shared.get(replica.replica_id))
             scored.append(CandidatePrediction(
                 pool=replica.pool, replica_id=replica.replica_id, quality=quality, output_tokens=tokens,
                 workflow_remaining_tokens=self.workflow_remaining(replica.pool, stage, tokens), latency_s=seconds,
