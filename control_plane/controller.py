@@ -156,6 +156,14 @@ class FleetController:
         self.added_pools, self.spec = added, self._with_pools(added)
         for pool in self.spec.pools:
             self.desired.setdefault(pool.name, pool.start_replicas)
+        # The constructor knew only the spec's pools: take back the live replicas of the added ones too, before
+        # the first reconcile would start new ones beside them (and leave these running, unmanaged).
+        unmanaged = self._readopt()
+        if unmanaged:
+            logger.warning("replicas of pools this fleet does not have are running, unmanaged: %s (pools added at "
+                           "runtime are forgotten on restart with state_store memory://); stop them with ray.kill "
+                           "(actors %s<id> in namespace %s)", ", ".join(sorted(unmanaged)),
+                           replica_actor_name(""), NAMESPACE)
         self.desired.update({k: v for k, v in stored.items() if k in self.desired})
         for replica_id, info in registry.items():
             record = self.replicas.get(replica_id)
@@ -662,11 +670,13 @@ class FleetController:
         self.store.put("replicas", {rid: {"pool": r.pool, "state": r.state.value}
                                     for rid, r in self.replicas.items()})
 
-    def _readopt(self) -> None:
-        """After a controller restart, take back this fleet's live replicas, found by their actor names (Ray
-        knows them whether or not the state store is reachable). Each becomes ready once it answers a health
-        check; the store's registry later restores which ones were draining."""
+    def _readopt(self) -> list[str]:
+        """After a controller restart, take back this fleet's live replicas of the pools it knows, found by their
+        actor names (Ray knows them whether or not the state store is reachable); those already taken back are
+        left as they are. Each becomes ready once it answers a health check; the store's registry later restores
+        which ones were draining. Returns the ids of live replicas of pools it does not know."""
         prefix = replica_actor_name("")
+        unknown = []
         for actor in ray.util.list_named_actors(all_namespaces=True):
             name = actor["name"]
             if actor["namespace"] != NAMESPACE or not name.startswith(prefix):
@@ -674,6 +684,9 @@ class FleetController:
             replica_id = name[len(prefix):]
             pool = replica_id.rsplit("-", 1)[0]
             if pool not in self.desired:
+                unknown.append(replica_id)
+                continue
+            if replica_id in self.replicas:
                 continue
             try:
                 handle = ray.get_actor(name, namespace=NAMESPACE)
@@ -683,6 +696,7 @@ class FleetController:
             self.replicas[replica_id] = record
             record.start_task = asyncio.create_task(self._await_readopted(record))
             logger.info("re-adopting replica %s of pool %s", replica_id, pool)
+        return unknown
 
     async def _await_readopted(self, record: ReplicaRecord) -> None:
         """A re-adopted replica is ready when its engine answers (it may still have been starting)."""

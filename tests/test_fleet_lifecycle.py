@@ -33,26 +33,42 @@ def test_controller_state_is_kept_in_redis(fleet, redis_url):
     assert {b"rayfleet:rayfleet-test:spec", b"rayfleet:rayfleet-test:replicas"} <= set(keys)
 
 
-def test_restarted_controller_resumes_its_loop_and_readopts_its_replicas(fleet, client):
-    before = fleet.status()
-    pid = before["controller"]["pid"]
-    os.kill(pid, signal.SIGKILL)
+def test_restarted_controller_resumes_its_loop_and_readopts_its_replicas_those_of_added_pools_too(
+        fleet, client, demo_models):
+    """Pools added at runtime (an RL job's rollout pool) come back from the state store after the restart; their
+    live replicas must be taken back too, not left running beside new ones."""
+    from conftest import fleet_spec_dict
+    from ray.util.state import list_actors
 
-    def restarted():
-        try:
-            status = fleet.status()
-        except ray.exceptions.RayActorError:
-            return False
-        return status["controller"]["pid"] != pid and status["controller"]["ticks"] >= 3
+    pool = {**fleet_spec_dict(demo_models, "redis://unused", 0)["pools"][0], "name": "added", "max_replicas": 1}
+    ray.get(fleet.controller.add_pool.remote(pool))
+    try:
+        fleet.wait_for(lambda: fleet.replicas("added", state="ready"), timeout_s=180,
+                       what="the added pool's replica to be ready")
+        before = fleet.status()
+        pid = before["controller"]["pid"]
+        os.kill(pid, signal.SIGKILL)
 
-    fleet.wait_for(restarted, timeout_s=120, what="Ray to restart the controller and its loop to tick")
-    ready = lambda status: {r["replica_id"] for r in status["replicas"] if r["state"] == "ready"}  # noqa: E731
-    fleet.wait_for(lambda: ready(fleet.status()) == ready(before), timeout_s=60,
-                   what="every replica to be re-adopted as ready")
-    assert fleet.status()["controller"]["state_store_connected"]
-    result = client.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=5, extra_body={"ignore_eos": True})
-    assert result.usage.completion_tokens == 5
+        def restarted():
+            try:
+                status = fleet.status()
+            except ray.exceptions.RayActorError:
+                return False
+            return status["controller"]["pid"] != pid and status["controller"]["ticks"] >= 3
+
+        fleet.wait_for(restarted, timeout_s=120, what="Ray to restart the controller and its loop to tick")
+        ready = lambda status: {r["replica_id"] for r in status["replicas"] if r["state"] == "ready"}  # noqa: E731
+        fleet.wait_for(lambda: ready(fleet.status()) == ready(before), timeout_s=60,
+                       what="every replica, the added pool's included, to be re-adopted as ready")
+        assert fleet.status()["controller"]["state_store_connected"]
+        alive = [a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                 if (a.name or "").startswith("rayfleet-replica-added-")]
+        assert len(alive) == 1, f"the restarted controller started replicas beside the added pool's: {alive}"
+        result = client.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=5, extra_body={"ignore_eos": True})
+        assert result.usage.completion_tokens == 5
+    finally:
+        ray.get(fleet.controller.remove_pool.remote("added"), timeout=120)
 
 
 def test_controller_starts_while_redis_is_down_and_writes_its_state_once_it_is_up(ray_cluster, demo_models):
