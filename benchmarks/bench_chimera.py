@@ -12,20 +12,26 @@
    contender: rayfleet with `random`, `round_robin`, `least_load`, `best_model_only` (the table's most accurate
    model), `chimera` (feedback from the verifier after each stage), then Ray Serve LLM serving only that best
    model with the client naming it. Per contender and rate: workflow end-to-end p50/p99, stage accuracy (mean
-   verifier score) and workflow accuracy (every stage accepted); the latency-accuracy frontier as a PNG.
+   verifier score) and workflow accuracy (every stage accepted); the latency-accuracy frontier as a PNG; for
+   rayfleet's contenders the mean time a request spent in each ingress stage before its engine (render, the
+   router's embedding wait, admission and routing: the fleet's `rayfleet_ingress_stage_seconds`, read from
+   Ray's metrics endpoint) and, for chimera, the share of decisions made with the prompt's embedding.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,6 +242,47 @@ def summarize(results: list[WorkflowResult]) -> dict:
             "workflow_accuracy": statistics.mean(r.all_accepted for r in results), "pools": pools}
 
 
+STAGE_SERIES = re.compile(r'^ray_rayfleet_ingress_stage_seconds_(sum|count)\{[^}]*stage="([^"]+)"[^}]*\} (\S+)$')
+
+
+def stage_totals() -> dict[str, list[float]]:
+    """`rayfleet_ingress_stage_seconds` as Ray exports it now: stage -> [seconds, requests], every ingress process."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for line in text.splitlines():
+        match = STAGE_SERIES.match(line)
+        if match:
+            totals[match[2]][0 if match[1] == "sum" else 1] += float(match[3])
+    return totals
+
+
+def stage_means_ms(before: dict[str, list[float]], requests: int, timeout_s: float = 60) -> dict[str, float]:
+    """Mean ms per request in each ingress stage since `before`, once Ray's periodic export counts `requests`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = stage_totals()
+        counted = after["render"][1] - before.get("render", [0.0, 0.0])[1]
+        if counted >= requests or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    means = {}
+    for stage, (seconds, count) in after.items():
+        then = before.get(stage, [0.0, 0.0])
+        if count > then[1]:
+            means[stage] = round(1e3 * (seconds - then[0]) / (count - then[1]), 2)
+    return means
+
+
+def embedded_share(base: str) -> float:
+    """Of the router's last decisions (up to 200: the end of a rate's run, under its load), the share routed with
+    the prompt's embedding; the rest waited `embedding_wait_s` for it in vain and went on the pools' priors."""
+    decisions = httpx.get(f"{base}/v1/fleet/routing", params={"limit": 200}, timeout=30).json()["decisions"]
+    return statistics.mean(d["embedded"] for d in decisions) if decisions else float("nan")
+
+
 # --- the run -------------------------------------------------------------------------------------------------
 
 def uptime() -> str:
@@ -285,8 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         base = deploy_ingress(demo_spec(routers[name]))
         warm_up(base, "auto")  # off the clock: the router's start (chimera: embedder and table) and first steps
         for rate in args.rates:
+            before = stage_totals()
             results = asyncio.run(run_rate(base, "auto", rate, args.duration, feedback=name.startswith("chimera")))
-            runs.setdefault(name, {})[str(rate)] = summarize(results)
+            run = runs.setdefault(name, {})[str(rate)] = summarize(results)
+            run["stage_ms"] = stage_means_ms(before, sum(len(r.pools) for r in results))
+            if name.startswith("chimera"):
+                run["embedded_share"] = embedded_share(base)
             print(name, rate, json.dumps(runs[name][str(rate)]), flush=True)
             args.out.write_text(json.dumps({**report, "runs": runs}, indent=1) + "\n")  # partial, in case
     serve.shutdown()

@@ -25,6 +25,7 @@ DOWNTIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 TTFT_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 TPOT_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28]
 DURATION_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
+STAGE_BUCKETS_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 
 
 class FleetMetrics:
@@ -96,5 +97,11 @@ class IngressMetrics:
                                  "admission", tag_keys=("model",))
         self.replays = Counter("rayfleet_replays_total", "Requests replayed on another replica after theirs "
                                "was lost", tag_keys=pool)
+        self.stages = Histogram(
+            "rayfleet_ingress_stage_seconds", "Time of a request in each ingress stage before its engine: render "
+            "(body, checks, vLLM's renderer; the router's prompt embedding starts beside it), embedding_wait (what "
+            "the router then waited for that embedding), admission_and_routing (queueing for admission included), "
+            "rerender (the chosen pool renders differently from the first)", boundaries=STAGE_BUCKETS_S,
+            tag_keys=("stage",))
         self.routing_decisions = Counter("rayfleet_routing_decisions_total", "Routing decisions by the model "
                                          "asked for and the pool chosen", tag_keys=("model", "pool", "router"))

@@ -28,7 +28,7 @@ from rayfleet.control_plane.serving.auth import Principal
 from rayfleet.control_plane.serving.errors import OpenAIHTTPError
 from rayfleet.control_plane.serving.gateway import FleetGateway, logger
 from rayfleet.control_plane.serving.ledger import ReplayImpossible, TokenLedger
-from rayfleet.control_plane.serving.rendering import PoolRenderer, RenderError, RenderedRequest
+from rayfleet.control_plane.serving.rendering import PoolRenderer, RenderError, RenderedRequest, rendered_for
 from rayfleet.control_plane.serving.request_limits import check_prompt_tokens, check_request, read_json_body
 from rayfleet.control_plane.serving.request_telemetry import ClientRequest
 from rayfleet.policies.base import RequestInfo
@@ -135,6 +135,7 @@ class OpenAIRoutes(FleetGateway):
             raise
 
     async def _serve_traced(self, kind: str, request: Request, client: ClientRequest):
+        clock = self.telemetry.stage_clock()
         principal = authenticate(self, request)
         limits = self.spec.ingress.limits
         body = await read_json_body(request, limits)
@@ -150,18 +151,20 @@ class OpenAIRoutes(FleetGateway):
             if embedding is not None:
                 embedding.cancel()
             raise
+        clock.lap("render")
         info = self._request_info(rendered[0], pool, request, body)
         client.span.set_attribute("rayfleet.request_id", info.request_id)
         if embedding is not None:
             info = dataclasses.replace(info, embedding=await self.embedding_for(info.request_id, embedding))
+            clock.lap("embedding_wait")
         placement, decision = await self.admit_and_place(info, client.trace)
+        clock.lap("admission_and_routing")
         client.pool = decision.pool
-        if decision.pool != renderer.pool:  # model=auto picked another pool: render with its tokenizer
-            renderer = self.renderers[decision.pool]
-            ids = [r.request_id for r in rendered]
-            rendered = await self._render(renderer, kind, body)
-            for r, request_id in zip(rendered, ids):  # keep the id the router knows (feedback names it)
-                r.generate.request_id = request_id
+        if decision.pool != renderer.pool:  # model=auto picked another pool
+            first, renderer = renderer, self.renderers[decision.pool]
+            rendered = await rendered_for(renderer, first, rendered, lambda r: self._render(r, kind, body))
+            if not renderer.renders_like(first):
+                clock.lap("rerender")
         # A request id the client chose is scoped by its tenant: no one can reach another tenant's request.
         scope = principal.scoped_id if "request_id" in body else str
         # Ledgers open now, not when the stream starts: admission of the next request must count this one.

@@ -9,9 +9,12 @@ messages, stop handling and logprob formatting are vLLM's and not a copy.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from starlette.datastructures import State
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -67,6 +70,13 @@ class RenderedRequest:
     @property
     def request_id(self) -> str:
         return self.generate.request_id
+
+    def for_pool(self, pool: str) -> "RenderedRequest":
+        """The same render named for `pool`, whose renderer renders like this one's (`PoolRenderer.signature`)."""
+        return dataclasses.replace(
+            self, pool=pool, stream_states={},
+            generate=self.generate.model_copy(update={"model": pool}) if self.generate.model else self.generate,
+            openai_request=self.openai_request.model_copy(update={"model": pool}))
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -130,6 +140,34 @@ def detokenize_stream_deltas_inline(serving_derender) -> None:
     derenderer._detokenize_delta_async = detokenize_delta
 
 
+async def rendered_for(renderer: PoolRenderer, first: PoolRenderer, rendered: list[RenderedRequest],
+                       render: Callable[[PoolRenderer], Awaitable[list[RenderedRequest]]]) -> list[RenderedRequest]:
+    """`rendered` (by `first`) as `renderer`'s pool needs it: the same render named for that pool where the two
+    render alike, else `render(renderer)` under the same request ids (the router's and the client's)."""
+    if renderer.renders_like(first):
+        return [r.for_pool(renderer.pool) for r in rendered]
+    again = await render(renderer)
+    for r, before in zip(again, rendered):
+        r.generate.request_id = before.request_id
+    return again
+
+
+def render_signature(model_config, tokenizer) -> str | None:
+    """A digest of everything a text render depends on beyond the request: the whole tokenizer (vocabulary,
+    normalization, special tokens) and its chat template, the model's default sampling params (its generation
+    config), the context length and the vocabulary size the checks use. Pools of one model family (the demo's task
+    models, fine-tunes of one base) share it, so a request `model=auto` sends to another pool of the family keeps
+    its render. None where the tokenizer cannot be serialized or the model takes images: render per pool."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or model_config.is_multimodal_model:
+        return None
+    parts = {"tokenizer": backend.to_str(), "chat_template": getattr(tokenizer, "chat_template", None),
+             "special_tokens": getattr(tokenizer, "special_tokens_map", None),
+             "sampling_defaults": model_config.get_diff_sampling_param(),
+             "max_model_len": model_config.max_model_len, "vocab_size": model_config.get_vocab_size()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
+
+
 def _ok(result):
     if isinstance(result, ErrorResponse):
         raise RenderError(result)
@@ -145,6 +183,7 @@ class PoolRenderer:
         self.engine_args = engine_args
         self.state = State()
         self.max_model_len = 0
+        self.signature: str | None = None  # pools whose renderers share one render each other's requests
 
     async def start(self) -> None:
         import vllm.envs as envs
@@ -174,7 +213,12 @@ class PoolRenderer:
         self.vllm_config = vllm_config
         detokenize_stream_deltas_inline(self.state.serving_derender)
         self.max_model_len = model_config.max_model_len
+        self.signature = render_signature(model_config, self.state.online_renderer.renderer.get_tokenizer())
         logger.info("renderer for pool %s ready (max_model_len %d)", self.pool, self.max_model_len)
+
+    def renders_like(self, other: "PoolRenderer") -> bool:
+        """Whether a request rendered by `other` is what this renderer would make of it (the pool's name aside)."""
+        return self.signature is not None and self.signature == other.signature
 
     # ---------------------------------------------------------------- render
     async def render(self, kind: str, body: dict[str, Any]) -> list[RenderedRequest]:

@@ -39,6 +39,20 @@ class ClientRequest:
         return tracing.context_of(self.span)
 
 
+class StageClock:
+    """Times one request's consecutive ingress stages into `rayfleet_ingress_stage_seconds` (the stages are in
+    its description): each lap is the time since the previous one, or since the clock started."""
+
+    def __init__(self, metrics: IngressMetrics) -> None:
+        self.metrics = metrics
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.metrics.stages.observe(now - self.last, tags={"stage": stage})
+        self.last = now
+
+
 class RequestTelemetry:
     def __init__(self, spec: FleetSpec):
         self.router = spec.policies.router.name
@@ -59,6 +73,10 @@ class RequestTelemetry:
         client.finished = True
         self.metrics.requests.inc(tags={"pool": client.pool, "status": str(status)})
         tracing.end_span(client.span, error, **{"rayfleet.pool": client.pool, "http.status_code": status})
+
+    def stage_clock(self) -> "StageClock":
+        """A clock for one request's ingress stages, started now."""
+        return StageClock(self.metrics)
 
     def queued(self, model: str, change: int) -> None:
         """A request of `model` starts (+1) or stops (-1) waiting for admission."""
