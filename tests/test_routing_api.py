@@ -10,6 +10,8 @@ and the router relearns that pool from the verifier scores that came with the ve
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -133,6 +135,38 @@ def test_a_bad_latency_weight_header_is_a_400_naming_it(chimera_url):
                            json={"model": "auto", "messages": [{"role": "user", "content": EASY}], "max_tokens": 2})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "x-rayfleet-latency-weight"
+
+
+def embedded(client: httpx.Client, base: str) -> bool:
+    """Whether a new `auto` request was routed with its prompt's embedding."""
+    return decision(client, base, ask(client, base, EASY).json()["id"])["embedded"]
+
+
+def embedder_pid() -> int | None:
+    from ray.util.state import list_actors
+
+    from rayfleet.actors.embedding.embedder import EMBEDDER_NAME
+
+    alive = list_actors(filters=[("name", "=", EMBEDDER_NAME), ("state", "=", "ALIVE")])
+    return alive[0].pid if alive else None
+
+
+def test_an_embedder_that_dies_is_restarted_or_replaced_and_routing_uses_embeddings_again(fleet, chimera_url):
+    """Its process killed, Ray restarts it; killed for good (as when the ingress process that created it dies),
+    the ingress starts a new one. Meanwhile requests are routed on the pools' priors, none fails."""
+    from rayfleet.actors.embedding.embedder import EMBEDDER_NAME
+    from rayfleet.control_plane.controller_api import NAMESPACE
+
+    base, client = chimera_url
+    assert embedded(client, base)
+    pid = embedder_pid()
+    os.kill(pid, signal.SIGKILL)
+    fleet.wait_for(lambda: embedded(client, base), timeout_s=120,
+                   what="decisions with embeddings again after the embedder's process was killed")
+    assert embedder_pid() not in (None, pid), "not the restarted embedder"
+    ray.kill(ray.get_actor(EMBEDDER_NAME, namespace=NAMESPACE))  # no restart
+    fleet.wait_for(lambda: embedded(client, base), timeout_s=120,
+                   what="decisions with embeddings again from a new embedder")
 
 
 def test_a_promoted_version_loads_under_a_running_stream_and_the_router_relearns_the_pool(fleet, chimera_url):

@@ -50,7 +50,9 @@ class PromptEncoder:
                                  convert_to_numpy=True).astype(np.float32)
 
 
-@ray.remote(num_cpus=0)
+# Restarted by Ray when its process dies (it holds no state but the weights); the ingress replaces one whose
+# owner died (`FleetGateway._embedding`). Either way routing goes on, on the pools' priors, until it is back.
+@ray.remote(num_cpus=0, max_restarts=-1)
 class PromptEmbedder:
     def __init__(self, max_batch: int = 64, threads: int = 1):
         # One thread: a small model on a shared machine leaves the cores to the engines.

@@ -196,10 +196,16 @@ class FleetGateway:
         return await within_wait(task, router.embedding_wait_s,
                                  lambda vector: router.attach_embedding(request_id, vector))
 
-    @staticmethod
-    async def _embedding(pending) -> tuple[float, ...] | None:
+    async def _embedding(self, pending) -> tuple[float, ...] | None:
         try:
             [vector] = await pending
+        except ray.exceptions.RayActorError as error:
+            # Ray restarts a crashed embedder (max_restarts); one gone for good (its owner, the ingress process
+            # that created it, died) is replaced, here or by another ingress that noticed first.
+            logger.warning("prompt embedder unavailable (%s); routing on priors, using the embedder Ray restarts "
+                           "or a new one", type(error).__name__)
+            self.embedder = get_or_create_embedder(NAMESPACE)
+            return None
         except Exception:
             logger.exception("prompt embedding failed; routing on priors")
             return None
