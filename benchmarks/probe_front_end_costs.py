@@ -4,9 +4,10 @@ The serving benchmark measures each process's CPU per token under load; this pro
 it in isolation, each against what plain vLLM (or a leaner form) does instead, so a proposed change can be
 priced before it is built:
 
-- **derender**: one streamed completion token through rayfleet's `PoolRenderer` (vLLM's `OnlineDerenderer`,
-  its Python `detokenize_incrementally` and response models, plus the SSE chunk's JSON) against the
-  `tokenizers` library's Rust `DecodeStream` that plain vLLM's engine client uses;
+- **derender**: one streamed completion token through rayfleet's `PoolRenderer` (vLLM's `OnlineDerenderer`
+  and response models, plus the SSE chunk's JSON), its deltas decoded by the stream's `StreamDecoder` (the
+  `tokenizers` library's Rust `DecodeStream`, as plain vLLM's engine client) and by vLLM's derenderer's own
+  Python `detokenize_incrementally`, and the `DecodeStream` alone;
 - **delta on the wire**: building one request's token delta as the replica does (`RequestDelta` of a
   `ReplicaChunk` of vLLM's pydantic `GenerateTokensStreamChoice`), pickling a 64-request batch of them and
   unpickling it, against plain tuples;
@@ -51,17 +52,24 @@ async def derender_costs(model: str) -> dict[str, float]:
     renderer = PoolRenderer("probe", model, {"max_model_len": 1024})
     await renderer.start()
     [rendered] = await renderer.render("completion", {"prompt": "hello world " * 20, "max_tokens": 64, "stream": True})
-    rng = random.Random(0)
-    ids = [rng.randrange(100, 30000) for _ in range(64)]
-    repeats = 30
-    began = time.process_time()
-    for _ in range(repeats):
-        rendered.stream_states.clear()
-        for i, token in enumerate(ids):
-            choice = GenerateTokensStreamChoice(index=0, token_ids=[token], finish_reason=None if i < 63 else "length")
-            (await renderer.derender_stream_choice(rendered, choice)).model_dump_json(exclude_unset=True)
-    rayfleet = (time.process_time() - began) / (len(ids) * repeats) * 1e6
     backend = renderer.state.online_renderer.renderer.get_tokenizer()
+    rng = random.Random(0)
+    ids = [rng.randrange(len(backend.all_special_ids), len(backend)) for _ in range(64)]  # the model's own tokens
+    repeats = 30
+
+    async def derender(decodes_in_rust: bool) -> float:
+        renderer.decodes_in_rust = decodes_in_rust
+        began = time.process_time()
+        for _ in range(repeats):
+            rendered.stream_states.clear()
+            for i, token in enumerate(ids):
+                choice = GenerateTokensStreamChoice(index=0, token_ids=[token],
+                                                    finish_reason=None if i < 63 else "length")
+                (await renderer.derender_stream_choice(rendered, choice)).model_dump_json(exclude_unset=True)
+        return (time.process_time() - began) / (len(ids) * repeats) * 1e6
+
+    rust_decoder = await derender(True)
+    python_decoder = await derender(False)
     rust = getattr(backend, "backend_tokenizer", None) or backend._tokenizer
 
     def decode_stream():
@@ -69,8 +77,9 @@ async def derender_costs(model: str) -> dict[str, float]:
         for token in ids:
             stream.step(rust, token)
 
-    return {"derender + SSE JSON (rayfleet, vLLM's OnlineDerenderer)": rayfleet,
-            "DecodeStream.step (plain vLLM's detokenizer)": per_item_us(decode_stream, len(ids), repeats)}
+    return {"derender + SSE JSON (rayfleet: vLLM's OnlineDerenderer, deltas by its StreamDecoder)": rust_decoder,
+            "the same with vLLM's own delta decoding (Python detokenize_incrementally)": python_decoder,
+            "DecodeStream.step alone (plain vLLM's detokenizer)": per_item_us(decode_stream, len(ids), repeats)}
 
 
 def delta_costs() -> dict[str, float]:

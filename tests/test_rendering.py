@@ -1,7 +1,8 @@
 """Render once per request: a request `model=auto` sends to another pool of the same model family keeps the
 render it got, named for that pool, and it is exactly what that pool's own renderer makes of it; a pool that
-renders differently renders the request again under the same id. Real vLLM renderers over the trained task
-models (one tokenizer, chat template and generation config; three sizes) and a demo model of another tokenizer."""
+renders differently renders the request again under the same id. Derendered text, streamed and whole, is what
+plain vLLM's engine client decodes from the same tokens. Real vLLM renderers over the trained task models (one
+tokenizer, chat template and generation config; three sizes) and a demo model of another tokenizer."""
 
 from __future__ import annotations
 
@@ -63,3 +64,71 @@ async def test_a_request_moved_to_a_pool_that_renders_differently_is_rendered_ag
     [own] = await other.render("chat", BODY)
     assert same_request(moved, own)
     assert moved.prompt_token_ids != first[0].prompt_token_ids  # the other tokenizer's ids, not the first render's
+
+
+# ---------------------------------------------------------------- derender: the text a client reads
+TEXTS = ["héllo wörld 日本語 🎉 naïve café", "plain ascii text, 12+34=46."]
+
+
+def plain_vllm_text(tokenizer, prompt_ids: list[int], ids: list[int], skip_special_tokens: bool) -> str:
+    """What plain vLLM's engine client makes of these output tokens (its output processor's detokenizer)."""
+    from types import SimpleNamespace
+
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.detokenizer import IncrementalDetokenizer
+
+    request = SimpleNamespace(request_id="r", prompt_token_ids=prompt_ids,
+                              sampling_params=SamplingParams(skip_special_tokens=skip_special_tokens))
+    detokenizer = IncrementalDetokenizer.from_new_request(tokenizer, request)
+    detokenizer.update(ids, stop_terminated=False)
+    return detokenizer.get_next_output_text(finished=True, delta=False)
+
+
+async def streamed_and_whole(renderer: PoolRenderer, kind: str, body: dict, ids: list[int], chunk_sizes: list[int]):
+    from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
+        GenerateTokensChoice,
+        GenerateTokensStreamChoice,
+    )
+
+    [rendered] = await renderer.render(kind, {**body, "stream": True})
+    deltas, start = [], 0
+    for size in chunk_sizes * len(ids):
+        if start >= len(ids):
+            break
+        part, start = ids[start:start + size], start + size
+        finish = None if start < len(ids) else "length"
+        choice = GenerateTokensStreamChoice(index=0, token_ids=part, finish_reason=finish)
+        [out] = (await renderer.derender_stream_choice(rendered, choice)).choices
+        deltas.append((out.delta.content if kind == "chat" else out.text) or "")
+    whole = await renderer.derender_full([rendered], [[GenerateTokensChoice(index=0, token_ids=ids,
+                                                                            finish_reason="length")]])
+    [choice] = whole.choices
+    return "".join(deltas), (choice.message.content if kind == "chat" else choice.text), rendered.prompt_token_ids
+
+
+async def test_streamed_and_whole_responses_read_exactly_as_plain_vllm_decodes_the_same_tokens(demo_models):
+    """Multi-byte characters split across tokens, bytes that are not valid UTF-8 and special tokens (the random
+    models of the demo emit all three), a token at a time and in uneven deltas, chat and completions, with and
+    without skip_special_tokens."""
+    import random
+
+    rng = random.Random(7)
+    for model in (TASK_MODELS / "task-small", demo_models / "tiny-llama-a"):
+        renderer = PoolRenderer("p", str(model), {})
+        await renderer.start()
+        assert renderer.decodes_in_rust  # fast tokenizers, no reasoning or tool parser
+        tokenizer = renderer.state.online_renderer.renderer.get_tokenizer()
+        special = tokenizer.all_special_ids + [i for i, t in tokenizer.added_tokens_decoder.items() if t.special]
+        sequences = [tokenizer.encode(text, add_special_tokens=False) for text in TEXTS]
+        sequences += [[rng.randrange(len(tokenizer)) for _ in range(40)] + [rng.choice(special)] + [65, 66]
+                      for _ in range(6)]
+        for ids in sequences:
+            for kind, body in (("chat", {"messages": [{"role": "user", "content": "hi"}]}),
+                               ("completion", {"prompt": "hi there"})):
+                for skip in (True, False):
+                    for sizes in ([1], [3, 1, 5]):
+                        streamed, whole, prompt_ids = await streamed_and_whole(
+                            renderer, kind, {**body, "skip_special_tokens": skip}, ids, sizes)
+                        expected = plain_vllm_text(tokenizer, prompt_ids, ids, skip)
+                        assert streamed == expected, (model.name, kind, skip, sizes, ids)
+                        assert whole == expected, (model.name, kind, skip, ids)

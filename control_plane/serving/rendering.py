@@ -29,9 +29,12 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import (
     GenerateTokensStreamChoice,
     GenerateTokensStreamResponse,
 )
-from pydantic import ValidationError
+from pydantic import PrivateAttr, ValidationError
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.renderers.online_derenderer import _decode_params
+from vllm.sampling_params import SamplingParams
+from vllm.v1.engine.detokenizer import FastIncrementalDetokenizer, uses_fast_detokenizer
 
 logger = logging.getLogger("rayfleet.rendering")
 
@@ -120,8 +123,56 @@ class StopStringGuard:
         return emit
 
 
+class StreamDecoder:
+    """One streamed choice's incremental detokenizer: vLLM's `FastIncrementalDetokenizer`, the `tokenizers`
+    library's Rust `DecodeStream` primed with the prompt, which plain vLLM's engine client runs for every request.
+
+    vLLM's stateless derenderer instead re-runs its Python `detokenize_incrementally` on a window of token strings
+    it copies into a fresh pydantic state per token, because its state must survive a round trip through a client
+    (the scale-out protocol). The ingress keeps each stream's state in memory for the stream's life, migrations
+    and replays included (the ledger hands it each token once, in order), so it can keep the Rust decoder instead:
+    ~37 of the ~38 us the derender of one streamed token cost (docs/profiles/README.md). Built on the first delta,
+    from the decode parameters vLLM's derenderer passes (`_decode_params`, the engine's rules).
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int]):
+        self.request_id, self.prompt_token_ids = request_id, prompt_token_ids
+        self.detokenizer = None
+
+    def decode(self, tokenizer, token_ids: list[int], skip_special_tokens: bool,
+               spaces_between_special_tokens: bool) -> str:
+        if self.detokenizer is None:
+            # The detokenizer reads only these three fields of the engine request it is built for.
+            params = SamplingParams(skip_special_tokens=skip_special_tokens,
+                                    spaces_between_special_tokens=spaces_between_special_tokens)
+            request = _DecodedRequest(self.request_id, self.prompt_token_ids, params)
+            self.detokenizer = FastIncrementalDetokenizer(tokenizer, request)
+        return "".join([self.detokenizer.decode_next(token) for token in token_ids])
+
+
+@dataclass
+class _DecodedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: Any
+
+
+class DecodedStreamState(DerenderStreamState):
+    """vLLM's per-choice derender state, carrying the choice's `StreamDecoder` (in memory only, never serialized;
+    `model_copy`, which the derenderer applies per chunk, keeps the same decoder)."""
+
+    _decoder: StreamDecoder | None = PrivateAttr(default=None)
+
+    @classmethod
+    def seeded(cls, decoder: StreamDecoder) -> "DecodedStreamState":
+        state = cls()
+        state._decoder = decoder
+        return state
+
+
 def detokenize_stream_deltas_inline(serving_derender) -> None:
-    """Detokenize stream deltas on the event loop instead of vLLM's tokenizer thread pool.
+    """Detokenize stream deltas on the event loop instead of vLLM's tokenizer thread pool, with the stream's
+    `StreamDecoder` where its state carries one (vLLM's own delta decoding otherwise).
 
     vLLM's derenderer sends every stream delta's detokenization to a thread pool to keep its loop free for
     large payloads; a stream delta is a few tokens, and the hop (a thread wake-up, two future callbacks, the
@@ -134,8 +185,14 @@ def detokenize_stream_deltas_inline(serving_derender) -> None:
         logger.warning("vLLM's derenderer changed shape; stream deltas stay on its thread pool")
         return
 
-    async def detokenize_delta(*args, **kwargs):
-        return detokenize(*args, **kwargs)
+    async def detokenize_delta(tokenizer, delta_token_ids, state, skip_special_tokens: bool = True,
+                               spaces_between_special_tokens: bool = True):
+        decoder = state._decoder if isinstance(state, DecodedStreamState) else None
+        if decoder is None:
+            return detokenize(tokenizer, delta_token_ids, state, skip_special_tokens=skip_special_tokens,
+                              spaces_between_special_tokens=spaces_between_special_tokens)
+        text = decoder.decode(tokenizer, delta_token_ids, skip_special_tokens, spaces_between_special_tokens)
+        return text, state
 
     derenderer._detokenize_delta_async = detokenize_delta
 
@@ -184,6 +241,7 @@ class PoolRenderer:
         self.state = State()
         self.max_model_len = 0
         self.signature: str | None = None  # pools whose renderers share one render each other's requests
+        self.decodes_in_rust = False  # stream deltas through a `StreamDecoder` (set by start)
 
     async def start(self) -> None:
         import vllm.envs as envs
@@ -213,7 +271,11 @@ class PoolRenderer:
         self.vllm_config = vllm_config
         detokenize_stream_deltas_inline(self.state.serving_derender)
         self.max_model_len = model_config.max_model_len
-        self.signature = render_signature(model_config, self.state.online_renderer.renderer.get_tokenizer())
+        tokenizer = self.state.online_renderer.renderer.get_tokenizer()
+        self.signature = render_signature(model_config, tokenizer)
+        # A reasoning or tool parser replays its own state per chunk; a slow tokenizer has no Rust decoder.
+        self.decodes_in_rust = (uses_fast_detokenizer(tokenizer)
+                                and self.state.serving_derender.online_derenderer.parser is None)
         logger.info("renderer for pool %s ready (max_model_len %d)", self.pool, self.max_model_len)
 
     def renders_like(self, other: "PoolRenderer") -> bool:
@@ -271,9 +333,12 @@ class PoolRenderer:
         ingress' CPU at saturation (docs/profiles).
         """
         chunk = GenerateTokensStreamResponse.model_construct(request_id=rendered.request_id, choices=[choice])
-        common = dict(model=self.pool, generate_chunk=chunk, state=rendered.stream_states.get(choice.index),
-                      prompt_tokens=len(rendered.prompt_token_ids), prompt_token_ids=rendered.prompt_token_ids)
         derenderer = self.state.serving_derender.online_derenderer
+        state = rendered.stream_states.get(choice.index)
+        if state is None and self.decodes_in_rust:
+            state = DecodedStreamState.seeded(StreamDecoder(rendered.request_id, rendered.prompt_token_ids))
+        common = dict(model=self.pool, generate_chunk=chunk, state=state,
+                      prompt_tokens=len(rendered.prompt_token_ids), prompt_token_ids=rendered.prompt_token_ids)
         try:
             if rendered.kind == "chat":
                 out, state = await derenderer.derender_chat_stream(chat_request=rendered.openai_request, **common)
@@ -309,6 +374,12 @@ class PoolRenderer:
                 prompt_token_ids=[r.prompt_token_ids for r in rendered],
                 completion_request=first.openai_request))
         response = _ok(result)
+        if self.decodes_in_rust:
+            for c, text in zip(response.choices, self._decoded_in_rust(rendered, choices)):
+                if first.kind == "chat":
+                    c.message.content = text
+                else:
+                    c.text = text
         guard = first.stop_guard  # every prompt of one request shares its sampling params
         for c in response.choices:
             if first.kind == "chat":
@@ -316,3 +387,13 @@ class PoolRenderer:
             else:
                 c.text = guard.trim_full(c.text, c.stop_reason)
         return response
+
+    def _decoded_in_rust(self, rendered: list[RenderedRequest], choices: list[list[GenerateTokensChoice]]) -> list[str]:
+        """Each choice's whole text as a stream of it decodes (`StreamDecoder`), in the response's choice order
+        (prompt by prompt, then choice by choice): a stream and the whole response of the same tokens read the same,
+        as in plain vLLM, whose engine client decodes both alike."""
+        tokenizer = self.state.online_renderer.renderer.get_tokenizer()
+        skip_special, spaces_between = _decode_params(tokenizer, rendered[0].openai_request)
+        return [StreamDecoder(r.request_id, r.prompt_token_ids).decode(tokenizer, c.token_ids, skip_special,
+                                                                       spaces_between)
+                for r, request_choices in zip(rendered, choices) for c in request_choices]
