@@ -1,9 +1,9 @@
 """RL on the live test fleet: a rollout pool of two real vLLM CPU engines (the committed task-small model) added
 to the session fleet at runtime. Weight sync really changes the engines (greedy output equals the trainer's
-own for the synced weights), every token carries the version that sampled it across an update (keep and
-abort), a sync that times out fails loudly and quarantines the replica until a good sync, a short RL job
-submitted through Ray's Jobs API trains within its staleness bound, and a rollout replica killed mid-group
-costs a replay, not the group."""
+own for the synced weights) and leaves them idle when idle, every token carries the version that sampled it
+across an update (keep and abort), a sync that times out fails loudly and quarantines the replica until a good
+sync, a short RL job submitted through Ray's Jobs API trains within its staleness bound, and a rollout replica
+killed mid-group costs a replay, not the group."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 import torch
@@ -119,6 +120,30 @@ async def test_a_sync_really_changes_the_engine_to_the_trainers_weights(rl):
         outputs = [await run(handle, f"greedy-{replica_id}-{i}", p, max_tokens=12) for i, p in enumerate(batch)]
         assert [tokens for tokens, *_ in outputs] == expected, replica_id
         assert all(spans and {s.version for s in spans} == {str(rl.version)} for *_, spans in outputs)
+
+
+async def test_a_rollout_engine_that_joined_the_cluster_for_its_weights_idles_without_polling_it(rl):
+    """The object-store weight transfer joins Ray from inside the engine at its first sync. On Ray 2.60 a
+    driver's error listener there long-polled the GCS without waiting, for the engine's whole life: about 21% of a
+    core in each engine worker and 58% in the GCS, idle or not (actors/engine_driver.py). Measured here as the CPU
+    a replica's engine processes use over 2-second windows once a sync is over: the join itself takes a window or
+    so of work, then 1-2% of a core with the listener stopped; without it no window drops below 20%."""
+    await rl.push()
+    for replica_id, handle in rl.pool.handles.items():
+        front = psutil.Process((await handle.engine_facts.remote())["pid"])
+        engine = [p for p in front.children(recursive=True) if p.name().startswith("VLLM::")]  # vLLM's titles
+        assert engine, f"no engine process under replica {replica_id}"
+        readings = [await idle_cpu_share(engine, window_s=2.0) for _ in range(3)]
+        while readings[-1] >= 0.1 and len(readings) < 15:
+            readings.append(await idle_cpu_share(engine, window_s=2.0))
+        assert readings[-1] < 0.1, f"replica {replica_id}'s idle engine, share of a core per window: {readings}"
+
+
+async def idle_cpu_share(processes: list[psutil.Process], window_s: float) -> float:
+    """CPU the processes use over a window in which nothing is asked of them, as a share of one core."""
+    before = sum(sum(p.cpu_times()[:2]) for p in processes)
+    await asyncio.sleep(window_s)  # the measurement window, not a wait for a condition
+    return round((sum(sum(p.cpu_times()[:2]) for p in processes) - before) / window_s, 3)
 
 
 async def test_the_engines_logprobs_are_the_trainers_for_the_tokens_it_sampled_at_the_rollout_temperature(rl):

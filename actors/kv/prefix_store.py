@@ -52,6 +52,7 @@ import torch
 from ray.exceptions import GetTimeoutError
 from vllm.logger import init_logger
 
+from rayfleet.actors.engine_driver import join_cluster
 from rayfleet.actors.kv.block_hash import BlockHash, block_hashes
 from rayfleet.actors.kv.metadata import StoreLoad, StoreSave
 from rayfleet.actors.kv.store import KVStoreClient, get_or_create_kv_store
@@ -109,15 +110,11 @@ def store_settings(vllm_config: VllmConfig) -> tuple[KVStoreConfig, str] | None:
 
 def connect_store(config: KVStoreConfig) -> KVStoreClient:
     """The store's client from an engine process (not a Ray worker): join the cluster at ``RAY_ADDRESS``."""
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if not address:
-            raise RuntimeError("rayfleet KV store: RAY_ADDRESS is not set in the engine's environment; the "
-                               "replica must set it to its GCS address before building the engine")
-        ray.init(address=address, namespace=config.ray_namespace, log_to_driver=False,
-                 logging_level="WARNING")
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise RuntimeError("rayfleet KV store: RAY_ADDRESS is not set in the engine's environment; the "
+                           "replica must set it to its GCS address before building the engine")
+    join_cluster(address, config.ray_namespace)
     return get_or_create_kv_store(config)
 
 

@@ -31,6 +31,8 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
+from rayfleet.actors.engine_driver import join_cluster
+
 logger = logging.getLogger("rayfleet.weight_transfer")
 
 BACKEND = "rayfleet_object_store"
@@ -59,11 +61,7 @@ class ObjectStoreWeightTransferEngine(WeightTransferEngine[ObjectStoreInitInfo, 
     supports_draft_weight_update = False
 
     def init_transfer_engine(self, init_info: ObjectStoreInitInfo) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=init_info.ray_address, namespace=init_info.namespace, log_to_driver=False,
-                     logging_level="WARNING")
+        join_cluster(init_info.ray_address, init_info.namespace)
         self.namespace = init_info.namespace
 
     def start_weight_update(self) -> None:
