@@ -39,12 +39,20 @@ ENGINE_ARGS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "max_m
 # OMP_NUM_THREADS pinned for all: Ray sets it to an actor's num_cpus (1 here) when unset, a plain server
 # would take both cores; one thread each keeps the engines identical (and leaves a core to the front end).
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
-# fleet_nomig: rayfleet with the pool's live migration off (no KV connector in the engine), to split the
-# fleet's overhead into its serving path and its migration-ready engine. fleet_no_engine_metrics: the pool's
-# `log_engine_metrics` off (vLLM's engine metrics through Ray's metrics agent, on by default; plain vLLM keeps
-# its own in process), to price them.
-CONTENDERS = ("plain", "fleet", "fleet_proxy", "fleet_nomig", "fleet_no_engine_metrics", "fleet_view_wait",
-              "serve_llm")
+# rayfleet's variants, each what it overrides in the pool's or the ingress' spec. fleet_proxy: through Serve's
+# proxy instead of the direct ingress. fleet_nomig: the pool's live migration off (no KV connector in the
+# engine), to split the fleet's overhead into its serving path and its migration-ready engine.
+# fleet_no_engine_metrics: the pool's `log_engine_metrics` off (vLLM's engine metrics through Ray's metrics agent,
+# on by default; plain vLLM keeps its own in process), to price them. fleet_view_wait: the routing view as before
+# 2026-12-03 (a stale one is fetched before routing).
+FLEET_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "fleet": {},
+    "fleet_proxy": {"ingress_overrides": {"direct_ingress": "off"}},
+    "fleet_nomig": {"pool_overrides": {"live_migration": False}},
+    "fleet_no_engine_metrics": {"pool_overrides": {"log_engine_metrics": False}},
+    "fleet_view_wait": {"ingress_overrides": {"view_stale_s": 0}},
+}
+CONTENDERS = ("plain", *FLEET_VARIANTS, "serve_llm")
 _ray_env: dict[str, str] = {}  # the Serve settings the running Ray was started with
 
 
@@ -252,19 +260,10 @@ class ServeLLM(Contender):
 
 
 def make_contender(name: str, model_dir: Path, log_dir: Path, **kwargs: Any) -> Contender:
-    kinds = {"plain": PlainVLLM, "fleet": Fleet, "fleet_proxy": Fleet, "fleet_nomig": Fleet,
-             "fleet_no_engine_metrics": Fleet, "fleet_view_wait": Fleet, "serve_llm": ServeLLM}
-    if name not in kinds:
-        raise ValueError(f"unknown contender '{name}'; choose from {', '.join(kinds)}")
-    contender = kinds[name](name=name, model_dir=model_dir, log_dir=log_dir)
-    if name == "fleet_nomig":
-        contender.pool_overrides = {"live_migration": False}
-    if name == "fleet_no_engine_metrics":
-        contender.pool_overrides = {"log_engine_metrics": False}
-    if name == "fleet_proxy":
-        contender.ingress_overrides = {"direct_ingress": "off"}
-    if name == "fleet_view_wait":  # the routing view as before 2026-12-03: a stale one is fetched before routing
-        contender.ingress_overrides = {"view_stale_s": 0}
-    for key, value in kwargs.items():
+    if name not in CONTENDERS:
+        raise ValueError(f"unknown contender '{name}'; choose from {', '.join(CONTENDERS)}")
+    kind = {"plain": PlainVLLM, "serve_llm": ServeLLM}.get(name, Fleet)
+    contender = kind(name=name, model_dir=model_dir, log_dir=log_dir)
+    for key, value in {**FLEET_VARIANTS.get(name, {}), **kwargs}.items():
         setattr(contender, key, value)
     return contender
