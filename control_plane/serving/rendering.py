@@ -131,7 +131,7 @@ class StreamDecoder:
     it copies into a fresh pydantic state per token, because its state must survive a round trip through a client
     (the scale-out protocol). The ingress keeps each stream's state in memory for the stream's life, migrations
     and replays included (the ledger hands it each token once, in order), so it can keep the Rust decoder instead:
-    ~37 of the ~38 us the derender of one streamed token cost (docs/profiles/README.md). Built on the first delta,
+    a streamed token's derender fell from 39.9 to 25.6 us (docs/profiles/README.md). Built on the first delta,
     from the decode parameters vLLM's derenderer passes (`_decode_params`, the engine's rules).
     """
 
@@ -374,6 +374,8 @@ class PoolRenderer:
                 prompt_token_ids=[r.prompt_token_ids for r in rendered],
                 completion_request=first.openai_request))
         response = _ok(result)
+        # vLLM's derender above decoded the text too; it is replaced here, once per response (not per token),
+        # because its path decodes with a state it builds itself and offers no hook for the stream's decoder.
         if self.decodes_in_rust:
             for c, text in zip(response.choices, self._decoded_in_rust(rendered, choices)):
                 if first.kind == "chat":
