@@ -109,12 +109,14 @@ def fleet_controller(fleet_spec: str | None):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from rayfleet.control_plane.cli.driver_priority import keep_driver_priority
     from rayfleet.control_plane.cli.launch import connect
     from rayfleet.control_plane.rl.job import RLJob, write_result
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = configure(args)
+    keep_driver_priority()
     connect(args.address, start_local=False)
     job = RLJob(config, fleet_controller(args.fleet), show_progress=not args.no_progress)
     result = asyncio.run(job.run())

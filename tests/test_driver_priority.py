@@ -1,0 +1,51 @@
+"""A driver that Ray's Jobs API starts keeps its lead over Ray's workers for the CPU
+(`control_plane/cli/driver_priority.py`): real processes in sessions of their own, as Ray's job supervisor starts
+them, and the kernel's own autogroup file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from rayfleet.control_plane.cli.driver_priority import (DRIVER_GROUP_NICENESS, JOBS_API_DRIVER_ENV,
+                                                        autogroup_schedules_this_process, in_root_cpu_cgroup)
+
+PROBE = ("from rayfleet.control_plane.cli.driver_priority import keep_driver_priority; "
+         "done = keep_driver_priority(); print(done, open('/proc/self/autogroup').read().split()[-1])")
+
+
+def driver_in_new_session(as_jobs_api_driver: bool) -> tuple[bool, int]:
+    """Runs the probe as the job supervisor does (`start_new_session=True`): its own autogroup, not this one."""
+    env = {k: v for k, v in os.environ.items() if k != JOBS_API_DRIVER_ENV}
+    if as_jobs_api_driver:
+        env[JOBS_API_DRIVER_ENV] = '{"runtime_env": {}, "metadata": {}}'
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, start_new_session=True, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+def own_group_niceness() -> int:
+    with open("/proc/self/autogroup") as autogroup:
+        return int(autogroup.read().split()[-1])
+
+
+def test_a_jobs_api_driver_in_a_session_of_its_own_gives_its_group_a_drivers_weight():
+    before = own_group_niceness()
+    done, niceness = driver_in_new_session(as_jobs_api_driver=True)
+    if autogroup_schedules_this_process() and os.geteuid() == 0:  # the machines this suite runs on
+        assert done and niceness == DRIVER_GROUP_NICENESS
+    else:  # no autogroup here, or no right to raise a group: the driver is left as it was, with a warning
+        assert not done and niceness == 0
+    assert own_group_niceness() == before  # the group of the session that started it (here: Ray's) is untouched
+
+
+def test_a_driver_not_started_by_the_jobs_api_is_left_as_it_is():
+    assert driver_in_new_session(as_jobs_api_driver=False) == (False, 0)
+
+
+def test_only_the_root_cpu_cgroup_is_scheduled_by_autogroup():
+    assert in_root_cpu_cgroup(["1:cpu,cpuacct:/", "4:memory:/process_api/x", "0::/"])
+    assert in_root_cpu_cgroup(["0::/"])
+    assert not in_root_cpu_cgroup(["0::/kubepods.slice/kubepods-burstable.slice/pod1"])  # a KubeRay pod (v2)
+    assert not in_root_cpu_cgroup(["2:cpu,cpuacct:/kubepods/burstable/pod1/abc", "0::/"])  # cgroup v1
