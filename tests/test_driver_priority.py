@@ -15,9 +15,9 @@ PROBE = ("from rayfleet.control_plane.cli.driver_priority import keep_driver_pri
          "done = keep_driver_priority(); print(done, open('/proc/self/autogroup').read().split()[-1])")
 
 
-def driver_in_new_session(as_jobs_api_driver: bool) -> tuple[bool, int]:
+def driver_in_new_session(as_jobs_api_driver: bool, **extra_env: str) -> tuple[bool, int]:
     """Runs the probe as the job supervisor does (`start_new_session=True`): its own autogroup, not this one."""
-    env = {k: v for k, v in os.environ.items() if k != JOBS_API_DRIVER_ENV}
+    env = {k: v for k, v in os.environ.items() if k != JOBS_API_DRIVER_ENV} | extra_env
     if as_jobs_api_driver:
         env[JOBS_API_DRIVER_ENV] = '{"runtime_env": {}, "metadata": {}}'
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, start_new_session=True, capture_output=True,
@@ -49,6 +49,11 @@ def test_a_jobs_api_driver_in_a_session_of_its_own_gives_its_group_a_drivers_wei
 
 def test_a_driver_not_started_by_the_jobs_api_is_left_as_it_is():
     assert driver_in_new_session(as_jobs_api_driver=False) == (False, 0)
+
+
+def test_a_jobs_api_driver_in_a_kubernetes_pod_is_left_as_it_is():
+    """The pod's CPU cgroup schedules it, not autogroup (a cgroup namespace may show that group as `/`)."""
+    assert driver_in_new_session(as_jobs_api_driver=True, KUBERNETES_SERVICE_HOST="10.0.0.1") == (False, 0)
 
 
 def test_only_the_root_cpu_cgroup_is_scheduled_by_autogroup():
