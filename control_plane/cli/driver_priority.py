@@ -11,8 +11,7 @@ Jobs API against 297-347 started from the shell, with the same environment, work
 256 samples/s once the Jobs driver's group was given niceness -10 (docs/rl.md).
 
 So a driver the Jobs API started gives its session's group the weight Ray means it to have over its workers.
-In a Kubernetes pod (KubeRay) or another container, processes sit in the container's CPU cgroup, where autogroup
-does not apply: nothing to do.
+In a Kubernetes pod (KubeRay) processes sit in the pod's CPU cgroup, where autogroup does not apply: nothing to do.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ CGROUPS = Path("/proc/self/cgroup")
 # sets up inside one group.
 DRIVER_GROUP_NICENESS = -15
 JOBS_API_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint
-CONTAINER_MARKERS = ("/.dockerenv", "/run/.containerenv")  # Docker's, Podman's
 
 
 def keep_driver_priority() -> bool:
@@ -51,7 +49,7 @@ def keep_driver_priority() -> bool:
 
 
 def autogroup_schedules_this_process() -> bool:
-    if in_container():
+    if in_kubernetes_pod():
         return False
     try:
         enabled = AUTOGROUP_ENABLED.read_text().strip() == "1"
@@ -61,9 +59,11 @@ def autogroup_schedules_this_process() -> bool:
     return enabled and AUTOGROUP.exists() and in_root_cpu_cgroup(cgroups)
 
 
-def in_container() -> bool:
-    """A container's processes sit in its CPU cgroup even where a cgroup namespace shows that group as `/`."""
-    return "KUBERNETES_SERVICE_HOST" in os.environ or any(Path(marker).exists() for marker in CONTAINER_MARKERS)
+def in_kubernetes_pod() -> bool:
+    """A pod's processes sit in its CPU cgroup even where a cgroup namespace shows that group as `/`. (Not
+    `/.dockerenv`: VMs booted from Docker images have it, this project's machines among them, and autogroup
+    schedules them.)"""
+    return "KUBERNETES_SERVICE_HOST" in os.environ  # set in every pod by the kubelet
 
 
 def in_root_cpu_cgroup(cgroup_lines: list[str]) -> bool:
