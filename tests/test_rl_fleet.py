@@ -2,8 +2,8 @@
 to the session fleet at runtime. Weight sync really changes the engines (greedy output equals the trainer's
 own for the synced weights) and leaves them idle when idle, every token carries the version that sampled it
 across an update (keep and abort), a sync that times out fails loudly and quarantines the replica until a good
-sync, a short RL job submitted through Ray's Jobs API trains within its staleness bound, and a rollout replica
-killed mid-group costs a replay, not the group."""
+sync, an RL job submitted through Ray's Jobs API raises the held-out reward within its staleness bound, and a
+rollout replica killed mid-group costs a replay, not the group."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ a group. A driver started from the shell that started Ray shares the workers' gr
 API's supervisor starts the entrypoint in a new session, whose group then competes with the group of all of Ray's
 workers as an equal. An RL job's driver wakes for every rollout's tokens and every sample it stores; measured on
 2026-12-05 (2-core machine, the test fleet, `chain_sum` for 8-20 steps): 122-178 samples/s submitted through the
-Jobs API against 297-347 started from the shell, with the same environment, working directory and job config, and
+Jobs API against 313-352 started from the shell, with the same environment, working directory and job config, and
 256 samples/s once the Jobs driver's group was given niceness -10 (docs/rl.md).
 
 So a driver the Jobs API started gives its session's group the weight Ray means it to have over its workers.
@@ -70,7 +70,6 @@ def in_root_cpu_cgroup(cgroup_lines: list[str]) -> bool:
     """`/proc/self/cgroup`'s lines: v1 names the `cpu` controller's group, v2 has one unified `0::` line."""
     for line in cgroup_lines:
         _, controllers, path = line.split(":", 2)
-        if "cpu" in controllers.split(",") or controllers == "":
-            if path != "/":
-                return False
+        if ("cpu" in controllers.split(",") or controllers == "") and path != "/":
+            return False
     return True
