@@ -54,9 +54,11 @@ def autogroup_schedules_this_process() -> bool:
     try:
         enabled = AUTOGROUP_ENABLED.read_text().strip() == "1"
         cgroups = CGROUPS.read_text().splitlines()
+        # Empty for a session in the kernel's default group (a container's init session): no group of its own.
+        own_group = AUTOGROUP.read_text().strip() != ""
     except OSError:  # not Linux, or no autogroup in this kernel
         return False
-    return enabled and AUTOGROUP.exists() and in_root_cpu_cgroup(cgroups)
+    return enabled and own_group and in_root_cpu_cgroup(cgroups)
 
 
 def in_kubernetes_pod() -> bool:
