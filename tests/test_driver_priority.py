@@ -8,8 +8,7 @@ import os
 import subprocess
 import sys
 
-from rayfleet.control_plane.cli.driver_priority import (DRIVER_GROUP_NICENESS, JOBS_API_DRIVER_ENV,
-                                                        autogroup_schedules_this_process, in_root_cpu_cgroup)
+from rayfleet.control_plane.cli.driver_priority import DRIVER_GROUP_NICENESS, JOBS_API_DRIVER_ENV, in_root_cpu_cgroup
 
 PROBE = ("from rayfleet.control_plane.cli.driver_priority import keep_driver_priority; "
          "done = keep_driver_priority(); print(done, (open('/proc/self/autogroup').read().split() or ['none'])[-1])")
@@ -25,9 +24,13 @@ def driver_in_new_session(as_jobs_api_driver: bool, **extra_env: str) -> tuple[b
     return out[0] == "True", None if out[1] == "none" else int(out[1])
 
 
-def may_raise_a_group() -> bool:
-    """Root alone is not enough: a container's root often lacks CAP_SYS_NICE. Tried in a throwaway session."""
-    probe = f"open('/proc/self/autogroup', 'w').write('{DRIVER_GROUP_NICENESS}')"
+def a_new_session_can_raise_its_group() -> bool:
+    """Does autogroup schedule a process in a session of its own here, and may it raise its group? Asked in a
+    throwaway session: this process' session may be the kernel's default group (a container's init session) while
+    a new one gets a group of its own, and root alone is not enough (a container's root often lacks CAP_SYS_NICE)."""
+    probe = ("from rayfleet.control_plane.cli.driver_priority import autogroup_schedules_this_process; "
+             "assert autogroup_schedules_this_process(); "
+             f"open('/proc/self/autogroup', 'w').write('{DRIVER_GROUP_NICENESS}')")
     return subprocess.run([sys.executable, "-c", probe], start_new_session=True, capture_output=True,
                           timeout=60).returncode == 0
 
@@ -43,7 +46,7 @@ def own_group_niceness() -> int | None:
 def test_a_jobs_api_driver_in_a_session_of_its_own_gives_its_group_a_drivers_weight():
     before = own_group_niceness()
     done, niceness = driver_in_new_session(as_jobs_api_driver=True)
-    if autogroup_schedules_this_process() and may_raise_a_group():  # the machines this suite runs on
+    if a_new_session_can_raise_its_group():  # the machines this suite runs on
         assert done and niceness == DRIVER_GROUP_NICENESS
     else:  # no autogroup here, or no right to raise a group: the driver is left as it was, with a warning
         assert not done and niceness in (0, None)
@@ -65,3 +68,20 @@ def test_only_the_root_cpu_cgroup_is_scheduled_by_autogroup():
     assert in_root_cpu_cgroup(["0::/"])
     assert not in_root_cpu_cgroup(["0::/kubepods.slice/kubepods-burstable.slice/pod1"])  # a KubeRay pod (v2)
     assert not in_root_cpu_cgroup(["2:cpu,cpuacct:/kubepods/burstable/pod1/abc", "0::/"])  # cgroup v1
+
+
+def test_a_session_in_the_kernels_default_group_is_not_taken_for_an_autogroup(tmp_path, monkeypatch):
+    """The kernel shows an empty /proc/self/autogroup for a session in its default group (the root task group:
+    a container's init session, as on the CI machine); writing there cannot raise anything."""
+    from rayfleet.control_plane.cli import driver_priority
+
+    enabled, cgroups, autogroup = tmp_path / "enabled", tmp_path / "cgroup", tmp_path / "autogroup"
+    enabled.write_text("1\n")
+    cgroups.write_text("0::/\n")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    for name, path in (("AUTOGROUP_ENABLED", enabled), ("CGROUPS", cgroups), ("AUTOGROUP", autogroup)):
+        monkeypatch.setattr(driver_priority, name, path)
+    autogroup.write_text("/autogroup-7 nice 0\n")
+    assert driver_priority.autogroup_schedules_this_process()
+    autogroup.write_text("")
+    assert not driver_priority.autogroup_schedules_this_process()
