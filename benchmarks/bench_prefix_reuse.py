@@ -1,9 +1,12 @@
 """Prefix reuse across replicas through the fleet KV store, end to end on CPU: with and without the store.
 
-One fleet (a real FleetController on a local Ray cluster) runs three pools of the same model with two replicas
-each: `shared` uses the fleet's KV store (`use_kv_store: true`) as configured by default, pricing each lookup
-and load against its engine's own prefill (`kv_store.priced`, policies/kv_pricing.py); `unpriced` uses the same
-store with `kv_store_priced: false` (every request with blocks beyond its local hit asks); `plain` has no store.
+One fleet (a real FleetController on a local Ray cluster) runs one pool per mode (`--modes`), each of the same
+model with two replicas: `shared` uses the fleet's KV store (`use_kv_store: true`) as configured by default,
+pricing each lookup and load against its engine's own prefill (`kv_store.priced`, policies/kv_pricing.py);
+`unpriced` uses the same store with `kv_store_priced: false` (every request with blocks beyond its local hit
+asks); `plain` has no store; `write_only` puts what it computes and never looks up (`kv_store_access:
+write_only`): the puts' cost without their benefit. Each store pool has a hash namespace of its own in the one
+store, so a pool loads only what its own replicas put (the modes run the same prompts within a repetition).
 All have rayfleet's KV connector and vLLM's local prefix cache, and a small KV cache (`--kv-blocks` per replica) so the local
 cache also evicts under memory pressure. The workload: `--system-prompts` long system prompts
 (`--system-len` tokens), `--chats` multi-turn chats that each start with one of them and grow by a user
@@ -42,8 +45,22 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("shared", "unpriced", "plain")  # pool names: the store priced, the store always asked, no store
-WITH_STORE = {"shared": "the KV store, priced", "unpriced": "the KV store, every lookup made", "plain": "no KV store"}
+# Pool name -> (its pool fields, what it is).
+MODES: dict[str, tuple[dict[str, Any], str]] = {
+    "shared": ({"use_kv_store": True}, "the KV store, priced"),
+    "unpriced": ({"use_kv_store": True, "kv_store_priced": False}, "the KV store, every lookup made"),
+    "write_only": ({"use_kv_store": True, "kv_store_access": "write_only"}, "the KV store, puts only"),
+    "plain": ({"use_kv_store": False}, "no KV store"),
+}
+
+
+def modes_arg(text: str) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or "plain" not in modes:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(MODES)}, 'plain' among them (the baseline); "
+                                         f"got {text!r}")
+    return modes
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,6 +80,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sync-loads", action="store_true",
                         help="the store's first design: lookups and loads block the engine step (async_loads: false)")
+    parser.add_argument("--modes", type=modes_arg, default=("shared", "unpriced", "plain"),
+                        help=f"comma-separated pools to compare, 'plain' among them; from {', '.join(MODES)}")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
 
@@ -126,9 +145,8 @@ def fleet_spec(args: argparse.Namespace) -> dict[str, Any]:
             "env": env, "engine_args": engine}
     return {
         "name": "bench-prefix-reuse",
-        "pools": [{**pool, "name": "shared", "use_kv_store": True},
-                  {**pool, "name": "unpriced", "use_kv_store": True, "kv_store_priced": False},
-                  {**pool, "name": "plain", "use_kv_store": False}],
+        "pools": [{**pool, "name": mode, **MODES[mode][0], "kv_store_namespace": f"bench-prefix-reuse/{mode}"}
+                  for mode in args.modes],
         "kv_store": {"name": "bench-prefix-kv", "memory_bytes": args.store_mib << 20, "pin_memory": False,
                      "async_loads": not args.sync_loads},
         "health": {"check_period_s": 5.0, "check_timeout_s": 30},
@@ -245,9 +263,9 @@ def summarize(runs: list[ModeRun], block_size: int = 32) -> dict[str, Any]:
     }
 
 
-def table(summary: dict[str, dict[str, Any]]) -> str:
+def table(summary: dict[str, Any], modes: tuple[str, ...]) -> str:
     plain = summary["plain"]
-    stores = [mode for mode in MODES if mode != "plain"]
+    stores = [mode for mode in modes if mode != "plain"]
 
     def ratio(mode: str, key: str) -> str:
         return f"{summary[mode][key] / plain[key]:.2f}x" if plain[key] else "-"
@@ -270,22 +288,22 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             ("mean store put (ms, background)", "store_put_ms"),
             ("TTFT p50 (ms)", "ttft_p50_ms"), ("TTFT p99 (ms)", "ttft_p99_ms"), ("TTFT mean (ms)", "ttft_mean_ms")]
     compared = ("cached_tokens", "prefill_tokens_computed", "ttft_p50_ms", "ttft_p99_ms", "ttft_mean_ms")
-    lines = ["| metric | " + " | ".join(f"`{m}` ({WITH_STORE[m]})" for m in MODES) + " | "
+    lines = ["| metric | " + " | ".join(f"`{m}` ({MODES[m][1]})" for m in modes) + " | "
              + " | ".join(f"`{m}` / `plain`" for m in stores) + " |",
-             "| --- | " + " | ".join("---:" for _ in MODES) + " | " + " | ".join("---:" for _ in stores) + " |"]
+             "| --- | " + " | ".join("---:" for _ in modes) + " | " + " | ".join("---:" for _ in stores) + " |"]
     for label, key in rows:
-        lines.append(f"| {label} | " + " | ".join(fmt(key, summary[m][key]) for m in MODES) + " | "
+        lines.append(f"| {label} | " + " | ".join(fmt(key, summary[m][key]) for m in modes) + " | "
                      + " | ".join(ratio(m, key) if key in compared else "" for m in stores) + " |")
     for mode in stores:
         saved = plain["prefill_tokens_computed"] - summary[mode]["prefill_tokens_computed"]
         lines.append(f"\nprefill tokens saved by `{mode}`: {saved} of {plain['prefill_tokens_computed']} computed "
                      f"without a store ({saved / max(1, plain['prefill_tokens_computed']):.1%})")
     lines += ["", "per repetition (fresh prompts each; the modes run one after the other, in this order):", "",
-              "| rep | order | " + " | ".join(f"TTFT p50 / p99 `{m}` (ms)" for m in MODES) + " |",
-              "| ---: | --- | " + " | ".join("---:" for _ in MODES) + " |"]
+              "| rep | order | " + " | ".join(f"TTFT p50 / p99 `{m}` (ms)" for m in modes) + " |",
+              "| ---: | --- | " + " | ".join("---:" for _ in modes) + " |"]
     for i, rep in enumerate(summary["reps"]):
         lines.append(f"| {i + 1} | {' then '.join(rep['order'])} | "
-                     + " | ".join(f"{rep[m]['ttft_p50_ms']:.1f} / {rep[m]['ttft_p99_ms']:.1f}" for m in MODES) + " |")
+                     + " | ".join(f"{rep[m]['ttft_p50_ms']:.1f} / {rep[m]['ttft_p99_ms']:.1f}" for m in modes) + " |")
     return "\n".join(lines)
 
 
@@ -293,27 +311,27 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
 
 
 async def bench(args: argparse.Namespace, controller) -> dict[str, Any]:
-    pools = {mode: replicas_of(controller, mode) for mode in MODES}
+    pools = {mode: replicas_of(controller, mode) for mode in args.modes}
     # Warm-up: one short request per replica (first-step costs out of the measurement).
     from vllm import SamplingParams  # noqa: F401  (imported once, outside the timed path)
 
     for mode, replicas in pools.items():
         for i, replica in enumerate(replicas):
             await one_request(replica, f"warmup-{mode}-{i}", list(range(10, 60)), args)
-    runs: dict[str, list[ModeRun]] = {mode: [] for mode in MODES}
+    runs: dict[str, list[ModeRun]] = {mode: [] for mode in args.modes}
     for rep in range(args.reps):
         workload = make_workload(args, args.seed + rep)
-        for mode in rotated(rep):
-            log(f"rep {rep + 1}/{args.reps}: {mode} ({WITH_STORE[mode]})")
+        for mode in rotated(args.modes, rep):
+            log(f"rep {rep + 1}/{args.reps}: {mode} ({MODES[mode][1]})")
             runs[mode].append(await run_mode(pools[mode], workload, args, f"r{rep}-{mode}"))
-    return {**{mode: summarize(runs[mode]) for mode in MODES},
-            "reps": [{"order": rotated(rep), **{mode: summarize([runs[mode][rep]]) for mode in MODES}}
+    return {**{mode: summarize(runs[mode]) for mode in args.modes},
+            "reps": [{"order": rotated(args.modes, rep), **{mode: summarize([runs[mode][rep]]) for mode in args.modes}}
                      for rep in range(args.reps)]}
 
 
-def rotated(rep: int) -> list[str]:
-    """The modes' order in repetition `rep`: each mode goes first, second and last equally often."""
-    return list(MODES[rep % len(MODES):] + MODES[:rep % len(MODES)])
+def rotated(modes: tuple[str, ...], rep: int) -> list[str]:
+    """The modes' order in repetition `rep`: over len(modes) repetitions each mode takes every place once."""
+    return list(modes[rep % len(modes):] + modes[:rep % len(modes)])
 
 
 def main() -> None:
@@ -328,7 +346,7 @@ def main() -> None:
     build_demo_models(Path(os.environ["RAYFLEET_DEMO_MODELS"]))
     ray.init(num_cpus=8, include_dashboard=False, namespace="rayfleet", log_to_driver=False)
     spec = parse_spec(fleet_spec(args))
-    log(f"starting the fleet: {len(MODES)} pools x 2 replicas of {args.model} and the KV store")
+    log(f"starting the fleet: {len(args.modes)} pools x 2 replicas of {args.model} and the KV store")
     started = time.monotonic()
     controller = get_or_create_controller(spec)
     try:
@@ -339,7 +357,7 @@ def main() -> None:
         ray.get(controller.shutdown.remote())
         ray.kill(controller)
         ray.shutdown()
-    print(table(summary))
+    print(table(summary, args.modes))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                          "machine": f"{platform.node()} {os.cpu_count()} CPUs",

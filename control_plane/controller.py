@@ -260,9 +260,7 @@ class FleetController:
             options["memory"] = int(resources.memory_gb * 2**30)
         if resources.custom:
             options["resources"] = dict(resources.custom)
-        kv_store = self.spec.kv_store if pool.use_kv_store else None
-        if kv_store is not None and pool.kv_store_priced is not None:
-            kv_store = kv_store.model_copy(update={"priced": pool.kv_store_priced})
+        kv_store = pool.engine_kv_store(self.spec.kv_store)
         handle = ray.remote(LLMReplica).options(**options).remote(
             replica_id, pool.name, pool.model, pool.engine_args, pool.served_model_name, pool.live_migration,
             kv_store=kv_store, kv_store_namespace=pool.kv_store_namespace,

@@ -91,6 +91,10 @@ class PoolSpec(Strict):
         None, description="Override of kv_store.priced for this pool's engines (false: every request with blocks "
         "beyond its local prefix hit asks the store, whatever the price). None: the fleet's kv_store.priced.",
     )
+    kv_store_access: Literal["read_write", "read_only", "write_only"] | None = Field(
+        None, description="Override of kv_store.access for this pool's engines: 'read_only' loads what other pools "
+        "put and puts nothing, 'write_only' puts and never looks up. None: the fleet's kv_store.access.",
+    )
     kv_store_namespace: str | None = Field(
         None, min_length=1, description="Hash namespace of this pool's blocks in the KV store. Pools sharing one "
         "must produce identical KV bytes for identical tokens (same model, dtype, KV layout, block size, "
@@ -152,6 +156,13 @@ class PoolSpec(Strict):
     @property
     def start_replicas(self) -> int:
         return self.min_replicas if self.initial_replicas is None else self.initial_replicas
+
+    def engine_kv_store(self, fleet_store: KVStoreConfig | None) -> KVStoreConfig | None:
+        """The fleet's KV store as this pool's engines use it (its per-pool overrides applied); None: no store."""
+        if fleet_store is None or not self.use_kv_store:
+            return None
+        overrides = {"priced": self.kv_store_priced, "access": self.kv_store_access}
+        return fleet_store.model_copy(update={key: value for key, value in overrides.items() if value is not None})
 
 
 class APIKeySpec(Strict):

@@ -478,3 +478,35 @@ def test_a_lookup_the_store_answers_past_its_budget_counts_as_a_time_out_not_a_f
     side.add_to_meta(meta, FakeOutput({}))
     assert meta.store_counts["store_lookup_timeouts"] == 1
     assert meta.store_counts.get("store_lookup_errors", 0) == 0
+
+
+def test_a_read_only_engine_loads_from_the_store_and_puts_nothing():
+    store = FakeStore()
+    tokens = list(range(100, 114))  # 3 full blocks
+    hold(store, tokens, 1)
+    side, manager = scheduler(store, KVStoreConfig(async_loads=False, access="read_only"))
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert side.get_num_new_matched_tokens(request, 0) == BS  # block 0 from the store
+    side.update_state_after_alloc(request, FakeBlocks([5, 6, 7, 8]), BS)
+    manager.ids["r"] = [5, 6, 7, 8]
+    request.num_computed_tokens = BS
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({"r": 10}))  # blocks 1 and 2 computed: a read_write engine puts them
+    assert len(meta.store_loads) == 1 and meta.store_saves == []
+
+
+def test_a_write_only_engine_puts_what_it_computes_and_never_looks_up():
+    store = FakeStore()
+    tokens = list(range(100, 114))
+    hold(store, tokens, 3)  # the store could supply every claimable block
+    side, manager = scheduler(store, KVStoreConfig(access="write_only"))
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert side.get_num_new_matched_tokens(request, 0) == 0
+    side.update_state_after_alloc(request, FakeBlocks([5, 6, 7, 8]), 0)
+    manager.ids["r"] = [5, 6, 7, 8]
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({"r": 14}))
+    assert store.lookups == 0 and meta.store_loads == []
+    assert meta.store_saves == [StoreSave("r", block_hashes(tokens, BS, NS)[:3], [5, 6, 7])]

@@ -102,6 +102,20 @@ def test_kv_store_errors_name_the_field_path():
     assert "kv_store.disk_bytes" in error_of({"pools": [POOL], "kv_store": {"disk_bytes": 1 << 30}})
 
 
+def test_a_pool_overrides_how_its_engines_use_the_fleets_kv_store():
+    spec = parse_spec({"pools": [{**POOL, "kv_store_access": "read_only", "kv_store_priced": False},
+                                 {**POOL, "name": "fills", "kv_store_access": "write_only"},
+                                 {**POOL, "name": "default"}, {**POOL, "name": "none", "use_kv_store": False}],
+                       "kv_store": {"name": "fleet-kv", "priced": True}})
+    assert (spec.pool("small").engine_kv_store(spec.kv_store).access,
+            spec.pool("small").engine_kv_store(spec.kv_store).priced) == ("read_only", False)
+    assert spec.pool("fills").engine_kv_store(spec.kv_store).access == "write_only"
+    assert spec.pool("default").engine_kv_store(spec.kv_store) == spec.kv_store
+    assert spec.pool("none").engine_kv_store(spec.kv_store) is None
+    assert "pools[0].kv_store_access" in error_of({"pools": [{**POOL, "kv_store_access": "read"}]})
+    assert "read_only" in error_of({"pools": [{**POOL, "kv_store_access": "read"}]})
+
+
 def test_a_ray_serve_llm_config_moves_over_as_a_pool():
     from ray.serve.llm import LLMConfig
 

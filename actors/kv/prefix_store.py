@@ -151,6 +151,7 @@ class SchedulerPrefixStore:
         self._namespace = namespace
         self._block_size = block_size
         self.async_loads = config.async_loads
+        self._reads, self._writes = config.access != "write_only", config.access != "read_only"
         self._lookup_budget_s = config.lookup_budget_s
         self._lookup_budget_per_block_s = config.lookup_budget_per_block_s
         self._kv_cache_manager = None
@@ -217,7 +218,7 @@ class SchedulerPrefixStore:
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int | None:
         """Tokens beyond the (block-aligned) local hit the store holds; None: ask again (lookup running).
         Only memoizes: may be called again for the same request."""
-        if request.request_id not in self._requests or request.skip_reading_prefix_cache:
+        if request.request_id not in self._requests or request.skip_reading_prefix_cache or not self._reads:
             return 0
         local_blocks = num_computed_tokens // self._block_size
         # Whole blocks only, and at least one token left to compute (vLLM asserts it).
@@ -331,7 +332,7 @@ class SchedulerPrefixStore:
         meta.store_loads, self._loads = self._loads, []
         with self._counts_lock:
             meta.store_counts, self._lookup_counts = dict(self._lookup_counts), Counter()
-        for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+        for req_id, num_scheduled in (scheduler_output.num_scheduled_tokens if self._writes else {}).items():
             request = self._requests.get(req_id)
             if request is None:
                 continue

@@ -7,7 +7,7 @@ numpy or the store's actors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -53,8 +53,14 @@ class KVStoreConfig(BaseModel):
         "the store only when the blocks it could bring take longer to prefill than the wait (a lookup costs at "
         "least a step). False: every request with blocks beyond its local prefix hit asks.")
 
+    access: Literal["read_write", "read_only", "write_only"] = Field(
+        "read_write", description="What engines do with the store (vLLM's kv_consumer / kv_producer roles): "
+        "'read_only' engines load what others put and put nothing (every put costs host CPU on the engine's node: "
+        "a gather, serializing, the shard's copy); 'write_only' engines put the blocks they compute and never look "
+        "up (a pool that fills the store for others). 'read_write': both.")
+
     CLIENT_FIELDS: ClassVar[tuple[str, ...]] = ("async_loads", "lookup_budget_s", "lookup_budget_per_block_s",
-                                                "load_budget_s", "priced")
+                                                "load_budget_s", "priced", "access")
 
     @field_validator("disk_dir")
     @classmethod
