@@ -83,6 +83,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modes", type=modes_arg, default=("shared", "unpriced", "plain"),
                         help=f"comma-separated pools to compare, 'plain' among them; from {', '.join(MODES)}")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--plot", type=Path, help="also draw each mode's TTFT distribution and per-repetition "
+                        "p50 into this PNG (needs matplotlib)")
     return parser.parse_args()
 
 
@@ -260,6 +262,7 @@ def summarize(runs: list[ModeRun], block_size: int = 32) -> dict[str, Any]:
         "ttft_p50_ms": 1000 * statistics.median(ttfts),
         "ttft_p99_ms": 1000 * percentile(ttfts, 99),
         "ttft_mean_ms": 1000 * statistics.fmean(ttfts),
+        "ttfts_ms": [round(1000 * t, 2) for t in ttfts],
     }
 
 
@@ -305,6 +308,32 @@ def table(summary: dict[str, Any], modes: tuple[str, ...]) -> str:
         lines.append(f"| {i + 1} | {' then '.join(rep['order'])} | "
                      + " | ".join(f"{rep[m]['ttft_p50_ms']:.1f} / {rep[m]['ttft_p99_ms']:.1f}" for m in modes) + " |")
     return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], modes: tuple[str, ...], path: Path) -> None:
+    """Left: each mode's TTFT distribution over every request (where the store helps, where it costs); right:
+    each mode's p50 per repetition (how much of a difference the machine's noise is)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cdf, per_rep) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode in modes:
+        ttfts = sorted(summary[mode]["ttfts_ms"])
+        line, = cdf.plot(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], label=f"{mode}: {MODES[mode][1]}")
+        reps = [rep[mode]["ttft_p50_ms"] for rep in summary["reps"]]
+        per_rep.plot(range(1, len(reps) + 1), reps, marker="o", color=line.get_color(), label=mode)
+    cdf.set_xscale("log")
+    cdf.set(xlabel="TTFT (ms, log scale)", ylabel="share of requests", title="TTFT, every request of every repetition")
+    per_rep.set(xlabel="repetition (fresh prompts; mode order rotated)", ylabel="TTFT p50 (ms)",
+                title="p50 per repetition")
+    for ax in (cdf, per_rep):
+        ax.grid(alpha=0.3)
+    cdf.legend(fontsize=8)
+    fig.suptitle("Prefix reuse through the fleet KV store, 2 replicas per mode (2-core CPU, tiny-llama-b)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -358,6 +387,8 @@ def main() -> None:
         ray.kill(controller)
         ray.shutdown()
     print(table(summary, args.modes))
+    if args.plot:
+        plot(summary, args.modes, args.plot)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                          "machine": f"{platform.node()} {os.cpu_count()} CPUs",
