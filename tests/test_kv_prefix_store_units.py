@@ -32,10 +32,13 @@ class FakeStore:
         self.blocks: dict[bytes, np.ndarray] = {}
         self.lookups = 0
         self.sent: list[bytes] = []  # every block hash a put carried
+        self.put_calls = 0
+        self.called = threading.Event()  # set by the first call that reaches the store
         self.gate: threading.Event | None = None
         self.broken = False
 
     def _wait(self):
+        self.called.set()
         if self.gate is not None:
             self.gate.wait(10)
         if self.broken:
@@ -55,6 +58,7 @@ class FakeStore:
         return [h in self.blocks for h in hashes]
 
     def put(self, hashes, blocks):
+        self.put_calls += 1
         self.sent += list(hashes)
         for h, b in zip(hashes, blocks, strict=True):
             self.blocks.setdefault(h, np.asarray(b).copy())
@@ -242,6 +246,24 @@ def test_blocks_another_engine_put_meanwhile_are_not_sent_again():
     assert store.sent == hashes[:3]  # each block sent once
     assert (workers[1].stats()["store_blocks_saved"], workers[1].stats()["store_blocks_already_held"]) == (1, 2)
     assert workers[1].stats()["store_bytes_saved"] == 16  # one block: 8 bytes in each of 2 layers
+
+
+def test_saves_that_queue_behind_a_put_on_its_way_go_out_together_in_the_next():
+    store = FakeStore()
+    store.gate = threading.Event()  # the first put waits for the shard
+    hashes = block_hashes(list(range(12)), BS, NS)
+    worker = WorkerPrefixStore(store)
+    worker.register(KVCacheLayers([torch.arange(48, dtype=torch.uint8).view(6, 8) for _ in range(2)]))
+    for i in range(3):  # three steps, one new block each
+        worker.bind(RayfleetConnectorMetadata(store_saves=[StoreSave("r", hashes[i:i + 1], [i])]))
+        worker.save()
+        assert store.called.wait(5)  # the first put is on its way (held at the shard) before the next steps
+    store.gate.set()
+    worker.flush()
+    assert store.sent == hashes[:3] and store.put_calls == 2  # the first alone, the two behind it in one call
+    held = store.blocks
+    assert [bytes(held[h]) for h in hashes] == [bytes(range(8 * i, 8 * i + 8)) * 2 for i in range(3)]
+    assert worker.stats()["store_puts"] == 2 and worker.stats()["store_blocks_saved"] == 3
 
 
 # ---------------------------------------------------------------------------------------------- async path
