@@ -332,7 +332,9 @@ class SchedulerPrefixStore:
         meta.store_loads, self._loads = self._loads, []
         with self._counts_lock:
             meta.store_counts, self._lookup_counts = dict(self._lookup_counts), Counter()
-        for req_id, num_scheduled in (scheduler_output.num_scheduled_tokens if self._writes else {}).items():
+        if not self._writes:  # read_only: nothing computed here is put
+            return
+        for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             request = self._requests.get(req_id)
             if request is None:
                 continue
