@@ -490,10 +490,10 @@ class WorkerPrefixStore:
                 self._last_put = self._putter.submit(self._put_unsent)
 
     def _put_unsent(self) -> None:
+        # Never empty: a put is queued only by the save that found nothing unsent, and only it takes them.
         with self._put_lock:
             batch, self._unsent = self._unsent, []
-        if batch:
-            self._put([h for hashes, _ in batch for h in hashes], torch.cat([rows for _, rows in batch]))
+        self._put([h for hashes, _ in batch for h in hashes], torch.cat([rows for _, rows in batch]))
 
     def _put(self, hashes: list[BlockHash], rows: torch.Tensor) -> None:
         """Send the blocks the store does not hold yet. Another engine may have put some since this one chose
