@@ -5,6 +5,7 @@ The engine-level behaviour (token-exact migration, no leaks) is in test_kv_conne
 
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 
@@ -13,9 +14,10 @@ import torch
 from vllm.v1.request import RequestStatus
 
 from rayfleet.actors.kv.metadata import FinalRequest, LoadJob, RayfleetConnectorMetadata, TrackedRequest
+from rayfleet.actors.kv import migration_state
 from rayfleet.actors.kv.migration_state import SchedulerKVMigrationState, WorkerKVMigrationState
 from rayfleet.actors.kv.transfer import KVChunk, KVLayoutMismatchError
-from rayfleet.kernels import KVCacheLayers, live_files
+from rayfleet.kernels import KVCacheLayers, gather_to_shared, live_files
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 10
@@ -167,6 +169,64 @@ def test_worker_releases_a_client_abort_at_once_and_holds_an_expected_stop():
     assert chunk.rows().shape == (1, worker._layout.bytes_per_block)
     chunk.release()
     assert worker.take_finished_sending() == {"b-1"}
+
+
+def _live_worker(cache: dict[str, torch.Tensor], block_ids: list[int]) -> WorkerKVMigrationState:
+    """A worker tracking live request "p" (internal "p-1") with `block_ids`, all of them complete."""
+    worker = _worker(cache)
+    worker.bind(RayfleetConnectorMetadata(tracked=[TrackedRequest("p-1", "p", BLOCK_SIZE * len(block_ids),
+                                                                  block_ids)]))
+    return worker
+
+
+def test_a_precopy_from_a_cpu_cache_is_gathered_off_the_engine_loop_and_lands_byte_exact(monkeypatch):
+    cache = _cpu_cache()
+    worker = _live_worker(cache, [3, 7, 5])
+    gate = threading.Event()
+    monkeypatch.setattr(migration_state, "gather_to_shared",
+                        lambda *args, **kwargs: gate.wait(10) and gather_to_shared(*args, **kwargs))
+    began = time.monotonic()
+    wire = worker.export_blocks("p", 1)  # returns while the gather waits: the engine would step meanwhile
+    assert time.monotonic() - began < 5 and wire["status"] == "live" and wire["landed"] is False
+    gate.set()
+    assert worker.export_landed("p") == {"status": "live"}
+    chunk = KVChunk.from_wire(wire["chunk"])
+    try:
+        rows = chunk.rows().view(2, 2, -1)  # [blocks, layers, page bytes]
+        for layer, layer_cache in enumerate(cache.values()):
+            for row, block in enumerate([7, 5]):
+                assert torch.equal(rows[row, layer], layer_cache[block].reshape(-1).view(torch.uint8))
+    finally:
+        chunk.release()
+    assert worker.stats()["blocks_exported"] == 2 and worker.stats()["export_s"] > 0
+
+
+def test_a_precopy_whose_request_ended_or_lost_its_blocks_meanwhile_is_not_live():
+    cache = _cpu_cache()
+    finished = _live_worker(cache, [3, 7])
+    wire = finished.export_blocks("p", 0)
+    finished.bind(RayfleetConnectorMetadata(finished=[("p-1", "p")]))
+    assert finished.export_landed("p") == {"status": "finished"}
+    KVChunk.from_wire(wire["chunk"]).release()
+    preempted = _live_worker(cache, [3, 7])
+    wire = preempted.export_blocks("p", 0)
+    preempted.bind(RayfleetConnectorMetadata(tracked=[TrackedRequest("p-1", "p", 0, [])]))  # preemption
+    assert preempted.export_landed("p") == {"status": "moved"}
+    KVChunk.from_wire(wire["chunk"]).release()
+
+
+def test_blocks_of_a_stopped_request_are_released_only_after_its_precopy_gather_ends():
+    worker = _live_worker(_cpu_cache(), [3, 7])
+    gate = threading.Event()
+    gather = worker._timed_gather
+    worker._timed_gather = lambda *args: gate.wait(10) and gather(*args)  # a gather that is still reading
+    wire = worker.export_blocks("p", 0)
+    [(_, _, _, pending)] = worker._gathering["p"]
+    worker.bind(_final_meta("p-1", "p"))  # a client abort: its blocks go back to the engine...
+    threading.Timer(0.2, gate.set).start()
+    assert worker.take_finished_sending() == {"p-1"}
+    assert pending.done()  # ...only once nothing reads them any more
+    KVChunk.from_wire(wire["chunk"]).release()
 
 
 def test_worker_frees_a_held_stop_at_its_deadline():

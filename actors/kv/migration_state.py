@@ -22,6 +22,7 @@ import math
 import time
 import uuid
 from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ from rayfleet.actors.kv.transfer import KVChunk, KVLayoutDescriptor, KVLayoutMis
 from rayfleet.kernels import (
     DeviceRows,
     KVCacheLayers,
+    SharedRows,
     gather_to_device,
     gather_to_shared,
     scatter_rows,
@@ -230,6 +232,10 @@ class WorkerKVMigrationState:
         # Device rows exported by CUDA IPC: kept alive until their owner releases them (or, as a backstop
         # against an owner that never does, until DEVICE_EXPORT_TTL_S after the export).
         self._device_exports: dict[str, tuple[torch.Tensor, float]] = {}
+        # Pre-copy gathers from a CPU cache run on their own thread while the engine steps (`export_blocks`):
+        # external id -> (internal id, first block, block ids, the gather's seconds) of each one not yet joined.
+        self._gather_thread: ThreadPoolExecutor | None = None
+        self._gathering: dict[str, list[tuple[str, int, list[int], Future[float]]]] = {}
         self._loads: list[LoadJob] = []
         self._load_errors: set[int] = set()
         # Until the first step reports it: everything but vLLM's reserved null block (no step, no allocation).
@@ -313,6 +319,9 @@ class WorkerKVMigrationState:
                 logger.warning("rayfleet: device rows %s were never released; freeing them", name)
                 del self._device_exports[name]
         release, self._release = self._release, set()
+        for external_id in [e for e, gathers in self._gathering.items()
+                            if any(gather[0] in release for gather in gathers) or e not in self._live]:
+            self._join_gathers(external_id)  # their blocks are freed once released: the reads end first
         return release or None
 
     def take_load_errors(self) -> set[int]:
@@ -335,14 +344,58 @@ class WorkerKVMigrationState:
     def export_blocks(self, external_id: str, first_block: int, transport: str = "host") -> dict[str, Any]:
         """Complete blocks ``[first_block, num_computed_tokens // block_size)`` of a live request.
 
-        ``transport`` is "host" (rows in a shared-memory file) or "device" (a GPU buffer shared by CUDA IPC)."""
+        ``transport`` is "host" (rows in a shared-memory file) or "device" (a GPU buffer shared by CUDA IPC).
+        From a CPU cache, host rows are gathered on a thread of their own while the engine keeps stepping (in
+        the engine's loop, the gather of a 4k-token request stalled its decoding for tens of ms): with
+        ``landed`` False, the rows may be read only once `export_landed` says the request is still live."""
         live = self._live.get(external_id)
         if live is None:
             return {"status": "finished" if external_id in self._finished else "unknown"}
         end = min(live.num_computed_tokens // self._block_size, len(live.block_ids))
-        chunk = self._export(live.block_ids[first_block:end], first_block, transport)  # empty if nothing new
+        block_ids = live.block_ids[first_block:end]  # empty if nothing new
+        background = bool(block_ids) and transport == "host" and self._cache.device.type == "cpu"
+        chunk = (self._export_in_background(external_id, live.internal_id, block_ids, first_block) if background
+                 else self._export(block_ids, first_block, transport))
         self._counters["precopy_exports"] += 1
-        return {"status": "live", "num_computed_tokens": live.num_computed_tokens, "chunk": chunk}
+        return {"status": "live", "num_computed_tokens": live.num_computed_tokens, "chunk": chunk,
+                "landed": not background}
+
+    def _export_in_background(self, external_id: str, internal_id: str, block_ids: list[int],
+                              first_block: int) -> dict[str, Any]:
+        rows = SharedRows.named(len(block_ids), self._cache.layout.block_bytes)
+        if self._gather_thread is None:
+            self._gather_thread = ThreadPoolExecutor(1, thread_name_prefix="rayfleet-precopy")
+        gather = self._gather_thread.submit(self._timed_gather, block_ids, rows)
+        self._gathering.setdefault(external_id, []).append((internal_id, first_block, block_ids, gather))
+        self._count_export(len(block_ids), rows.nbytes)
+        return KVChunk(first_block, len(block_ids), self._layout, shared=rows).to_wire()
+
+    def _timed_gather(self, block_ids: list[int], rows: SharedRows) -> float:
+        began = time.perf_counter()
+        gather_to_shared(self._cache, block_ids, into=rows)
+        return time.perf_counter() - began
+
+    def _join_gathers(self, external_id: str) -> list[tuple[str, int, list[int]]]:
+        """Wait for the request's background gathers (re-raising a failed one); what each gathered."""
+        joined = []
+        for internal_id, first_block, block_ids, gather in self._gathering.pop(external_id, ()):
+            self._counters["export_s"] += gather.result()
+            joined.append((internal_id, first_block, block_ids))
+        return joined
+
+    def export_landed(self, external_id: str) -> dict[str, Any]:
+        """Wait for the request's pre-copy gathers. "live": its blocks were its own throughout, the rows are
+        good (RPCs run between steps, and a block freed by a finish or a preemption is reused only in a step
+        whose `bind` tells this worker first); otherwise the rows hold nothing usable: "finished" or
+        "unknown" like `export_blocks`, "moved" when preemption took the blocks."""
+        joined = self._join_gathers(external_id)
+        live = self._live.get(external_id)
+        if live is None:
+            return {"status": "finished" if external_id in self._finished else "unknown"}
+        for internal_id, first_block, block_ids in joined:
+            if internal_id != live.internal_id or live.block_ids[first_block:first_block + len(block_ids)] != block_ids:
+                return {"status": "moved"}
+        return {"status": "live"}
 
     def expect_final(self, external_id: str, timeout_s: float) -> bool:
         """Hold the request's blocks for a final export if it is aborted within ``timeout_s``."""
@@ -388,9 +441,12 @@ class WorkerKVMigrationState:
             chunk = KVChunk(first_block, len(block_ids), self._layout,
                             shared=gather_to_shared(self._cache, block_ids))
         self._counters["export_s"] += time.perf_counter() - began
-        self._counters["blocks_exported"] += len(block_ids)
-        self._counters["bytes_exported"] += chunk.nbytes
+        self._count_export(len(block_ids), chunk.nbytes)
         return chunk.to_wire()
+
+    def _count_export(self, num_blocks: int, nbytes: int) -> None:
+        self._counters["blocks_exported"] += num_blocks
+        self._counters["bytes_exported"] += nbytes
 
     def gpu_uuids(self) -> list[str]:
         """The GPUs this worker sees, its KV cache's first (empty on a CPU): where it can open device rows."""

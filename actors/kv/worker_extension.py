@@ -44,6 +44,9 @@ class KVMigrationWorkerExtension:
     def rayfleet_export_blocks(self, external_id: str, first_block: int, transport: str) -> dict[str, Any]:
         return _state().export_blocks(external_id, first_block, transport)
 
+    def rayfleet_export_landed(self, external_id: str) -> dict[str, Any]:
+        return _state().export_landed(external_id)
+
     def rayfleet_expect_final(self, external_id: str, timeout_s: float) -> bool:
         return _state().expect_final(external_id, timeout_s)
 

@@ -121,7 +121,7 @@ class SourceMigration:
         except MigrationOutcome as early:
             await self._drop_destination()
             return MigrationResult(self.record(early.outcome, early.reason))
-        except Exception as error:  # destination lost before the source stopped: nothing to undo here
+        except Exception as error:  # destination lost, or a pre-copy failed, before the stop: nothing to undo
             await self._drop_destination()
             return MigrationResult(self.record("aborted", f"before the stop: {type(error).__name__}: {error}"))
         try:

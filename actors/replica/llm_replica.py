@@ -509,12 +509,15 @@ class LLMReplica:
 
     async def stage_kv(self, migration_id: str, chunk, write_ahead_tokens: list[int] | None = None) -> None:
         """Stage a chunk; with `write_ahead_tokens` (the tokens its blocks hold, plus the next one) also write
-        the staged blocks into this engine's KV cache now, while the source keeps decoding."""
+        the staged blocks into this engine's KV cache now, while the source keeps decoding, and return once
+        they are written (or the write-ahead was stopped): the source stops the request only then, so its
+        last stage does not share these cores with the write-ahead, nor find its blocks unwritten."""
         await self.migrator.stage(migration_id, chunk)
         if write_ahead_tokens is not None and self.migrator.can_write_ahead:
             request_id = f"{migration_id}-ahead-{chunk.end_block}"
-            self._write_aheads.setdefault(migration_id, []).append(
-                self._background(self.migrator.write_ahead(migration_id, write_ahead_tokens, request_id)))
+            write_ahead = self._background(self.migrator.write_ahead(migration_id, write_ahead_tokens, request_id))
+            self._write_aheads.setdefault(migration_id, []).append(write_ahead)
+            await asyncio.wait([write_ahead])
 
     def _stop_write_aheads(self, migration_id: str) -> None:
         """Abort write-aheads still running: the resume loads what they did not write (vLLM aborts a
