@@ -5,9 +5,9 @@ than recompute at the longest.
 
 Setup: a fleet pool of two replicas of one model large enough that recomputing a long context is costly on
 the CPU (built locally, random weights: hidden 1024, 8 layers, 16 heads of 64, 4 KV heads, 8192 positions;
-~88 M parameters, float32: 16 KiB of KV per token). Prefix caching is off, so the replay baseline pays the
-full prefill a replica that never saw the request would pay (the migrated modes do not use the prefix cache:
-the KV arrives through rayfleet's connector).
+~88 M parameters, float32: 16 KiB of KV per token). Prefix caching is on, as vLLM's default (pre-copy writes
+its blocks ahead into the destination's prefix cache); the replay baseline sends a fresh random prompt, so it
+pays the full prefill a replica that never saw the request would pay.
 
 For each sequence length L and round, one streaming request (prompt of L random token ids, greedy, EOS
 ignored) goes through the fleet's OpenAI endpoint; after `--first-at` streamed tokens the controller migrates
