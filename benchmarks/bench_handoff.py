@@ -201,8 +201,9 @@ def markdown(rows: dict[str, list[dict[str, Any]]]) -> str:
             lines.append(f"| {length} | {med(off):.0f} | {med(on):.0f} | {med(on) / med(off):.2f} |")
     lines += ["", "Prefill/decode handoff at the first token against the same request served by one replica "
               "(ms, median):", "",
-              "| tokens | TTFT colocated / P/D | 1st->2nd token colocated / P/D | handoff cost | later gaps colocated "
-              "/ P/D | blocks moved | tokens recomputed |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| tokens | TTFT colocated / P/D | 1st->2nd token colocated / P/D | handoff cost | handoff pause | "
+              "later gaps colocated / P/D | blocks moved | tokens recomputed |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for length in sorted({r["length"] for r in rows["handoff"]}):
         mine = [r for r in rows["handoff"] if r["length"] == length and r["outcome"] == "migrated"]
         if not mine:
@@ -210,7 +211,7 @@ def markdown(rows: dict[str, list[dict[str, Any]]]) -> str:
         pick = lambda k: med([r[k] for r in mine])  # noqa: E731
         lines.append(f"| {length} | {pick('colocated_ttft_s'):.0f} / {pick('pd_ttft_s'):.0f} | "
                      f"{pick('colocated_first_gap_s'):.0f} / {pick('pd_first_gap_s'):.0f} | "
-                     f"{pick('pd_first_gap_s') - pick('colocated_first_gap_s'):.0f} | "
+                     f"{pick('pd_first_gap_s') - pick('colocated_first_gap_s'):.0f} | {pick('downtime_s'):.0f} | "
                      f"{pick('colocated_gap_s'):.1f} / {pick('pd_gap_s'):.1f} | "
                      f"{statistics.median(r['blocks_moved'] for r in mine):.0f} | "
                      f"{statistics.median(r['recomputed_tokens'] for r in mine):.0f} |")
