@@ -183,6 +183,34 @@ def test_destination_computes_one_token_and_loads_the_rest(engines):
     engines.run(check())
 
 
+def test_a_resume_sent_right_behind_its_unacknowledged_last_stage_loads_it(engines):
+    # The replica submits the resumed request without waiting for the staging's reply (one of B's steps less
+    # in the pause): B must still read the staging first, because it was sent first.
+    async def check():
+        prompt = _prompt(12)
+        reference, _ = await generate_to_end(engines.a, prompt, _greedy(), "ref-12")
+        stream = _Stream(engines, prompt, "req-12")
+        await stream.until(40)
+        final = await engines.rpc_a.stop_and_export("req-12", 0)
+        await stream.task
+        before = await engines.rpc_b.stats()
+        staged = await engines.rpc_b.send_stage("mig-12", final.chunk)
+        assert not staged.done()  # the reply is still on its way when the request follows
+        resume = engines.rpc_a.resume(final, _greedy(), len(prompt), "req-12", "mig-12")
+        dst_tokens, dst_output = await generate_to_end(engines.b, resume.prompt_token_ids, resume.sampling_params,
+                                                       "req-12")
+        await staged
+        final.chunk.release()
+        assert final.all_token_ids[len(prompt):] + dst_tokens == reference
+        after = await engines.rpc_b.stats()
+        loaded = len(final.all_token_ids) - 1  # everything but one token, from the staging
+        assert (after["load_errors"] - before["load_errors"], after["tokens_loaded"] - before["tokens_loaded"]) == (
+            0, loaded)
+        await _assert_no_leak(engines)
+
+    engines.run(check())
+
+
 def test_destination_prefix_hit_loads_only_the_missing_blocks(engines):
     async def check():
         prompt = _prompt(4)

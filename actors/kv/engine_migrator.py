@@ -113,6 +113,14 @@ class EngineKVMigrator:
         results = await asyncio.wait_for(self._engine.collective_rpc(method, args=args), RPC_TIMEOUT_S)
         return results[0]
 
+    async def _rpc_sent(self, method: str, *args: Any) -> asyncio.Future:
+        """Send an RPC now; its reply comes as a future. The engine core reads its input socket in order and
+        drains it between two steps, so what this engine's client sends next (an abort, a request) reaches it
+        after the RPC, without waiting for the reply: that wait costs a whole engine step."""
+        reply = asyncio.ensure_future(self._engine.collective_rpc(method, args=args))
+        await asyncio.sleep(0)  # the task's first step runs down to the socket's send: no await comes before it
+        return reply
+
     @staticmethod
     def tag(sampling_params: SamplingParams, request_id: str, **extra: Any) -> SamplingParams:
         """A copy of ``sampling_params`` that makes request ``request_id`` migratable."""
@@ -159,13 +167,9 @@ class EngineKVMigrator:
         request's blocks right after the export, or after ``timeout_s`` if this call fails midway.
         Raises TimeoutError if the engine never reports the request (e.g. an unknown id).
         """
-        # The expectation and the abort leave back to back: the engine core reads its input socket in order
-        # and drains it between two steps, and the worker decides at the next step whether the aborted
-        # request's blocks are held, so sending the expectation first is all the order needs. Waiting for its
-        # reply before aborting cost the stop a whole engine step (~30 ms of the pause here).
-        expect = asyncio.ensure_future(self._engine.collective_rpc("rayfleet_expect_final",
-                                                                   args=(request_id, timeout_s)))
-        await asyncio.sleep(0)  # the task's first step runs down to the socket's send: no await comes before it
+        # The worker decides at the next step whether the aborted request's blocks are held: the expectation
+        # only has to reach the engine before the abort.
+        expect = await self._rpc_sent("rayfleet_expect_final", request_id, timeout_s)
         await self._engine.abort(request_id)
         await asyncio.wait_for(expect, RPC_TIMEOUT_S)
         deadline = time.monotonic() + timeout_s
@@ -191,17 +195,23 @@ class EngineKVMigrator:
         once this returns. A chunk carried by value (from another node) is first written into shared rows
         of this process, released here.
         """
+        staged = await self.send_stage(migration_id, chunk)
+        if staged is not None:
+            await asyncio.wait_for(staged, RPC_TIMEOUT_S)
+
+    async def send_stage(self, migration_id: str, chunk: KVChunk) -> asyncio.Future | None:
+        """`stage`, sent now, its reply a future (None for an empty chunk): a request submitted to this engine
+        after this returns finds the chunk staged, so a resume need not wait for the reply first."""
         layout = await self.layout()
         if chunk.layout != layout:
             raise KVLayoutMismatchError(f"chunk layout {chunk.layout} != engine layout {layout}")
         if not chunk.num_blocks:
-            return
+            return None
         local = chunk if chunk.shared is not None else _to_shared(chunk)
-        try:
-            await self._rpc("rayfleet_stage", migration_id, local.to_wire())
-        finally:
-            if local is not chunk:
-                local.release()
+        staged = await self._rpc_sent("rayfleet_stage", migration_id, local.to_wire())
+        if local is not chunk:  # the engine maps the rows while staging: this process' copy can go then
+            staged.add_done_callback(lambda _: local.release())
+        return staged
 
     async def gpu_uuids(self) -> list[str]:
         """GPUs the engine's worker sees, its own first (empty on a CPU): device rows it can open."""

@@ -141,13 +141,14 @@ class SourceMigration:
             return MigrationResult(self.record("finished_on_source", "no tokens left to generate"),
                                    local_resume=LocalResume(final, None))
         try:
-            await self._send(final.chunk)
+            self.chunks.append(final.chunk)  # the destination stages it with the resume
             # Bounded here too: a destination that hangs (or whose death Ray has not noticed yet) must not
             # hold the stopped request; the destination itself gives up after resume_timeout_s.
             call = dataclasses.replace(self.request.call, trace_headers=self.trace_headers)
             first_token_at, recomputed = await asyncio.wait_for(self.dst.handle.resume_migrated.remote(
-                self.migration_id, call, final, len(final.all_token_ids) - self.request.prompt_len,
-                self.limits.resume_timeout_s), self.limits.resume_timeout_s + DESTINATION_GRACE_S)
+                self.migration_id, call, dataclasses.replace(final, chunk=self._wire(final.chunk)),
+                len(final.all_token_ids) - self.request.prompt_len, self.limits.resume_timeout_s),
+                self.limits.resume_timeout_s + DESTINATION_GRACE_S)
         except Exception as error:  # destination refused, died or timed out: the source takes it back
             logger.warning("migration %s: destination %s failed (%s); resuming %s on the source",
                            self.migration_id, self.dst.replica_id, error, self.request_id)
@@ -208,12 +209,15 @@ class SourceMigration:
         return final
 
     async def _send(self, chunk: KVChunk, write_ahead: list[int] | None = None) -> None:
-        """Stage a chunk on the destination: by name on this node, by value (Ray's object store) elsewhere."""
+        """Stage a pre-copied chunk on the destination (it writes the chunk ahead when `write_ahead` is given)."""
         self.chunks.append(chunk)
         if chunk.num_blocks:
-            wire = chunk if self.dst.node_id == self.src_node_id else chunk.inline()
-            await asyncio.wait_for(self.dst.handle.stage_kv.remote(self.migration_id, wire, write_ahead),
+            await asyncio.wait_for(self.dst.handle.stage_kv.remote(self.migration_id, self._wire(chunk), write_ahead),
                                    self.limits.resume_timeout_s)
+
+    def _wire(self, chunk: KVChunk) -> KVChunk:
+        """A chunk as it travels to the destination: by name on this node, by value (Ray's object store) elsewhere."""
+        return chunk if self.dst.node_id == self.src_node_id else chunk.inline()
 
     def _write_ahead_tokens(self, chunk: KVChunk) -> list[int] | None:
         """The tokens a pre-copied chunk's blocks hold, plus the next one (the destination computes it when

@@ -531,14 +531,17 @@ class LLMReplica:
 
     async def resume_migrated(self, migration_id: str, call: GenerateCall, final, output_tokens: int,
                               timeout_s: float) -> tuple[float, int]:
-        """Destination side: take the request over.
+        """Destination side: take the request over, its last stage (`final.chunk`) with it.
 
         Returns the wall time of its first token here and how many tokens the engine had to compute
-        before it (its prompt minus the KV it loaded): 1 when the moved KV was used in full.
+        before it (its prompt minus the KV it loaded): 1 when the moved KV was used in full. The last stage
+        is staged and the request submitted back to back (the engine reads them in order): waiting for the
+        staging's reply first cost the pause one of this engine's steps.
         """
         if not self.accepting:
             raise ReplicaNotAccepting(f"replica {self.replica_id} stopped accepting")
         self._stop_write_aheads(migration_id)
+        staged = await self.migrator.send_stage(migration_id, final.chunk)
         request = ActiveRequest(call=call, prompt_len=len(call.prompt_token_ids),
                                 max_tokens=call.sampling_params.max_tokens or 0, output_tokens=output_tokens,
                                 arrived=True)
@@ -547,8 +550,10 @@ class LLMReplica:
                                            "rayfleet.migration_id": migration_id})
         self.resume_request(request, final, migration_id)
         try:
+            if staged is not None:  # a failed staging hands the request back to its source
+                await asyncio.wait_for(staged, timeout=timeout_s)
             await asyncio.wait_for(request.first_output.wait(), timeout=timeout_s)
-        except asyncio.TimeoutError as error:
+        except Exception as error:
             await self.engine.abort(call.request_id)
             self.requests.pop(call.request_id, None)
             _end_span(request, error)
