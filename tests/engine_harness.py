@@ -55,7 +55,11 @@ def start_engine_pair(model: Path, **connector_kwargs: Any) -> EnginePair:
 
     `connector_kwargs` go to `migration_engine_kwargs` (e.g. `kv_store=...`)."""
     from rayfleet.actors.kv.engine_migrator import EngineKVMigrator
+    from rayfleet.kernels import sweep_orphans
 
+    # The suites check that no shared-memory rows are left on the host: rows a killed process left behind are
+    # not theirs (a replica starting on the host sweeps them too).
+    sweep_orphans()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     runner = asyncio.Runner()
