@@ -229,6 +229,17 @@ def test_blocks_of_a_stopped_request_are_released_only_after_its_precopy_gather_
     KVChunk.from_wire(wire["chunk"]).release()
 
 
+def test_a_stop_whose_abort_reached_the_worker_unexpected_is_answered_released_at_once():
+    worker = _worker()
+    worker.bind(_final_meta("a-1", "a"))  # the abort came first: no final export expected, blocks freed
+    assert worker.take_finished_sending() == {"a-1"}
+    worker.expect_final("a", timeout_s=10)  # the expectation, too late
+    assert worker.export_final("a", 0) == {"status": "released"}  # not "pending" until the deadline
+    worker.bind(RayfleetConnectorMetadata(tracked=[TrackedRequest("a-2", "a", 4, [1])]))  # the id in use again
+    worker.expect_final("a", timeout_s=10)
+    assert worker.export_final("a", 0)["status"] == "pending"
+
+
 def test_worker_frees_a_held_stop_at_its_deadline():
     worker = _worker()
     worker.expect_final("c", timeout_s=0.05)

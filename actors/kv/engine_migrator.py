@@ -180,6 +180,9 @@ class EngineKVMigrator:
                 return FinalKV(KVChunk.from_wire(wire["chunk"]), list(wire["all_token_ids"]), wire["num_computed_tokens"])
             if status == "finished":
                 return None
+            if status == "released":  # the engine saw the abort first and freed the blocks: nothing to export
+                raise KVMigrationError(f"request {request_id!r} was aborted with no final export expected; "
+                                       "its KV is freed")
             if status == "expired" or time.monotonic() > deadline:
                 raise TimeoutError(f"request {request_id!r}: no final KV within {timeout_s} s ({status})")
             await asyncio.sleep(_POLL_INTERVAL_S)

@@ -53,8 +53,8 @@ logger = init_logger(__name__)
 
 # Key of rayfleet's entry inside a request's kv_transfer_params.
 RAYFLEET_PARAMS_KEY = "rayfleet"
-# How many normally finished external ids the worker remembers, so a stop that races a normal finish
-# is answered "finished" instead of waiting for its deadline.
+# How many normally finished (and, apart, client-aborted) external ids the worker remembers, so a stop that
+# races a finish or an abort is answered at once instead of waiting for its deadline.
 _FINISHED_MEMORY = 4096
 # Device rows an owner never released are freed after this long (a migration takes seconds at most).
 DEVICE_EXPORT_TTL_S = 300.0
@@ -227,6 +227,7 @@ class WorkerKVMigrationState:
         self._finals: dict[str, FinalRequest] = {}  # held for a final export, by external id
         self._expected: dict[str, float] = {}  # external id -> monotonic deadline of its final export
         self._finished: OrderedDict[str, None] = OrderedDict()  # recently finished normally
+        self._released: OrderedDict[str, None] = OrderedDict()  # recently aborted with no final export expected
         self._release: set[str] = set()  # internal ids to report in finished_sending
         self._staged: dict[str, _StagedMigration] = {}
         # Device rows exported by CUDA IPC: kept alive until their owner releases them (or, as a backstop
@@ -254,20 +255,20 @@ class WorkerKVMigrationState:
             if live is None or live.internal_id != tracked.internal_id:
                 live = self._live[tracked.external_id] = _LiveRequest(tracked.internal_id, [], 0)
                 self._finished.pop(tracked.external_id, None)  # an id reused (e.g. resumed here): live again
+                self._released.pop(tracked.external_id, None)
             if tracked.block_ids is not None:
                 live.block_ids = tracked.block_ids
             live.num_computed_tokens = tracked.num_computed_tokens
         for internal_id, external_id in meta.finished:
             self._forget_live(internal_id, external_id)
-            self._finished[external_id] = None
-            while len(self._finished) > _FINISHED_MEMORY:
-                self._finished.popitem(last=False)
+            _remember(self._finished, external_id)
         for final in meta.finals:
             self._forget_live(final.internal_id, final.external_id)
             if self._expected.get(final.external_id, -math.inf) >= time.monotonic():
                 self._finals[final.external_id] = final
             else:
                 self._release.add(final.internal_id)  # a client abort: free the blocks now
+                _remember(self._released, final.external_id)
                 self._counters["aborts_released"] += 1
         for migration_id in meta.drops:
             if self._staged.pop(migration_id, None) is not None:
@@ -406,7 +407,9 @@ class WorkerKVMigrationState:
         """Blocks from ``first_block`` on (the partial last one included), the token list, and a release.
 
         Status "pending" until the worker has seen the abort; "finished" when the request ended
-        normally first; "expired" when no final export was expected (or its deadline passed).
+        normally first; "released" when its abort came with no final export expected (a client abort, or a stop
+        whose expectation reached the engine after its abort), so its blocks are freed; "expired" when no final
+        export was expected (or its deadline passed).
         """
         final = self._finals.pop(external_id, None)
         if final is not None:
@@ -416,9 +419,9 @@ class WorkerKVMigrationState:
             self._counters["final_exports"] += 1
             return {"status": "ready", "all_token_ids": final.all_token_ids,
                     "num_computed_tokens": final.num_computed_tokens, "chunk": chunk}
-        if external_id in self._finished:
+        if external_id in self._finished or external_id in self._released:
             self._expected.pop(external_id, None)
-            return {"status": "finished"}
+            return {"status": "finished" if external_id in self._finished else "released"}
         deadline = self._expected.get(external_id)
         if deadline is None:
             return {"status": "expired"}
@@ -481,6 +484,12 @@ class WorkerKVMigrationState:
             "staged_bytes": sum(staged.nbytes for staged in self._staged.values()),
             "device_exports": len(self._device_exports),
         }
+
+
+def _remember(recent: OrderedDict[str, None], external_id: str) -> None:
+    recent[external_id] = None
+    while len(recent) > _FINISHED_MEMORY:
+        recent.popitem(last=False)
 
 
 _COUNTERS = (
