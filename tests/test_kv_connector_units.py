@@ -221,11 +221,11 @@ def test_blocks_of_a_stopped_request_are_released_only_after_its_precopy_gather_
     gather = worker._timed_gather
     worker._timed_gather = lambda *args: gate.wait(10) and gather(*args)  # a gather that is still reading
     wire = worker.export_blocks("p", 0)
-    [(_, _, _, pending)] = worker._gathering["p"]
+    [pending] = worker._gathering["p"]
     worker.bind(_final_meta("p-1", "p"))  # a client abort: its blocks go back to the engine...
     threading.Timer(0.2, gate.set).start()
     assert worker.take_finished_sending() == {"p-1"}
-    assert pending.done()  # ...only once nothing reads them any more
+    assert pending.seconds.done()  # ...only once nothing reads them any more
     KVChunk.from_wire(wire["chunk"]).release()
 
 

@@ -202,6 +202,16 @@ class _LiveRequest:
     num_computed_tokens: int
 
 
+@dataclass(frozen=True)
+class _Gather:
+    """A pre-copy gather running on the worker's gather thread: whose blocks, and where they start."""
+
+    internal_id: str
+    first_block: int
+    block_ids: list[int]
+    seconds: Future[float]  # the gather's own time, once it is done
+
+
 @dataclass
 class _StagedMigration:
     layout: KVLayoutDescriptor
@@ -234,9 +244,9 @@ class WorkerKVMigrationState:
         # against an owner that never does, until DEVICE_EXPORT_TTL_S after the export).
         self._device_exports: dict[str, tuple[torch.Tensor, float]] = {}
         # Pre-copy gathers from a CPU cache run on their own thread while the engine steps (`export_blocks`):
-        # external id -> (internal id, first block, block ids, the gather's seconds) of each one not yet joined.
+        # external id -> its gathers not yet joined.
         self._gather_thread: ThreadPoolExecutor | None = None
-        self._gathering: dict[str, list[tuple[str, int, list[int], Future[float]]]] = {}
+        self._gathering: dict[str, list[_Gather]] = {}
         self._loads: list[LoadJob] = []
         self._load_errors: set[int] = set()
         # Until the first step reports it: everything but vLLM's reserved null block (no step, no allocation).
@@ -321,7 +331,7 @@ class WorkerKVMigrationState:
                 del self._device_exports[name]
         release, self._release = self._release, set()
         for external_id in [e for e, gathers in self._gathering.items()
-                            if any(gather[0] in release for gather in gathers) or e not in self._live]:
+                            if any(gather.internal_id in release for gather in gathers) or e not in self._live]:
             self._join_gathers(external_id)  # their blocks are freed once released: the reads end first
         return release or None
 
@@ -366,8 +376,8 @@ class WorkerKVMigrationState:
         rows = SharedRows.named(len(block_ids), self._cache.layout.block_bytes)
         if self._gather_thread is None:
             self._gather_thread = ThreadPoolExecutor(1, thread_name_prefix="rayfleet-precopy")
-        gather = self._gather_thread.submit(self._timed_gather, block_ids, rows)
-        self._gathering.setdefault(external_id, []).append((internal_id, first_block, block_ids, gather))
+        seconds = self._gather_thread.submit(self._timed_gather, block_ids, rows)
+        self._gathering.setdefault(external_id, []).append(_Gather(internal_id, first_block, block_ids, seconds))
         self._count_export(len(block_ids), rows.nbytes)
         return KVChunk(first_block, len(block_ids), self._layout, shared=rows).to_wire()
 
@@ -376,12 +386,11 @@ class WorkerKVMigrationState:
         gather_to_shared(self._cache, block_ids, into=rows)
         return time.perf_counter() - began
 
-    def _join_gathers(self, external_id: str) -> list[tuple[str, int, list[int]]]:
-        """Wait for the request's background gathers (re-raising a failed one); what each gathered."""
-        joined = []
-        for internal_id, first_block, block_ids, gather in self._gathering.pop(external_id, ()):
-            self._counters["export_s"] += gather.result()
-            joined.append((internal_id, first_block, block_ids))
+    def _join_gathers(self, external_id: str) -> list[_Gather]:
+        """Wait for the request's background gathers (re-raising a failed one)."""
+        joined = self._gathering.pop(external_id, [])
+        for gather in joined:
+            self._counters["export_s"] += gather.seconds.result()
         return joined
 
     def export_landed(self, external_id: str) -> dict[str, Any]:
@@ -393,8 +402,9 @@ class WorkerKVMigrationState:
         live = self._live.get(external_id)
         if live is None:
             return {"status": "finished" if external_id in self._finished else "unknown"}
-        for internal_id, first_block, block_ids in joined:
-            if internal_id != live.internal_id or live.block_ids[first_block:first_block + len(block_ids)] != block_ids:
+        for gather in joined:
+            end = gather.first_block + len(gather.block_ids)
+            if gather.internal_id != live.internal_id or live.block_ids[gather.first_block:end] != gather.block_ids:
                 return {"status": "moved"}
         return {"status": "live"}
 
