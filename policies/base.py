@@ -63,6 +63,7 @@ class MigrationRecord:
     reason: str = ""
     stages: int = 0
     blocks_moved: int = 0
+    last_stage_blocks: int = 0  # of blocks_moved, those copied while the request was stopped
     bytes_moved: int = 0
     downtime_s: float = 0.0
     total_s: float = 0.0

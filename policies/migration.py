@@ -24,21 +24,35 @@ its gain in seconds of someone's latency, and the move is made only if the gain 
 Cost of moving request r from S to D (`MigrationCosts`, defaults measured on this project's 2-core CPU; the
 simulator passes its calibrated profile's numbers): the pause r sees (`pause_s` plus the last stage's blocks),
 plus the slowdown of everything else running on S and D while r's blocks are copied (`interference`: 1 when the
-copies take the engines' own cores, as here; ~0 on GPUs with copy engines). A move is refused when r would
-finish before its pre-copy does, or when D, after its own queue and growth, has no room for r: a move that
-only shifts the pressure to D pays nothing. Refusals of the last plan are kept in `refused` (observability).
-Decisions are pure; the controller (or the simulator) carries them out.
+copies take the engines' own cores, as here; ~0 on GPUs with copy engines). The pause moves most with the
+hardware, the model and the load (a pre-copy's fell from ~0.3 s to 0.08-0.19 s on this project's CPU within two
+weeks as the code and the machine changed), so by default (`learn_pause`) each pool prices its moves at the
+median pause of its own last moves (the fleet's migration records: the client's gap less the last stage's copy),
+and at the configured `pause_s` until it has made `PAUSE_MIN_SAMPLES`. A move is refused when r would finish
+before its pre-copy does, or when D, after its own queue and growth, has no room for r: a move that only shifts
+the pressure to D pays nothing. Refusals of the last plan are kept in `refused`, the pause each pool was priced
+at in `pauses` (observability). Decisions are pure; the controller (or the simulator) carries them out.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from dataclasses import dataclass, field
 
-from rayfleet.policies.base import FleetSnapshot, MigrationDecision, ReplicaSnapshot, RequestProgress
+from rayfleet.policies.base import (
+    FleetSnapshot,
+    MigrationDecision,
+    MigrationRecord,
+    PoolSnapshot,
+    ReplicaSnapshot,
+    RequestProgress,
+)
 
 TRIGGERS = ("drain", "queue", "preemption", "priority")
+PAUSE_WINDOW = 16  # a pool's last moves its learned pause is the median of
+PAUSE_MIN_SAMPLES = 3  # moves a pool makes before its own pause replaces the configured one
 
 
 class NoMigration:
@@ -52,7 +66,9 @@ class NoMigration:
 class MigrationCosts:
     """What a move costs and what time is worth, in seconds (defaults: tiny-llama-b on the 2-core CPU)."""
 
-    pause_s: float = 0.25  # fixed downtime of a move: control round trips (docs/benchmarks-migration-transfer.md)
+    # Fixed downtime of a move (stop, control round trips, the destination's first step): the prior a pool prices
+    # its first moves at before it learns its own (80-190 ms on 2026-12-05, docs/benchmarks-migration.md).
+    pause_s: float = 0.15
     block_transfer_s: float = 0.0005  # per KV block moved (gather + scatter + staging)
     stage_s: float = 0.05  # per pre-copy stage (an export RPC and a staging call)
     interference: float = 1.0  # share of the copy time the other requests on both engines lose
@@ -89,7 +105,7 @@ class LlumnixMigrationPolicy:
                  horizon_s: float = 2.0, priority_headroom_blocks: int = 64, priority_gain_s: float = 1.0,
                  min_gain_ratio: float = 1.5, mode: str = "precopy", cooldown_s: float = 5.0,
                  pools: list[str] | None = None, costs: dict | MigrationCosts | None = None,
-                 max_destinations: int = 8) -> None:
+                 max_destinations: int = 8, learn_pause: bool = True) -> None:
         if mode not in ("precopy", "stop_and_copy"):
             raise ValueError(f"mode must be 'precopy' or 'stop_and_copy', got '{mode}'")
         unknown = set(triggers or ()) - set(TRIGGERS)
@@ -106,7 +122,9 @@ class LlumnixMigrationPolicy:
         self.pools = set(pools) if pools else None
         self.costs = costs if isinstance(costs, MigrationCosts) else MigrationCosts(**(costs or {}))
         self.max_destinations = max_destinations
+        self.learn_pause = learn_pause
         self.refused: list[tuple[str, str]] = []  # (request id, why) of the last plan
+        self.pauses: dict[str, float] = {}  # pool -> the pause its moves were priced at in the last plan
 
     # ---------------------------------------------------------------- the model
     @staticmethod
@@ -152,17 +170,29 @@ class LlumnixMigrationPolicy:
         steps = self.horizon_s / view.tpot
         return self.blocks(request.total_tokens + min(steps, request.remaining_tokens), view.replica.kv_block_size)
 
-    def move_seconds(self, request: RequestProgress, block_size: int) -> tuple[float, float]:
-        """(whole move, pause the request sees) for a request of this size."""
-        blocks = self.blocks(request.total_tokens, block_size)
+    def learned_pause(self, pool: PoolSnapshot, migrations: tuple[MigrationRecord, ...]) -> float | None:
+        """Median fixed pause of the pool's last `PAUSE_WINDOW` moves (None: fewer than `PAUSE_MIN_SAMPLES`).
+
+        A record's downtime is the client's gap between its last token on the source and its first on the
+        destination; less the last stage's copy at the configured rate it is the pause this model calls fixed."""
+        members = {r.replica_id for r in pool.replicas}
+        fixed = [m.downtime_s - m.last_stage_blocks * self.costs.block_transfer_s
+                 for m in migrations if m.outcome == "migrated" and m.downtime_s > 0 and m.src in members]
+        if len(fixed) < PAUSE_MIN_SAMPLES:
+            return None
+        return max(statistics.median(fixed[-PAUSE_WINDOW:]), 0.0)
+
+    def move_seconds(self, request: RequestProgress, src: _ReplicaView) -> tuple[float, float]:
+        """(whole move, pause the request sees) for a request of this size leaving `src`."""
+        blocks = self.blocks(request.total_tokens, src.replica.kv_block_size)
         c = self.costs
         last = min(blocks, c.last_stage_max_blocks) if self.mode == "precopy" else blocks
         stages = 1 + (blocks > last)
-        pause = c.pause_s + last * c.block_transfer_s
+        pause = self.pauses.get(src.replica.pool, c.pause_s) + last * c.block_transfer_s
         return pause + (blocks - last) * c.block_transfer_s + (stages - 1) * c.stage_s, pause
 
     def move_cost(self, request: RequestProgress, src: _ReplicaView, dst: _ReplicaView) -> float:
-        total, pause = self.move_seconds(request, src.replica.kv_block_size)
+        total, pause = self.move_seconds(request, src)
         others = len(src.running) - 1 + len(dst.running)
         return pause + self.costs.interference * (total - pause) * others
 
@@ -180,6 +210,7 @@ class LlumnixMigrationPolicy:
     def plan(self, snapshot: FleetSnapshot, draining: frozenset[str]) -> list[MigrationDecision]:
         recent = {m.request_id for m in snapshot.migrations if snapshot.taken_at - m.started_at < self.cooldown_s}
         self.refused = []
+        self.pauses = {}
         decisions: list[MigrationDecision] = []
         for name, pool in snapshot.pools.items():
             if self.pools is not None and name not in self.pools:
@@ -187,6 +218,8 @@ class LlumnixMigrationPolicy:
             replicas = [r for r in pool.routable_replicas if r.kv_blocks_total]
             if not replicas:
                 continue
+            learned = self.learned_pause(pool, snapshot.migrations) if self.learn_pause else None
+            self.pauses[name] = self.costs.pause_s if learned is None else learned
             # A full view reads every request of a replica; at 1,000 replicas only the replicas that may
             # need room and the few with the most room (the destinations worth trying) get one.
             roomiest = sorted(replicas, key=lambda r: (r.kv_cache_usage, r.num_waiting))[:self.max_destinations]
@@ -222,7 +255,7 @@ class LlumnixMigrationPolicy:
         """Why `request` cannot move ("" when it can): it would finish before its pre-copy does."""
         if not request.running or request.request_id in recent:
             return "not running, or moved within the cooldown"
-        total, _ = self.move_seconds(request, src.replica.kv_block_size)
+        total, _ = self.move_seconds(request, src)
         if request.remaining_tokens * src.tpot < 2 * total:
             return f"finishes in {request.remaining_tokens} tokens, before a {total:.2f} s move pays"
         return ""

@@ -129,3 +129,50 @@ def test_a_recently_migrated_request_is_not_moved_again():
     snap = FleetSnapshot(pools=snap.pools, taken_at=snap.taken_at, migrations=(record,))
     [decision] = policy().plan(snap, frozenset())
     assert decision.request_id == "long-1"
+
+
+def moves(n, downtime_s, src="a", outcome="migrated", blocks=0):
+    """`n` earlier moves out of `src`, long past the cooldown, whose clients each waited `downtime_s`."""
+    return tuple(MigrationRecord(migration_id=f"m-{src}-{outcome}-{downtime_s}-{i}", request_id=f"old-{i}", src=src,
+                                 dst="b", mode="precopy", outcome=outcome, blocks_moved=blocks + 24,
+                                 last_stage_blocks=blocks,
+                                 downtime_s=downtime_s, started_at=0.0) for i in range(n))
+
+
+def paying_at_a_short_pause(migrations=()):
+    """`test_a_move_that_cannot_pay_is_refused`'s replicas: a queue relieved by a move at a 0.1 s pause (CHEAP's),
+    not at a 1 s one."""
+    a = replica("a", req("long", 1600), req("ending", 1280, output=480, max_tokens=500),
+                req("queued", 760, running=False, output=0))
+    return fleet(a, replica("b"), migrations=migrations)
+
+
+def test_a_pool_prices_its_moves_at_the_pause_its_own_moves_took():
+    planner = policy()
+    [decision] = planner.plan(paying_at_a_short_pause(moves(2, 1.0)), frozenset())  # too few to learn from
+    assert decision.reason.startswith("queue") and planner.pauses == {"p": 0.1}
+    assert planner.plan(paying_at_a_short_pause(moves(3, 1.0)), frozenset()) == []
+    assert planner.pauses == {"p": 1.0}
+    assert any(rid == "long" and "1.5 x cost 1.00 s" in why for rid, why in planner.refused)
+
+
+def test_the_learned_pause_is_the_median_of_the_pools_last_completed_moves():
+    history = (moves(16, 5.0) + moves(16, 0.05) + moves(5, 10.0, src="another-pools-replica")
+               + moves(5, 10.0, outcome="aborted"))
+    planner = policy()
+    [decision] = planner.plan(paying_at_a_short_pause(history), frozenset())
+    assert decision.reason.startswith("queue") and planner.pauses == {"p": 0.05}
+
+
+def test_the_learned_pause_leaves_out_the_last_stages_copy():
+    """Each move stopped its request for a last stage of 16 blocks: 0.16 s of copy at this rate."""
+    costs = MigrationCosts(pause_s=0.1, block_transfer_s=0.01, stage_s=0.0, interference=0.0, default_tpot_s=0.02)
+    planner = policy(costs=costs)
+    planner.plan(paying_at_a_short_pause(moves(3, 0.5, blocks=16)), frozenset())
+    assert planner.pauses["p"] == pytest.approx(0.34)
+
+
+def test_with_learning_off_the_configured_pause_prices_every_move():
+    planner = policy(learn_pause=False)
+    [decision] = planner.plan(paying_at_a_short_pause(moves(3, 1.0)), frozenset())
+    assert decision.reason.startswith("queue") and planner.pauses == {"p": 0.1}

@@ -93,11 +93,11 @@ class SourceMigration:
     def request_id(self) -> str:
         return self.request.call.request_id
 
-    def record(self, outcome: str, reason: str = "", downtime_s: float = 0.0,
-               recomputed_tokens: int = 0) -> dict[str, Any]:
+    def record(self, outcome: str, reason: str = "", downtime_s: float = 0.0, recomputed_tokens: int = 0,
+               last_stage_blocks: int = 0) -> dict[str, Any]:
         return dict(migration_id=self.migration_id, request_id=self.request_id, src=self.src_id,
                     dst=self.dst.replica_id, mode=self.mode, outcome=outcome, reason=reason, stages=self.stages,
-                    blocks_moved=sum(c.num_blocks for c in self.chunks),
+                    blocks_moved=sum(c.num_blocks for c in self.chunks), last_stage_blocks=last_stage_blocks,
                     bytes_moved=sum(c.nbytes for c in self.chunks), downtime_s=downtime_s,
                     recomputed_tokens=recomputed_tokens,
                     total_s=time.time() - self.started, started_at=self.started)
@@ -163,7 +163,8 @@ class SourceMigration:
         handoff = Handoff(replica_id=self.dst.replica_id, replica=self.dst.handle,
                           all_token_ids=tuple(final.all_token_ids))
         downtime = max(first_token_at - (self.last_source_token_at or self.started), 0.0)
-        return MigrationResult(self.record("migrated", downtime_s=downtime, recomputed_tokens=recomputed),
+        return MigrationResult(self.record("migrated", downtime_s=downtime, recomputed_tokens=recomputed,
+                                           last_stage_blocks=final.chunk.num_blocks),
                                handoff=handoff)
 
     def _tokens_left(self, final: FinalKV) -> float:

@@ -378,12 +378,15 @@ class FleetSimulator:
             target = dst if dst.accepting else src  # a destination gone: the source takes it back
             request.migrations += target is dst
             target.enqueue(request)
+            # The modelled stop, which a policy that learns its pause reads (a live record's gap also holds the
+            # destination's first step).
             self._record(decision, "migrated" if target is dst else "aborted",
-                         stages=1 + (sent_blocks > 0), blocks_moved=sent_blocks + last,
-                         total_s=self.now - started)
+                         stages=1 + (sent_blocks > 0), blocks_moved=sent_blocks + last, last_stage_blocks=last,
+                         total_s=self.now - started, downtime_s=pause)
             self.replica_idle_check(src)
 
-        self.at(self.now + m.pause_s + last * m.block_transfer_s, resume)
+        pause = m.pause_s + last * m.block_transfer_s
+        self.at(self.now + pause, resume)
 
     def hand_off(self, request: SimRequest, src: SimReplica) -> None:
         """P/D: a stop-and-copy migration at the first token to the decode replica the router named."""
