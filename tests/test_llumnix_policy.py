@@ -157,8 +157,10 @@ def test_a_pool_prices_its_moves_at_the_pause_its_own_moves_took():
 
 
 def test_the_learned_pause_is_the_median_of_the_pools_last_completed_moves():
-    history = (moves(16, 5.0) + moves(16, 0.05) + moves(5, 10.0, src="another-pools-replica")
-               + moves(5, 10.0, outcome="aborted"))
+    # The pool's last 16 completed moves: 7 of 5 s, then 9 of 50 ms. Any of another pool's or unfinished moves
+    # counted in would push 10 s ones into the window and the median to ~5 s.
+    history = (moves(16, 5.0) + moves(9, 0.05) + moves(8, 10.0, src="another-pools-replica")
+               + moves(8, 10.0, outcome="aborted"))
     planner = policy()
     [decision] = planner.plan(paying_at_a_short_pause(history), frozenset())
     assert decision.reason.startswith("queue") and planner.pauses == {"p": 0.05}
