@@ -653,8 +653,14 @@ class FleetController:
                       for name, p in snapshot.pools.items()},
             "replicas": replicas,
             "migrations": [asdict(m) for m in self.migrations[-migrations:]],
+            "migration_policy": self._migration_policy_state(),
             "controller": {"ticks": self.ticks, "pid": os.getpid(), "state_store_connected": self.store.connected},
         }
+
+    def _migration_policy_state(self) -> dict[str, Any]:
+        # `explain` is optional: a plug-in migration policy needs only `plan`.
+        explain = getattr(self.migration_policy, "explain", None)
+        return {"name": self.spec.policies.migration.name, **(explain() if explain is not None else {})}
 
     async def kv_store_stats(self) -> list[dict[str, Any]] | None:
         """Each KV store shard's hits, misses and tier usage; None when the fleet has no store."""

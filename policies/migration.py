@@ -126,6 +126,10 @@ class LlumnixMigrationPolicy:
         self.refused: list[tuple[str, str]] = []  # (request id, why) of the last plan
         self.pauses: dict[str, float] = {}  # pool -> the pause its moves were priced at in the last plan
 
+    def explain(self) -> dict:
+        """The last plan's prices and refusals, for `rayfleet status` (the controller shows what a policy explains)."""
+        return {"pause_s": dict(self.pauses), "refused": [list(r) for r in self.refused[-10:]]}
+
     # ---------------------------------------------------------------- the model
     @staticmethod
     def blocks(tokens: int, block_size: int) -> int:
@@ -215,11 +219,11 @@ class LlumnixMigrationPolicy:
         for name, pool in snapshot.pools.items():
             if self.pools is not None and name not in self.pools:
                 continue
+            learned = self.learned_pause(pool, snapshot.migrations) if self.learn_pause else None
+            self.pauses[name] = self.costs.pause_s if learned is None else learned
             replicas = [r for r in pool.routable_replicas if r.kv_blocks_total]
             if not replicas:
                 continue
-            learned = self.learned_pause(pool, snapshot.migrations) if self.learn_pause else None
-            self.pauses[name] = self.costs.pause_s if learned is None else learned
             # A full view reads every request of a replica; at 1,000 replicas only the replicas that may
             # need room and the few with the most room (the destinations worth trying) get one.
             roomiest = sorted(replicas, key=lambda r: (r.kv_cache_usage, r.num_waiting))[:self.max_destinations]

@@ -61,8 +61,12 @@ def test_status_and_scale_against_the_running_fleet(fleet):
     address = ray.get_runtime_context().gcs_address
     status = json.loads(rayfleet("--address", address, "status", "--json").stdout)
     assert {"tiny-a", "tiny-b", "mig", "cold"} == set(status["pools"])
+    # The session fleet's llumnix plans for the "mig" pool only: it prices moves there every tick.
+    policy = status["migration_policy"]
+    assert policy["name"] == "llumnix" and set(policy["pause_s"]) == {"mig"} and policy["pause_s"]["mig"] > 0
     table = rayfleet("--address", address, "status").stdout
     assert "tiny-a" in table and "kv%" in table
+    assert "migration policy llumnix: moves priced at a pause of mig " in table
     refused = rayfleet("--address", address, "scale", "tiny-b", "7", check=False)
     assert refused.returncode != 0 and "max_replicas=2" in refused.stderr
 

@@ -336,6 +336,11 @@ def render_status(status: dict) -> str:
     for r in status["replicas"]:
         lines.append(f"  {r['replica_id']:<22}{r['state']:<10}{r['running']:>5}{r['waiting']:>6}"
                      f"{100 * r['kv_cache_usage']:>6.1f}%{r['tokens_in_flight']:>8}{r['decode_tokens_per_s']:>8.1f}")
+    policy = status.get("migration_policy", {})
+    if policy.get("pause_s"):
+        priced = ", ".join(f"{pool} {1e3 * pause:.0f} ms" for pool, pause in sorted(policy["pause_s"].items()))
+        lines.append(f"  migration policy {policy['name']}: moves priced at a pause of {priced}")
+        lines += [f"    refused {request_id}: {why}" for request_id, why in policy.get("refused", [])]
     if status.get("migrations"):
         lines.append("  recent migrations:")
         for m in status["migrations"][-10:]:
