@@ -142,6 +142,9 @@ def test_page_goes_live_with_the_fleets_replica_count_and_no_console_errors(dash
     for replica in status["replicas"]:
         dashboard.expect(dashboard.row(replica["replica_id"])).to_have_attribute("data-state", replica["state"])
     dashboard.expect(dashboard.page.get_by_test_id("fleet-name")).to_have_text(status["fleet"])
+    # The session fleet's llumnix plans for the "mig" pool only: the header says what it prices a move at there.
+    dashboard.expect(dashboard.page.get_by_test_id("policies")).to_contain_text(
+        re.compile(r"migration llumnix \(moves priced at a pause of mig \d+ ms\)"))
 
 
 def test_scaling_a_pool_from_the_page_shows_the_new_replica_live(dashboard, fleet):

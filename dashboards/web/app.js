@@ -113,7 +113,10 @@ function render(s) {
   for (const id of [...view.replicas.keys()]) if (!replicas.some((r) => r.replica_id === id)) view.replicas.delete(id);
 
   $("fleet-name").textContent = s.fleet;
-  $("policies").textContent = `router ${s.ingress.router} · migration ${s.ingress.migration_policy}`;
+  const priced = Object.entries(s.migration_policy?.pause_s ?? {})
+    .map(([pool, pause]) => `${pool} ${(1e3 * pause).toFixed(0)} ms`).join(", ");
+  $("policies").textContent = `router ${s.ingress.router} · migration ${s.ingress.migration_policy}` +
+    (priced ? ` (moves priced at a pause of ${priced})` : "");
   $("replica-count").textContent = `${ready} / ${desired}`;
   $("in-flight").textContent = `${sum((r) => r.running)} / ${sum((r) => r.waiting)}`;
   $("fleet-tps").textContent = fmt(sum((r) => r.decode_tokens_per_s));
