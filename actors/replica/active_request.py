@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayfleet.actors.replica.delta_stream import Outbox
-from rayfleet.actors.replica.protocol import GenerateCall, RequestDelta
+from rayfleet.actors.replica.protocol import GenerateCall, ReplicaChunk, RequestDelta
 
 
 @dataclass
@@ -43,6 +43,22 @@ class ActiveRequest:
             self.outbox.put(item)
         else:
             self.queue.put_nowait(item)
+
+    def deliver_committed(self, all_token_ids: list[int], finish_reason: str | None = None) -> None:
+        """Stream the tokens the engine committed (they are in its KV) that the reader has not had: after a stop
+        these are the output of the step in flight, which the abort kept from the reader. Token ids only (the
+        engine's export carries no logprobs). With a finish reason, the request's last chunk."""
+        from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
+
+        unsent = list(all_token_ids[self.prompt_len + self.output_tokens:])
+        if not unsent and finish_reason is None:
+            return
+        self.output_tokens += len(unsent)
+        self.output_token_ids += unsent
+        if unsent:
+            self.last_token_at, self.last_token_wall = time.monotonic(), time.time()
+        self.deliver(RequestDelta(self.call.request_id, chunk=ReplicaChunk(choices=[
+            GenerateTokensStreamChoice(index=0, token_ids=unsent, finish_reason=finish_reason)])))
 
     def deliver_to(self, outbox: Outbox) -> None:
         """From now on the request streams on `outbox`, starting with what has queued up so far."""

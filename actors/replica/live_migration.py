@@ -140,6 +140,10 @@ class SourceMigration:
             await self._drop_destination()
             return MigrationResult(self.record("finished_on_source", "no tokens left to generate"),
                                    local_resume=LocalResume(final, None))
+        # A token of the step in flight at the stop may be in the export but not with the reader (the abort
+        # dropped its output): it goes out now, not with the handoff behind the destination's first step.
+        self.request.deliver_committed(final.all_token_ids)
+        self.last_source_token_at = self.request.last_token_wall
         try:
             self.chunks.append(final.chunk)  # the destination stages it with the resume
             # Bounded here too: a destination that hangs (or whose death Ray has not noticed yet) must not

@@ -473,15 +473,9 @@ class LLMReplica:
         in the KV (so the resumed request will not generate them again), and without them the stream would
         miss a token. With no budget left (`migration_id` None) they are its last chunk.
         """
-        from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensStreamChoice
-
         request.leaving = False
-        unsent = list(final.all_token_ids[request.prompt_len + request.output_tokens:])
         done = migration_id is None
-        if unsent or done:
-            request.output_tokens += len(unsent)
-            request.deliver(RequestDelta(request.call.request_id, chunk=ReplicaChunk(choices=[
-                GenerateTokensStreamChoice(index=0, token_ids=unsent, finish_reason="length" if done else None)])))
+        request.deliver_committed(final.all_token_ids, finish_reason="length" if done else None)
         if done:
             self._finish(request)
         else:
