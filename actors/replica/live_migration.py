@@ -87,7 +87,6 @@ class SourceMigration:
         self.chunks: list[KVChunk] = []
         self.stages = 0
         self.started = time.time()
-        self.last_source_token_at: float | None = None
 
     @property
     def request_id(self) -> str:
@@ -143,7 +142,6 @@ class SourceMigration:
         # A token of the step in flight at the stop may be in the export but not with the reader (the abort
         # dropped its output): it goes out now, not with the handoff behind the destination's first step.
         self.request.deliver_committed(final.all_token_ids)
-        self.last_source_token_at = self.request.last_token_wall
         try:
             self.chunks.append(final.chunk)  # the destination stages it with the resume
             # Bounded here too: a destination that hangs (or whose death Ray has not noticed yet) must not
@@ -166,7 +164,8 @@ class SourceMigration:
                 return MigrationResult(record, lost=True)
         handoff = Handoff(replica_id=self.dst.replica_id, replica=self.dst.handle,
                           all_token_ids=tuple(final.all_token_ids))
-        downtime = max(first_token_at - (self.last_source_token_at or self.started), 0.0)
+        # The client's gap: from the source's last token (none streams after the stop but the one sent above).
+        downtime = max(first_token_at - (self.request.last_token_wall or self.started), 0.0)
         return MigrationResult(self.record("migrated", downtime_s=downtime, recomputed_tokens=recomputed,
                                            last_stage_blocks=final.chunk.num_blocks),
                                handoff=handoff)
@@ -204,7 +203,6 @@ class SourceMigration:
 
     async def _stop(self) -> FinalKV:
         self.request.leaving = True
-        self.last_source_token_at = self.request.last_token_wall
         sent = self.chunks[-1].end_block if self.chunks else 0
         final = await self.migrator.stop_and_export(self.request_id, sent, transport=self.transport)
         if final is None:
