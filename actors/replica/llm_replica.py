@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator
 
 from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migration_engine_kwargs
-from rayfleet.actors.replica import engine_fate
+from rayfleet.actors.replica import engine_fate, engine_files
 from rayfleet.actors.replica.active_request import ActiveRequest
 from rayfleet.actors.replica.delta_stream import Outboxes, read_chunks
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
@@ -118,6 +118,11 @@ class LLMReplica:
         swept = sweep_orphans()
         if swept:
             logger.warning("removed %d shared-memory KV chunks left by processes that died mid-migration", swept)
+        left = engine_files.sweep()
+        if left.folders:
+            logger.warning("removed the IPC sockets of %d engines whose replicas were killed, and %d shared-memory "
+                           "segments they left", left.folders, left.segments)
+        engine_files.claim()
         engine_args = dict(self.engine_args)
         os.environ[engine_fate.ENV] = "1"  # the engine's processes inherit it: they die with this one
         connector = self.live_migration or self.kv_store is not None
@@ -136,6 +141,7 @@ class LLMReplica:
         args = AsyncEngineArgs(model=self.model, served_model_name=[self.served_model_name], **engine_args)
         started = time.monotonic()
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=self._stat_loggers())
+        engine_files.record_segments()
         if connector:
             self.kv_rpc = EngineKVMigrator(self.engine)
             self.gpu_uuids = tuple(await self.kv_rpc.gpu_uuids())
@@ -197,6 +203,7 @@ class LLMReplica:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+            engine_files.release()
         tracing.flush()
 
     # ---------------------------------------------------------------- serving
