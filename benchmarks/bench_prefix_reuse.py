@@ -66,7 +66,10 @@ def modes_arg(text: str) -> tuple[str, ...]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="tiny-llama-b", help="demo model under RAYFLEET_DEMO_MODELS")
+    parser.add_argument("--model", default="tiny-llama-b",
+                        help="demo model under RAYFLEET_DEMO_MODELS: tiny-llama-b (default: prefill costs little "
+                             "per KV byte) or mig-llama-h1024-l8 (the migration benchmark's 88M-parameter model, "
+                             "58x the compute per token for 8x the KV bytes), each built on first use")
     parser.add_argument("--system-prompts", type=int, default=4)
     parser.add_argument("--system-len", type=int, nargs=2, default=(600, 900), metavar=("MIN", "MAX"))
     parser.add_argument("--chats", type=int, default=12)
@@ -310,13 +313,14 @@ def table(summary: dict[str, Any], modes: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], modes: tuple[str, ...], path: Path) -> None:
+def plot(summary: dict[str, Any], modes: tuple[str, ...], model: str, path: Path) -> None:
     """Left: each mode's TTFT distribution over every request (where the store helps, where it costs); right:
     each mode's p50 per repetition (how much of a difference the machine's noise is)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (cdf, per_rep) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mode in modes:
@@ -325,13 +329,18 @@ def plot(summary: dict[str, Any], modes: tuple[str, ...], path: Path) -> None:
         reps = [rep[mode]["ttft_p50_ms"] for rep in summary["reps"]]
         per_rep.plot(range(1, len(reps) + 1), reps, marker="o", color=line.get_color(), label=mode)
     cdf.set_xscale("log")
+    everything = [t for mode in modes for t in summary[mode]["ttfts_ms"]]
+    cdf.set_xticks([t for t in (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+                    if min(everything) <= t <= max(everything)])
+    cdf.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    cdf.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 2x10^2, 3x10^2, ... overlapped
     cdf.set(xlabel="TTFT (ms, log scale)", ylabel="share of requests", title="TTFT, every request of every repetition")
     per_rep.set(xlabel="repetition (fresh prompts; mode order rotated)", ylabel="TTFT p50 (ms)",
                 title="p50 per repetition")
     for ax in (cdf, per_rep):
         ax.grid(alpha=0.3)
     cdf.legend(fontsize=8)
-    fig.suptitle("Prefix reuse through the fleet KV store, 2 replicas per mode (2-core CPU, tiny-llama-b)")
+    fig.suptitle(f"Prefix reuse through the fleet KV store, 2 replicas per mode (2-core CPU, {model})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -369,10 +378,11 @@ def main() -> None:
     import ray
 
     from rayfleet.control_plane.controller import get_or_create_controller
-    from rayfleet.control_plane.cli.demo_models import build_demo_models
+    from bench_migration_downtime import migration_model_config
+    from rayfleet.control_plane.cli.demo_models import DEMO_MODELS, build_demo_models
     from rayfleet.control_plane.spec import parse_spec
 
-    build_demo_models(Path(os.environ["RAYFLEET_DEMO_MODELS"]))
+    build_demo_models(Path(os.environ["RAYFLEET_DEMO_MODELS"]), (*DEMO_MODELS, migration_model_config()))
     ray.init(num_cpus=8, include_dashboard=False, namespace="rayfleet", log_to_driver=False)
     spec = parse_spec(fleet_spec(args))
     log(f"starting the fleet: {len(args.modes)} pools x 2 replicas of {args.model} and the KV store")
@@ -388,7 +398,7 @@ def main() -> None:
         ray.shutdown()
     print(table(summary, args.modes))
     if args.plot:
-        plot(summary, args.modes, args.plot)
+        plot(summary, args.modes, args.model, args.plot)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                          "machine": f"{platform.node()} {os.cpu_count()} CPUs",
