@@ -34,6 +34,7 @@ and run with `PYTHONPATH=/tmp/mpl`; without it the script says so and writes the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -225,10 +226,15 @@ def scaling_settings(args) -> list[tuple[str, dict[str, float]]]:
     return settings
 
 
+def scaling_profile(args):
+    p = profile("a10-llama-7b")
+    return p if args.startup_s is None else dataclasses.replace(p, startup_s=args.startup_s)
+
+
 def scaling_run(job: tuple[int, str, dict[str, float], argparse.Namespace]) -> dict[str, Any]:
     """One scaler setting over one seed's trace (a worker process: the runs are independent)."""
     seed, name, knobs, args = job
-    p = profile("a10-llama-7b")
+    p = scaling_profile(args)
     trace = diurnal_with_bursts(args.day_s, base_rate=args.day_rate, period_s=args.day_s, seed=seed)
     pool = SimPool("m", p, 4, min_replicas=2, max_replicas=64)
     params: dict[str, Any] = dict(knobs)
@@ -258,8 +264,8 @@ def scaling(args) -> dict[str, Any]:
             say(f"scaling seed {row['seed']} {row['scaler']} {row['setting']}: SLO violations "
                 f"{row['slo_violations']} of {row['requests']}, replica-hours {row['replica_hours']:.2f} "
                 f"({len(rows)}/{len(jobs)})")
-    return {"profile": "a10-llama-7b", "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s,
-            "day_s": args.day_s, "base_rate": args.day_rate, "seeds": list(args.scaling_seeds), "rows": rows}
+    return {"profile": "a10-llama-7b", "startup_s": scaling_profile(args).startup_s,
+            "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s, "day_s": args.day_s, "base_rate": args.day_rate, "seeds": list(args.scaling_seeds), "rows": rows}
 
 
 def fewest_within(points: list[tuple[float, float]], hours: float) -> float | None:
@@ -284,7 +290,8 @@ def scaling_verdicts(sc: dict[str, Any], scaler: str, setting: str) -> list[bool
 def scaling_markdown(sc: dict[str, Any]) -> str:
     seeds = sc["seeds"]
     lines = [f"SLO: TTFT <= {sc['slo_ttft_s']:g} s and TPOT <= {sc['slo_tpot_s']:g} s; "
-             f"{sc['day_s']:g} s of arrivals per trace, seeds {', '.join(map(str, seeds))} "
+             f"{sc['day_s']:g} s of arrivals per trace, replicas ready {sc.get('startup_s', 60.0):g} s after "
+             f"their start, seeds {', '.join(map(str, seeds))} "
              f"({', '.join(str(next(r['requests'] for r in sc['rows'] if r['seed'] == s)) for s in seeds)} requests). "
              "Each cell: SLO violations / replica-hours.", "",
              "| scaler | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | violations, sum | replica-hours, sum |",
@@ -482,6 +489,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="scaling: one diurnal trace per seed")
     parser.add_argument("--workers", type=int, default=2, help="scaling: processes running settings at once")
     parser.add_argument("--day-rate", type=float, default=6.0, help="scaling: mean req/s over the day")
+    parser.add_argument("--startup-s", type=float, default=None,
+                        help="scaling: seconds a new replica takes to serve (default: the A10 profile's 60 s; a "
+                             "GPU pod that pulls its image and weights takes minutes)")
     parser.add_argument("--slo-ttft-s", type=float, default=2.0)
     parser.add_argument("--slo-tpot-s", type=float, default=0.1)
     parser.add_argument("--pd-ttft-s", type=float, default=1.0)
