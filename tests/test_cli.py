@@ -61,6 +61,7 @@ def test_status_and_scale_against_the_running_fleet(fleet):
     address = ray.get_runtime_context().gcs_address
     status = json.loads(rayfleet("--address", address, "status", "--json").stdout)
     assert {"tiny-a", "tiny-b", "mig", "cold"} == set(status["pools"])
+    assert status["kv_store"] is None  # asked for, and the session fleet has none (its line: test_kv_store.py)
     # The session fleet's llumnix plans for the "mig" pool only: it prices moves there every tick.
     policy = status["migration_policy"]
     assert policy["name"] == "llumnix" and set(policy["pause_s"]) == {"mig"} and policy["pause_s"]["mig"] > 0

@@ -184,3 +184,24 @@ def test_config_errors_name_the_field(fields, field):
     with pytest.raises(ValidationError) as error:
         KVStoreConfig(**fields)
     assert [e["loc"] for e in error.value.errors()] == [(field,)]
+
+
+def test_rayfleet_status_line_counts_what_the_shards_hold_and_loaded(ray_cluster):
+    """`rayfleet status` renders the shards' own statistics (`FleetController.kv_store_stats` returns them)."""
+    from dataclasses import asdict
+
+    from rayfleet.control_plane.cli.launch import render_kv_store
+
+    client = get_or_create_kv_store(KVStoreConfig(name=f"kv-test-{uuid.uuid4().hex[:8]}", num_shards=2,
+                                                  memory_bytes=1 << 20))  # no disk tier
+    try:
+        hashes = chain(6, "status")
+        client.put(hashes[:4], [block(i) for i in range(4)])
+        assert sum(b is not None for b in client.get(hashes)) == 4  # 4 loaded, 2 missing
+        line = render_kv_store([asdict(s) for s in client.stats()])
+    finally:
+        client.shutdown()
+    assert line.startswith("  KV store: 2 shards, 4 blocks in memory (0.0 of 2 MiB)"), line
+    assert "4 of 6 blocks loaded (67%; 4 from memory, 0 from disk)" in line, line
+    assert "on disk (" not in line  # no disk tier configured: none reported
+    assert line.endswith("evicted 0 from memory, 0 from disk"), line

@@ -347,6 +347,25 @@ def render_status(status: dict) -> str:
             lines.append(f"    {m['migration_id']} {m['request_id']} {m['src']} -> {m['dst']} {m['mode']} "
                          f"{m['outcome']}: downtime {1e3 * m['downtime_s']:.1f} ms, {m['stages']} stages, "
                          f"{m['blocks_moved']} blocks, {m['bytes_moved'] / 2**20:.2f} MiB")
+    if status.get("kv_store"):
+        lines.append(render_kv_store(status["kv_store"]))
     if status.get("rl"):
         lines += render_rl(status["rl"])
     return "\n".join(lines)
+
+
+def render_kv_store(shards: list[dict]) -> str:
+    """One line over the store's shards (`FleetController.kv_store_stats`): what it holds, how many of the
+    blocks engines came to load it still had, what it had to let go."""
+    total = {key: sum(shard[key] for shard in shards) for key in shards[0] if key != "pinned"}
+    hits = total["hits_memory"] + total["hits_disk"]
+    asked = hits + total["misses"]
+    line = (f"  KV store: {len(shards)} shard{'s' if len(shards) != 1 else ''}, {total['memory_blocks']:,} blocks in "
+            f"memory ({total['memory_bytes'] / 2**20:,.1f} of {total['memory_capacity_bytes'] / 2**20:,.0f} MiB)")
+    if total["disk_capacity_bytes"]:
+        line += (f", {total['disk_blocks']:,} on disk ({total['disk_bytes'] / 2**20:,.1f} of "
+                 f"{total['disk_capacity_bytes'] / 2**20:,.0f} MiB)")
+    line += f"; {hits:,} of {asked:,} blocks loaded"
+    if asked:
+        line += f" ({hits / asked:.0%}; {total['hits_memory']:,} from memory, {total['hits_disk']:,} from disk)"
+    return line + f"; evicted {total['evictions_memory']:,} from memory, {total['evictions_disk']:,} from disk"

@@ -47,7 +47,9 @@ def cmd_status(args) -> None:
     import ray
 
     connect(args.address, start_local=False)
-    status = ray.get(controller().status.remote())
+    handle = controller()
+    status, kv_store = ray.get([handle.status.remote(), handle.kv_store_stats.remote()])
+    status["kv_store"] = kv_store
     rl = rl_progress()
     if rl is not None:
         status["rl"] = rl
