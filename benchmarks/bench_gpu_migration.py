@@ -178,8 +178,8 @@ class Source:
         wall = time.perf_counter() - began
         chunks = [KVChunk.from_wire(wire) for wire in (*wires, final)]
         self.worker.release_rows([chunk.device.name for chunk in chunks if chunk.device is not None])
-        for chunk in chunks:
-            chunk.release()
+        for chunk in chunks:  # as the source's replica does once a migration handed off (`EngineKVMigrator.release`)
+            chunk.recycle()
         self.worker.take_finished_sending()
         if errors:
             raise RuntimeError(f"destination reported load errors for blocks {sorted(errors)[:8]}...")

@@ -37,11 +37,15 @@ import torch
 
 from .block_copy import BlockIds, checked_block_ids, gather_blocks, scatter_blocks
 from .layout import KVCacheLayers
+from .locked_staging import SLAB_BYTES, LockedStaging, slab_size
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "rayfleet-kv-"
 POOL_PREFIX = "rayfleet-kvpool-"  # free files with warm pages, `POOL_PREFIX<writer pid>-<id>`
 POOL_BYTES = int(os.environ.get("RAYFLEET_KV_POOL_BYTES", str(512 << 20)))
+SLAB_MARK = "-slab-"  # in the names of a GPU writer's rows: never resized (locked_staging.py)
+# Per process: a writer's pool and the files in flight, and a reader's files from its writers' pools.
+_LOCKED = LockedStaging(SHM_DIR, "rayfleet-kv", max_bytes=2 * POOL_BYTES)  # prefix of PREFIX and POOL_PREFIX
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,14 @@ class SharedRows:
     row_bytes: int
 
     @classmethod
-    def named(cls, num_rows: int, row_bytes: int) -> SharedRows:
-        """A fresh name for rows this process will write (no file yet: `create` makes it)."""
-        return cls(f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}", num_rows, row_bytes)
+    def named(cls, num_rows: int, row_bytes: int, slab: bool = False) -> SharedRows:
+        """A fresh name for rows this process will write (no file yet: `create`, or with `slab` a GPU gather,
+        makes it)."""
+        return cls(f"{PREFIX}{os.getpid()}{SLAB_MARK if slab else '-'}{uuid.uuid4().hex[:16]}", num_rows, row_bytes)
+
+    @property
+    def slab(self) -> bool:
+        return SLAB_MARK in self.name
 
     @classmethod
     def allocate(cls, num_rows: int, row_bytes: int) -> tuple[SharedRows, torch.Tensor]:
@@ -67,6 +76,8 @@ class SharedRows:
         """Make this name's file (from the writer's pool when it has one) and map it for writing."""
         if self.nbytes == 0:
             return torch.empty((0, self.row_bytes), dtype=torch.uint8)
+        if self.slab:
+            raise ValueError(f"rows {self.name} are a slab: a gather on a GPU makes its file (gather_to_shared)")
         if _take_pooled(self.path, self.nbytes):
             return _map_populated(self.path, self.nbytes).view(self.num_rows, self.row_bytes)
         return _map(self.path, self.nbytes).view(self.num_rows, self.row_bytes)
@@ -79,15 +90,20 @@ class SharedRows:
     def nbytes(self) -> int:
         return self.num_rows * self.row_bytes
 
-    def map(self) -> torch.Tensor:
-        """The rows, `[num_rows, row_bytes]` uint8, mapped from the file without a copy."""
+    def map(self, locked: bool = False) -> torch.Tensor:
+        """The rows, `[num_rows, row_bytes]` uint8, mapped from the file without a copy; with `locked` (a reader
+        on a GPU), a slab's rows come page-locked, from a mapping this process keeps for the file's next time."""
         if self.nbytes == 0:
             return torch.empty((0, self.row_bytes), dtype=torch.uint8)
         if not self.path.exists():
             raise FileNotFoundError(f"shared KV rows {self.name} are gone (unlinked by their owner, or another node's)")
         size = self.path.stat().st_size
-        if size != self.nbytes:
-            raise ValueError(f"shared KV rows {self.name} hold {size} bytes, expected {self.nbytes}")
+        # Exact, or whole slabs holding at least the rows: a GPU writer's files (locked_staging.py).
+        if size != self.nbytes and (size < self.nbytes or size % SLAB_BYTES):
+            slabs = f" or whole slabs of {SLAB_BYTES >> 20} MiB holding them" if size > self.nbytes else ""
+            raise ValueError(f"shared KV rows {self.name} hold {size} bytes, expected {self.nbytes}{slabs}")
+        if locked and self.slab:
+            return _LOCKED.reading(self.path, self.nbytes).view(self.num_rows, self.row_bytes)
         return _map(self.path, self.nbytes).view(self.num_rows, self.row_bytes)
 
     def unlink(self) -> None:
@@ -101,20 +117,24 @@ class SharedRows:
         writer = self.name[len(PREFIX):].split("-", 1)[0]
         pooled = [SHM_DIR / name for name in live_files(f"{POOL_PREFIX}{writer}-")]
         held = sum(_size(path) for path in pooled)
-        if not self.nbytes or held + self.nbytes > POOL_BYTES:
+        if not self.nbytes or held + _size(self.path) > POOL_BYTES:
             self.unlink()
             return
+        mark = SLAB_MARK if self.slab else "-"  # a slab stays one in the pool: only a GPU gather takes it back
         try:
-            os.rename(self.path, SHM_DIR / f"{POOL_PREFIX}{writer}-{uuid.uuid4().hex[:16]}")
+            os.rename(self.path, SHM_DIR / f"{POOL_PREFIX}{writer}{mark}{uuid.uuid4().hex[:16]}")
         except FileNotFoundError:  # already unlinked
             pass
 
 
+def _pooled(slab: bool) -> list[Path]:
+    """This process's free files: its slabs, or the files the CPU path resizes."""
+    return [SHM_DIR / name for name in live_files(f"{POOL_PREFIX}{os.getpid()}-") if (SLAB_MARK in name) == slab]
+
+
 def _take_pooled(path: Path, nbytes: int) -> bool:
     """Rename the largest free file of this process' pool to `path`, sized to `nbytes`; False if none."""
-    pooled = sorted((SHM_DIR / name for name in live_files(f"{POOL_PREFIX}{os.getpid()}-")), key=_size,
-                    reverse=True)
-    for candidate in pooled:
+    for candidate in sorted(_pooled(slab=False), key=_size, reverse=True):
         try:
             os.rename(candidate, path)
         except FileNotFoundError:  # taken by another thread of this process
@@ -150,21 +170,39 @@ def gather_to_shared(cache: KVCacheLayers, block_ids: BlockIds, into: SharedRows
     """Gather blocks `block_ids` of every layer into a new shared-memory file, row i = block i.
 
     `into` (from `SharedRows.named`) is the name to write, for a caller that hands the name out before the
-    gather ends. On a GPU the mapping is page-locked for the copy, so the gather kernel writes host memory
-    directly (one pass over the blocks), and this returns once the rows are complete."""
+    gather ends. On a GPU the file is page-locked, so the gather kernel writes host memory directly (one pass
+    over the blocks), and it stays locked for this process's next gather into it (`locked_staging.py`); this
+    returns once the rows are complete."""
     ids = checked_block_ids(cache, block_ids)
-    rows = into if into is not None else SharedRows.named(len(ids), cache.layout.block_bytes)
+    rows = into if into is not None else SharedRows.named(len(ids), cache.layout.block_bytes,
+                                                           slab=cache.device.type == "cuda")
     if (rows.num_rows, rows.row_bytes) != (len(ids), cache.layout.block_bytes):
         raise ValueError(f"rows {rows.name} hold {rows.num_rows} x {rows.row_bytes} bytes, the gather "
                          f"{len(ids)} x {cache.layout.block_bytes}")
-    tensor = rows.create()
     if cache.device.type == "cpu":
-        gather_blocks(cache, ids, out=tensor)
+        gather_blocks(cache, ids, out=rows.create())
     elif len(ids):
-        with page_locked(tensor):
-            gather_blocks(cache, ids, out=tensor)
+        _create_slab(rows)
+        with _LOCKED.writing(rows.path, rows.nbytes) as locked:
+            gather_blocks(cache, ids, out=locked.view(rows.num_rows, rows.row_bytes))
             torch.cuda.current_stream(cache.device).synchronize()
     return rows
+
+
+def _create_slab(rows: SharedRows) -> None:
+    """A GPU writer's file for `rows`: the smallest file of its pool that is large enough, kept at its size (its
+    pages may be page-locked: a resize would detach them), or a new file of whole slabs."""
+    for candidate in sorted((path for path in _pooled(slab=True) if _size(path) >= rows.nbytes), key=_size):
+        try:
+            os.rename(candidate, rows.path)
+            return
+        except FileNotFoundError:  # taken by another thread of this process
+            continue
+    fd = os.open(rows.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.ftruncate(fd, slab_size(rows.nbytes))
+    finally:
+        os.close(fd)
 
 
 def share_rows(rows: torch.Tensor) -> SharedRows:

@@ -181,6 +181,19 @@ def test_recycled_rows_serve_the_next_allocation_and_the_pool_stays_bounded(monk
     assert my_pool() == [] and second.name not in live_files()
 
 
+def test_the_cpu_path_never_takes_a_slab_from_the_pool():
+    """A GPU writer's recycled slab may be page-locked by readers: resizing it (what the CPU path does to a
+    pooled file) would detach their pages. It stays in the pool, marked, for the next GPU gather."""
+    slab = shared_rows.SHM_DIR / f"{shared_rows.POOL_PREFIX}{os.getpid()}{shared_rows.SLAB_MARK}test"
+    slab.write_bytes(bytes(3 * 4096))
+    try:
+        rows, _ = SharedRows.allocate(2, 4096)
+        assert slab.exists() and slab.stat().st_size == 3 * 4096
+        rows.unlink()
+    finally:
+        slab.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", CACHES)
@@ -394,3 +407,26 @@ def test_real_vllm_views_are_described_and_copied():
         cache = Cache(layers, block_dim=0)
         assert cache.kv().layout.page_bytes == page
         assert torch.equal(gather_blocks(cache.kv(), [5, 0, 17]), reference_rows(cache, [5, 0, 17]))
+
+
+def test_rows_map_from_a_file_larger_than_them():
+    """A GPU writer's staging files come in whole slabs (kernels/locked_staging.py): readers map the first rows."""
+    rows, tensor = SharedRows.allocate(3, 4096)
+    try:
+        tensor.copy_(torch.arange(3 * 4096, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 4096))
+        os.truncate(rows.path, shared_rows.slab_size(rows.nbytes))
+        assert torch.equal(rows.map(), tensor)
+        for wrong in (rows.nbytes - 1, rows.nbytes + 4096, shared_rows.slab_size(rows.nbytes) + 4096):
+            os.truncate(rows.path, wrong)
+            with pytest.raises(ValueError, match="expected"):  # neither exact nor whole slabs holding the rows
+                rows.map()
+    finally:
+        rows.unlink()
+
+
+def test_slab_rows_are_made_only_by_a_gpu_gather():
+    """A slab's file is never resized (a reader on a GPU may keep its pages locked), so the CPU path, which
+    resizes pool files, may not make one."""
+    with pytest.raises(ValueError, match="slab"):
+        SharedRows.named(2, 4096, slab=True).create()
+    assert not SharedRows.named(2, 4096).slab

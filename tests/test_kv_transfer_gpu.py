@@ -56,6 +56,37 @@ def test_shared_rows_gathered_on_a_gpu_are_byte_exact():
     assert shared.name not in live_files()
 
 
+def test_a_recycled_staging_file_stays_page_locked_and_is_reused_without_a_resize():
+    """The second export finds the writer's file locked already; a smaller one reuses it at its size (a resize
+    would detach pinned pages from the file), and what readers map is still exactly the gathered rows."""
+    from rayfleet.kernels import KVCacheLayers, gather_blocks, gather_to_shared, shared_rows
+
+    source = KVCacheLayers(_layers(4))
+    first = gather_to_shared(source, [1, 2, 3, 4, 5, 6])
+    inode, size = first.path.stat().st_ino, first.path.stat().st_size
+    assert first.slab and size == shared_rows.slab_size(first.nbytes) and size > first.nbytes
+    held = shared_rows._LOCKED.held_bytes()
+    read = first.map(locked=True)  # what a destination on a GPU stages
+    assert read.is_pinned() and torch.equal(read, gather_blocks(source, [1, 2, 3, 4, 5, 6]).cpu())
+    assert not first.map().is_pinned()  # a plain reader's mapping, as before
+    first.recycle()
+    second = gather_to_shared(source, [40, 9, 11])
+    try:
+        assert second.path.stat().st_ino == inode and second.path.stat().st_size == size
+        assert shared_rows._LOCKED.held_bytes() == held  # the same locked mapping, not a second one
+        assert torch.equal(second.map(), gather_blocks(source, [40, 9, 11]).cpu())
+        assert torch.equal(second.map(locked=True), gather_blocks(source, [40, 9, 11]).cpu())
+    finally:
+        second.unlink()
+    third = gather_to_shared(source, [7])  # the unlinked file's mapping is let go once its name is gone
+    try:
+        assert third.path.stat().st_ino != inode
+        assert shared_rows._LOCKED.held_bytes() == held
+        assert torch.equal(third.map(), gather_blocks(source, [7]).cpu())
+    finally:
+        third.unlink()
+
+
 def _open_and_digest(rows) -> str:
     return _digest(rows.open())
 

@@ -475,7 +475,7 @@ class WorkerKVMigrationState:
         if chunk.layout != self._layout:
             raise KVLayoutMismatchError(f"rayfleet: KV layout mismatch for migration {migration_id}: "
                                         f"staged {chunk.layout}, this engine {self._layout}")
-        rows = chunk.rows()
+        rows = chunk.rows(locked=self._cache.device.type == "cuda")
         self._staged.setdefault(migration_id, _StagedMigration(chunk.layout)).chunks[chunk.first_block] = rows
         self._counters["chunks_staged"] += 1
         self._counters["bytes_staged"] += chunk.nbytes

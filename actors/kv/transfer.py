@@ -85,13 +85,14 @@ class KVChunk:
     def nbytes(self) -> int:
         return self.num_blocks * self.layout.bytes_per_block
 
-    def rows(self) -> torch.Tensor:
-        """The rows as a ``[num_blocks, bytes_per_block]`` uint8 tensor, without a copy."""
+    def rows(self, locked: bool = False) -> torch.Tensor:
+        """The rows as a ``[num_blocks, bytes_per_block]`` uint8 tensor, without a copy (`locked`: for a reader
+        on a GPU, page-locked where the writer allows it, `SharedRows.map`)."""
         if self.data is not None:
             return torch.from_numpy(self.data)
         if self.device is not None:
             return self.device.open()
-        return self.shared.map()
+        return self.shared.map(locked=locked)
 
     def inline(self) -> KVChunk:
         """This chunk carrying its rows by value, for a process on another node (Ray ships the array)."""

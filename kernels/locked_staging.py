@@ -1,0 +1,125 @@
+"""Shared-memory staging files a GPU writer keeps page-locked from one export to the next.
+
+A GPU gathers KV into host rows fastest when they are page-locked: the gather kernel then writes them through
+PCIe itself (50 GB/s on an H100 against a 55 GB/s pinned-copy ceiling). Locking them per export cost far more
+than the copy: for 512 MiB, ~290 ms in a fresh file (its pages touched, zeroed and pinned) and 50-100 ms in a
+warm one from the writer's pool (mapping it populated, `cudaHostRegister`, and undoing both afterwards),
+against an 11 ms copy (`benchmarks/probe_gpu_host_staging.py`, `docs/benchmarks-gpu-migration.md`).
+
+So a writer on a GPU keeps, per staging file it wrote, one mapping of the whole file, registered with CUDA
+once. The pool hands the same files back (`shared_rows.SharedRows.recycle`), and their next export finds them
+locked already. A reader on a GPU (the destination's worker) does the same for the files it loads from: the
+writers' pools send the same few files round. Three rules keep that correct:
+- **No resize.** Truncating a file whose pages are pinned would detach them from it (a writer would fill
+  pages no reader sees, a reader would read pages no writer fills). A GPU writer's files ("slabs", `-slab-` in
+  their names) are made in multiples of `SLAB_BYTES` and taken from its pool only when large enough; the rows
+  occupy the file's first bytes. Only slabs are kept locked by readers: a CPU writer resizes its pool files.
+- **Keyed by inode, dropped once unnamed.** A held mapping keeps its inode alive, so a key never names another
+  file; an entry whose file no name reaches any more (unlinked instead of recycled, or swept) is unregistered
+  and dropped at the next use of the set, unless an export is writing it.
+- **Bounded.** Beyond `max_bytes` locked, the least recently used entries no export is writing are dropped. A
+  reader's rows whose entry was dropped are still mapped, and `shared_rows.page_locked` registers them for
+  their scatter as before.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+SLAB_BYTES = 64 << 20
+
+
+def slab_size(nbytes: int) -> int:
+    """The size of a staging file for `nbytes` of rows: whole slabs, so files are reused without a resize."""
+    return -(-nbytes // SLAB_BYTES) * SLAB_BYTES
+
+
+class LockedStaging:
+    """This process's page-locked mappings of the staging files it writes (one per file, by inode)."""
+
+    def __init__(self, shm_dir: Path, prefix: str, max_bytes: int) -> None:
+        self._shm_dir = shm_dir
+        self._prefix = prefix  # every staging file's name starts with it (rows and pool files)
+        self._max_bytes = max_bytes
+        self._mappings: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()  # least recently used first
+        self._writing: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def writing(self, path: Path, nbytes: int) -> Iterator[torch.Tensor]:
+        """The first `nbytes` of the file at `path`, page-locked, while the caller writes them."""
+        with self._lock:
+            key, mapping = self._take(path)
+            self._writing[key] = self._writing.get(key, 0) + 1
+        try:
+            yield mapping[:nbytes]
+        finally:
+            with self._lock:
+                self._writing[key] -= 1
+                if not self._writing[key]:
+                    del self._writing[key]
+
+    def reading(self, path: Path, nbytes: int) -> torch.Tensor:
+        """The first `nbytes` of the file at `path`, page-locked while its entry lasts (see the third rule)."""
+        with self._lock:
+            return self._take(path)[1][:nbytes]
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(mapping.numel() for mapping in self._mappings.values())
+
+    def _take(self, path: Path) -> tuple[tuple[int, int], torch.Tensor]:
+        key = _inode(path)
+        self._drop_unnamed(keep=key)
+        mapping = self._mappings.get(key)
+        if mapping is None:
+            mapping = self._mappings[key] = _lock(path)
+        self._mappings.move_to_end(key)
+        self._drop_beyond_bound(keep=key)
+        return key, mapping
+
+    def _drop_unnamed(self, keep: tuple[int, int]) -> None:
+        named = {_inode(path) for path in self._shm_dir.glob(f"{self._prefix}*")}
+        for key in [k for k in self._mappings if k not in named and k != keep and k not in self._writing]:
+            self._drop(key)
+
+    def _drop_beyond_bound(self, keep: tuple[int, int]) -> None:
+        held = sum(mapping.numel() for mapping in self._mappings.values())
+        for key in [k for k in self._mappings if k != keep and k not in self._writing]:  # oldest first
+            if held <= self._max_bytes:
+                return
+            held -= self._mappings[key].numel()
+            self._drop(key)
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        torch.cuda.cudart().cudaHostUnregister(self._mappings.pop(key).data_ptr())
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:  # unlinked between the listing and the stat: no key to keep
+        return (-1, -1)
+    return stat.st_dev, stat.st_ino
+
+
+def _lock(path: Path) -> torch.Tensor:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        mapping = torch.frombuffer(mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE),
+                                   dtype=torch.uint8)
+    finally:
+        os.close(fd)
+    status = torch.cuda.cudart().cudaHostRegister(mapping.data_ptr(), size, 0)
+    if int(status) != 0:
+        raise RuntimeError(f"cudaHostRegister of {size} bytes of {path.name} failed with CUDA error {int(status)}")
+    return mapping
