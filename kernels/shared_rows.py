@@ -21,6 +21,9 @@ that exist, mapping them all in one call costs a fraction of faulting them in on
 64 MiB gather of 64 KiB pages: ~31 ms -> ~16 ms here). The pool is bounded per writer process
 (`RAYFLEET_KV_POOL_BYTES`, default 512 MiB; 0 disables it), and pool files of a dead writer are swept like
 any other orphan.
+
+On a GPU the rows are page-locked for the gather and scatter kernels, and locking them costs more than the
+copy; a GPU writer's files are slabs that stay locked from one migration to the next (`locked_staging.py`).
 """
 
 from __future__ import annotations
