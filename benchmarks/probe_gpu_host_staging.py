@@ -8,7 +8,9 @@ step of one export and one load, cold (a fresh shared-memory file) and warm (a f
 - `create`: make and map the file; `register` / `unregister`: cudaHostRegister of the mapping and its undo;
 - `kernel writes host`: the gather kernel writing the registered mapping through PCIe (what runs today);
 - `gather on device` + `copy D2H`: the alternative, a gather into device memory, then one DMA copy;
-- the same for the load (`kernel reads host` vs `copy H2D` + `scatter on device`).
+- the same for the load (`kernel reads host` vs `copy H2D` + `scatter on device`);
+- a KV store load (`--store-blocks` values stacked into host rows, then scattered): rows stacked into pageable
+  memory, which the scatter locks and unlocks, against rows stacked into pinned memory.
 
 Run on the GPU machine with rayfleet importable as `benchmarks/gpu_session.sh` makes it:
     python3 benchmarks/probe_gpu_host_staging.py --blocks 256 --rounds 4
@@ -23,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from rayfleet.kernels import KVCacheLayers, SharedRows, gather_blocks, scatter_blocks
+from rayfleet.kernels import KVCacheLayers, SharedRows, gather_blocks, scatter_blocks, scatter_rows, stack_rows
 
 
 def kv_cache(blocks: int, layers: int = 32, kv_heads: int = 8, head_dim: int = 128, block_size: int = 16):
@@ -84,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=256, help="blocks per export (2 MiB each)")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--store-blocks", type=int, default=20, help="blocks per KV store load")
     args = parser.parse_args()
     cache = kv_cache(blocks=4 * args.blocks)
     ids = list(range(0, 2 * args.blocks, 2))  # scattered, as a request's blocks are
@@ -110,6 +113,20 @@ def main() -> None:
         ms = {k: statistics.median(r["ms"][phase] for r in results[k][1:]) for k in results}
         print(f"| {phase} | {ms['cold']:.2f} | {ms['warm']:.2f} | {nbytes / ms['cold'] / 1e6:.1f} | "
               f"{nbytes / ms['warm'] / 1e6:.1f} |")
+    store_load(cache, other_ids[:args.store_blocks], args.rounds)
+
+
+def store_load(cache: KVCacheLayers, block_ids: list[int], rounds: int) -> None:
+    """A KV store load: the shard's values (one array per block) stacked into host rows, then scattered
+    (`prefix_store`): stacked into pageable memory (the scatter locks it for the copy) or into pinned memory."""
+    values = [gather_blocks(cache, [i]).cpu().numpy()[0] for i in block_ids]
+    nbytes = len(values) * values[0].size
+    for pinned in (False, True, False, True):  # the first of each discarded (allocators warm up)
+        times = [timed(lambda: scatter_rows(cache, stack_rows(values, pinned=pinned), block_ids))
+                 for _ in range(rounds + 1)][1:]
+        ms = statistics.median(times)
+        print(f"KV store load of {len(values)} blocks ({nbytes >> 20} MiB), rows "
+              f"{'pinned' if pinned else 'pageable'}: {ms:.2f} ms ({nbytes / ms / 1e6:.1f} GB/s)")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,16 @@ def gather_to_host(cache: KVCacheLayers, block_ids: BlockIds) -> torch.Tensor:
     return out
 
 
-def stack_rows(rows: Sequence[object]) -> torch.Tensor:
+def stack_rows(rows: Sequence[object], pinned: bool = False) -> torch.Tensor:
     """Per-block rows (anything with the buffer protocol: numpy arrays, bytes; e.g. a KV store's values) as
-    one contiguous `[len(rows), row_bytes]` uint8 host tensor: the staging `scatter_blocks` takes."""
-    return torch.from_numpy(np.stack([np.frombuffer(row, dtype=np.uint8) for row in rows]))
+    one contiguous `[len(rows), row_bytes]` uint8 host tensor: the staging `scatter_blocks` takes.
+
+    `pinned` (for a scatter into a GPU cache): the rows land in page-locked memory from PyTorch's caching host
+    allocator, which the scatter kernel reads directly; stacked into pageable memory, the scatter would lock it
+    for the copy and unlock it after, which costs more than the copy."""
+    arrays = [np.frombuffer(row, dtype=np.uint8) for row in rows]
+    if not pinned:
+        return torch.from_numpy(np.stack(arrays))
+    out = torch.empty((len(arrays), arrays[0].size if arrays else 0), dtype=torch.uint8, pin_memory=True)
+    np.stack(arrays, out=out.numpy())
+    return out

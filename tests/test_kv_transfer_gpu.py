@@ -87,6 +87,18 @@ def test_a_recycled_staging_file_stays_page_locked_and_is_reused_without_a_resiz
         third.unlink()
 
 
+def test_store_values_stacked_into_pinned_rows_scatter_byte_exact():
+    """A KV store load on a GPU stacks the shard's values into page-locked rows (no lock per load)."""
+    from rayfleet.kernels import KVCacheLayers, gather_blocks, scatter_rows, stack_rows
+
+    source, target = KVCacheLayers(_layers(5)), KVCacheLayers(_layers(6))
+    values = [gather_blocks(source, [i]).cpu().numpy()[0] for i in (8, 2, 33)]
+    rows = stack_rows(values, pinned=True)
+    assert rows.is_pinned() and torch.equal(rows, stack_rows(values))
+    scatter_rows(target, rows, [0, 1, 2])
+    assert torch.equal(gather_blocks(target, [0, 1, 2]), gather_blocks(source, [8, 2, 33]))
+
+
 def _open_and_digest(rows) -> str:
     return _digest(rows.open())
 

@@ -458,7 +458,8 @@ class WorkerPrefixStore:
         usable = next((i for i, block in enumerate(blocks)
                        if block is None or block.size != self._bytes_per_block), len(blocks))
         if usable:
-            scatter_rows(self._cache, stack_rows(blocks[:usable]), job.block_ids[:usable])
+            rows = stack_rows(blocks[:usable], pinned=self._cache.device.type == "cuda")
+            scatter_rows(self._cache, rows, job.block_ids[:usable])
         if usable < len(blocks):
             # Evicted (or of another size, or the shard failed) since the lookup.
             logger.warning("rayfleet: KV store lost %d of %d blocks of %s since its lookup; recomputing",
