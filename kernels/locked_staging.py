@@ -43,7 +43,7 @@ def slab_size(nbytes: int) -> int:
 
 
 class LockedStaging:
-    """This process's page-locked mappings of the staging files it writes (one per file, by inode)."""
+    """This process's page-locked mappings of the staging files it writes or reads (one per file, by inode)."""
 
     def __init__(self, shm_dir: Path, prefix: str, max_bytes: int) -> None:
         self._shm_dir = shm_dir
