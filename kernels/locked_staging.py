@@ -100,7 +100,7 @@ class LockedStaging:
             self._drop(key)
 
     def _drop(self, key: tuple[int, int]) -> None:
-        torch.cuda.cudart().cudaHostUnregister(self._mappings.pop(key).data_ptr())
+        unregister(self._mappings.pop(key))
 
 
 def _inode(path: Path) -> tuple[int, int]:
@@ -112,14 +112,30 @@ def _inode(path: Path) -> tuple[int, int]:
 
 
 def _lock(path: Path) -> torch.Tensor:
+    """The whole file mapped, every page present, and registered with CUDA."""
+    mapping = map_populated(path, path.stat().st_size)
+    register(mapping)
+    return mapping
+
+
+def map_populated(path: Path, nbytes: int) -> torch.Tensor:
+    """The first `nbytes` of an existing file mapped shared, every page mapped up front (for pages that exist,
+    one call costs a fraction of faulting them in one by one); the tensor keeps the mapping alive."""
     fd = os.open(path, os.O_RDWR)
     try:
-        size = os.fstat(fd).st_size
-        mapping = torch.frombuffer(mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE),
-                                   dtype=torch.uint8)
+        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     finally:
         os.close(fd)
-    status = torch.cuda.cudart().cudaHostRegister(mapping.data_ptr(), size, 0)
+    return torch.frombuffer(mapping, dtype=torch.uint8)
+
+
+def register(rows: torch.Tensor) -> None:
+    """Page-lock a host tensor's memory with CUDA (cudaHostRegister); `unregister` undoes it."""
+    nbytes = rows.numel() * rows.element_size()
+    status = torch.cuda.cudart().cudaHostRegister(rows.data_ptr(), nbytes, 0)
     if int(status) != 0:
-        raise RuntimeError(f"cudaHostRegister of {size} bytes of {path.name} failed with CUDA error {int(status)}")
-    return mapping
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {int(status)}")
+
+
+def unregister(rows: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(rows.data_ptr())

@@ -28,7 +28,6 @@ copy; a GPU writer's files are slabs that stay locked from one migration to the 
 
 from __future__ import annotations
 
-import mmap
 import os
 import uuid
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ import torch
 
 from .block_copy import BlockIds, checked_block_ids, gather_blocks, scatter_blocks
 from .layout import KVCacheLayers
-from .locked_staging import SLAB_BYTES, LockedStaging, slab_size
+from .locked_staging import SLAB_BYTES, LockedStaging, map_populated, register, slab_size, unregister
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "rayfleet-kv-"
@@ -82,7 +81,7 @@ class SharedRows:
         if self.slab:
             raise ValueError(f"rows {self.name} are a slab: a gather on a GPU makes its file (gather_to_shared)")
         if _take_pooled(self.path, self.nbytes):
-            return _map_populated(self.path, self.nbytes).view(self.num_rows, self.row_bytes)
+            return map_populated(self.path, self.nbytes).view(self.num_rows, self.row_bytes)
         return _map(self.path, self.nbytes).view(self.num_rows, self.row_bytes)
 
     @property
@@ -159,16 +158,6 @@ def _map(path: Path, nbytes: int) -> torch.Tensor:
     return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
 
 
-def _map_populated(path: Path, nbytes: int) -> torch.Tensor:
-    """`_map` of an existing file with every page mapped up front (the tensor keeps the mapping alive)."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-    finally:
-        os.close(fd)
-    return torch.frombuffer(mapping, dtype=torch.uint8)
-
-
 def gather_to_shared(cache: KVCacheLayers, block_ids: BlockIds, into: SharedRows | None = None) -> SharedRows:
     """Gather blocks `block_ids` of every layer into a new shared-memory file, row i = block i.
 
@@ -182,6 +171,10 @@ def gather_to_shared(cache: KVCacheLayers, block_ids: BlockIds, into: SharedRows
     if (rows.num_rows, rows.row_bytes) != (len(ids), cache.layout.block_bytes):
         raise ValueError(f"rows {rows.name} hold {rows.num_rows} x {rows.row_bytes} bytes, the gather "
                          f"{len(ids)} x {cache.layout.block_bytes}")
+    if rows.slab != (cache.device.type == "cuda"):  # a GPU's files stay locked: only slabs are never resized
+        raise ValueError(f"rows {rows.name}: a gather from a {cache.device.type} cache writes "
+                         f"{'slabs' if cache.device.type == 'cuda' else 'rows that are not slabs'} "
+                         "(SharedRows.named(..., slab=...))")
     if cache.device.type == "cpu":
         gather_blocks(cache, ids, out=rows.create())
     elif len(ids):
@@ -236,14 +229,11 @@ def page_locked(rows: torch.Tensor) -> Iterator[None]:
     if rows.is_pinned():
         yield
         return
-    cudart = torch.cuda.cudart()
-    status = cudart.cudaHostRegister(rows.data_ptr(), rows.numel() * rows.element_size(), 0)
-    if int(status) != 0:
-        raise RuntimeError(f"cudaHostRegister of {rows.numel()} bytes failed with CUDA error {int(status)}")
+    register(rows)
     try:
         yield
     finally:
-        cudart.cudaHostUnregister(rows.data_ptr())
+        unregister(rows)
 
 
 def live_files(prefix: str = PREFIX) -> list[str]:

@@ -25,6 +25,7 @@ from rayfleet.kernels import (
     KVLayoutError,
     SharedRows,
     gather_blocks,
+    gather_to_shared,
     live_files,
     scatter_blocks,
     shared_rows,
@@ -430,3 +431,6 @@ def test_slab_rows_are_made_only_by_a_gpu_gather():
     with pytest.raises(ValueError, match="slab"):
         SharedRows.named(2, 4096, slab=True).create()
     assert not SharedRows.named(2, 4096).slab
+    cache = CACHES["LBHNC"](torch.float32, "cpu").kv()
+    with pytest.raises(ValueError, match="slab"):
+        gather_to_shared(cache, [0, 1], into=SharedRows.named(2, cache.layout.block_bytes, slab=True))

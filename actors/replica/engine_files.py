@@ -24,9 +24,10 @@ from pathlib import Path
 
 import psutil
 
+from rayfleet.kernels.shared_rows import SHM_DIR
+
 PREFIX = "rayfleet-engine-"
 SEGMENTS = "shm-segments"  # the manifest: one segment name per line
-SHM_DIR = Path("/dev/shm")
 VLLM_ENV = "VLLM_RPC_BASE_PATH"
 
 
@@ -93,8 +94,8 @@ def _remove(folder: Path) -> int:
 
 def _mapped_segments(pid: int) -> set[str]:
     try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except OSError:  # gone, or not ours to read
+        maps = psutil.Process(pid).memory_maps()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone, or not ours to read
         return set()
-    return {line.rsplit("/", 1)[1] for line in maps.splitlines()
-            if f" {SHM_DIR}/psm_" in line and not line.endswith("(deleted)")}
+    return {Path(m.path).name for m in maps
+            if m.path.startswith(f"{SHM_DIR}/psm_") and not m.path.endswith("(deleted)")}
