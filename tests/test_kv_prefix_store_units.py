@@ -180,6 +180,32 @@ def test_only_blocks_the_engine_computes_are_saved_and_each_once():
     assert meta.store_saves == [StoreSave("r", block_hashes(request.all_token_ids, BS, NS)[3:4], [8])]
 
 
+def test_a_decoding_request_hashes_only_its_new_blocks(monkeypatch):
+    import rayfleet.actors.kv.prefix_store as prefix_store
+
+    hashed_tokens = []
+    real = prefix_store.block_hashes
+    monkeypatch.setattr(prefix_store, "block_hashes",
+                        lambda tokens, *args, **kwargs: hashed_tokens.append(len(tokens)) or real(tokens, *args, **kwargs))
+    side, manager = scheduler(FakeStore())
+    request = FakeRequest("r", list(range(100, 108)))  # 2 full blocks of prompt
+    side.on_new_request(request)
+    manager.ids["r"] = list(range(40))
+    side.add_to_meta(RayfleetConnectorMetadata(), FakeOutput({"r": 8}))
+    for step in range(32):  # a block completes every BS decode steps
+        request.all_token_ids.append(step)
+        request.num_computed_tokens = len(request.all_token_ids)
+        side.add_to_meta(RayfleetConnectorMetadata(), FakeOutput({"r": 1}))
+    assert side._chain(request, 10) == block_hashes(request.all_token_ids, BS, NS)  # the same chain as from scratch
+    assert sum(hashed_tokens) == 10 * BS  # each block's tokens hashed once (rehashing the whole prefix each time: 216 tokens)
+
+
+def test_a_chain_continued_from_a_parent_equals_the_whole_chain():
+    tokens = list(range(1000, 1040))
+    whole = block_hashes(tokens, BS, NS)
+    assert whole[:4] + block_hashes(tokens[16:], BS, NS, parent=whole[3]) == whole
+
+
 def test_a_block_already_put_by_this_engine_is_not_put_again():
     store = FakeStore()
     side, manager = scheduler(store)

@@ -36,17 +36,20 @@ def namespace_root(namespace: str) -> BlockHash:
     return BlockHash(hashlib.sha256(_FORMAT + namespace.encode()).digest())
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, namespace: str) -> list[BlockHash]:
+def block_hashes(token_ids: Sequence[int], block_size: int, namespace: str,
+                 parent: BlockHash | None = None) -> list[BlockHash]:
     """Chained hashes of every full block of `token_ids`; a partial trailing block gets none.
 
     hash[i] = sha256(hash[i-1] || tokens of block i as little-endian uint32), hash[-1] = namespace_root.
-    The parent is always 32 bytes, so the encoding is unambiguous without separators.
+    The parent is always 32 bytes, so the encoding is unambiguous without separators. With `parent` (the hash
+    of the block before `token_ids`), the chain continues from it: a growing sequence hashes only its new blocks.
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     # uint32 holds every vocabulary; numpy raises OverflowError on a negative or larger id.
     tokens = np.asarray(token_ids, dtype="<u4")
-    parent = namespace_root(namespace)
+    if parent is None:
+        parent = namespace_root(namespace)
     hashes: list[BlockHash] = []
     for start in range(0, len(tokens) - block_size + 1, block_size):
         parent = BlockHash(hashlib.sha256(parent + tokens[start : start + block_size].tobytes()).digest())

@@ -183,11 +183,10 @@ class SchedulerPrefixStore:
             self._requests[request.request_id] = request
 
     def _chain(self, request: Request, num_blocks: int) -> list[BlockHash]:
-        chain = self._hashes.get(request.request_id, [])
-        if len(chain) < num_blocks:
-            chain = block_hashes(request.all_token_ids[: num_blocks * self._block_size], self._block_size,
-                                 self._namespace)
-            self._hashes[request.request_id] = chain
+        chain = self._hashes.setdefault(request.request_id, [])
+        if len(chain) < num_blocks:  # a decoding request grows a block at a time: hash only the new ones
+            new_tokens = request.all_token_ids[len(chain) * self._block_size : num_blocks * self._block_size]
+            chain += block_hashes(new_tokens, self._block_size, self._namespace, parent=chain[-1] if chain else None)
         return chain[:num_blocks]
 
     def _contains(self, chain: list[BlockHash], timeout_s: float | None) -> int | None:
