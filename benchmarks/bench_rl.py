@@ -10,6 +10,8 @@ taken during the run and evaluated after it (evaluation costs the run nothing).
     python benchmarks/bench_rl.py                          # k = 0, 1, 2 and the kill run (~7 min on 2 cores)
     python benchmarks/bench_rl.py --replicas 1 --iterations 4 --contenders 2,1,0 --no-kill   # one engine, mu = 4
     python benchmarks/bench_rl.py --spread 4 --steps 12 --contenders none --no-kill   # seed-to-seed spread only
+    python benchmarks/bench_rl.py --replicas 1 --iterations 4 --contenders 0,0@split,1@split,1 --no-kill
+                                                           # trainer and engines on cores of their own (@split)
 Results: benchmarks/results/rl_async.json, docs/benchmarks-rl-curves.{csv,png} (`--results`, `--curves`);
 docs/benchmarks-rl.md quotes them. `--plot` draws RL job results (`--out` of the job) into docs/rl-reward-curve.
 """
@@ -29,12 +31,15 @@ import sys
 import time
 from pathlib import Path
 
+from core_split import CoreSplit
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "rl_async.json"
 JOB_CURVES = REPO / "docs" / "rl-reward-curve"  # .csv and .png: RL job results drawn with --plot
 BENCH_CURVES = REPO / "docs" / "benchmarks-rl-curves"  # this benchmark's contenders
 CONFIG = REPO / "examples" / "rl" / "products.yaml"
 FLEET = REPO / "examples" / "rl" / "fleet.yaml"
+PLACEMENTS = ("split", "trainer-alone")  # contender suffixes: benchmarks/core_split.py
 
 
 def load_average() -> str:
@@ -164,7 +169,10 @@ def write_curves(results: dict[str, dict], stem: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contenders", default="0,1,2", help="staleness bounds to compare, each K or "
-                        "K:SYNC_POLICY (e.g. 1:deferred; default: the config's, eager), or 'none'")
+                        "K:SYNC_POLICY (e.g. 1:deferred; default: the config's, eager), with @split to run the "
+                        "trainer on core 1 and the rollout engines on core 0, Ray and the driver floating, or "
+                        "@trainer-alone for the trainer on core 1 and everything else on core 0 "
+                        "(benchmarks/core_split.py: devices of their own, emulated), or 'none'")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--replicas", type=int, default=2, help="rollout replicas (each one vLLM CPU engine)")
@@ -202,10 +210,20 @@ def main() -> None:
     results: dict[str, dict] = {}
     contenders = [] if args.contenders == "none" else args.contenders.split(",")
     for contender in contenders:
+        contender, _, placement = contender.partition("@")
         k, _, sync = contender.partition(":")
         config = config_for(int(k), args.steps, 0, args.eval_every, sync or None, args.iterations)
-        result, _ = asyncio.run(run_job(controller, config))
-        name = f"k={k}" + (f" {sync}" if sync else "")
+        name = f"k={k}" + (f" {sync}" if sync else "") + (f" {placement}" if placement else "")
+        if placement in PLACEMENTS:
+            alone = placement == "trainer-alone"
+            with CoreSplit(trainer_cores={1}, rollout_cores={0}, host_with_rollouts=alone) as split:
+                result, _ = asyncio.run(run_job(controller, config))
+            print(f"{name}: threads placed {split.threads_placed}", flush=True)
+        elif placement:
+            parser.error(f"--contenders: unknown placement {placement!r} in {contender}@{placement} (one of "
+                         f"{', '.join(PLACEMENTS)})")
+        else:
+            result, _ = asyncio.run(run_job(controller, config))
         results[name] = result.to_json()
         print(f"{name}: {result.samples_per_s:.1f} samples/s, held-out {result.curve[0]['reward']:.3f} -> "
               f"{result.curve[-1]['reward']:.3f} in {result.wall_s:.0f} s", flush=True)
