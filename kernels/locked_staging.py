@@ -17,9 +17,11 @@ writers' pools send the same few files round. Three rules keep that correct:
 - **Keyed by inode, dropped once unnamed.** A held mapping keeps its inode alive, so a key never names another
   file; an entry whose file no name reaches any more (unlinked instead of recycled, or swept) is unregistered
   and dropped at the next use of the set, unless an export is writing it.
-- **Bounded.** Beyond `max_bytes` locked, the least recently used entries no export is writing are dropped. A
-  reader's rows whose entry was dropped are still mapped, and `shared_rows.page_locked` registers them for
-  their scatter as before.
+- **Bounded.** Beyond `max_bytes` locked, the least recently used entries whose files wait in a pool are
+  dropped; rows in flight (named with `in_flight_prefix`: exported, staged, not loaded yet) stay locked, since
+  their transfer reads them next (dropping a 4 GiB stage at the next, small one made its load register it again
+  inside the pause: 0.9 s). A reader's rows whose entry was dropped are still mapped, and
+  `shared_rows.page_locked` registers them for their scatter as before.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ def slab_size(nbytes: int) -> int:
 class LockedStaging:
     """This process's page-locked mappings of the staging files it writes or reads (one per file, by inode)."""
 
-    def __init__(self, shm_dir: Path, prefix: str, max_bytes: int) -> None:
+    def __init__(self, shm_dir: Path, prefix: str, in_flight_prefix: str, max_bytes: int) -> None:
         self._shm_dir = shm_dir
         self._prefix = prefix  # every staging file's name starts with it (rows and pool files)
+        self._in_flight_prefix = in_flight_prefix  # rows of a transfer, not a pool's
         self._max_bytes = max_bytes
         self._mappings: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()  # least recently used first
         self._writing: dict[tuple[int, int], int] = {}
@@ -78,26 +81,27 @@ class LockedStaging:
 
     def _take(self, path: Path) -> tuple[tuple[int, int], torch.Tensor]:
         key = _inode(path)
-        self._drop_unnamed(keep=key)
+        names = {_inode(named): named.name for named in self._shm_dir.glob(f"{self._prefix}*")}
+        self._drop_unnamed(names, keep=key)
         mapping = self._mappings.get(key)
         if mapping is None:
             mapping = self._mappings[key] = _lock(path)
         self._mappings.move_to_end(key)
-        self._drop_beyond_bound(keep=key)
+        self._drop_beyond_bound(names, keep=key)
         return key, mapping
 
-    def _drop_unnamed(self, keep: tuple[int, int]) -> None:
-        named = {_inode(path) for path in self._shm_dir.glob(f"{self._prefix}*")}
-        for key in [k for k in self._mappings if k not in named and k != keep and k not in self._writing]:
+    def _drop_unnamed(self, names: dict[tuple[int, int], str], keep: tuple[int, int]) -> None:
+        for key in [k for k in self._mappings if k not in names and k != keep and k not in self._writing]:
             self._drop(key)
 
-    def _drop_beyond_bound(self, keep: tuple[int, int]) -> None:
+    def _drop_beyond_bound(self, names: dict[tuple[int, int], str], keep: tuple[int, int]) -> None:
         held = sum(mapping.numel() for mapping in self._mappings.values())
         for key in [k for k in self._mappings if k != keep and k not in self._writing]:  # oldest first
             if held <= self._max_bytes:
                 return
-            held -= self._mappings[key].numel()
-            self._drop(key)
+            if not names.get(key, "").startswith(self._in_flight_prefix):
+                held -= self._mappings[key].numel()
+                self._drop(key)
 
     def _drop(self, key: tuple[int, int]) -> None:
         unregister(self._mappings.pop(key))

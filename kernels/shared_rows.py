@@ -19,8 +19,11 @@ MAP_POPULATE only moves that cost into mmap). So an owner that knows no process 
 `allocate` renames it back under a new name, pages still allocated, and maps it with MAP_POPULATE: for pages
 that exist, mapping them all in one call costs a fraction of faulting them in one by one during the gather (a
 64 MiB gather of 64 KiB pages: ~31 ms -> ~16 ms here). The pool is bounded per writer process
-(`RAYFLEET_KV_POOL_BYTES`, default 512 MiB; 0 disables it), and pool files of a dead writer are swept like
-any other orphan.
+(`RAYFLEET_KV_POOL_BYTES`, 0 disables it; by default 512 MiB for a CPU writer's files and, for a GPU writer's
+slabs, 8 GiB or a sixteenth of the host's memory if less: a 16k-token request of an 8B model is 2 GiB of KV, and
+a slab that does not fit is made, faulted in and locked again for each export, 1.1 GB/s instead of 25 on an H200;
+beyond the bound the oldest files go, and the newest stays whatever its size), and pool files of a dead writer are
+swept like any other orphan.
 
 On a GPU the rows are page-locked for the gather and scatter kernels, and locking them costs more than the
 copy; a GPU writer's files are slabs that stay locked from one migration to the next (`locked_staging.py`).
@@ -44,10 +47,12 @@ from .locked_staging import SLAB_BYTES, LockedStaging, map_populated, register, 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "rayfleet-kv-"
 POOL_PREFIX = "rayfleet-kvpool-"  # free files with warm pages, `POOL_PREFIX<writer pid>-<id>`
-POOL_BYTES = int(os.environ.get("RAYFLEET_KV_POOL_BYTES", str(512 << 20)))
+_HOST_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+POOL_BYTES = int(os.environ.get("RAYFLEET_KV_POOL_BYTES", str(512 << 20)))  # a CPU writer's
+SLAB_POOL_BYTES = int(os.environ.get("RAYFLEET_KV_POOL_BYTES", str(min(8 << 30, _HOST_BYTES // 16))))  # a GPU writer's
 SLAB_MARK = "-slab-"  # in the names of a GPU writer's rows: never resized (locked_staging.py)
 # Per process: a writer's pool and the files in flight, and a reader's files from its writers' pools.
-_LOCKED = LockedStaging(SHM_DIR, "rayfleet-kv", max_bytes=2 * POOL_BYTES)  # prefix of PREFIX and POOL_PREFIX
+_LOCKED = LockedStaging(SHM_DIR, "rayfleet-kv", PREFIX, max_bytes=2 * SLAB_POOL_BYTES)  # a prefix of both prefixes
 
 
 @dataclass(frozen=True)
@@ -114,14 +119,23 @@ class SharedRows:
             self.path.unlink(missing_ok=True)
 
     def recycle(self) -> None:
-        """Give the file to its writer's pool for its next `allocate` (warm pages), or unlink it when the pool
-        is full. Only when no process will read these rows again: the next gather overwrites them."""
-        writer = self.name[len(PREFIX):].split("-", 1)[0]
-        pooled = [SHM_DIR / name for name in live_files(f"{POOL_PREFIX}{writer}-")]
-        held = sum(_size(path) for path in pooled)
-        if not self.nbytes or held + _size(self.path) > POOL_BYTES:
+        """Give the file to its writer's pool for its next export (warm pages). The pool keeps its newest files
+        within its bound (`SLAB_POOL_BYTES` for slabs, else `POOL_BYTES`), unlinking the oldest to make room, and
+        always the newest whatever its size: a writer whose exports outgrow the bound would otherwise make, fault
+        in and lock a fresh file for each. Only when no process will read these rows again: the next gather
+        overwrites them."""
+        bound = SLAB_POOL_BYTES if self.slab else POOL_BYTES
+        if not self.nbytes or not bound:
             self.unlink()
             return
+        writer = self.name[len(PREFIX):].split("-", 1)[0]
+        pooled = sorted((SHM_DIR / name for name in live_files(f"{POOL_PREFIX}{writer}-")), key=_pooled_at)
+        held, room = sum(_size(path) for path in pooled), bound - _size(self.path)
+        for oldest in pooled:
+            if held <= room:
+                break
+            held -= _size(oldest)
+            oldest.unlink(missing_ok=True)  # one its writer takes meanwhile is simply not there any more
         mark = SLAB_MARK if self.slab else "-"  # a slab stays one in the pool: only a GPU gather takes it back
         try:
             os.rename(self.path, SHM_DIR / f"{POOL_PREFIX}{writer}{mark}{uuid.uuid4().hex[:16]}")
@@ -144,6 +158,14 @@ def _take_pooled(path: Path, nbytes: int) -> bool:
         os.truncate(path, nbytes)  # a larger file would fail the reader's size check; growing adds fresh pages
         return True
     return False
+
+
+def _pooled_at(path: Path) -> int:
+    """When a pool file was put there: its rename into the pool changed its inode (ctime)."""
+    try:
+        return path.stat().st_ctime_ns
+    except FileNotFoundError:
+        return 0
 
 
 def _size(path: Path) -> int:

@@ -214,8 +214,10 @@ async def test_migration_inside_a_shared_batch_loses_and_duplicates_nothing_and_
                  and live_files() == files_before)
     assert {r: free_blocks(r) for r in mig_replicas(fleet)} == blocks_before, "KV blocks leaked"
     assert live_files() == files_before, "shared-memory rows leaked"
-    pools: dict[str, int] = {}
+    pools: dict[str, list[int]] = {}
     for name in live_files(shared_rows.POOL_PREFIX):
         writer = name[len(shared_rows.POOL_PREFIX):].split("-")[0]
-        pools[writer] = pools.get(writer, 0) + (shared_rows.SHM_DIR / name).stat().st_size
-    assert all(held <= shared_rows.POOL_BYTES for held in pools.values()), f"a warm pool outgrew its bound: {pools}"
+        pools.setdefault(writer, []).append((shared_rows.SHM_DIR / name).stat().st_size)
+    # Within the bound, or one file (the newest stays whatever its size).
+    assert all(sum(held) <= shared_rows.POOL_BYTES or len(held) == 1 for held in pools.values()), \
+        f"a warm pool outgrew its bound: {pools}"

@@ -164,7 +164,7 @@ def test_block_by_block_gather_of_large_pages_is_exact(layout, dtype, generator,
     assert torch.equal(gather_blocks(cache.kv(), block_ids), reference_rows(cache, block_ids))
 
 
-def test_recycled_rows_serve_the_next_allocation_and_the_pool_stays_bounded(monkeypatch):
+def test_recycled_rows_serve_the_next_allocation_and_the_pool_keeps_its_newest_within_its_bound(monkeypatch):
     def my_pool() -> list[str]:
         return live_files(f"{shared_rows.POOL_PREFIX}{os.getpid()}-")
 
@@ -178,8 +178,19 @@ def test_recycled_rows_serve_the_next_allocation_and_the_pool_stays_bounded(monk
     assert torch.equal(second.map(), rows)
     del rows
     monkeypatch.setattr(shared_rows, "POOL_BYTES", 4096)
-    second.recycle()  # more than the pool may hold: unlinked
-    assert my_pool() == [] and second.name not in live_files()
+    second.recycle()  # more than the pool's bound, but the newest file stays whatever its size
+    assert len(my_pool()) == 1 and second.name not in live_files()
+    third, rows = SharedRows.allocate(1, 4096)  # takes the pooled file
+    other, _ = SharedRows.allocate(1, 4096)  # a fresh one
+    del rows
+    third.recycle()
+    newest = other.path.stat().st_ino
+    other.recycle()  # the pool keeps its newest files within the bound: the older one goes
+    assert [(shared_rows.SHM_DIR / name).stat().st_ino for name in my_pool()] == [newest]
+    monkeypatch.setattr(shared_rows, "POOL_BYTES", 0)  # pooling off: recycling unlinks
+    fourth, _ = SharedRows.allocate(1, 4096)
+    fourth.recycle()
+    assert fourth.name not in live_files() and len(my_pool()) == 0
 
 
 def test_the_cpu_path_never_takes_a_slab_from_the_pool():
@@ -434,3 +445,26 @@ def test_slab_rows_are_made_only_by_a_gpu_gather():
     cache = CACHES["LBHNC"](torch.float32, "cpu").kv()
     with pytest.raises(ValueError, match="slab"):
         gather_to_shared(cache, [0, 1], into=SharedRows.named(2, cache.layout.block_bytes, slab=True))
+
+
+def test_rows_in_flight_stay_locked_beyond_the_bound_and_pooled_ones_go(tmp_path, monkeypatch):
+    """The bound on page-locked staging applies to files waiting in a pool, not to rows a transfer reads next:
+    a 4 GiB pre-copy stage dropped when the last, small stage arrived was registered again inside the pause
+    (0.9 s on an H200). CUDA's registration is stood in for by recording it: this is the set's bookkeeping."""
+    from rayfleet.kernels import locked_staging
+
+    locked: list[int] = []
+    monkeypatch.setattr(locked_staging, "register", lambda mapping: locked.append(mapping.data_ptr()))
+    monkeypatch.setattr(locked_staging, "unregister", lambda mapping: locked.remove(mapping.data_ptr()))
+    staging = locked_staging.LockedStaging(tmp_path, "kv", "kv-rows-", max_bytes=2 * 4096)
+
+    def file(name: str, pages: int) -> Path:
+        (tmp_path / name).write_bytes(bytes(pages * 4096))
+        return tmp_path / name
+
+    big = staging.reading(file("kv-rows-big", 4), 4 * 4096)  # staged, over the bound alone
+    staging.reading(file("kv-rows-last", 1), 4096)  # the last stage: the big one is still in flight
+    assert big.data_ptr() in locked and staging.held_bytes() == 5 * 4096
+    os.rename(tmp_path / "kv-rows-big", tmp_path / "kv-pool-big")  # loaded and recycled: now it waits in a pool
+    staging.reading(file("kv-rows-next", 1), 4096)
+    assert big.data_ptr() not in locked and staging.held_bytes() == 2 * 4096
