@@ -140,6 +140,8 @@ class Moved:
     stage_s: float
     load_s: float
     wall_s: float
+    precopy_held_s: float = 0.0  # the engine's loop held by the pre-copy stage's export call
+    precopy_landed_s: float = 0.0  # from that call until its rows had landed
 
 
 class Source:
@@ -163,11 +165,17 @@ class Source:
         src_ids = torch.randperm(self.args.cache_blocks, generator=generator)[:num_blocks].tolist()
         dst_ids = torch.randperm(self.args.cache_blocks, generator=generator)[:num_blocks].tolist()
         tokens = num_blocks * self.args.block_size
-        wires = []
+        wires, held_s, landed_s = [], 0.0, 0.0
         if precopy_to:  # the request has computed `precopy_to` blocks when the pre-copy stage runs
             progress = TrackedRequest(internal, external, precopy_to * self.args.block_size, src_ids)
             self.worker.bind(RayfleetConnectorMetadata(tracked=[progress]))
-            wires.append(self.worker.export_blocks(external, 0, transport)["chunk"])
+            called = time.perf_counter()
+            precopy = self.worker.export_blocks(external, 0, transport)
+            held_s = time.perf_counter() - called
+            if not precopy["landed"]:  # host rows gathered while the engine steps: wait for them, as the connector does
+                assert self.worker.export_landed(external) == {"status": "live"}
+            landed_s = time.perf_counter() - called
+            wires.append(precopy["chunk"])
         began = time.perf_counter()
         self.worker.expect_final(external, 60.0)
         self.worker.bind(RayfleetConnectorMetadata(finals=[FinalRequest(internal, external, src_ids, tokens, [])]))
@@ -185,7 +193,7 @@ class Source:
             raise RuntimeError(f"destination reported load errors for blocks {sorted(errors)[:8]}...")
         if verify and abs(digest - checksum(self.layers, src_ids)) > 1e-3 * max(1.0, abs(digest)):
             raise RuntimeError(f"{transport}: destination blocks differ from the source's ({digest} vs source)")
-        return Moved(exported - began, stage_s, load_s, wall)
+        return Moved(exported - began, stage_s, load_s, wall, held_s, landed_s)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -248,12 +256,14 @@ def downtime_rows(source: Source, args: argparse.Namespace, transports: list[str
     lines = []
     for transport in transports:
         if transport == HOST and size * source.worker._layout.bytes_per_block > 0.8 * shutil.disk_usage("/dev/shm").free:
-            lines.append(f"| {size * args.block_size} | {transport} | {last_stage} | not run: /dev/shm too small | |")
+            lines.append(f"| {size * args.block_size} | {transport} | {last_stage} | not run: /dev/shm too small | | | |")
             continue
         runs = [source.migrate(size, transport, precopy_to=size - last_stage) for _ in range(args.repeats)]
         lines.append(f"| {size * args.block_size} | {transport} | {last_stage} | "
                      f"{1e3 * statistics.median(r.export_s + r.stage_s + r.load_s for r in runs):.2f} | "
-                     f"{1e3 * statistics.median(r.wall_s for r in runs):.2f} |")
+                     f"{1e3 * statistics.median(r.wall_s for r in runs):.2f} | "
+                     f"{1e3 * statistics.median(r.precopy_held_s for r in runs):.2f} | "
+                     f"{1e3 * statistics.median(r.precopy_landed_s for r in runs):.2f} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -319,7 +329,8 @@ def main(argv: list[str]) -> None:
               "|---|---|---|---|---|---|---|---|---|"]
     report += transfer_rows(source, args, transports)
     report += ["", "| request tokens | transport | last-stage blocks | downtime ms (export + stage + load all) "
-               "| with the pipe round trip ms |", "|---|---|---|---|---|"]
+               "| with the pipe round trip ms | pre-copy stage: engine loop held ms | pre-copy stage: rows landed ms |",
+               "|---|---|---|---|---|---|---|"]
     report += downtime_rows(source, args, transports)
     if not args.no_decode and args.device == "cuda":
         report += ["", "| decode stand-in beside migration copies | slowdown (median) | range | step alone |",

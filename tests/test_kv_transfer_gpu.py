@@ -136,7 +136,11 @@ def test_worker_half_migrates_a_stopped_request_between_processes(transport):
     tokens = len(src_ids) * BLOCK_SIZE
     # A pre-copy stage of the first 4 blocks while the request runs, then the stop and the rest.
     source.bind(RayfleetConnectorMetadata(tracked=[TrackedRequest("r-0", "r", 4 * BLOCK_SIZE, src_ids)]))
-    precopy = source.export_blocks("r", 0, transport)["chunk"]
+    exported = source.export_blocks("r", 0, transport)
+    precopy = exported["chunk"]
+    # Host rows are gathered while the engine steps, on a GPU too: read only once they have landed.
+    assert exported["landed"] == (transport == "device")
+    assert exported["landed"] or source.export_landed("r") == {"status": "live"}
     source.expect_final("r", 30.0)
     source.bind(RayfleetConnectorMetadata(finals=[FinalRequest("r-0", "r", src_ids, tokens, [])]))
     final = source.export_final("r", 4, transport)["chunk"]
