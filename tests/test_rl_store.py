@@ -93,6 +93,20 @@ async def test_a_sample_put_twice_is_refused(kill_store):
         await store.put(sample("g", 0, 2))
 
 
+async def test_a_group_put_in_one_call_is_taken_whole_and_refused_twice(kill_store):
+    store = SampleStore.create(num_shards=2, capacity_groups=4)
+    kill_store(store)
+    await store.put_group([sample("g", index, 3, version=1) for index in (2, 0, 1)])
+    with pytest.raises(DuplicateSample, match="group g is already complete"):
+        await store.put_group([sample("g", 0, 3, version=1)])
+    with pytest.raises(ValueError, match="one group"):
+        await store.put_group([sample("a", 0, 2), sample("b", 1, 2)])
+    [group] = await store.take(1, trainer_version=1, k=0, timeout_s=10)
+    assert group.group_id == "g" and [s.index for s in group.samples] == [0, 1, 2]
+    stats = await store.stats()
+    assert stats.total("pending_groups") == 0 and stats.total("complete_groups") == 0  # nothing else was put
+
+
 async def test_concurrent_producers_and_consumers_lose_nothing_and_take_nothing_twice(kill_store):
     store = SampleStore.create(num_shards=3, capacity_groups=3)  # small: backpressure engages
     kill_store(store)

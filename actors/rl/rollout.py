@@ -151,6 +151,10 @@ class RolloutDriver:
         prompt = render_prompt(self.tokenizer, instance)
         samples = await asyncio.gather(*(self.sample(instance, prompt, group_id, i, version_floor)
                                          for i in range(self.group_size)))
+        # Consumers take whole groups: one store call for the group instead of one per sample (a Ray call each:
+        # ~a sixth of a core on this machine's rollout side at ~300 samples/s).
+        await self.store.put_group(list(samples))
+        self.counters.samples_done += len(samples)
         self.counters.groups_done += 1
         self.gate.group_done()
         return list(samples)
@@ -181,8 +185,6 @@ class RolloutDriver:
                         rollout_logprobs=tuple(logprobs), token_versions=tuple(versions),
                         reward=score(instance, text), finish_reason=finish_reason, replays=replays,
                         resubmits=resubmits)
-        await self.store.put(sample)
-        self.counters.samples_done += 1
         self.counters.tokens += len(tokens)
         self.counters.replays += replays
         self.counters.resubmits += resubmits

@@ -1,11 +1,13 @@
 """The streaming sample store: sharded Ray actors between rollout producers and trainer consumers.
 
-Producers put single samples as they finish; a shard assembles them into groups by group id (every sample of a
-group lands on the same shard, chosen by a stable hash of the id). Consumers take complete groups as soon as
-enough exist, oldest weight version first, with no barrier across producers or consumers:
+Producers put single samples as they finish, or a group's samples in one call; a shard assembles them into
+groups by group id (every sample of a group lands on the same shard, chosen by a stable hash of the id).
+Consumers take complete groups as soon as enough exist, oldest weight version first, with no barrier across
+producers or consumers:
 
     store = SampleStore.create(num_shards=2, capacity_groups=64)
     await store.put(sample)                          # waits while the shard is full (backpressure)
+    await store.put_group(samples)                   # the same for each, in one actor call
     groups = await store.take(4, trainer_version=7, k=1, timeout_s=60)
 
 A take is two steps: each shard names its oldest usable complete groups (`oldest`), the client keeps the
@@ -86,6 +88,11 @@ class SampleStoreShard:
                 del self.pending[sample.group_id]
                 self.complete[sample.group_id] = SampleGroup(sample.group_id, tuple(group[i] for i in sorted(group)))
                 self.changed.notify_all()
+
+    async def put_many(self, samples: list[Sample], timeout_s: float = 300.0) -> None:
+        """`put` each, in order: one actor call for a group's samples."""
+        for sample in samples:
+            await self.put(sample, timeout_s)
 
     def _has_room(self) -> bool:
         return len(self.pending) + len(self.complete) < self.capacity
@@ -170,6 +177,12 @@ class SampleStore:
 
     async def put(self, sample: Sample, timeout_s: float = 300.0) -> None:
         await self.shard_of(sample.group_id).put.remote(sample, timeout_s)
+
+    async def put_group(self, samples: list[Sample], timeout_s: float = 300.0) -> None:
+        """Samples of one group in one call (a producer that waits for its whole group: one actor call, not G)."""
+        if len({sample.group_id for sample in samples}) != 1:
+            raise ValueError(f"put_group takes samples of one group, got {sorted({s.group_id for s in samples})}")
+        await self.shard_of(samples[0].group_id).put_many.remote(samples, timeout_s)
 
     async def take(self, count: int, trainer_version: int, k: int, timeout_s: float) -> list[SampleGroup]:
         """`count` complete groups, oldest version first; raises TimeoutError with fewer after `timeout_s`."""
