@@ -151,8 +151,8 @@ class RolloutDriver:
         prompt = render_prompt(self.tokenizer, instance)
         samples = await asyncio.gather(*(self.sample(instance, prompt, group_id, i, version_floor)
                                          for i in range(self.group_size)))
-        # Consumers take whole groups: one store call for the group instead of one per sample (a Ray call each:
-        # ~a sixth of a core on this machine's rollout side at ~300 samples/s).
+        # Consumers take whole groups: one store call for the group instead of one per sample (a Ray call each;
+        # k = 1 ran 10-15% faster with it on the 2-core machine, docs/benchmarks-rl.md).
         await self.store.put_group(list(samples))
         self.counters.samples_done += len(samples)
         self.counters.groups_done += 1
