@@ -77,7 +77,10 @@ class LockedStaging:
 
     def held_bytes(self) -> int:
         with self._lock:
-            return sum(mapping.numel() for mapping in self._mappings.values())
+            return self._held()
+
+    def _held(self) -> int:
+        return sum(mapping.numel() for mapping in self._mappings.values())
 
     def _take(self, path: Path) -> tuple[tuple[int, int], torch.Tensor]:
         key = _inode(path)
@@ -95,7 +98,7 @@ class LockedStaging:
             self._drop(key)
 
     def _drop_beyond_bound(self, names: dict[tuple[int, int], str], keep: tuple[int, int]) -> None:
-        held = sum(mapping.numel() for mapping in self._mappings.values())
+        held = self._held()
         for key in [k for k in self._mappings if k != keep and k not in self._writing]:  # oldest first
             if held <= self._max_bytes:
                 return

@@ -150,13 +150,20 @@ def _pooled(slab: bool) -> list[Path]:
 
 def _take_pooled(path: Path, nbytes: int) -> bool:
     """Rename the largest free file of this process' pool to `path`, sized to `nbytes`; False if none."""
-    for candidate in sorted(_pooled(slab=False), key=_size, reverse=True):
+    if not _rename_first(sorted(_pooled(slab=False), key=_size, reverse=True), path):
+        return False
+    os.truncate(path, nbytes)  # a larger file would fail the reader's size check; growing adds fresh pages
+    return True
+
+
+def _rename_first(candidates: list[Path], path: Path) -> bool:
+    """Rename the first of `candidates` that is still there to `path`; False if none was."""
+    for candidate in candidates:
         try:
             os.rename(candidate, path)
+            return True
         except FileNotFoundError:  # taken by another thread of this process
             continue
-        os.truncate(path, nbytes)  # a larger file would fail the reader's size check; growing adds fresh pages
-        return True
     return False
 
 
@@ -210,12 +217,9 @@ def gather_to_shared(cache: KVCacheLayers, block_ids: BlockIds, into: SharedRows
 def _create_slab(rows: SharedRows) -> None:
     """A GPU writer's file for `rows`: the smallest file of its pool that is large enough, kept at its size (its
     pages may be page-locked: a resize would detach them), or a new file of whole slabs."""
-    for candidate in sorted((path for path in _pooled(slab=True) if _size(path) >= rows.nbytes), key=_size):
-        try:
-            os.rename(candidate, rows.path)
-            return
-        except FileNotFoundError:  # taken by another thread of this process
-            continue
+    if _rename_first(sorted((path for path in _pooled(slab=True) if _size(path) >= rows.nbytes), key=_size),
+                     rows.path):
+        return
     fd = os.open(rows.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, slab_size(rows.nbytes))
