@@ -19,8 +19,9 @@ section, as the controller and the ingress build them) over simulated replicas (
   (as a pool on new hardware does with the configured default): each price with the pause fixed, and learned
   from the fleet's own moves (`learn_pause`), over several trace seeds.
 - `pd`: a prefill-heavy mix on 8 A100s (`a100-llama-13b`): colocated (vLLM v1's chunked prefill, and without
-  chunking as in DistServe's vLLM baseline) against prefill/decode disaggregation at every split, goodput =
-  the highest request rate with at least 90% of requests within both SLOs (DistServe's definition), for
+  chunking as in DistServe's vLLM baseline) at each tensor-parallel degree, against prefill/decode disaggregation
+  at every split of the GPUs and every degree per phase (DistServe's placement search, within one node); goodput
+  = the highest request rate with at least 90% of requests within both SLOs (DistServe's definition), for
   several TPOT SLOs.
 
     python benchmarks/bench_simulator.py                  # everything (~20-30 min of one core); no lock needed
@@ -47,7 +48,7 @@ from typing import Any, Callable
 
 from rayfleet.control_plane.simulator.fleet import FleetSimulator, SimConfig, SimPool
 from rayfleet.control_plane.simulator.metrics import percentile
-from rayfleet.control_plane.simulator.profiles import ReplicaProfile, profile
+from rayfleet.control_plane.simulator.profiles import ReplicaProfile, profile, tensor_parallel
 from rayfleet.control_plane.simulator.workload import TraceRequest, bursty, diurnal_with_bursts, replay_vllm_bench
 from rayfleet.policies.base import PoolRole
 
@@ -352,43 +353,97 @@ def goodput(run: Callable[[float], float], low: float = 0.5, high: float = 40.0,
     return lo
 
 
+@dataclasses.dataclass(frozen=True)
+class PdSetup:
+    """One way to use the GPUs: a pool of (replicas, tensor-parallel degree), and a prefill pool if disaggregated."""
+
+    decode: tuple[int, int]
+    prefill: tuple[int, int] | None = None
+    chunked: bool = True
+
+    @property
+    def name(self) -> str:
+        (n, tp) = self.decode
+        if self.prefill is None:
+            return f"colocated {n}x TP{tp}" + ("" if self.chunked else ", no chunking")
+        return f"P {self.prefill[0]}x TP{self.prefill[1]} / D {n}x TP{tp}"
+
+
+def pd_setups(gpus: int, degrees: list[int]) -> list[PdSetup]:
+    """Colocated at each degree that divides the GPUs (chunked prefill, and without as DistServe's vLLM baseline
+    ran), and every split of the GPUs into a prefill and a decode pool with a degree per phase (DistServe's search)."""
+    fits = [tp for tp in degrees if gpus % tp == 0]
+    setups = [PdSetup((gpus // tp, tp), chunked=chunked) for chunked in (True, False) for tp in fits]
+    for tp_p in degrees:
+        for n_p in range(1, gpus // tp_p + 1):
+            left = gpus - n_p * tp_p
+            setups += [PdSetup((left // tp_d, tp_d), (n_p, tp_p)) for tp_d in degrees if left >= tp_d and left % tp_d == 0]
+    return setups
+
+
+def pd_pools(setup: PdSetup, base: ReplicaProfile) -> tuple[list[SimPool], dict[str, Any]]:
+    n, tp = setup.decode
+    decode = tensor_parallel(base, tp)
+    if setup.prefill is None:
+        decode = decode if setup.chunked else decode.scaled(max_batched_tokens=8192)
+        return [SimPool("d", decode, n)], {"router": {"name": "least_load"}}
+    n_p, tp_p = setup.prefill
+    return ([SimPool("pre", tensor_parallel(base, tp_p), n_p, role=PoolRole.PREFILL),
+             SimPool("d", decode, n, role=PoolRole.DECODE, prefill_pool="pre")], {"router": {"name": "prefill_decode"}})
+
+
 def pd(args) -> dict[str, Any]:
     base = profile("a100-llama-13b")
-    setups = {"colocated (chunked prefill)": (0, base), "colocated (no chunking)": (0, base.scaled(max_batched_tokens=8192))}
-    setups.update({f"{n}P{8 - n}D": (n, base) for n in range(2, 7)})
+    setups = pd_setups(args.pd_gpus, args.pd_tp_degrees)
     rows = []
     for tpot in args.pd_tpot_slos:
-        for name, (prefill, p) in setups.items():
-            def attainment(rate: float, prefill=prefill, p=p) -> float:
+        for setup in setups:
+            pools, policies = pd_pools(setup, base)
+
+            def attainment(rate: float, pools=pools, policies=policies) -> float:
                 trace = prefill_heavy(rate, args.pd_requests, args.seed)
-                if prefill:
-                    pools = [SimPool("pre", p, prefill, role=PoolRole.PREFILL),
-                             SimPool("d", p, 8 - prefill, role=PoolRole.DECODE, prefill_pool="pre")]
-                    result = simulate(pools, trace, {"router": {"name": "prefill_decode"}}, target="d")
-                else:
-                    result = simulate([SimPool("d", p, 8)], trace, {"router": {"name": "least_load"}})
-                return result.slo_attainment(args.pd_ttft_s, tpot)
+                return simulate(pools, trace, policies, target="d").slo_attainment(args.pd_ttft_s, tpot)
 
             rate = goodput(attainment)
-            rows.append({"tpot_slo_s": tpot, "setup": name, "goodput_rps": rate})
-            say(f"pd TPOT <= {tpot * 1e3:.0f} ms, {name}: goodput {rate:.2f} req/s")
-    return {"profile": base.name, "ttft_slo_s": args.pd_ttft_s, "requests": args.pd_requests, "rows": rows}
+            rows.append({"tpot_slo_s": tpot, "setup": setup.name, "disaggregated": setup.prefill is not None,
+                         "chunked": setup.chunked, "goodput_rps": rate})
+            say(f"pd TPOT <= {tpot * 1e3:.0f} ms, {setup.name}: goodput {rate:.2f} req/s")
+    return {"profile": base.name, "gpus": args.pd_gpus, "ttft_slo_s": args.pd_ttft_s, "requests": args.pd_requests,
+            "rows": rows}
+
+
+def pd_best(rows: list[dict[str, Any]], slo: float, keep: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    return max((r for r in rows if r["tpot_slo_s"] == slo and keep(r)), key=lambda r: r["goodput_rps"])
+
+
+PD_BASELINES = {"colocated 8x TP1": lambda r: r["setup"] == "colocated 8x TP1",
+                "best colocated, chunked": lambda r: not r["disaggregated"] and r["chunked"],
+                "best colocated, any": lambda r: not r["disaggregated"]}
 
 
 def pd_markdown(r: dict[str, Any]) -> str:
     setups = list(dict.fromkeys(x["setup"] for x in r["rows"]))
     slos = sorted({x["tpot_slo_s"] for x in r["rows"]})
-    lines = [f"Goodput (req/s on 8 GPUs at >= 90% of requests within TTFT <= {r['ttft_slo_s']:g} s and the TPOT SLO); "
-             f"best disaggregated split over colocated.", "",
-             "| TPOT SLO | " + " | ".join(setups) + " | best P/D / colocated (chunked) | best P/D / colocated (no chunking) |",
-             "| ---: |" + " ---: |" * (len(setups) + 2)]
-    for slo in slos:
-        mine = {x["setup"]: x["goodput_rps"] for x in r["rows"] if x["tpot_slo_s"] == slo}
-        best = max(v for k, v in mine.items() if "P" in k and "colocated" not in k)
-        chunked, plain = mine["colocated (chunked prefill)"], mine["colocated (no chunking)"]
-        ratio = lambda base: f"{best / base:.2f}x" if base else "inf"  # noqa: E731
-        lines.append(f"| {slo * 1e3:.0f} ms | " + " | ".join(f"{mine[s]:.2f}" for s in setups)
-                     + f" | {ratio(chunked)} | {ratio(plain)} |")
+    head = " | ".join(f"TPOT <= {slo * 1e3:.0f} ms" for slo in slos)
+    lines = [f"Goodput: req/s on {r.get('gpus', 8)} GPUs at >= 90% of requests within TTFT <= {r['ttft_slo_s']:g} s "
+             f"and the TPOT SLO. `n x TPk`: n replicas of k GPUs each.", "",
+             f"| setup | {head} |", "| --- |" + " ---: |" * len(slos)]
+    for setup in setups:
+        mine = {x["tpot_slo_s"]: x["goodput_rps"] for x in r["rows"] if x["setup"] == setup}
+        lines.append(f"| {setup} | " + " | ".join(f"{mine[slo]:.2f}" for slo in slos) + " |")
+    lines += ["", "Best disaggregated setup against each colocated baseline:", "",
+              f"| | {head} |", "| --- |" + " --- |" * len(slos)]
+    best = {slo: pd_best(r["rows"], slo, lambda x: x["disaggregated"]) for slo in slos}
+    lines.append("| best disaggregated | " + " | ".join(
+        f"{best[slo]['goodput_rps']:.2f} ({best[slo]['setup']})" for slo in slos) + " |")
+    for label, keep in PD_BASELINES.items():
+        cells = []
+        for slo in slos:
+            baseline = pd_best(r["rows"], slo, keep)
+            ratio = f"{best[slo]['goodput_rps'] / baseline['goodput_rps']:.2f}x" if baseline["goodput_rps"] else "inf"
+            cells.append(f"**{ratio}** over {baseline['goodput_rps']:.2f}" +
+                         ("" if label == "colocated 8x TP1" else f" ({baseline['setup'].removeprefix('colocated ')})"))
+        lines.append(f"| vs {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -431,14 +486,12 @@ def plot(results: dict[str, Any], path: Path) -> str:
             ax.set_title("diurnal + flash crowds: scaler frontiers", fontsize=9)
         else:
             slos = sorted({r["tpot_slo_s"] for r in rows})
-            for setup in ("colocated (chunked prefill)", "colocated (no chunking)"):
-                ax.plot([x * 1e3 for x in slos], [next(r["goodput_rps"] for r in rows if r["setup"] == setup
-                                                        and r["tpot_slo_s"] == x) for x in slos], "o-", label=setup)
-            best = [max(r["goodput_rps"] for r in rows if r["tpot_slo_s"] == x and "colocated" not in r["setup"])
-                    for x in slos]
-            ax.plot([x * 1e3 for x in slos], best, "s-", label="best P/D split")
+            curves = {**PD_BASELINES, "best disaggregated": lambda r: r["disaggregated"]}
+            for (label, keep), marker in zip(curves.items(), ("o:", "o-", "^--", "s-")):
+                ax.plot([x * 1e3 for x in slos], [pd_best(rows, x, keep)["goodput_rps"] for x in slos], marker,
+                        label=label)
             ax.set_xlabel("TPOT SLO, ms")
-            ax.set_ylabel("goodput, req/s on 8 GPUs")
+            ax.set_ylabel(f"goodput, req/s on {results[part].get('gpus', 8)} GPUs")
             ax.set_title("A100 13B, prefill-heavy mix", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
@@ -497,6 +550,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pd-ttft-s", type=float, default=1.0)
     parser.add_argument("--pd-tpot-slos", type=float, nargs="+", default=[0.03, 0.05, 0.1])
     parser.add_argument("--pd-requests", type=int, default=1500)
+    parser.add_argument("--pd-gpus", type=int, default=8, help="GPUs each prefill/decode setup gets")
+    parser.add_argument("--pd-tp-degrees", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="tensor-parallel degrees a pool may use (a pool of one phase: those that leave room "
+                             "for the other)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--no-docs", action="store_true")

@@ -107,6 +107,15 @@ def test_an_error_is_one_line_not_a_traceback(tmp_path):
     assert lines and "make-demo-models" in lines[0] and "Error" in lines[0], result.stderr
 
 
+
+def test_simulate_shards_a_roofline_profile_and_refuses_a_calibrated_one_in_one_line():
+    sharded = json.loads(rayfleet("simulate", "--profile", "a100-llama-13b", "--tensor-parallel", "2", "--replicas",
+                                  "2", "--rate", "2", "--duration-s", "20", "--json").stdout)
+    assert sharded["requests"] == sharded["served"] == 40
+    refused = rayfleet("simulate", "--profile", "cpu-tiny-llama-b", "--tensor-parallel", "2", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "does not keep the one-GPU roofline" in refused.stderr and "a100-llama-13b" in refused.stderr, refused.stderr
+
 @pytest.mark.engines
 def test_up_from_the_unactivated_venv_serves_on_a_port_a_new_ingress_takes_over_and_down_stop_ray_stops_only_its_cluster(ray_cluster, tmp_path, demo_models):
     """`rayfleet up` with no `ray` on PATH starts a cluster of its own (the suite's keeps running) whose ingress

@@ -8,7 +8,14 @@ from __future__ import annotations
 import pytest
 
 from rayfleet.control_plane.simulator.fleet import FleetSimulator, SimConfig, SimPool
-from rayfleet.control_plane.simulator.profiles import MigrationModel, ReplicaProfile, StepTimeModel
+from rayfleet.control_plane.simulator.profiles import (
+    GpuRoofline,
+    MigrationModel,
+    ReplicaProfile,
+    StepTimeModel,
+    profile,
+    tensor_parallel,
+)
 from rayfleet.control_plane.simulator.workload import TraceRequest, bursty
 from rayfleet.policies.base import FleetSnapshot, ReplicaSnapshot
 from rayfleet.policies.migration import LlumnixMigrationPolicy
@@ -102,3 +109,48 @@ def test_a_migration_moves_a_request_and_charges_its_pause():
     assert result.downtimes[0] >= 0.1  # the profile's fixed pause
     a = min(result.records, key=lambda r: r.arrival_s)
     assert a.migrations == 1
+
+
+def test_tensor_parallel_splits_the_rooflines_work_and_adds_two_all_reduces_per_layer():
+    """A roofline of 2 layers x 1000, 10 GB of weights on GPUs of 40 GB used at 0.5 (20 GB each, 1 GB reserved), 1 MB
+    of KV per token, all-reduces at 1 GB/s of bus bandwidth and 1 ms per call. Two shards: each step's fixed part
+    halves and gains 2 layers x 2 all-reduces x 1 ms; every token pays half its work plus the ring's
+    2 x (2 - 1) / 2 of its 2 x 2 x 1000 x 2 bytes of activations = 8 us; the KV is what both GPUs hold beside one
+    copy of the weights: 2 x (20 - 1) - 10 = 28 GB = 28,000 tokens = 7,000 blocks of 4 (one GPU: 9 GB, 2,250 blocks).
+    One replica takes two GPUs."""
+    roofline = GpuRoofline(gpu_memory_bytes=40e9, memory_utilization=0.5, weights_bytes=10e9, activation_bytes=1e9,
+                           kv_bytes_per_token=1e6, hidden=1000, layers=2, allreduce_bus_bytes_s=1e9,
+                           allreduce_latency_s=1e-3)
+    one = HAND.scaled(roofline=roofline, kv_blocks=roofline.kv_blocks(1, 4))
+    two = tensor_parallel(one, 2)
+    assert two.step.base_s == pytest.approx(0.005 + 0.004)
+    assert two.step.prefill_token_s == pytest.approx(0.0005 + 8e-6)
+    assert two.step.decode_seq_s == pytest.approx(0.001 + 8e-6)
+    assert (two.kv_blocks, two.gpus, one.kv_blocks, one.gpus) == (7000, 2, 2250, 1)
+    assert tensor_parallel(one, 1) is one
+
+
+def test_a_profile_without_a_roofline_cannot_be_sharded_and_the_error_names_those_that_can():
+    with pytest.raises(ValueError, match="a100-llama-13b"):
+        tensor_parallel(profile("cpu-tiny-llama-b"), 2)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        tensor_parallel(profile("a100-llama-13b"), 0)
+
+
+def test_a_model_too_large_for_its_gpus_is_refused_with_what_it_needs():
+    roofline = GpuRoofline(gpu_memory_bytes=24e9, memory_utilization=0.9, weights_bytes=26e9, activation_bytes=2e9,
+                           kv_bytes_per_token=819_200, hidden=5120, layers=40)
+    with pytest.raises(ValueError, match="26 GB of weights do not fit 1 GPU"):
+        roofline.kv_blocks(1, 16)
+    assert roofline.kv_blocks(2, 16) > 0
+
+
+def test_a_sharded_replica_prefills_a_long_prompt_faster_and_holds_more_kv():
+    """Through the simulator: one 4,000-token prompt alone on an A100 13B replica and on one sharded over two GPUs."""
+    ttft = {}
+    for degree in (1, 2):
+        replica = tensor_parallel(profile("a100-llama-13b"), degree)
+        record, = one_replica([TraceRequest(0.0, 4000, 1, 1)], replica).records
+        ttft[degree] = record.ttft_s
+    assert 1.8 < ttft[1] / ttft[2] < 2.0
+    assert tensor_parallel(profile("a100-llama-13b"), 2).kv_blocks > 2 * profile("a100-llama-13b").kv_blocks

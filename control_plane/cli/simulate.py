@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     simulate.add_argument("--spec", help="take the `policies` section of this fleet spec (flags below override)")
     simulate.add_argument("--profile", default="a10-llama-7b", help=PROFILE_HELP)
+    simulate.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                          help="shard each replica over N GPUs of one node (roofline profiles: a100-llama-13b)")
     simulate.add_argument("--replicas", type=int, default=16, help="replicas at the start")
     simulate.add_argument("--max-replicas", type=int, help="the scaler's upper bound (default: --replicas)")
     simulate.add_argument("--min-replicas", type=int, help="the scaler's lower bound (default: --replicas)")
@@ -36,8 +38,13 @@ def add_parser(sub) -> None:
     simulate.set_defaults(func=run)
 
 
+def replica_profile(args):
+    from rayfleet.control_plane.simulator.profiles import profile, tensor_parallel
+
+    return tensor_parallel(profile(args.profile), args.tensor_parallel)
+
+
 def policies_of(args) -> dict:
-    from rayfleet.control_plane.simulator.profiles import profile
     from rayfleet.control_plane.spec import load_spec
 
     policies = load_spec(args.spec).policies.model_dump() if args.spec else {}
@@ -48,13 +55,12 @@ def policies_of(args) -> dict:
     migration = policies.get("migration", {})
     if migration.get("name") == "llumnix" and "costs" not in migration.get("params", {}):
         # Price moves with the profile's numbers, as a fleet on that hardware would be configured.
-        migration["params"] = {**migration.get("params", {}), "costs": profile(args.profile).migration_costs().__dict__}
+        migration["params"] = {**migration.get("params", {}), "costs": replica_profile(args).migration_costs().__dict__}
     return policies
 
 
 def run(args) -> None:
     from rayfleet.control_plane.simulator.fleet import FleetSimulator, SimConfig, SimPool
-    from rayfleet.control_plane.simulator.profiles import profile
     from rayfleet.control_plane.simulator.workload import bursty, diurnal_with_bursts, replay_vllm_bench
 
     if args.workload == "replay":
@@ -65,7 +71,7 @@ def run(args) -> None:
         trace = diurnal_with_bursts(args.duration_s, base_rate=args.rate, period_s=args.duration_s, seed=args.seed)
     else:
         trace = bursty(int(args.rate * args.duration_s), rate=args.rate, shape=args.burstiness, seed=args.seed)
-    replica = profile(args.profile)
+    replica = replica_profile(args)
     pool = SimPool("fleet", replica, args.replicas, min_replicas=args.min_replicas,
                    max_replicas=args.max_replicas or args.replicas)
     result = FleetSimulator(SimConfig(pools=[pool], policies=policies_of(args))).run(trace)

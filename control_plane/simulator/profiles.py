@@ -19,6 +19,9 @@ Three profiles, each saying where its numbers come from:
   SXM datasheet (312 TFLOPS bf16 dense, 2,039 GB/s HBM2e) and a 13 B, 40 x 5120 model (800 KiB of KV per
   token); prefill-to-decode KV over NVLink-class links at ~50 GB/s effective.
 
+A roofline profile keeps what it was derived from (`GpuRoofline`), so `tensor_parallel` can re-derive it sharded
+over several GPUs of one node, as vLLM's tensor parallelism shards a model.
+
 The roofline profiles are estimates for comparing policies, not predictions of a real cluster's latency.
 """
 
@@ -56,6 +59,30 @@ class MigrationModel:
 
 
 @dataclass(frozen=True)
+class GpuRoofline:
+    """What a roofline profile's numbers come from: one GPU's memory, the model's size and shape, the node's links."""
+
+    gpu_memory_bytes: float
+    memory_utilization: float  # vLLM's gpu_memory_utilization
+    weights_bytes: float
+    activation_bytes: float  # reserved on each GPU besides weights and KV
+    kv_bytes_per_token: float
+    hidden: int
+    layers: int
+    activation_dtype_bytes: int = 2
+    # All-reduce between the GPUs of one node: NCCL's bus bandwidth for large messages, and a fixed cost per call.
+    allreduce_bus_bytes_s: float = 0.0
+    allreduce_latency_s: float = 0.0
+
+    def kv_blocks(self, gpus: int, block_size: int) -> int:
+        kv_bytes = gpus * (self.gpu_memory_bytes * self.memory_utilization - self.activation_bytes) - self.weights_bytes
+        if kv_bytes <= 0:
+            raise ValueError(f"{self.weights_bytes / 1e9:.0f} GB of weights do not fit {gpus} GPU(s) of "
+                             f"{self.gpu_memory_bytes / 1e9:.0f} GB with room for KV: shard over more")
+        return int(kv_bytes / self.kv_bytes_per_token / block_size)
+
+
+@dataclass(frozen=True)
 class ReplicaProfile:
     name: str
     step: StepTimeModel
@@ -74,6 +101,8 @@ class ReplicaProfile:
     ingress_s: float = 0.0  # fixed front-end latency before a request reaches its replica
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    gpus: int = 1  # GPUs one replica occupies (tensor parallelism)
+    roofline: GpuRoofline | None = None  # set on roofline profiles: what `tensor_parallel` re-derives them from
 
     def migration_costs(self, interference: float | None = None) -> MigrationCosts:
         """The migration policy's cost model for this hardware (the same numbers the simulator charges)."""
@@ -115,16 +144,50 @@ A10_LLAMA_7B = ReplicaProfile(
 )
 
 # A 13B model (40 layers x 5120) on an A100 80 GB: weights 26 GB at 2,039 GB/s x 0.8; 800 KiB of KV per token;
-# 2 x 13 GFLOP per token at 312 TFLOPS x 0.6. KV: 80 GB x 0.9 - 26 - 2 = 44 GB = 55k tokens = 3,400 blocks.
+# 2 x 13 GFLOP per token at 312 TFLOPS x 0.6. KV: 80 GB x 0.9 - 26 - 2 = 44 GB = 53.7k tokens = 3,357 blocks.
+# Sharded (`tensor_parallel`): NVLink 3 all-reduces at ~230 GB/s of bus bandwidth (what nccl-tests report on DGX
+# A100 for large messages) and an assumed 10 us per call for the small ones of a step (vLLM's custom all-reduce).
+A100_ROOFLINE = GpuRoofline(gpu_memory_bytes=80e9, memory_utilization=0.9, weights_bytes=26e9, activation_bytes=2e9,
+                            kv_bytes_per_token=819_200, hidden=5120, layers=40,
+                            allreduce_bus_bytes_s=230e9, allreduce_latency_s=10e-6)
 A100_LLAMA_13B = ReplicaProfile(
     name="a100-llama-13b",
     step=StepTimeModel(base_s=0.016, prefill_token_s=0.000139, decode_seq_s=0.00014, context_token_s=0.0000005),
-    kv_blocks=3400, block_size=16, max_num_seqs=256, max_batched_tokens=2048, startup_s=60.0,
+    kv_blocks=A100_ROOFLINE.kv_blocks(1, 16), block_size=16, max_num_seqs=256, max_batched_tokens=2048,
+    startup_s=60.0,
     migration=MigrationModel(pause_s=0.005, block_transfer_s=0.00026, stage_s=0.002, engine_copy_s_per_block=0.0),
     notes="roofline: NVIDIA A100 80GB SXM datasheet + a 13B Llama shape (DistServe's class of setup)",
+    roofline=A100_ROOFLINE,
 )
 
 PROFILES = {p.name: p for p in (CPU_TINY_LLAMA_B, A10_LLAMA_7B, A100_LLAMA_13B)}
+
+
+def tensor_parallel(base: ReplicaProfile, degree: int) -> ReplicaProfile:
+    """`base` sharded over `degree` GPUs of one node, as vLLM's tensor parallelism shards a model.
+
+    Each GPU reads 1/degree of the weights and of the KV and does 1/degree of the FLOPs; every layer adds two
+    all-reduces of the step's activations (after attention and after the MLP), each a fixed cost per call plus the
+    ring's 2 (degree - 1) / degree of the bytes at the bus bandwidth. KV capacity is what `degree` GPUs hold beside one
+    copy of the weights. A prefill-to-decode handoff keeps the base profile's link (not multiplied by the shards).
+    """
+    if degree < 1:
+        raise ValueError(f"tensor parallel degree must be >= 1, got {degree}")
+    if degree == 1:
+        return base
+    r = base.roofline
+    if r is None or base.gpus != 1:
+        raise ValueError(f"profile '{base.name}' does not keep the one-GPU roofline it would be sharded from "
+                         f"(sharding needs one: {', '.join(n for n, p in PROFILES.items() if p.roofline)})")
+    comm_per_token = (2 * r.layers * r.hidden * r.activation_dtype_bytes * 2 * (degree - 1) / degree
+                      / r.allreduce_bus_bytes_s)
+    s = base.step
+    step = StepTimeModel(base_s=s.base_s / degree + 2 * r.layers * r.allreduce_latency_s,
+                         prefill_token_s=s.prefill_token_s / degree + comm_per_token,
+                         decode_seq_s=s.decode_seq_s / degree + comm_per_token,
+                         context_token_s=s.context_token_s / degree)
+    return replace(base, name=f"{base.name}-tp{degree}", step=step, gpus=degree * base.gpus,
+                   kv_blocks=r.kv_blocks(degree, base.block_size), notes=f"{base.notes}, tensor parallel {degree}")
 
 
 def profile(name: str) -> ReplicaProfile:
