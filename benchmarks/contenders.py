@@ -44,13 +44,15 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobin
 # engine), to split the fleet's overhead into its serving path and its migration-ready engine.
 # fleet_no_engine_metrics: the pool's `log_engine_metrics` off (vLLM's engine metrics through Ray's metrics agent,
 # on by default; plain vLLM keeps its own in process), to price them. fleet_view_wait: the routing view as before
-# 2026-12-03 (a stale one is fetched before routing).
+# 2026-12-03 (a stale one is fetched before routing). fleet_ray_deltas: token deltas as Ray stream items, as before
+# 2026-12-05 and as replicas on another node still send them (`local_deltas` off).
 FLEET_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "fleet": {},
     "fleet_proxy": {"ingress_overrides": {"direct_ingress": "off"}},
     "fleet_nomig": {"pool_overrides": {"live_migration": False}},
     "fleet_no_engine_metrics": {"pool_overrides": {"log_engine_metrics": False}},
     "fleet_view_wait": {"ingress_overrides": {"view_stale_s": 0}},
+    "fleet_ray_deltas": {"ingress_overrides": {"local_deltas": False}},
 }
 CONTENDERS = ("plain", *FLEET_VARIANTS, "serve_llm")
 _ray_env: dict[str, str] = {}  # the Serve settings the running Ray was started with

@@ -226,6 +226,11 @@ class IngressSpec(Strict):
         "request is routed on while a fresh one is fetched in the background; an older view is fetched first, "
         "which costs that request a round trip to the controller (4-8 ms on a 2-core machine). 0: every request "
         "arriving more than 0.25 s after the last fetch waits for a fresh view.")
+    local_deltas: bool = Field(
+        True, description="Take token deltas from replicas on the ingress' own node over a local ZMQ socket "
+        "(ipc, in a directory only its user may enter) instead of as Ray stream items, which cost several times "
+        "the CPU per message (docs/benchmarks-serving.md). The Ray stream stays open for liveness; replicas on "
+        "other nodes always stream over Ray.")
     direct_ingress: Literal["auto", "on", "off"] = Field(
         "auto", description="Serve's direct ingress: the ingress replica serves HTTP itself, without the hop "
         "through Serve's proxy (about a third less CPU per output token, docs/benchmarks-serving.md). Ray must "

@@ -27,6 +27,7 @@ from rayfleet.actors.kv.engine_migrator import EngineKVMigrator, FinalKV, migrat
 from rayfleet.actors.replica import engine_fate, engine_files
 from rayfleet.actors.replica.active_request import ActiveRequest
 from rayfleet.actors.replica.delta_stream import Outboxes, read_chunks
+from rayfleet.actors.replica.local_deltas import LocalEndpoint, heartbeats_while_pushing
 from rayfleet.actors.replica.live_migration import Destination, SourceMigration
 from rayfleet.actors.replica.engine_stats import EngineLoad, engine_metrics_logger, stat_logger_factory
 from rayfleet.actors.replica.weight_update import EngineWeights
@@ -101,6 +102,8 @@ class LLMReplica:
         self.requests: dict[str, ActiveRequest] = {}
         self.unclaimed: dict[str, tuple[float, ActiveRequest]] = {}  # finished before the ingress attached
         self.outboxes = Outboxes()
+        self.node_id = _node_id()  # readers on this node take their deltas over a socket
+        self.local_readers = 0
         self.requests_started = 0
         self.submit_calls = 0
         self.handoffs: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)  # P/D handoff records
@@ -244,23 +247,29 @@ class LLMReplica:
         request = self._claim(request_id)
         request.deliver_to(self.outboxes.get(subscriber))
 
-    async def deltas(self, subscriber: str) -> AsyncIterator[DeltaBatch]:
-        """One reader's multiplexed stream: a batch of every request's deltas as soon as there are any.
-        When the reader goes away, the requests still streaming to it are aborted."""
+    async def deltas(self, subscriber: str, local: LocalEndpoint | None = None) -> AsyncIterator[DeltaBatch]:
+        """One reader's multiplexed stream: a batch of every request's deltas as soon as there are any. A reader
+        on this node that gave a `local` endpoint gets them over its socket instead, and this stream carries a
+        heartbeat (`local_deltas.py`). When the reader goes away, the requests still streaming to it are aborted."""
+        outbox = self.outboxes.get(subscriber)
+        pushing = local is not None and local.node_id == self.node_id
+        batches = heartbeats_while_pushing(outbox, local.address) if pushing else outbox.batches()
+        self.local_readers += pushing
         try:
-            async for batch in self.outboxes.get(subscriber).batches():
+            async for batch in batches:
                 yield batch
         finally:
+            self.local_readers -= pushing
             orphans = [rid for rid in self.outboxes.close(subscriber) if rid in self.requests]
             if orphans and self.engine is not None:
                 logger.info("reader %s left; aborting its %d requests", subscriber, len(orphans))
                 await self.engine.abort(orphans)
 
     def delta_stats(self) -> dict[str, int]:
-        """Items sent on the multiplexed streams and the request deltas (engine outputs) they carried; `submit`
-        calls and the requests started (by `submit` or `generate`)."""
+        """Batches sent on the multiplexed streams and the request deltas (engine outputs) they carried; `submit`
+        calls and the requests started (by `submit` or `generate`); readers taking their batches over a socket."""
         return {**asdict(self.outboxes.stats), "submit_calls": self.submit_calls,
-                "requests_started": self.requests_started}
+                "requests_started": self.requests_started, "local_readers": self.local_readers}
 
     def _start(self, call: GenerateCall) -> ActiveRequest:
         if not self.accepting or self.engine is None or not self.weights.healthy:

@@ -158,7 +158,7 @@ class FleetGateway:
         # A request accepts the same wait for a restarting controller as for a replica's replacement.
         self.view = ControllerView(self.controller, self.spec.ingress.replay_wait_s, self.spec.ingress.view_stale_s)
         self.ledgers: dict[str, TokenLedger] = {}
-        self.replica_streams = ReplicaStreams()
+        self.replica_streams = ReplicaStreams(local=self.spec.ingress.local_deltas)
 
     async def ensure_renderers(self) -> None:
         if self._started:

@@ -8,7 +8,8 @@ unchanged. A stream that fails (the replica died) fails every request on it with
 treats as a lost replica; the next request to that replica opens a new stream.
 
 Why: a Ray stream item costs tens of microseconds on each side, per request and token; here it is one item
-per engine step for all of this ingress' requests on the replica. Starting requests is batched the same way
+per engine step for all of this ingress' requests on the replica, and from a replica on this node not a Ray
+item at all but a message on a local socket (`local_deltas.py`), with the Ray stream kept for liveness. Starting requests is batched the same way
 (`SubmitBatcher`): one `submit` call carries every request that became ready while the previous call was on
 its way, so a lone request goes out at once and a burst of hundreds costs a few calls, not hundreds (which
 queued the replica's calls, weight updates and health checks included, for seconds). The queue is registered
@@ -24,8 +25,11 @@ import os
 import uuid
 from typing import AsyncIterator, Awaitable, Callable
 
+import ray
+
 from rayfleet.actors.replica.delta_stream import read_chunks
-from rayfleet.actors.replica.protocol import GenerateCall, ReplicaChunk, ReplicaNotAccepting, RequestDelta
+from rayfleet.actors.replica.local_deltas import DeltaInbox
+from rayfleet.actors.replica.protocol import DeltaBatch, GenerateCall, ReplicaChunk, ReplicaNotAccepting, RequestDelta
 
 logger = logging.getLogger("rayfleet.ingress")
 
@@ -72,11 +76,13 @@ class SubmitBatcher:
 
 
 class ReplicaStream:
-    """One replica's multiplexed stream to this process, and the requests listening on it."""
+    """One replica's multiplexed stream to this process, and the requests listening on it. With `local`, a
+    replica on this node sends the batches over a socket this stream binds (`local_deltas.py`)."""
 
-    def __init__(self, replica_id: str, replica) -> None:
+    def __init__(self, replica_id: str, replica, local: bool = True) -> None:
         self.replica_id = replica_id
         self.replica = replica
+        self.local = local
         self.subscriber = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.listeners: dict[str, asyncio.Queue[RequestDelta]] = {}
         self.batcher = SubmitBatcher(replica, self.subscriber)
@@ -86,13 +92,38 @@ class ReplicaStream:
         # client left recursively, which would end the stream of every request on the replica.
         self.reader = asyncio.create_task(self._read(), context=contextvars.Context())
 
-    async def _read(self) -> None:
+    def _deliver(self, batch: DeltaBatch) -> None:
+        for delta in batch.deltas:
+            listener = self.listeners.get(delta.request_id)
+            if listener is not None:  # else the client left: the request was aborted
+                listener.put_nowait(delta)
+
+    def _open_inbox(self) -> DeltaInbox | None:
+        if not self.local:
+            return None
         try:
-            async for ref in self.replica.deltas.options(num_returns="streaming").remote(self.subscriber):
-                for delta in (await ref).deltas:
-                    listener = self.listeners.get(delta.request_id)
-                    if listener is not None:  # else the client left: the request was aborted
-                        listener.put_nowait(delta)
+            return DeltaInbox(ray.get_runtime_context().get_node_id())
+        except Exception as error:  # e.g. no writable temporary directory: the Ray stream carries the batches
+            logger.warning("no local socket for replica %s's deltas (%r); they come as Ray stream items",
+                           self.replica_id, error)
+            return None
+
+    async def _read_inbox(self, inbox: DeltaInbox) -> None:
+        try:
+            async for batch in inbox.batches():
+                self._deliver(batch)
+        except Exception:  # a batch that cannot be read: end the stream, so that its requests replay
+            logger.exception("local deltas from replica %s failed", self.replica_id)
+            self.reader.cancel()
+
+    async def _read(self) -> None:
+        inbox = self._open_inbox()
+        inbox_reader = asyncio.create_task(self._read_inbox(inbox)) if inbox else None
+        try:
+            stream = self.replica.deltas.options(num_returns="streaming").remote(
+                self.subscriber, inbox.endpoint if inbox else None)
+            async for ref in stream:  # batches, or only heartbeats where the replica pushes to the inbox
+                self._deliver(await ref)
             self.failure = ReplicaNotAccepting(f"replica {self.replica_id} closed its stream")
         except asyncio.CancelledError:
             self.failure = ReplicaNotAccepting(f"stream from replica {self.replica_id} was closed")
@@ -100,6 +131,9 @@ class ReplicaStream:
         except Exception as error:  # the replica died or its actor is unreachable: every listener replays
             self.failure = error
         finally:
+            if inbox is not None:
+                inbox_reader.cancel()  # nothing it has not delivered yet reaches a listener: the ledger replays it
+                inbox.close()
             logger.info("stream from replica %s ended (%s)", self.replica_id, type(self.failure).__name__)
             for request_id, listener in self.listeners.items():
                 listener.put_nowait(RequestDelta(request_id, error=self.failure))
@@ -120,15 +154,17 @@ class ReplicaStream:
 
 
 class ReplicaStreams:
-    """This process' streams, one per replica (by id); a failed one is replaced on next use."""
+    """This process' streams, one per replica (by id); a failed one is replaced on next use. `local`: take the
+    batches of replicas on this node over a socket (`local_deltas.py`) rather than as Ray stream items."""
 
-    def __init__(self) -> None:
+    def __init__(self, local: bool = True) -> None:
         self.streams: dict[str, ReplicaStream] = {}
+        self.local = local
 
     def stream(self, replica_id: str, replica) -> ReplicaStream:
         stream = self.streams.get(replica_id)
         if stream is None or stream.failure is not None:
-            stream = self.streams[replica_id] = ReplicaStream(replica_id, replica)
+            stream = self.streams[replica_id] = ReplicaStream(replica_id, replica, self.local)
         return stream
 
     def generate(self, replica_id: str, replica, call: GenerateCall) -> AsyncIterator[ReplicaChunk]:

@@ -1,0 +1,113 @@
+"""Token deltas over a local socket: a reader on the replica's node gets every batch there, in order, while the
+Ray stream carries only heartbeats; a reader elsewhere gets them on the Ray stream; either way a request's tokens
+are whole, and the reader's socket leaves nothing behind. Real fleet, real engines, real ZMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+
+import pytest
+import ray
+
+from rayfleet.actors.replica.local_deltas import DeltaInbox, LocalEndpoint
+from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
+from rayfleet.control_plane.serving.replica_streams import ReplicaStreams
+from test_batched_streams import token_call
+from test_live_migration import replica_handle
+
+pytestmark = pytest.mark.engines
+
+
+async def tokens_by_transport(replica, endpoint: LocalEndpoint, inbox: DeltaInbox | None, max_tokens: int):
+    """Open the replica's stream for a fresh reader with `endpoint`, start one request there, and collect its
+    tokens from each transport until it ends: (tokens from the socket, tokens from the Ray stream, how many
+    Ray items came)."""
+    subscriber = f"test-{uuid.uuid4().hex[:8]}"
+    stream = replica.deltas.options(num_returns="streaming").remote(subscriber, endpoint)
+    call = token_call(f"local-{uuid.uuid4().hex[:8]}", 3, max_tokens)
+    assert await replica.submit.remote([call], subscriber) == [None]
+    got = {"socket": [], "ray": [], "ray_items": 0}
+    done = asyncio.Event()
+
+    def take(batch, transport: str) -> None:
+        for delta in batch.deltas:
+            assert delta.request_id == call.request_id and delta.error is None
+            if delta.chunk is None:
+                done.set()
+            else:
+                got[transport] += [t for choice in delta.chunk.choices for t in choice.token_ids or []]
+
+    async def from_ray() -> None:
+        async for ref in stream:
+            got["ray_items"] += 1
+            take(await ref, "ray")
+
+    async def from_socket() -> None:
+        async for batch in inbox.batches():
+            take(batch, "socket")
+
+    readers = [asyncio.create_task(from_ray())] + ([asyncio.create_task(from_socket())] if inbox else [])
+    try:
+        await asyncio.wait_for(done.wait(), timeout=120)
+    finally:
+        for reader in readers:
+            reader.cancel()
+        ray.cancel(stream)
+    return got["socket"], got["ray"], got["ray_items"]
+
+
+async def test_a_reader_on_the_replicas_node_gets_every_token_over_its_socket_and_only_heartbeats_over_ray(fleet):
+    replica = replica_handle(fleet.replicas("tiny-b")[0]["replica_id"])
+    inbox = DeltaInbox(ray.get_runtime_context().get_node_id())
+    try:
+        socket_tokens, ray_tokens, ray_items = await tokens_by_transport(replica, inbox.endpoint, inbox, 40)
+    finally:
+        inbox.close()
+    assert len(socket_tokens) == 40 and ray_tokens == []
+    # Heartbeats only: one a second at most while the request ran, not one per engine step.
+    assert ray_items <= 40 // 4, f"{ray_items} Ray items for 40 tokens"
+    assert not os.path.exists(inbox.directory), "the socket's directory outlived its inbox"
+
+
+async def test_a_reader_on_another_node_gets_its_batches_on_the_ray_stream(fleet):
+    replica = replica_handle(fleet.replicas("tiny-b")[0]["replica_id"])
+    elsewhere = LocalEndpoint(node_id="another-node", address="ipc:///nonexistent/in")
+    socket_tokens, ray_tokens, ray_items = await tokens_by_transport(replica, elsewhere, None, 40)
+    assert socket_tokens == [] and len(ray_tokens) == 40 and ray_items >= 2
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["socket", "ray-stream"])
+async def test_concurrent_requests_through_the_ledger_are_whole_over_either_transport(fleet, local):
+    """Sixteen requests at once through the ledger, on one replica's shared stream: each gets exactly its
+    tokens, and the same ones over the socket as over the Ray stream (greedy)."""
+    replica_id = fleet.replicas("tiny-b")[0]["replica_id"]
+    replica = replica_handle(replica_id)
+    streams = ReplicaStreams(local=local)
+
+    async def nowhere(_call, _exclude):
+        raise AssertionError("a request was replayed")
+
+    async def run(i: int) -> list[int]:
+        call = token_call(f"whole-{local}-{i}-{time.monotonic_ns()}", i, 24)
+        ledger = TokenLedger(call, placement=Placement(replica_id, replica))
+        return [t async for choice in follow(ledger, nowhere, streams, max_replays=0) for t in choice.token_ids or []]
+
+    results = await asyncio.gather(*(run(i) for i in range(16)))
+    assert all(len(tokens) == 24 for tokens in results)
+    reference = await asyncio.gather(*(run(i) for i in (0, 5)))
+    assert reference == [results[0], results[5]], "the same greedy request gave other tokens"
+    stream = streams.streams[replica_id]
+    stream.reader.cancel()
+    await asyncio.gather(stream.reader, return_exceptions=True)
+
+
+async def test_the_deployed_ingress_reads_its_replicas_deltas_over_the_socket(fleet, async_client):
+    """The fleet's own ingress (a Serve replica on this node) takes its replica's batches over a socket."""
+    completion = await async_client.chat.completions.create(
+        model="tiny-a", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0)
+    assert completion.usage.completion_tokens == 8
+    replica = replica_handle(fleet.replicas("tiny-a")[0]["replica_id"])
+    assert (await replica.delta_stats.remote())["local_readers"] >= 1
