@@ -260,6 +260,7 @@ class LLMReplica:
                 yield batch
         finally:
             self.local_readers -= pushing
+            await batches.aclose()  # the pusher (its socket) goes now, not when the generator is collected
             orphans = [rid for rid in self.outboxes.close(subscriber) if rid in self.requests]
             if orphans and self.engine is not None:
                 logger.info("reader %s left; aborting its %d requests", subscriber, len(orphans))
