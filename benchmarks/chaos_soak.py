@@ -103,8 +103,7 @@ def spec(port: int, redis_port: int, max_tokens: int) -> dict:
     return {"name": "rayfleet-soak", "pools": pools, "state_store": f"redis://127.0.0.1:{redis_port}/0",
             "ingress": {"host": "127.0.0.1", "port": port, "chunk_timeout_s": 20,
                         "api_keys": [KEY, {"name": "ops", "key": ADMIN, "role": "admin"}]},
-            "policies": {"router": {"name": "least_load"}, "migration": {"name": "llumnix",
-                                                                          "params": {"imbalance_threshold": 2.0}}},
+            "policies": {"router": {"name": "least_load"}, "migration": {"name": "llumnix"}},
             "health": {"check_period_s": 1.0, "stall_timeout_s": 15}}
 
 
