@@ -377,7 +377,8 @@ def pd_setups(gpus: int, degrees: list[int]) -> list[PdSetup]:
     for tp_p in degrees:
         for n_p in range(1, gpus // tp_p + 1):
             left = gpus - n_p * tp_p
-            setups += [PdSetup((left // tp_d, tp_d), (n_p, tp_p)) for tp_d in degrees if left >= tp_d and left % tp_d == 0]
+            setups += [PdSetup((left // tp_d, tp_d), (n_p, tp_p))
+                       for tp_d in degrees if left >= tp_d and left % tp_d == 0]
     return setups
 
 

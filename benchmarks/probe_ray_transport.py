@@ -38,15 +38,23 @@ SUBMIT = [{"request_id": "req-0", "prompt_token_ids": list(range(128)), "max_tok
 BATCH = [{"request_id": f"req-{i}", "token_ids": list(range(8)), "logprobs": None} for i in range(4)]
 
 
-@ray.remote
-class Replica:
-    """The replica's side: answers calls, produces stream items."""
+class Side:
+    """What both actors have: a ZMQ context, their process id, and pacing without sending (the CPU baseline)."""
 
     def __init__(self) -> None:
         self.ctx = zmq.asyncio.Context()
 
     def pid(self) -> int:
         return os.getpid()
+
+    async def pace(self, n: int) -> None:
+        for _ in range(n):
+            await asyncio.sleep(PACE_S)
+
+
+@ray.remote
+class Replica(Side):
+    """The replica's side: answers calls, produces stream items."""
 
     async def submit(self, calls: list) -> list:
         return [None] * len(calls)
@@ -73,20 +81,10 @@ class Replica:
             await socket.send(msgspec.msgpack.encode((time.time(), BATCH)))
         socket.close(linger=1000)
 
-    async def pace(self, n: int) -> None:
-        for _ in range(n):
-            await asyncio.sleep(PACE_S)
-
 
 @ray.remote
-class Ingress:
+class Ingress(Side):
     """The ingress' side: makes calls, reads stream items. Each method returns its latencies in seconds."""
-
-    def __init__(self) -> None:
-        self.ctx = zmq.asyncio.Context()
-
-    def pid(self) -> int:
-        return os.getpid()
 
     async def ray_call(self, replica, n: int) -> list[float]:
         seconds = []
@@ -130,11 +128,6 @@ class Ingress:
         await pushing
         socket.close()
         return seconds
-
-    async def pace(self, n: int) -> list[float]:
-        for _ in range(n):
-            await asyncio.sleep(PACE_S)
-        return []
 
 
 CONTENDERS = {"call": ("ray_call", "zmq_call"), "stream": ("ray_stream", "zmq_stream")}

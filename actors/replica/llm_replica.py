@@ -102,7 +102,7 @@ class LLMReplica:
         self.requests: dict[str, ActiveRequest] = {}
         self.unclaimed: dict[str, tuple[float, ActiveRequest]] = {}  # finished before the ingress attached
         self.outboxes = Outboxes()
-        self.node_id = _node_id()  # readers on this node take their deltas over a socket
+        self.node_id = _node_id()  # for migrations, engine facts, and readers on this node (deltas over a socket)
         self.local_readers = 0
         self.requests_started = 0
         self.submit_calls = 0
@@ -170,7 +170,7 @@ class LLMReplica:
         config = self.engine.vllm_config
         return {
             "replica_id": self.replica_id,
-            "node_id": _node_id(),
+            "node_id": self.node_id,
             "kv_blocks_total": int(config.cache_config.num_gpu_blocks or 0),
             "kv_block_size": int(config.cache_config.block_size),
             "max_model_len": int(config.model_config.max_model_len),
@@ -432,7 +432,7 @@ class LLMReplica:
                                   {"rayfleet.migration_id": migration_id, "rayfleet.mode": mode,
                                    "rayfleet.src": self.replica_id, "rayfleet.dst": dst.replica_id})
         gpus = self.gpu_uuids
-        migration = SourceMigration(request, self.migrator, self.kv_block_size, self.replica_id, _node_id(),
+        migration = SourceMigration(request, self.migrator, self.kv_block_size, self.replica_id, self.node_id,
                                     gpus[0] if gpus else None, dst, migration_id, mode, self.migration_limits,
                                     trace_headers=tracing.headers_of(span))
         result = await migration.run()

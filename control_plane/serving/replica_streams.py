@@ -9,11 +9,12 @@ treats as a lost replica; the next request to that replica opens a new stream.
 
 Why: a Ray stream item costs tens of microseconds on each side, per request and token; here it is one item
 per engine step for all of this ingress' requests on the replica, and from a replica on this node not a Ray
-item at all but a message on a local socket (`local_deltas.py`), with the Ray stream kept for liveness. Starting requests is batched the same way
-(`SubmitBatcher`): one `submit` call carries every request that became ready while the previous call was on
-its way, so a lone request goes out at once and a burst of hundreds costs a few calls, not hundreds (which
-queued the replica's calls, weight updates and health checks included, for seconds). The queue is registered
-before the request is handed to the batcher, so no delta can arrive for a request nobody listens to yet.
+item at all but a message on a local socket (`local_deltas.py`), with the Ray stream kept for liveness.
+Starting requests is batched the same way (`SubmitBatcher`): one `submit` call carries every request that
+became ready while the previous call was on its way, so a lone request goes out at once and a burst of hundreds
+costs a few calls, not hundreds (which queued the replica's calls, weight updates and health checks included,
+for seconds). The queue is registered before the request is handed to the batcher, so no delta can arrive for a
+request nobody listens to yet.
 """
 
 from __future__ import annotations
