@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bursty_workload import ENGINE, ENV  # noqa: E402
 from contenders import DEMO_MODELS, REPO  # noqa: E402
+from step_fit import fit  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "sim_calibration_cpu.json"
 
@@ -89,24 +90,6 @@ async def measure(engine, args) -> dict:
             decode.append({"batch": batch, "context": context, "seconds": statistics.median(gaps)})
             print(f"decode batch {batch:3d} x {context:4d} ctx: {decode[-1]['seconds'] * 1e3:6.2f} ms/step", flush=True)
     return {"prefill": prefill, "decode": decode}
-
-
-def fit(points: dict) -> dict:
-    import numpy as np
-
-    rows, y = [], []
-    for p in points["prefill"]:
-        rows.append([1.0, p["prefill_tokens"], 0.0, 0.0])
-        y.append(p["seconds"])
-    for p in points["decode"]:
-        rows.append([1.0, 0.0, p["batch"], p["batch"] * p["context"]])
-        y.append(p["seconds"])
-    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(y), rcond=None)
-    coef = np.maximum(coef, 0.0)
-    predicted = np.array(rows) @ coef
-    errors = [abs(a - b) / b for a, b in zip(predicted, y)]
-    return {"base_s": coef[0], "prefill_token_s": coef[1], "decode_seq_s": coef[2], "context_token_s": coef[3],
-            "mean_abs_rel_error": float(np.mean(errors)), "max_abs_rel_error": float(np.max(errors))}
 
 
 async def main_async(args) -> dict:
