@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+import functools
 import logging
 import os
 import time
@@ -106,6 +107,7 @@ class LLMReplica:
         self.local_readers = 0
         self.requests_started = 0
         self.submit_calls = 0
+        self.socket_submits = 0
         self.handoffs: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)  # P/D handoff records
         self._tasks: set[asyncio.Task] = set()  # background work the replica must keep a reference to
         self._write_aheads: dict[str, list[asyncio.Task]] = {}  # migration id -> its write-ahead requests
@@ -229,6 +231,10 @@ class LLMReplica:
         call, in order: None when it started, else why it was refused (the caller fails only that request).
         A batch per Ray call: under a burst, one actor call per request queued the replica's calls for seconds
         (weight updates and health checks behind them), while starting a request costs far less than a call."""
+        return self._start_calls(calls, subscriber)
+
+    def _start_calls(self, calls: list[GenerateCall], subscriber: str) -> list[Exception | None]:
+        """`submit`'s work, also what a reader on this node's calls socket gets (`local_deltas.py`)."""
         self.submit_calls += 1
         outbox = self.outboxes.get(subscriber)
         refusals: list[Exception | None] = []
@@ -242,6 +248,10 @@ class LLMReplica:
                 refusals.append(error)
         return refusals
 
+    def _start_socket_calls(self, subscriber: str, calls: list[GenerateCall]) -> list[Exception | None]:
+        self.socket_submits += 1
+        return self._start_calls(calls, subscriber)
+
     async def attach_to(self, request_id: str, subscriber: str) -> None:
         """Send the rest of a request that arrived here by migration on `subscriber`'s stream."""
         request = self._claim(request_id)
@@ -250,10 +260,12 @@ class LLMReplica:
     async def deltas(self, subscriber: str, local: LocalEndpoint | None = None) -> AsyncIterator[DeltaBatch]:
         """One reader's multiplexed stream: a batch of every request's deltas as soon as there are any. A reader
         on this node that gave a `local` endpoint gets them over its socket instead, and this stream carries a
-        heartbeat (`local_deltas.py`). When the reader goes away, the requests still streaming to it are aborted."""
+        heartbeat (`local_deltas.py`); it also takes that reader's `submit`s over its calls socket. When the reader
+        goes away, the requests still streaming to it are aborted."""
         outbox = self.outboxes.get(subscriber)
         pushing = local is not None and local.node_id == self.node_id
-        batches = heartbeats_while_pushing(outbox, local.address) if pushing else outbox.batches()
+        batches = (heartbeats_while_pushing(outbox, local, functools.partial(self._start_socket_calls, subscriber))
+                   if pushing else outbox.batches())
         self.local_readers += pushing
         try:
             async for batch in batches:
@@ -268,9 +280,11 @@ class LLMReplica:
 
     def delta_stats(self) -> dict[str, int]:
         """Batches sent on the multiplexed streams and the request deltas (engine outputs) they carried; `submit`
-        calls and the requests started (by `submit` or `generate`); readers taking their batches over a socket."""
+        calls (of which `socket_submits` came over a local reader's calls socket) and the requests started (by
+        `submit` or `generate`); readers taking their batches over a socket."""
         return {**asdict(self.outboxes.stats), "submit_calls": self.submit_calls,
-                "requests_started": self.requests_started, "local_readers": self.local_readers}
+                "socket_submits": self.socket_submits, "requests_started": self.requests_started,
+                "local_readers": self.local_readers}
 
     def _start(self, call: GenerateCall) -> ActiveRequest:
         if not self.accepting or self.engine is None or not self.weights.healthy:

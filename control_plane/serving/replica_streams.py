@@ -13,7 +13,7 @@ item at all but a message on a local socket (`local_deltas.py`), with the Ray st
 Starting requests is batched the same way (`SubmitBatcher`): one `submit` call carries every request that
 became ready while the previous call was on its way, so a lone request goes out at once and a burst of hundreds
 costs a few calls, not hundreds (which queued the replica's calls, weight updates and health checks included,
-for seconds). The queue is registered before the request is handed to the batcher, so no delta can arrive for a
+for seconds); to a replica on this node the call is a message on the local socket's way back, not a Ray call. The queue is registered before the request is handed to the batcher, so no delta can arrive for a
 request nobody listens to yet.
 """
 
@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import os
 import uuid
 from typing import AsyncIterator, Awaitable, Callable
 
 import ray
+import zmq
 
 from rayfleet.actors.replica.delta_stream import read_chunks
-from rayfleet.actors.replica.local_deltas import DeltaInbox
+from rayfleet.actors.replica.local_deltas import CallsOpen, DeltaInbox, SubmitReply
 from rayfleet.actors.replica.protocol import DeltaBatch, GenerateCall, ReplicaChunk, ReplicaNotAccepting, RequestDelta
 
 logger = logging.getLogger("rayfleet.ingress")
@@ -40,12 +42,44 @@ MAX_SUBMIT_BATCH = 64  # requests per `submit` call: the replica starts them in 
 
 class SubmitBatcher:
     """Starts requests on one replica with at most one `submit` call on the way: what arrives meanwhile
-    goes in the next call (no batching window, so an idle replica gets a request without delay)."""
+    goes in the next call (no batching window, so an idle replica gets a request without delay). A Ray call,
+    or a message on the local calls socket once the replica has opened it (`local_deltas.py`)."""
 
     def __init__(self, replica, subscriber: str) -> None:
         self.replica, self.subscriber = replica, subscriber
         self.pending: list[tuple[GenerateCall, asyncio.Future]] = []
         self.sender: asyncio.Task | None = None
+        self.inbox: DeltaInbox | None = None  # the replica takes calls over this inbox's socket
+        self.replies: dict[int, asyncio.Future] = {}  # calls batch number -> its refusals, once answered
+        self.numbers = itertools.count()
+
+    def calls_open(self, inbox: DeltaInbox) -> None:
+        self.inbox = inbox
+
+    def answered(self, reply: SubmitReply) -> None:
+        waiting = self.replies.pop(reply.batch, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(reply.refusals)
+
+    def fail(self, error: BaseException) -> None:
+        """The replica's stream ended: calls not answered yet never will be (as a Ray call to a dead actor)."""
+        self.inbox = None
+        for waiting in self.replies.values():
+            if not waiting.done():
+                waiting.set_exception(error)
+        self.replies.clear()
+
+    async def _call(self, calls: list[GenerateCall]) -> list[Exception | None]:
+        if self.inbox is None:
+            return await self.replica.submit.remote(calls, self.subscriber)
+        number = next(self.numbers)
+        answer = self.replies[number] = asyncio.get_running_loop().create_future()
+        try:
+            await self.inbox.send_calls(number, calls)
+        except zmq.Again:  # no connection yet (or any more): a Ray call reaches the replica or says it is gone
+            self.replies.pop(number, None)
+            return await self.replica.submit.remote(calls, self.subscriber)
+        return await answer
 
     async def submit(self, call: GenerateCall) -> None:
         """Returns once the replica started `call`; raises what the replica refused it with."""
@@ -64,7 +98,7 @@ class SubmitBatcher:
             if not batch:
                 continue
             try:
-                refusals = await self.replica.submit.remote([call for call, _ in batch], self.subscriber)
+                refusals = await self._call([call for call, _ in batch])
             except Exception as error:  # the replica is unreachable: every request in the call is lost there
                 refusals = [error] * len(batch)
             for (_, started), refusal in zip(batch, refusals):
@@ -111,8 +145,13 @@ class ReplicaStream:
 
     async def _read_inbox(self, inbox: DeltaInbox) -> None:
         try:
-            async for batch in inbox.batches():
-                self._deliver(batch)
+            async for message in inbox.messages():
+                if isinstance(message, SubmitReply):
+                    self.batcher.answered(message)
+                elif isinstance(message, CallsOpen):
+                    self.batcher.calls_open(inbox)
+                else:
+                    self._deliver(message)
         except Exception:  # a batch that cannot be read: end the stream, so that its requests replay
             logger.exception("local deltas from replica %s failed", self.replica_id)
             self.reader.cancel()
@@ -132,6 +171,7 @@ class ReplicaStream:
         except Exception as error:  # the replica died or its actor is unreachable: every listener replays
             self.failure = error
         finally:
+            self.batcher.fail(self.failure)
             if inbox is not None:
                 inbox_reader.cancel()  # nothing it has not delivered yet reaches a listener: the ledger replays it
                 inbox.close()
