@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from rayfleet.actors.replica.local_deltas import HEARTBEAT_S, CallsOpen, DeltaInbox, LocalEndpoint, SubmitReply, dumps
-from rayfleet.actors.replica.protocol import DeltaBatch, ReplicaNotAccepting
+from rayfleet.actors.replica.protocol import DeltaBatch, ReplicaNotAccepting, portable_error
 from rayfleet.control_plane.serving.ledger import Placement, TokenLedger, follow
 from rayfleet.control_plane.serving.replica_streams import ReplicaStreams, SubmitBatcher
 from test_batched_streams import token_call
@@ -189,3 +189,20 @@ async def test_a_call_that_finds_no_replica_at_the_socket_goes_as_a_ray_call(fle
         deltas.close(linger=0)
         calls.close(linger=0)
         inbox.close()
+
+
+class NeedsTwoArguments(Exception):
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"{what}: {why}")
+
+
+def test_an_error_another_process_cannot_unpickle_travels_as_its_name_and_message():
+    """A refusal or a request's error rides a batch to the reader's process: one that would not unpickle there
+    (its `__init__` wants more than its `args`) would break the whole batch, so it travels as its text."""
+    with pytest.raises(TypeError):
+        pickle.loads(pickle.dumps(NeedsTwoArguments("prompt", "too long")))
+    odd = portable_error(NeedsTwoArguments("prompt", "too long"))
+    assert type(odd) is RuntimeError and str(odd) == "NeedsTwoArguments: prompt: too long"
+    assert pickle.loads(pickle.dumps(odd)).args == odd.args
+    refused = ValueError("request id x is already running")
+    assert portable_error(refused) is refused

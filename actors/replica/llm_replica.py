@@ -40,6 +40,7 @@ from rayfleet.actors.replica.protocol import (
     GenerateCall,
     Handoff,
     MigrationLimits,
+    portable_error,
     ReplicaChunk,
     ReplicaError,
     ReplicaNotAccepting,
@@ -245,7 +246,7 @@ class LLMReplica:
             except Exception as error:  # one bad call must not fail the batch
                 if not isinstance(error, ReplicaNotAccepting):
                     logger.warning("request %s refused on %s: %r", call.request_id, self.replica_id, error)
-                refusals.append(error)
+                refusals.append(portable_error(error))
         return refusals
 
     def _start_socket_calls(self, subscriber: str, calls: list[GenerateCall]) -> list[Exception | None]:
@@ -367,7 +368,7 @@ class LLMReplica:
             raise
         except Exception as error:  # surfaced to the ingress through the stream
             logger.exception("request %s failed on %s", rid, self.replica_id)
-            request.deliver(RequestDelta(rid, error=error))
+            request.deliver(RequestDelta(rid, error=portable_error(error)))
             _end_span(request, error)
             self._finish(request)
 

@@ -9,6 +9,7 @@ its requests on a replica over one stream, in `DeltaBatch`es (see `delta_stream.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,18 @@ class ReplicaError(RuntimeError):
 
 class ReplicaNotAccepting(ReplicaError):
     """The replica is draining, stopping or not started; route the request elsewhere."""
+
+
+def portable_error(error: Exception) -> Exception:
+    """`error` if another process can unpickle it, else a `ValueError` or `RuntimeError` with its type's name and
+    message. An exception whose `__init__` takes other arguments than its `args` pickles but does not unpickle,
+    and one request's odd error must not break the batch, and with it the stream, that carries it."""
+    try:
+        pickle.loads(pickle.dumps(error, protocol=pickle.HIGHEST_PROTOCOL))
+        return error
+    except Exception:
+        kind = ValueError if isinstance(error, ValueError) else RuntimeError
+        return kind(f"{type(error).__name__}: {error}")
 
 
 @dataclass(frozen=True)
