@@ -16,7 +16,7 @@ from rayfleet.control_plane.simulator.profiles import (
     profile,
     tensor_parallel,
 )
-from rayfleet.control_plane.simulator.workload import TraceRequest, bursty
+from rayfleet.control_plane.simulator.workload import TraceRequest, bursty, diurnal_with_bursts, recurring_crowds
 from rayfleet.policies.base import FleetSnapshot, ReplicaSnapshot
 from rayfleet.policies.migration import LlumnixMigrationPolicy
 
@@ -154,3 +154,23 @@ def test_a_sharded_replica_prefills_a_long_prompt_faster_and_holds_more_kv():
         ttft[degree] = record.ttft_s
     assert 1.8 < ttft[1] / ttft[2] < 2.0
     assert tensor_parallel(profile("a100-llama-13b"), 2).kv_blocks > 2 * profile("a100-llama-13b").kv_blocks
+
+
+def test_the_one_day_diurnal_trace_is_the_one_the_documented_scaling_runs_used():
+    """The recurring-crowd option leaves the default trace alone, request for request (counts as in
+    docs/benchmarks-simulator.md's scaling table for seeds 1 and 2)."""
+    assert [len(diurnal_with_bursts(1800.0, 6.0, period_s=1800.0, seed=seed)) for seed in (1, 2)] == [12130, 11519]
+
+
+def test_a_multi_day_trace_repeats_its_recurring_crowd_at_the_same_time_of_day_within_the_jitter():
+    day, jitter = 600.0, 60.0
+    starts = recurring_crowds(3 * day, day, count=1, burst_s=120.0, jitter_s=jitter, seed=4)
+    assert len(starts) == 3
+    assert all(abs(later - earlier - day) <= 2 * jitter for earlier, later in zip(starts, starts[1:]))
+    crowded = diurnal_with_bursts(3 * day, 6.0, period_s=day, bursts=0, recurring=1, seed=4)
+    calm = diurnal_with_bursts(3 * day, 6.0, period_s=day, bursts=0, seed=4)
+
+    def arrivals(trace: list[TraceRequest], start: float) -> int:  # in the crowd's middle minute
+        return sum(1 for r in trace if start + 30 <= r.arrival_s < start + 90)
+
+    assert all(arrivals(crowded, start) > 1.5 * arrivals(calm, start) for start in starts)  # 2.1x on average

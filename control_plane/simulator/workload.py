@@ -51,15 +51,34 @@ def bursty(count: int, rate: float, shape: float = 0.25, prompt_median: float = 
     return requests
 
 
+def recurring_crowds(duration_s: float, period_s: float, count: int, burst_s: float, jitter_s: float,
+                     seed: int) -> list[float]:
+    """Start times of `count` flash crowds that recur every period at about the same time of day (a 9 am rush, a
+    nightly batch): each crowd's time of day is drawn once, and each period it starts within +-`jitter_s` of it."""
+    rng = random.Random(f"recurring-{seed}")  # its own stream: the random crowds and arrivals keep theirs
+    phases = [rng.uniform(jitter_s, period_s - burst_s - jitter_s) for _ in range(count)]
+    starts = [day * period_s + phase + rng.uniform(-jitter_s, jitter_s)
+              for day in range(math.ceil(duration_s / period_s)) for phase in phases]
+    return [start for start in starts if start <= duration_s - burst_s]
+
+
 def diurnal_with_bursts(duration_s: float, base_rate: float, amplitude: float = 0.6, period_s: float = 3600.0,
                         bursts: int = 3, burst_factor: float = 2.5, burst_s: float = 120.0, shape: float = 0.5,
-                        seed: int = 0, **lengths) -> list[TraceRequest]:
+                        seed: int = 0, recurring: int = 0, recurring_jitter_s: float = 60.0,
+                        **lengths) -> list[TraceRequest]:
     """A day compressed into `period_s`: rate(t) = base * (1 + amplitude * sin(2 pi t / period)), lowest at 0,
     times up to `burst_factor` during `bursts` flash crowds of `burst_s` at random times (the factor rises
     linearly to its peak at the middle and falls back: crowds build over minutes, as in public traces);
-    Gamma arrivals by thinning."""
+    Gamma arrivals by thinning.
+
+    A `duration_s` of several periods is several days, each the same diurnal shape; `bursts` random crowds fall
+    anywhere in the whole trace, and `recurring` more fall each day at about the same time of day
+    (`recurring_crowds`): the regularity a seasonal forecast can learn, and a random crowd is not."""
     rng = random.Random(seed)
     windows = sorted(rng.uniform(0, duration_s - burst_s) for _ in range(bursts))
+    if recurring:
+        windows = sorted(windows + recurring_crowds(duration_s, period_s, recurring, burst_s, recurring_jitter_s,
+                                                    seed))
 
     def crowd(t: float) -> float:
         return max((1 - abs(2 * (t - w) / burst_s - 1) for w in windows if w <= t < w + burst_s), default=0.0)
