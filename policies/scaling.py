@@ -93,6 +93,64 @@ class _Forecast:
 
 
 @dataclass
+class _Season:
+    """Arrivals per bin of time over the last `seasons` periods (days), to look up what came at the same time of
+    day before: the regularity (a daily rush, a nightly batch) that a short-term forecast cannot see coming and a
+    seasonal one can (AWS predictive scaling learns the same from the past days' load). Cheap at any scale: a tick
+    adds to one bin, and a forecast, which changes only when a bin is complete, is a few dozen look-ups a bin."""
+
+    season_s: float
+    bin_s: float
+    seasons: int
+    jitter_s: float
+    counts: dict[int, int] = field(default_factory=dict)  # bin (time // bin_s) -> arrivals counted in it
+    now_bin: int | None = None
+    cached: tuple[int, float | None] | None = None  # (bin, forecast made in it)
+
+    LEVEL_BINS = 10  # complete bins that compare today's level with a past season's (5 min at 30 s bins)
+
+    @property
+    def period(self) -> int:
+        return round(self.season_s / self.bin_s)
+
+    def observe(self, arrivals: int, now: float) -> None:
+        self.now_bin = int(now // self.bin_s)
+        if self.now_bin not in self.counts:  # a new bin: forget the ones no season looks back to
+            oldest = self.now_bin - (self.seasons + 1) * self.period - self.LEVEL_BINS
+            while self.counts and next(iter(self.counts)) < oldest:
+                del self.counts[next(iter(self.counts))]
+        self.counts[self.now_bin] = self.counts.get(self.now_bin, 0) + arrivals
+
+    def forecast(self, lead_s: float) -> float | None:
+        """Arrivals per second to expect one `lead_s` ahead, from the past seasons; None without history."""
+        if self.now_bin is None:
+            return None
+        if self.cached is None or self.cached[0] != self.now_bin:
+            past = [self._from_season(back * self.period, lead_s) for back in range(1, self.seasons + 1)]
+            known = [rate for rate in past if rate is not None]
+            # The lowest over the seasons remembered: a crowd is provisioned for once it came in each of them (a
+            # one-off crowd yesterday is not a pattern), and the day-to-day jitter is covered by each one's window.
+            self.cached = (self.now_bin, min(known) if known else None)
+        return self.cached[1]
+
+    def _from_season(self, back: int, lead_s: float) -> float | None:
+        """The highest rate `back` bins ago within +-jitter of now + lead (a recurring crowd drifts by minutes),
+        scaled by how the last LEVEL_BINS complete bins compare with the same bins then (today's level)."""
+        recent = [(self.counts[b], self.counts[b - back]) for b in range(self.now_bin - self.LEVEL_BINS, self.now_bin)
+                  if b in self.counts and b - back in self.counts]
+        then = sum(count for _, count in recent)
+        if not then:
+            return None
+        target = self.now_bin * self.bin_s + lead_s
+        window = range(int((target - self.jitter_s) // self.bin_s) - back,
+                       int((target + self.jitter_s) // self.bin_s) - back + 1)
+        rates = [self.counts[b] for b in window if b in self.counts]
+        if not rates:
+            return None
+        return max(rates) / self.bin_s * sum(today for today, _ in recent) / then
+
+
+@dataclass
 class _PoolForecast:
     rate: _Forecast  # arrivals per second, over a sliding window
     held: _Forecast  # tokens in flight, for the scale-in guard
@@ -103,6 +161,7 @@ class _PoolForecast:
     finished_g: float = 0.0  # mean KV token-steps of a finished request, E[g(s, o)]
     finished: int = 0
     outputs: dict[str, tuple[int, int]] = field(default_factory=dict)  # request id -> (prompt, output) last seen
+    season: _Season | None = None  # arrivals by time of day, with `season_s`
 
     def window_rate(self, now: float, window_s: float) -> float:
         while self.arrivals and now - self.arrivals[0][0] >= window_s:
@@ -140,6 +199,16 @@ class PredictiveScaler:
     a lower utilization target: the measured forecast error swells after a flash crowd has passed, when the
     capacity is no longer needed, and is small before the next one (`docs/benchmarks-simulator.md`).
 
+    **Seasonality** (`season_s`, off by default): where load repeats with a period (a day), the scaler counts
+    arrivals in bins of `season_bin_s` and also forecasts the rate one lead time ahead from the past `seasons`
+    periods: each one's highest bin within +-`season_jitter_s` of that time of day, scaled by today's level
+    against that period's, the lowest over the periods, provisioned for when above the Holt forecast. A crowd
+    that comes every day at about the same time is provisioned for before it starts, which no short-term
+    forecast can do (a flash crowd reaches its peak in about a start-up time); without history (the first
+    period) the scaler is the Holt one alone. Over the simulator's three-day traces (one of each day's three
+    crowds recurring, five seeds) days 2 and 3 had 23-48% fewer SLO violations than the reactive scaler at
+    2-4% fewer replica-hours, at each utilization tried (`docs/benchmarks-simulator.md`).
+
     Scale-in is also guarded (`guard_scale_in`): a replica removed now takes `startup_s` to come back, so the
     pool keeps it while tokens in flight one start-up time ahead, at the same quantile of their own Holt
     forecast and measured error, would still fill the replicas it has. Without the guard, a lull between
@@ -152,10 +221,15 @@ class PredictiveScaler:
     def __init__(self, startup_s: float = 60.0, quantile: float = 0.5, target_utilization: float = 0.4,
                  downscale_delay_s: float = 30.0, window_s: float = 30.0, level_smoothing: float = 0.2,
                  trend_smoothing: float = 0.05, default_step_s: float = 0.05, learn_after: int = 20,
-                 signals: list[str] | None = None, guard_scale_in: bool = True) -> None:
+                 signals: list[str] | None = None, guard_scale_in: bool = True, season_s: float | None = None,
+                 season_bin_s: float = 30.0, season_jitter_s: float = 60.0, seasons: int = 2) -> None:
         unknown = set(signals or ()) - {"tokens", "rate"}
         if unknown:
             raise ValueError(f"signals: unknown {sorted(unknown)}; allowed: tokens, rate")
+        if season_s is not None and (season_s <= 0 or season_bin_s <= 0 or seasons < 1 or
+                                     abs(season_s / season_bin_s - round(season_s / season_bin_s)) > 1e-9):
+            raise ValueError(f"season_s: {season_s} must be a positive multiple of season_bin_s ({season_bin_s}), "
+                             f"with seasons ({seasons}) >= 1")
         self.startup_s = startup_s
         self.window_s = window_s
         self.z = NormalDist().inv_cdf(quantile)
@@ -167,6 +241,8 @@ class PredictiveScaler:
         self.learn_after = learn_after
         self.signals = frozenset(signals or ("tokens", "rate"))
         self.guard_scale_in = guard_scale_in
+        self.season = (dict(season_s=season_s, bin_s=season_bin_s, seasons=seasons, jitter_s=season_jitter_s)
+                       if season_s is not None else None)
         self._pools: dict[str, _PoolForecast] = {}
 
     def desired_replicas(self, snapshot: FleetSnapshot) -> dict[str, int]:
@@ -175,7 +251,8 @@ class PredictiveScaler:
     def _state(self, pool: str) -> _PoolForecast:
         if pool not in self._pools:
             self._pools[pool] = _PoolForecast(rate=_Forecast(self.alpha, self.beta, self.startup_s),
-                                              held=_Forecast(self.alpha, self.beta, self.startup_s))
+                                              held=_Forecast(self.alpha, self.beta, self.startup_s),
+                                              season=_Season(**self.season) if self.season else None)
         return self._pools[pool]
 
     # ---------------------------------------------------------------- observations
@@ -194,6 +271,8 @@ class PredictiveScaler:
             state.rate.last_at = now
             return
         state.arrivals.append((now, arrivals))
+        if state.season is not None:
+            state.season.observe(arrivals, now)
         state.rate.observe(state.window_rate(now, self.window_s), now)
 
     @staticmethod
@@ -229,7 +308,7 @@ class PredictiveScaler:
 
     def demand(self, pool: PoolSnapshot, state: _PoolForecast) -> float:
         """KV demand (tokens) to provision for: the upper-quantile forecast of what the arrival rate one lead
-        time ahead implies, and never less than what the pool holds now."""
+        time ahead implies (or the seasonal forecast, if higher), and never less than what the pool holds now."""
         forecasts = []
         if "tokens" in self.signals:
             forecasts.append(state.tokens)
@@ -238,6 +317,8 @@ class PredictiveScaler:
         if "rate" in self.signals and mu:
             # Until forecasts come due, the spread of a Poisson count over the window.
             rate = state.rate.upper(self.z, floor_variance=state.rate.mean() / self.window_s)
+            seasonal = state.season.forecast(self.startup_s) if state.season is not None else None
+            rate = max(rate, seasonal or 0.0)
             forecasts.append(rate / mu * (sum(kv) / len(kv)))
         return max(forecasts, default=0.0)
 

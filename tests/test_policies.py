@@ -255,3 +255,48 @@ def test_predictive_scaler_keeps_replicas_its_forecast_still_needs_and_sheds_the
     assert unguarded[5:40] == [2] * 35  # drained during the swings
     assert guarded[:40] == [4] * 40  # kept: the next swing needs them
     assert guarded[-1] == 1 and all(later >= earlier - 1 for earlier, later in zip(guarded, guarded[1:]))
+
+
+def seasonal_days(scaler: PredictiveScaler, crowds: list[float], days: int = 2, day_s: int = 200) -> list[int]:
+    """Days of `day_s` ticks: 2 requests a second, 10 during a 20 s crowd starting at each of `crowds` (absolute
+    seconds); each request 100 prompt + 100 output tokens, started in one snapshot and finished by the next.
+    Returns the replicas the scaler wants at each second."""
+    total, desired, wanted = 0, 2, []
+    for t in range(days * day_s):
+        rate = 10 if any(start <= t < start + 20 for start in crowds) else 2
+        total += rate
+        finished_now = [progress(f"t{t}-{i}", 100, 100, output=100) for i in range(3)]
+        snap = pool_at(float(t), started("a1", total, requests=finished_now), desired=desired)
+        desired = scaler.desired_replicas(snap)["a"]
+        wanted.append(desired)
+    return wanted
+
+
+def seasonal_scaler(**season) -> PredictiveScaler:
+    """mu = 2.13 req/s a replica (as above) at 0.5 utilization: 2 req/s want 2 replicas, 10 req/s want 10."""
+    return PredictiveScaler(startup_s=10.0, window_s=3.0, target_utilization=0.5, learn_after=5, **season)
+
+
+def test_seasonal_scaler_provisions_a_recurring_crowd_before_it_starts_on_the_second_day_not_the_first():
+    """A crowd at 120 s of a 200 s day, and 5 s earlier the next day (within the 10 s jitter). On the first day
+    the scaler has no history and behaves exactly as without a season; on the second it has what came at that
+    time of day before, and wants the crowd's 10 replicas a start-up time (10 s) before it comes."""
+    crowds = [120.0, 315.0]
+    seasonal = seasonal_days(seasonal_scaler(season_s=200.0, season_bin_s=10.0, season_jitter_s=10.0), crowds)
+    plain = seasonal_days(seasonal_scaler(), crowds)
+    assert seasonal[:200] == plain[:200]  # no history: the Holt forecast alone
+    assert seasonal[110] == 2 and seasonal[119] == 2  # day 1: nothing seen coming
+    assert plain[305] == 2  # day 2 without a season: still nothing
+    assert min(seasonal[305:315]) >= 9  # day 2: ready when the crowd comes
+
+
+def test_seasonal_scaler_forgets_what_no_season_looks_back_to():
+    scaler = seasonal_scaler(season_s=200.0, season_bin_s=10.0, seasons=2)
+    seasonal_days(scaler, crowds=[], days=6)
+    season = scaler._pools["a"].season
+    assert len(season.counts) <= 3 * 20 + season.LEVEL_BINS + 1  # this day's bins and two days before
+
+
+def test_a_season_that_is_not_a_whole_number_of_bins_is_refused_naming_the_field():
+    with pytest.raises(registry.UnknownPolicy, match="season_s"):
+        registry.create("scaler", "predictive", {"season_s": 1801.0, "season_bin_s": 30.0})
