@@ -14,7 +14,9 @@ section, as the controller and the ingress build them) over simulated replicas (
   2-64 replicas: the predictive scaler, provisioning for an upper quantile of its forecast and for its mean,
   against the reactive `tokens_in_flight`, each at several settings of its knob (a frontier of replica-hours
   against SLO violations), all draining by migration (`llumnix` drains): SLO violations and replica-hours per
-  seed and over all seeds together.
+  seed and over all seeds together. With `--scaling-days N --recurring-crowds K` a trace is N such days, K of
+  each day's crowds coming at about the same time every day, and `--seasonal` adds the predictive scaler with
+  a seasonal forecast (`season_s` = the day); days 2+ are also reported alone (the seasonal forecast's history).
 - `pause`: the same 16-replica setting with `llumnix` pricing its moves at a pause other than the profile's
   (as a pool on new hardware does with the configured default): each price with the pause fixed, and learned
   from the fleet's own moves (`learn_pause`), over several trace seeds.
@@ -213,18 +215,40 @@ def pause_markdown(pa: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- scaling
-def predictive_contender(quantile: float) -> str:
-    return f"predictive (quantile {quantile:g})"
+def predictive_contender(quantile: float, seasonal: bool = False) -> str:
+    return f"predictive (quantile {quantile:g}{', seasonal' if seasonal else ''})"
 
 
 def scaling_settings(args) -> list[tuple[str, dict[str, float]]]:
     """(contender, params): each scaler's knob trades replica-hours for SLO violations; the predictive scaler
-    once per forecast quantile it provisions for (`--predictive QUANTILE:UTILIZATION,...`)."""
+    once per forecast quantile it provisions for (`--predictive QUANTILE:UTILIZATION,...`), and with a seasonal
+    forecast of one day (`--seasonal QUANTILE:UTILIZATION,...`)."""
     settings = [("tokens_in_flight", {"target_tokens_per_replica": t}) for t in args.reactive_targets]
-    for quantile, utilizations in args.predictive:
-        settings += [(predictive_contender(quantile), {"quantile": quantile, "target_utilization": u})
-                     for u in utilizations]
+    for seasonal, contenders in ((False, args.predictive), (True, args.seasonal)):
+        for quantile, utilizations in contenders:
+            season = {"season_s": args.day_s} if seasonal else {}
+            settings += [(predictive_contender(quantile, seasonal),
+                          {"quantile": quantile, "target_utilization": u, **season}) for u in utilizations]
     return settings
+
+
+def scaling_trace(args, seed: int) -> list[TraceRequest]:
+    """`--scaling-days` days of `--crowds-per-day` flash crowds each, `--recurring-crowds` of which come at about
+    the same time every day and the others at random times (one day without recurring crowds: the original
+    trace, request for request)."""
+    random_crowds = (args.crowds_per_day - args.recurring_crowds) * args.scaling_days
+    return diurnal_with_bursts(args.day_s * args.scaling_days, base_rate=args.day_rate, period_s=args.day_s,
+                               bursts=random_crowds, recurring=args.recurring_crowds, seed=seed)
+
+
+def after_first_day(result, day_s: float, slo_ttft_s: float, slo_tpot_s: float) -> dict[str, float]:
+    """SLO violations among requests arriving after the first day, and replica-hours after it (from the
+    replica count sampled each tick): the days a seasonal forecast has history for."""
+    later = [r for r in result.records if r.arrival_s >= day_s]
+    met = sum(1 for r in later if r.ttft_s is not None and r.ttft_s <= slo_ttft_s and r.tpot_s <= slo_tpot_s)
+    samples = result.replica_samples
+    seconds = sum(a[1] * (b[0] - a[0]) for a, b in zip(samples, samples[1:]) if a[0] >= day_s)
+    return {"later_slo_violations": len(later) - met, "later_replica_hours": seconds / 3600}
 
 
 def scaling_profile(args):
@@ -236,7 +260,7 @@ def scaling_run(job: tuple[int, str, dict[str, float], argparse.Namespace]) -> d
     """One scaler setting over one seed's trace (a worker process: the runs are independent)."""
     seed, name, knobs, args = job
     p = scaling_profile(args)
-    trace = diurnal_with_bursts(args.day_s, base_rate=args.day_rate, period_s=args.day_s, seed=seed)
+    trace = scaling_trace(args, seed)
     pool = SimPool("m", p, 4, min_replicas=2, max_replicas=64)
     params: dict[str, Any] = dict(knobs)
     if name.startswith("predictive"):
@@ -246,7 +270,9 @@ def scaling_run(job: tuple[int, str, dict[str, float], argparse.Namespace]) -> d
                                                  "params": params},
                                       "migration": llumnix(p, triggers=["drain"])})
     s = result.summary(args.slo_ttft_s, args.slo_tpot_s)
-    shown_knobs = {k: v for k, v in knobs.items() if k != "quantile"}  # the contender's name carries it
+    if args.scaling_days > 1:
+        s.update(after_first_day(result, args.day_s, args.slo_ttft_s, args.slo_tpot_s))
+    shown_knobs = {k: v for k, v in knobs.items() if k not in ("quantile", "season_s")}  # the name carries them
     return {"scaler": name, **knobs, "setting": ", ".join(f"{k}={v:g}" for k, v in shown_knobs.items()),
             "seed": seed, "requests": len(trace), **s}
 
@@ -266,7 +292,9 @@ def scaling(args) -> dict[str, Any]:
                 f"{row['slo_violations']} of {row['requests']}, replica-hours {row['replica_hours']:.2f} "
                 f"({len(rows)}/{len(jobs)})")
     return {"profile": "a10-llama-7b", "startup_s": scaling_profile(args).startup_s,
-            "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s, "day_s": args.day_s, "base_rate": args.day_rate, "seeds": list(args.scaling_seeds), "rows": rows}
+            "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s, "day_s": args.day_s,
+            "base_rate": args.day_rate, "days": args.scaling_days, "crowds_per_day": args.crowds_per_day,
+            "recurring_crowds": args.recurring_crowds, "seeds": list(args.scaling_seeds), "rows": rows}
 
 
 def fewest_within(points: list[tuple[float, float]], hours: float) -> float | None:
@@ -290,8 +318,12 @@ def scaling_verdicts(sc: dict[str, Any], scaler: str, setting: str) -> list[bool
 
 def scaling_markdown(sc: dict[str, Any]) -> str:
     seeds = sc["seeds"]
+    days = sc.get("days", 1)
+    trace = (f"{sc['day_s']:g} s of arrivals per trace" if days == 1 else
+             f"{days} days of {sc['day_s']:g} s per trace, {sc['crowds_per_day']} flash crowds a day of which "
+             f"{sc['recurring_crowds']} at about the same time each day")
     lines = [f"SLO: TTFT <= {sc['slo_ttft_s']:g} s and TPOT <= {sc['slo_tpot_s']:g} s; "
-             f"{sc['day_s']:g} s of arrivals per trace, replicas ready {sc.get('startup_s', 60.0):g} s after "
+             f"{trace}, replicas ready {sc.get('startup_s', 60.0):g} s after "
              f"their start, seeds {', '.join(map(str, seeds))} "
              f"({', '.join(str(next(r['requests'] for r in sc['rows'] if r['seed'] == s)) for s in seeds)} requests). "
              "Each cell: SLO violations / replica-hours.", "",
@@ -314,14 +346,34 @@ def scaling_markdown(sc: dict[str, Any]) -> str:
                      f"replica-hours in {sum(judged)} of {len(judged)} seeds"
                      + (f" ({len(verdicts) - len(judged)} with fewer replica-hours than any reactive setting)"
                         if len(judged) < len(verdicts) else "") + "; " + summed_verdict(sc, scaler, setting))
+    if days > 1:
+        lines += later_days_markdown(sc, settings)
     return "\n".join(lines)
 
 
-def summed_verdict(sc: dict[str, Any], scaler: str, setting: str) -> str:
-    """All seeds' traces taken as one: this setting's totals against the reactive settings' totals."""
+def later_days_markdown(sc: dict[str, Any], settings: list[tuple[str, str]]) -> list[str]:
+    """Days 2+ alone, summed over the seeds: the days the seasonal forecast has a past day to learn from."""
+    lines = ["", "Days 2+ only (arrivals after the first day; replica-hours from the replica count each tick), "
+             "summed over the seeds:", "", "| scaler | setting | violations, sum | replica-hours, sum |",
+             "| --- | --- | ---: | ---: |"]
+    for scaler, setting in settings:
+        mine = [r for r in sc["rows"] if r["scaler"] == scaler and r["setting"] == setting]
+        lines.append(f"| {scaler} | {setting} | {sum(r['later_slo_violations'] for r in mine)} | "
+                     f"{sum(r['later_replica_hours'] for r in mine):.2f} |")
+    lines.append("")
+    lines += [f"- days 2+, {scaler} {setting}: " + summed_verdict(sc, scaler, setting, later=True)
+              for scaler, setting in settings if scaler != "tokens_in_flight"]
+    return lines
+
+
+def summed_verdict(sc: dict[str, Any], scaler: str, setting: str, later: bool = False) -> str:
+    """All seeds' traces taken as one (`later`: their days 2+ only): this setting's totals against the reactive
+    settings' totals."""
+    prefix = "later_" if later else ""
+
     def totals(name: str, knob_setting: str) -> tuple[float, int]:
         rows = [r for r in sc["rows"] if r["scaler"] == name and r["setting"] == knob_setting]
-        return sum(r["replica_hours"] for r in rows), sum(r["slo_violations"] for r in rows)
+        return sum(r[f"{prefix}replica_hours"] for r in rows), sum(r[f"{prefix}slo_violations"] for r in rows)
 
     hours, violations = totals(scaler, setting)
     reactive = [totals("tokens_in_flight", s) for s in dict.fromkeys(
@@ -535,12 +587,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pause-seeds", type=int, nargs="+", default=[1, 2, 3], help="pause: one trace per seed")
     parser.add_argument("--day-s", type=float, default=1800.0, help="scaling: the compressed day")
     parser.add_argument("--reactive-targets", type=int, nargs="+", default=[3500, 4000, 4500, 5000])
-    parser.add_argument("--predictive", type=quantile_and_utilizations, nargs="+",
+    parser.add_argument("--predictive", type=quantile_and_utilizations, nargs="*",
                         default=[(0.9, [0.5, 0.6]), (0.5, [0.35, 0.4, 0.45])], metavar="QUANTILE:UTILIZATION,...",
                         help="scaling: the predictive scaler at each forecast quantile, at these target utilizations "
-                             "(default: 0.9:0.5,0.6 0.5:0.35,0.4,0.45)")
+                             "(default: 0.9:0.5,0.6 0.5:0.35,0.4,0.45; the flag alone: none)")
+    parser.add_argument("--seasonal", type=quantile_and_utilizations, nargs="*", default=[],
+                        metavar="QUANTILE:UTILIZATION,...",
+                        help="scaling: the predictive scaler with a seasonal forecast of one day (season_s = "
+                             "--day-s), at each quantile and target utilization (default: none)")
     parser.add_argument("--scaling-seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
                         help="scaling: one diurnal trace per seed")
+    parser.add_argument("--scaling-days", type=int, default=1, help="scaling: days per trace, the same shape each")
+    parser.add_argument("--crowds-per-day", type=int, default=3, help="scaling: flash crowds a day")
+    parser.add_argument("--recurring-crowds", type=int, default=0,
+                        help="scaling: of a day's crowds, those that come at about the same time every day "
+                             "(+-60 s)")
     parser.add_argument("--workers", type=int, default=2, help="scaling: processes running settings at once")
     parser.add_argument("--day-rate", type=float, default=6.0, help="scaling: mean req/s over the day")
     parser.add_argument("--startup-s", type=float, default=None,

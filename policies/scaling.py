@@ -207,7 +207,8 @@ class PredictiveScaler:
     forecast can do (a flash crowd reaches its peak in about a start-up time); without history (the first
     period) the scaler is the Holt one alone. Over the simulator's three-day traces (one of each day's three
     crowds recurring, five seeds) days 2 and 3 had 23-48% fewer SLO violations than the reactive scaler at
-    2-4% fewer replica-hours, at each utilization tried (`docs/benchmarks-simulator.md`).
+    2-4% fewer replica-hours, at each utilization tried; counting the first day too, two of the three settings
+    still had 23-27% fewer (`docs/benchmarks-simulator.md`).
 
     Scale-in is also guarded (`guard_scale_in`): a replica removed now takes `startup_s` to come back, so the
     pool keeps it while tokens in flight one start-up time ahead, at the same quantile of their own Holt
