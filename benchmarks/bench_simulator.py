@@ -20,7 +20,7 @@ section, as the controller and the ingress build them) over simulated replicas (
 - `pause`: the same 16-replica setting with `llumnix` pricing its moves at a pause other than the profile's
   (as a pool on new hardware does with the configured default): each price with the pause fixed, and learned
   from the fleet's own moves (`learn_pause`), over several trace seeds.
-- `pd`: a prefill-heavy mix on 8 A100s (`a100-llama-13b`): colocated (vLLM v1's chunked prefill, and without
+- `pd`: a prefill-heavy mix on 8 GPUs (`--pd-profile`, default `a100-llama-13b`): colocated (vLLM v1's chunked prefill, and without
   chunking as in DistServe's vLLM baseline) at each tensor-parallel degree, against prefill/decode disaggregation
   at every split of the GPUs and every degree per phase (DistServe's placement search, within one node); goodput
   = the highest request rate with at least 90% of requests within both SLOs (DistServe's definition), for
@@ -446,7 +446,7 @@ def pd_pools(setup: PdSetup, base: ReplicaProfile) -> tuple[list[SimPool], dict[
 
 
 def pd(args) -> dict[str, Any]:
-    base = profile("a100-llama-13b")
+    base = profile(args.pd_profile)
     setups = pd_setups(args.pd_gpus, args.pd_tp_degrees)
     rows = []
     for tpot in args.pd_tpot_slos:
@@ -478,8 +478,8 @@ def pd_markdown(r: dict[str, Any]) -> str:
     setups = list(dict.fromkeys(x["setup"] for x in r["rows"]))
     slos = sorted({x["tpot_slo_s"] for x in r["rows"]})
     head = " | ".join(f"TPOT <= {slo * 1e3:.0f} ms" for slo in slos)
-    lines = [f"Goodput: req/s on {r.get('gpus', 8)} GPUs at >= 90% of requests within TTFT <= {r['ttft_slo_s']:g} s "
-             f"and the TPOT SLO. `n x TPk`: n replicas of k GPUs each.", "",
+    lines = [f"Goodput: req/s on {r.get('gpus', 8)} GPUs of `{r.get('profile', 'a100-llama-13b')}` at >= 90% of requests "
+             f"within TTFT <= {r['ttft_slo_s']:g} s and the TPOT SLO. `n x TPk`: n replicas of k GPUs each.", "",
              f"| setup | {head} |", "| --- |" + " ---: |" * len(slos)]
     for setup in setups:
         mine = {x["tpot_slo_s"]: x["goodput_rps"] for x in r["rows"] if x["setup"] == setup}
@@ -545,7 +545,7 @@ def plot(results: dict[str, Any], path: Path) -> str:
                         label=label)
             ax.set_xlabel("TPOT SLO, ms")
             ax.set_ylabel(f"goodput, req/s on {results[part].get('gpus', 8)} GPUs")
-            ax.set_title("A100 13B, prefill-heavy mix", fontsize=9)
+            ax.set_title(f"{results[part].get('profile', 'a100-llama-13b')}, prefill-heavy mix", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -613,6 +613,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pd-tpot-slos", type=float, nargs="+", default=[0.03, 0.05, 0.1])
     parser.add_argument("--pd-requests", type=int, default=1500)
     parser.add_argument("--pd-gpus", type=int, default=8, help="GPUs each prefill/decode setup gets")
+    parser.add_argument("--pd-profile", default="a100-llama-13b",
+                        help="pd: the one-GPU profile the setups shard (a roofline or measured GPU profile; default "
+                             "a100-llama-13b, DistServe's class of setup; h100-llama-13b is measured on an H100)")
     parser.add_argument("--pd-tp-degrees", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="tensor-parallel degrees a pool may use (a pool of one phase: those that leave room "
                              "for the other)")

@@ -5,6 +5,9 @@ No Ray, no engines: the simulator is pure Python over `rayfleet.policies`.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from rayfleet.control_plane.simulator.fleet import FleetSimulator, SimConfig, SimPool
@@ -135,6 +138,22 @@ def test_a_profile_without_a_roofline_cannot_be_sharded_and_the_error_names_thos
         tensor_parallel(profile("cpu-tiny-llama-b"), 2)
     with pytest.raises(ValueError, match="must be >= 1"):
         tensor_parallel(profile("a100-llama-13b"), 0)
+
+
+@pytest.mark.parametrize("name, model", [("h100-llama-13b", "llama-13b"), ("h100-llama3-8b", "llama3-8b")])
+def test_the_measured_h100_profiles_reproduce_the_steps_they_were_measured_from(name, model):
+    """The H100 profiles' step times are fits of steps measured on an H100 (`calibrate_gpu_profile.py`): every
+    measured step within the fit's largest error (30%), 13% on average, and the same model's KV size."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "sim_calibration_h100.json"
+    measured = json.loads(results.read_text())[model]
+    step = profile(name).step
+    errors = [abs(step.step_s(p["prefill_tokens"], 0, 0) - p["seconds"]) / p["seconds"]
+              for p in measured["points"]["prefill"]]
+    errors += [abs(step.step_s(0, p["batch"], p["batch"] * p["context"]) - p["seconds"]) / p["seconds"]
+               for p in measured["points"]["decode"]]
+    assert max(errors) < 0.31 and sum(errors) / len(errors) < 0.13, errors
+    assert profile(name).roofline.kv_bytes_per_token == measured["kv_bytes_per_token"]
+    assert tensor_parallel(profile(name), 2).kv_blocks > 2 * profile(name).kv_blocks  # one copy of the weights
 
 
 def test_a_model_too_large_for_its_gpus_is_refused_with_what_it_needs():

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-PROFILE_HELP = "replica profile: cpu-tiny-llama-b (calibrated here), a10-llama-7b, a100-llama-13b (roofline)"
+PROFILE_HELP = ("replica profile: cpu-tiny-llama-b (calibrated here), a10-llama-7b, a100-llama-13b (roofline), "
+                "h100-llama-13b, h100-llama3-8b (measured on an H100)")
 
 
 def add_parser(sub) -> None:
@@ -18,7 +19,7 @@ def add_parser(sub) -> None:
     simulate.add_argument("--spec", help="take the `policies` section of this fleet spec (flags below override)")
     simulate.add_argument("--profile", default="a10-llama-7b", help=PROFILE_HELP)
     simulate.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                          help="shard each replica over N GPUs of one node (roofline profiles: a100-llama-13b)")
+                          help="shard each replica over N GPUs of one node (GPU profiles: a100-llama-13b, h100-*)")
     simulate.add_argument("--replicas", type=int, default=16, help="replicas at the start")
     simulate.add_argument("--max-replicas", type=int, help="the scaler's upper bound (default: --replicas)")
     simulate.add_argument("--min-replicas", type=int, help="the scaler's lower bound (default: --replicas)")

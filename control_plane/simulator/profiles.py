@@ -1,6 +1,6 @@
 """What a simulated replica costs: engine step times, KV capacity, start-up, migration and host contention.
 
-Three profiles, each saying where its numbers come from:
+Five profiles, each saying where its numbers come from:
 
 - `cpu-tiny-llama-b`: this project's 2-core CPU machine, the bursty benchmark's engine (tiny-llama-b, float32,
   one OpenMP thread, 80 blocks of 32 tokens). Step times fitted from `benchmarks/calibrate_simulator.py`
@@ -19,8 +19,17 @@ Three profiles, each saying where its numbers come from:
   SXM datasheet (312 TFLOPS bf16 dense, 2,039 GB/s HBM2e) and a 13 B, 40 x 5120 model (800 KiB of KV per
   token); prefill-to-decode KV over NVLink-class links at ~50 GB/s effective.
 
+- `h100-llama-13b`, `h100-llama3-8b`: **measured** on one NVIDIA H100 80GB HBM3 lent to this project
+  (2026-12-06, `benchmarks/calibrate_gpu_profile.py`, points and fits in
+  `benchmarks/results/sim_calibration_h100.json`): each model's step run as a torch stand-in of vLLM's (the GPU
+  machine has no vLLM: bf16 weights of the real size, FlashAttention through SDPA, CUDA-graph steps), GPU time
+  only. KV capacity from the card's reported memory; all-reduce over NVLink 4 at ~460 GB/s of bus bandwidth
+  (nccl-tests' reference for 8x H100 SXM, 460-480 GB/s) for `tensor_parallel`, not measured here (one GPU);
+  prefill-to-decode KV at the A100 profile's ~50 GB/s effective, also not measured.
+
 A roofline profile keeps what it was derived from (`GpuRoofline`), so `tensor_parallel` can re-derive it sharded
-over several GPUs of one node, as vLLM's tensor parallelism shards a model.
+over several GPUs of one node, as vLLM's tensor parallelism shards a model (the measured H100 profiles keep their
+card's and model's facts the same way).
 
 The roofline profiles are estimates for comparing policies, not predictions of a real cluster's latency.
 """
@@ -160,7 +169,37 @@ A100_LLAMA_13B = ReplicaProfile(
     roofline=A100_ROOFLINE,
 )
 
-PROFILES = {p.name: p for p in (CPU_TINY_LLAMA_B, A10_LLAMA_7B, A100_LLAMA_13B)}
+# Measured on one H100 80GB HBM3 on 2026-12-06 (see the module docstring): the fits' mean error over the 21 measured
+# steps of each model is 11-12% (largest 27-30%, at a batch of 1 where a step is the weights' read alone). The card
+# reports 81,559 MiB; the weights are the stand-in's bf16 tensors (the embedding table is not read by a step).
+H100_MEMORY_BYTES = 85_017_493_504
+H100_ROOFLINE_13B = GpuRoofline(gpu_memory_bytes=H100_MEMORY_BYTES, memory_utilization=0.9, weights_bytes=25.7e9,
+                                activation_bytes=2e9, kv_bytes_per_token=819_200, hidden=5120, layers=40,
+                                allreduce_bus_bytes_s=460e9, allreduce_latency_s=10e-6)
+H100_LLAMA_13B = ReplicaProfile(
+    name="h100-llama-13b",
+    step=StepTimeModel(base_s=0.00898, prefill_token_s=0.0000488, decode_seq_s=0.0000275, context_token_s=0.000000286),
+    kv_blocks=H100_ROOFLINE_13B.kv_blocks(1, 16), block_size=16, max_num_seqs=256, max_batched_tokens=2048,
+    startup_s=60.0,
+    migration=MigrationModel(pause_s=0.005, block_transfer_s=0.00026, stage_s=0.002, engine_copy_s_per_block=0.0),
+    notes="measured: one NVIDIA H100 80GB HBM3, a 13B Llama shape (torch stand-in of vLLM's step, CUDA graphs)",
+    roofline=H100_ROOFLINE_13B,
+)
+# Llama-3-8B: 32 layers x 4096, 8 KV heads of 128 (128 KiB of KV per token); a 16-token block is 2 MiB, 42 us at 50 GB/s.
+H100_ROOFLINE_8B = GpuRoofline(gpu_memory_bytes=H100_MEMORY_BYTES, memory_utilization=0.9, weights_bytes=15.0e9,
+                               activation_bytes=2e9, kv_bytes_per_token=131_072, hidden=4096, layers=32,
+                               allreduce_bus_bytes_s=460e9, allreduce_latency_s=10e-6)
+H100_LLAMA3_8B = ReplicaProfile(
+    name="h100-llama3-8b",
+    step=StepTimeModel(base_s=0.00609, prefill_token_s=0.0000280, decode_seq_s=0.0000177, context_token_s=0.0000000548),
+    kv_blocks=H100_ROOFLINE_8B.kv_blocks(1, 16), block_size=16, max_num_seqs=256, max_batched_tokens=2048,
+    startup_s=60.0,
+    migration=MigrationModel(pause_s=0.005, block_transfer_s=0.000042, stage_s=0.002, engine_copy_s_per_block=0.0),
+    notes="measured: one NVIDIA H100 80GB HBM3, Llama-3-8B shape (torch stand-in of vLLM's step, CUDA graphs)",
+    roofline=H100_ROOFLINE_8B,
+)
+
+PROFILES = {p.name: p for p in (CPU_TINY_LLAMA_B, A10_LLAMA_7B, A100_LLAMA_13B, H100_LLAMA_13B, H100_LLAMA3_8B)}
 
 
 def tensor_parallel(base: ReplicaProfile, degree: int) -> ReplicaProfile:
