@@ -229,8 +229,9 @@ class IngressSpec(Strict):
     local_deltas: bool = Field(
         True, description="Take token deltas from replicas on the ingress' own node over a local ZMQ socket "
         "(ipc, in a directory only its user may enter) instead of as Ray stream items, which cost several times "
-        "the CPU per message (docs/benchmarks-serving.md). The Ray stream stays open for liveness; replicas on "
-        "other nodes always stream over Ray.")
+        "the CPU per message (docs/benchmarks-serving.md), and start requests there over a second such socket "
+        "instead of an actor call. The Ray stream stays open for liveness; replicas on other nodes always stream "
+        "and take requests over Ray.")
     direct_ingress: Literal["auto", "on", "off"] = Field(
         "auto", description="Serve's direct ingress: the ingress replica serves HTTP itself, without the hop "
         "through Serve's proxy (about a third less CPU per output token, docs/benchmarks-serving.md). Ray must "
