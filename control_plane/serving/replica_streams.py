@@ -13,8 +13,9 @@ item at all but a message on a local socket (`local_deltas.py`), with the Ray st
 Starting requests is batched the same way (`SubmitBatcher`): one `submit` call carries every request that
 became ready while the previous call was on its way, so a lone request goes out at once and a burst of hundreds
 costs a few calls, not hundreds (which queued the replica's calls, weight updates and health checks included,
-for seconds); to a replica on this node the call is a message on the local socket's way back, not a Ray call. The queue is registered before the request is handed to the batcher, so no delta can arrive for a
-request nobody listens to yet.
+for seconds); to a replica on this node the call is a message on the local socket's way back, not a Ray call.
+The queue is registered before the request is handed to the batcher, so no delta can arrive for a request
+nobody listens to yet.
 """
 
 from __future__ import annotations
@@ -70,16 +71,16 @@ class SubmitBatcher:
         self.replies.clear()
 
     async def _call(self, calls: list[GenerateCall]) -> list[Exception | None]:
-        if self.inbox is None:
-            return await self.replica.submit.remote(calls, self.subscriber)
-        number = next(self.numbers)
-        answer = self.replies[number] = asyncio.get_running_loop().create_future()
-        try:
-            await self.inbox.send_calls(number, calls)
-        except zmq.Again:  # no connection yet (or any more): a Ray call reaches the replica or says it is gone
-            self.replies.pop(number, None)
-            return await self.replica.submit.remote(calls, self.subscriber)
-        return await answer
+        if self.inbox is not None:
+            number = next(self.numbers)
+            answer = self.replies[number] = asyncio.get_running_loop().create_future()
+            try:
+                await self.inbox.send_calls(number, calls)
+            except zmq.Again:  # no connection yet (or any more): a Ray call reaches the replica or says it is gone
+                self.replies.pop(number, None)
+            else:
+                return await answer
+        return await self.replica.submit.remote(calls, self.subscriber)
 
     async def submit(self, call: GenerateCall) -> None:
         """Returns once the replica started `call`; raises what the replica refused it with."""

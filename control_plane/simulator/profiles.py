@@ -159,45 +159,51 @@ A10_LLAMA_7B = ReplicaProfile(
 A100_ROOFLINE = GpuRoofline(gpu_memory_bytes=80e9, memory_utilization=0.9, weights_bytes=26e9, activation_bytes=2e9,
                             kv_bytes_per_token=819_200, hidden=5120, layers=40,
                             allreduce_bus_bytes_s=230e9, allreduce_latency_s=10e-6)
-A100_LLAMA_13B = ReplicaProfile(
-    name="a100-llama-13b",
-    step=StepTimeModel(base_s=0.016, prefill_token_s=0.000139, decode_seq_s=0.00014, context_token_s=0.0000005),
-    kv_blocks=A100_ROOFLINE.kv_blocks(1, 16), block_size=16, max_num_seqs=256, max_batched_tokens=2048,
-    startup_s=60.0,
-    migration=MigrationModel(pause_s=0.005, block_transfer_s=0.00026, stage_s=0.002, engine_copy_s_per_block=0.0),
-    notes="roofline: NVIDIA A100 80GB SXM datasheet + a 13B Llama shape (DistServe's class of setup)",
-    roofline=A100_ROOFLINE,
-)
+
+
+def gpu_profile(name: str, step: StepTimeModel, roofline: GpuRoofline, block_transfer_s: float,
+                notes: str) -> ReplicaProfile:
+    """One GPU of a roofline or measured profile: what differs between them is the card, the model and its KV
+    link; the engine's settings (vLLM's 16-token blocks, 256 sequences, 2,048 batched tokens), a minute to start
+    and a 5 ms migration pause are the same for all."""
+    return ReplicaProfile(
+        name=name, step=step, kv_blocks=roofline.kv_blocks(1, 16), block_size=16, max_num_seqs=256,
+        max_batched_tokens=2048, startup_s=60.0,
+        migration=MigrationModel(pause_s=0.005, block_transfer_s=block_transfer_s, stage_s=0.002,
+                                 engine_copy_s_per_block=0.0),
+        notes=notes, roofline=roofline)
+
+
+A100_LLAMA_13B = gpu_profile(
+    "a100-llama-13b",
+    StepTimeModel(base_s=0.016, prefill_token_s=0.000139, decode_seq_s=0.00014, context_token_s=0.0000005),
+    A100_ROOFLINE, block_transfer_s=0.00026,
+    notes="roofline: NVIDIA A100 80GB SXM datasheet + a 13B Llama shape (DistServe's class of setup)")
 
 # Measured on one H100 80GB HBM3 on 2026-12-06 (see the module docstring): the fits' mean error over the 21 measured
 # steps of each model is 11-12% (largest 27-30%, at a batch of 1 where a step is the weights' read alone). The card
 # reports 81,559 MiB; the weights are the stand-in's bf16 tensors (the embedding table is not read by a step).
 H100_MEMORY_BYTES = 85_017_493_504
-H100_ROOFLINE_13B = GpuRoofline(gpu_memory_bytes=H100_MEMORY_BYTES, memory_utilization=0.9, weights_bytes=25.7e9,
-                                activation_bytes=2e9, kv_bytes_per_token=819_200, hidden=5120, layers=40,
-                                allreduce_bus_bytes_s=460e9, allreduce_latency_s=10e-6)
-H100_LLAMA_13B = ReplicaProfile(
-    name="h100-llama-13b",
-    step=StepTimeModel(base_s=0.00898, prefill_token_s=0.0000488, decode_seq_s=0.0000275, context_token_s=0.000000286),
-    kv_blocks=H100_ROOFLINE_13B.kv_blocks(1, 16), block_size=16, max_num_seqs=256, max_batched_tokens=2048,
-    startup_s=60.0,
-    migration=MigrationModel(pause_s=0.005, block_transfer_s=0.00026, stage_s=0.002, engine_copy_s_per_block=0.0),
-    notes="measured: one NVIDIA H100 80GB HBM3, a 13B Llama shape (torch stand-in of vLLM's step, CUDA graphs)",
-    roofline=H100_ROOFLINE_13B,
-)
-# Llama-3-8B: 32 layers x 4096, 8 KV heads of 128 (128 KiB of KV per token); a 16-token block is 2 MiB, 42 us at 50 GB/s.
-H100_ROOFLINE_8B = GpuRoofline(gpu_memory_bytes=H100_MEMORY_BYTES, memory_utilization=0.9, weights_bytes=15.0e9,
-                               activation_bytes=2e9, kv_bytes_per_token=131_072, hidden=4096, layers=32,
-                               allreduce_bus_bytes_s=460e9, allreduce_latency_s=10e-6)
-H100_LLAMA3_8B = ReplicaProfile(
-    name="h100-llama3-8b",
-    step=StepTimeModel(base_s=0.00609, prefill_token_s=0.0000280, decode_seq_s=0.0000177, context_token_s=0.0000000548),
-    kv_blocks=H100_ROOFLINE_8B.kv_blocks(1, 16), block_size=16, max_num_seqs=256, max_batched_tokens=2048,
-    startup_s=60.0,
-    migration=MigrationModel(pause_s=0.005, block_transfer_s=0.000042, stage_s=0.002, engine_copy_s_per_block=0.0),
-    notes="measured: one NVIDIA H100 80GB HBM3, Llama-3-8B shape (torch stand-in of vLLM's step, CUDA graphs)",
-    roofline=H100_ROOFLINE_8B,
-)
+
+
+def h100_roofline(weights_bytes: float, kv_bytes_per_token: float, hidden: int, layers: int) -> GpuRoofline:
+    return GpuRoofline(gpu_memory_bytes=H100_MEMORY_BYTES, memory_utilization=0.9, weights_bytes=weights_bytes,
+                       activation_bytes=2e9, kv_bytes_per_token=kv_bytes_per_token, hidden=hidden, layers=layers,
+                       allreduce_bus_bytes_s=460e9, allreduce_latency_s=10e-6)
+
+
+H100_LLAMA_13B = gpu_profile(
+    "h100-llama-13b",
+    StepTimeModel(base_s=0.00898, prefill_token_s=0.0000488, decode_seq_s=0.0000275, context_token_s=0.000000286),
+    h100_roofline(weights_bytes=25.7e9, kv_bytes_per_token=819_200, hidden=5120, layers=40), block_transfer_s=0.00026,
+    notes="measured: one NVIDIA H100 80GB HBM3, a 13B Llama shape (torch stand-in of vLLM's step, CUDA graphs)")
+# Llama-3-8B: 32 layers x 4096, 8 KV heads of 128 (128 KiB of KV per token); a 16-token block is 2 MiB: 42 us at
+# 50 GB/s.
+H100_LLAMA3_8B = gpu_profile(
+    "h100-llama3-8b",
+    StepTimeModel(base_s=0.00609, prefill_token_s=0.0000280, decode_seq_s=0.0000177, context_token_s=0.0000000548),
+    h100_roofline(weights_bytes=15.0e9, kv_bytes_per_token=131_072, hidden=4096, layers=32), block_transfer_s=0.000042,
+    notes="measured: one NVIDIA H100 80GB HBM3, Llama-3-8B shape (torch stand-in of vLLM's step, CUDA graphs)")
 
 PROFILES = {p.name: p for p in (CPU_TINY_LLAMA_B, A10_LLAMA_7B, A100_LLAMA_13B, H100_LLAMA_13B, H100_LLAMA3_8B)}
 
