@@ -49,10 +49,15 @@ from rayfleet.policies.base import (
     PoolRole,
     PoolSnapshot,
     ReplicaSnapshot,
+    RemembersHistory,
     ReplicaState,
 )
 
 logger = logging.getLogger("rayfleet.controller")
+# How often a policy's learned history (RemembersHistory) is written to the state store: the seasonal
+# forecast's bins are 30 s, so a restart loses at most about one bin.
+POLICY_HISTORY_SAVE_S = 30.0
+
 
 @dataclass
 class ReplicaRecord:
@@ -105,7 +110,8 @@ class FleetController:
         tracing.setup_tracing(self.spec.tracing, "controller")
         if self.spec.state_store == "memory://":
             logger.warning("state_store is memory://: a restarted controller re-adopts its replicas but forgets "
-                           "runtime scaling and migration history; use Redis to keep them")
+                           "runtime scaling, migration history and what its policies learned over time; use Redis to "
+                           "keep them")
         self.store = DurableState(self.spec.state_store, self.spec.name)
         self.state_loaded = False  # desired counts read from the store (or it is memory://)
         self.added_pools: list[dict[str, Any]] = []  # pools added at runtime (add_pool), kept in the store
@@ -131,6 +137,33 @@ class FleetController:
         policies = self.spec.policies
         self.scaler = registry.create("scaler", policies.scaler.name, policies.scaler.params)
         self.migration_policy = registry.create("migration", policies.migration.name, policies.migration.params)
+        self._policy_state_saved_at = 0.0
+
+    def _policies_with_history(self):
+        """(kind, name, policy) of the policies that keep a history across restarts (`RemembersHistory`)."""
+        policies = self.spec.policies
+        for kind, name, policy in (("scaler", policies.scaler.name, self.scaler),
+                                   ("migration", policies.migration.name, self.migration_policy)):
+            if isinstance(policy, RemembersHistory):
+                yield kind, name, policy
+
+    def _restore_policy_history(self) -> None:
+        for kind, name, policy in self._policies_with_history():
+            try:
+                saved = self.store.get(f"policy_state:{kind}")
+                if not saved or saved.get("name") != name:
+                    continue  # none kept, or kept by another policy than the spec names now
+                policy.load_state_dict(saved["state"])
+                logger.info("%s %s: history restored from the state store", kind, name)
+            except Exception as error:  # a history that cannot be read or no longer fits is relearned
+                logger.warning("%s %s: stored history not usable (%r); relearning it", kind, name, error)
+
+    def _save_policy_history(self, now: float) -> None:
+        if now - self._policy_state_saved_at < POLICY_HISTORY_SAVE_S:
+            return
+        self._policy_state_saved_at = now
+        for kind, name, policy in self._policies_with_history():
+            self.store.put(f"policy_state:{kind}", {"name": name, "state": policy.state_dict()})
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self) -> None:
@@ -174,6 +207,7 @@ class FleetController:
         self.store.put("desired", self.desired)
         self.store.put("added_pools", self.added_pools)
         self._persist_registry()
+        self._restore_policy_history()
         logger.info("controller state loaded: desired %s, %d replicas adopted", self.desired, len(self.replicas))
         return True
 
@@ -483,6 +517,8 @@ class FleetController:
                             self.desired[pool], clamped)
                 self.desired[pool] = clamped
                 self.store.put("desired", self.desired)
+        if self.state_loaded:  # else the history restored from the store would be overwritten by a fresh one
+            self._save_policy_history(time.monotonic())
         draining = frozenset(r.replica_id for r in self.replicas.values() if r.state is ReplicaState.DRAINING)
         decisions = self.migration_policy.plan(snapshot, draining)
         if decisions:

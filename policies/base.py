@@ -303,6 +303,18 @@ class Scaler(Protocol):
 
 
 @runtime_checkable
+class RemembersHistory(Protocol):
+    """Optional for a scaler or migration policy that learns from a long history (the seasonal forecast's past
+    days): the controller keeps `state_dict()` in its state store and hands it to `load_state_dict` after a
+    restart, so the history survives the controller. JSON-serializable, and small enough to write every
+    half minute."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@runtime_checkable
 class MigrationPolicy(Protocol):
     def plan(self, snapshot: FleetSnapshot, draining: frozenset[str]) -> list[MigrationDecision]:
         """Migrations to start now; `draining` names replicas whose requests must move out."""

@@ -249,6 +249,29 @@ class PredictiveScaler:
     def desired_replicas(self, snapshot: FleetSnapshot) -> dict[str, int]:
         return {name: self._decide(pool, self._state(name), snapshot.taken_at) for name, pool in snapshot.pools.items()}
 
+    # ---------------------------------------------------------------- history kept across controller restarts
+    def state_dict(self) -> dict:
+        """The seasonal history (arrivals per bin of wall-clock time, each pool's last `seasons` periods): what
+        takes days to learn. The Holt forecasts relearn in minutes and are not kept."""
+        if self.season is None:
+            return {}
+        return {"bin_s": self.season["bin_s"],
+                "pools": {name: [[b, n] for b, n in state.season.counts.items()]
+                          for name, state in self._pools.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back a `state_dict()` (after a controller restart); ignored when the bins were of another size or
+        seasonality is off. Bins counted since this process started are added to the restored ones."""
+        if self.season is None or state.get("bin_s") != self.season["bin_s"]:
+            return
+        for name, bins in state.get("pools", {}).items():
+            season = self._state(name).season
+            merged = {int(b): int(n) for b, n in bins}
+            for b, n in season.counts.items():
+                merged[b] = merged.get(b, 0) + n
+            season.counts = dict(sorted(merged.items()))  # oldest first: `observe` forgets from the front
+            season.cached = None
+
     def _state(self, pool: str) -> _PoolForecast:
         if pool not in self._pools:
             self._pools[pool] = _PoolForecast(rate=_Forecast(self.alpha, self.beta, self.startup_s),

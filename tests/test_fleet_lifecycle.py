@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -104,6 +105,43 @@ def test_controller_starts_while_redis_is_down_and_writes_its_state_once_it_is_u
             server.wait(timeout=10)
     finally:
         ray.kill(controller)
+
+
+def test_controller_restores_its_scalers_seasonal_history_from_redis_and_keeps_it(ray_cluster, demo_models,
+                                                                                   redis_url):
+    """A second controller actor, for a pool of no replicas, starting where a previous controller of its fleet
+    left a seasonal scaler's history in Redis: it takes that history back and saves it again with its own bins.
+    A controller that did not restore it would save only the bins it counted itself, and the old one would be
+    gone from the store."""
+    import redis as redis_client
+
+    from rayfleet.control_plane.controller import FleetController
+
+    bin_s = 30.0
+    earlier_bin = int(time.time() // bin_s) - 5  # two and a half minutes ago: within what a season keeps
+    store = redis_client.Redis.from_url(redis_url)
+    key = "rayfleet:season-kept:policy_state:scaler"
+    store.set(key, json.dumps({"name": "predictive",
+                               "state": {"bin_s": bin_s, "pools": {"ghost": [[earlier_bin, 42]]}}}))
+    spec = {"name": "season-kept", "state_store": redis_url,
+            "pools": [{"name": "ghost", "model": str(demo_models / "tiny-llama-a"), "min_replicas": 0}],
+            "policies": {"scaler": {"name": "predictive", "params": {"season_s": 3600.0, "season_bin_s": bin_s}},
+                         "tick_s": 0.2},
+            "health": {"check_period_s": 0.2}}
+    controller = ray.remote(FleetController).options(num_cpus=0).remote(spec)
+    try:
+        def saved_bins() -> dict[int, int]:
+            raw = store.get(key)
+            return {b: n for b, n in json.loads(raw)["state"]["pools"].get("ghost", [])} if raw else {}
+
+        deadline = time.monotonic() + 60
+        while max(saved_bins(), default=earlier_bin) == earlier_bin:  # until it saved a bin of its own
+            assert time.monotonic() < deadline, f"the controller never saved its scaler's history: {saved_bins()}"
+            time.sleep(0.2)
+        assert saved_bins()[earlier_bin] == 42
+    finally:
+        ray.kill(controller)
+        store.delete(*store.keys("rayfleet:season-kept:*"))
 
 
 async def test_stalled_engine_core_of_a_single_replica_pool_is_replaced_and_its_stream_finishes_token_exact(

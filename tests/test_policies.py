@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rayfleet.policies import registry
@@ -257,14 +259,18 @@ def test_predictive_scaler_keeps_replicas_its_forecast_still_needs_and_sheds_the
     assert guarded[-1] == 1 and all(later >= earlier - 1 for earlier, later in zip(guarded, guarded[1:]))
 
 
-def seasonal_days(scaler: PredictiveScaler, crowds: list[float], days: int = 2, day_s: int = 200) -> list[int]:
+def seasonal_days(scaler: PredictiveScaler, crowds: list[float], days: int = 2, day_s: int = 200,
+                  first_day: int = 0) -> list[int]:
     """Days of `day_s` ticks: 2 requests a second, 10 during a 20 s crowd starting at each of `crowds` (absolute
     seconds); each request 100 prompt + 100 output tokens, started in one snapshot and finished by the next.
-    Returns the replicas the scaler wants at each second."""
+    The scaler sees the days from `first_day` on (the counters count from day 0). Returns the replicas it wants
+    at each second it sees."""
     total, desired, wanted = 0, 2, []
-    for t in range(days * day_s):
+    for t in range((first_day + days) * day_s):
         rate = 10 if any(start <= t < start + 20 for start in crowds) else 2
         total += rate
+        if t < first_day * day_s:
+            continue
         finished_now = [progress(f"t{t}-{i}", 100, 100, output=100) for i in range(3)]
         snap = pool_at(float(t), started("a1", total, requests=finished_now), desired=desired)
         desired = scaler.desired_replicas(snap)["a"]
@@ -288,6 +294,28 @@ def test_seasonal_scaler_provisions_a_recurring_crowd_before_it_starts_on_the_se
     assert seasonal[110] == 2 and seasonal[119] == 2  # day 1: nothing seen coming
     assert plain[305] == 2  # day 2 without a season: still nothing
     assert min(seasonal[305:315]) >= 9  # day 2: ready when the crowd comes
+
+
+def test_seasonal_history_survives_a_restart_through_its_state_dict():
+    """The controller keeps `state_dict()` in its store (JSON) and gives it to the new scaler after a restart: on
+    the second day, a scaler restarted at midnight with yesterday's history provisions the recurring crowd ahead
+    as one that never restarted does; restarted without it, it sees nothing coming."""
+    crowds = [120.0, 315.0]
+    season = dict(season_s=200.0, season_bin_s=10.0, season_jitter_s=10.0)
+    before_restart = seasonal_scaler(**season)
+    seasonal_days(before_restart, crowds, days=1)
+    kept = json.loads(json.dumps(before_restart.state_dict()))
+
+    restored = seasonal_scaler(**season)
+    restored.load_state_dict(kept)
+    with_history = seasonal_days(restored, crowds, days=1, first_day=1)
+    without_history = seasonal_days(seasonal_scaler(**season), crowds, days=1, first_day=1)
+    assert min(with_history[105:115]) >= 9  # ready before the crowd at 315 s
+    assert without_history[105] == 2
+
+    other_bins = seasonal_scaler(season_s=200.0, season_bin_s=20.0)
+    other_bins.load_state_dict(kept)  # bins of another size do not line up: not taken
+    assert other_bins.state_dict() == {"bin_s": 20.0, "pools": {}}
 
 
 def test_seasonal_scaler_forgets_what_no_season_looks_back_to():

@@ -142,7 +142,7 @@ def run_demo(args) -> None:
     started = time.perf_counter()
     results = asyncio.run(run_workload(url, args.requests, args.max_tokens, api_key=_demo_key(spec)))
     print(report(results, time.perf_counter() - started))
-    print(render_status(ray.get(controller().status.remote())))
+    print(render_status(status_after_workload(controller())))
     print(f"\nOpenAI endpoint: {url}  (try: curl {url}/models; routing decisions: curl {url}/fleet/routing)")
     print(f"Ops dashboard:   {url.removesuffix('/v1')}/dashboard")
     if args.keep_serving:
@@ -156,6 +156,20 @@ def run_demo(args) -> None:
 
     serve.shutdown()
     ray.get(controller().shutdown.remote())
+
+
+def status_after_workload(fleet_controller, timeout_s: float = 10.0) -> dict:
+    """The fleet's status once the controller has probed its replicas again after the workload: its status holds
+    each replica's load as of the last health check, which may have run while the last answers were streaming
+    (a status showing requests still running after all of them came back)."""
+    import ray
+
+    status = ray.get(fleet_controller.status.remote())
+    seen, deadline = status["controller"]["ticks"], time.monotonic() + timeout_s
+    while status["controller"]["ticks"] < seen + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = ray.get(fleet_controller.status.remote())
+    return status
 
 
 def _demo_key(spec) -> str:
