@@ -13,7 +13,9 @@ cache also evicts under memory pressure. The workload: `--system-prompts` long s
 message and the assistant's reply every turn (`--turns`). Turn t of every chat is sent before turn t+1,
 `--concurrency` requests at a time, dispatched round-robin over the pool's two replicas (what the
 `round_robin` router does), so consecutive turns of a chat mostly land on different replicas: without the
-store the second replica recomputes the prefix the first one computed.
+store the second replica recomputes the prefix the first one computed. `--scenario scale-out` measures the case
+a store is deployed for: the first half of the chats runs on one replica, then the second half on the other, as
+on a replica added under load that has none of the fleet's system prompts cached (only the second half counts).
 
 Requests go straight to the replica actors over Ray (`LLMReplica.generate`), not through the HTTP ingress,
 to keep this 2-core machine's noise out of the TTFT. TTFT is measured in this process: call to first chunk
@@ -81,6 +83,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--store-mib", type=int, default=512, help="memory tier of the one store shard")
     parser.add_argument("--reps", type=int, default=3, help="repetitions, mode order rotated")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scenario", choices=("chats", "scale-out"), default="chats",
+                        help="chats: every chat round robin over the pool's two replicas; scale-out: the first half "
+                             "of the chats on one replica, then the second half (measured) on the other, a replica "
+                             "that joins under load with none of the system prompts cached")
     parser.add_argument("--sync-loads", action="store_true",
                         help="the store's first design: lookups and loads block the engine step (async_loads: false)")
     parser.add_argument("--modes", type=modes_arg, default=("shared", "unpriced", "plain"),
@@ -197,9 +203,22 @@ async def one_request(replica, request_id: str, prompt: list[int], args: argpars
 
 
 async def run_mode(replicas: list, workload: Workload, args: argparse.Namespace, tag: str) -> ModeRun:
-    chats = workload.chats
-    for chat in chats:
+    """The workload's chats over the pool. With `--scenario scale-out` the first half of the chats runs on the
+    first replica alone (the fleet's traffic before the second replica joined; not measured), then the second
+    half on the second replica alone: a replica added under load, with none of the system prompts cached."""
+    for chat in workload.chats:
         chat.history = list(chat.system)
+    if args.scenario == "scale-out":
+        half = len(workload.chats) // 2
+        await run_chats(replicas[:1], workload, range(half), args, f"{tag}-before")
+        return await run_chats(replicas[1:], workload, range(half, len(workload.chats)), args, tag)
+    return await run_chats(replicas, workload, range(len(workload.chats)), args, tag)
+
+
+async def run_chats(replicas: list, workload: Workload, chosen: range, args: argparse.Namespace,
+                    tag: str) -> ModeRun:
+    """The `chosen` chats, turn by turn, round robin over `replicas`; their results and the store's counters."""
+    chats = workload.chats
     run = ModeRun()
     before = await store_counters(replicas)
     semaphore = asyncio.Semaphore(args.concurrency)
@@ -217,7 +236,7 @@ async def run_mode(replicas: list, workload: Workload, args: argparse.Namespace,
 
     for t in range(args.turns):
         # Tasks start in list order, so they take the semaphore (and their replica) in the turn's order.
-        await asyncio.gather(*(turn(i, chats[i], t) for i in workload.orders[t]))
+        await asyncio.gather(*(turn(i, chats[i], t) for i in workload.orders[t] if i in chosen))
         log(f"  {tag}: turn {t + 1}/{args.turns} done ({len(run.results)} requests)")
     after = await store_counters(replicas)
     run.store_counters = {name: after[name] - before.get(name, 0) for name in after}

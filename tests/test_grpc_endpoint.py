@@ -80,3 +80,33 @@ def test_grpc_health_and_model_info(stub):
     assert stub.HealthCheck(pb.HealthCheckRequest(), timeout=30).healthy
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata(), timeout=30)
     assert info.served_model_name == "tiny-a" and info.max_context_length == 1024 and info.vocab_size == 512
+
+
+def test_a_grpc_client_cancelling_its_stream_aborts_the_request_in_the_engine(stub, fleet):
+    """A cancelled call must abort its request: otherwise the engine decodes all 900 tokens for nobody."""
+    import time
+
+    import ray
+    from test_live_migration import replica_handle
+
+    request = pb.GenerateRequest(request_id="grpc-cancelled", tokenized=pb.TokenizedInput(input_ids=PROMPT),
+                                 stream=True, sampling_params=pb.SamplingParams(temperature=0, max_tokens=900,
+                                                                                ignore_eos=True))
+    call = stub.Generate(request, metadata=metadata(), timeout=120)
+    responses = iter(call)
+    for _ in range(3):
+        assert next(responses).WhichOneof("response") == "chunk"
+    replicas = [replica_handle(r["replica_id"]) for r in fleet.replicas("tiny-a")]
+
+    def output_tokens() -> int | None:  # of the request while a replica runs it (its id is scoped by tenant)
+        return next((p.output_tokens for replica in replicas for p in ray.get(replica.load.remote()).requests
+                     if p.request_id.endswith("/grpc-cancelled")), None)
+
+    assert output_tokens() is not None, "the request is not running"
+    call.cancel()
+    last_seen, deadline = 0, time.monotonic() + 60
+    while (tokens := output_tokens()) is not None and time.monotonic() < deadline:
+        last_seen = tokens
+        time.sleep(0.05)
+    assert tokens is None, "the request is still running a minute after its client cancelled"
+    assert last_seen < 600, f"the request ran on to {last_seen} of its 900 tokens: it was not aborted"
