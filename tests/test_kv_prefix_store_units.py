@@ -338,6 +338,53 @@ def test_async_lookup_past_its_budget_is_computed_instead():
     store.gate.set()
 
 
+def test_a_lookup_answered_within_the_grace_joins_this_schedule_not_the_next():
+    """A store that answers in 5 ms: the request is admitted with its hit in the schedule that asked, instead of
+    sitting out a whole step. With no grace it sits one out (None: ask again)."""
+    class FiveMsStore(FakeStore):
+        def contains_prefix(self, hashes, timeout_s=None):
+            time.sleep(0.005)
+            return super().contains_prefix(hashes, timeout_s)
+
+    tokens = list(range(100, 114))
+    for grace, first_answer in ((0.05, 2 * BS), (0.0, None)):
+        store = FiveMsStore()
+        hold(store, tokens, 3)
+        side, _ = scheduler(store, KVStoreConfig(lookup_budget_s=5.0, lookup_budget_per_block_s=None,
+                                                 lookup_grace_s=grace, priced=False))
+        request = FakeRequest(f"r-{grace}", tokens)
+        side.on_new_request(request)
+        assert side.get_num_new_matched_tokens(request, BS) == first_answer
+
+
+def test_the_schedules_lookups_share_one_grace_and_a_tenth_of_the_step_at_most():
+    """A store that does not answer: the first lookup of a schedule waits the grace, the next ones nothing (the
+    wait holds up the step for every running request). Once steps are timed, the grace is a tenth of a step."""
+    tokens = list(range(100, 114))
+    store = FakeStore()
+    hold(store, tokens, 3)
+    store.gate = threading.Event()
+    side, _ = scheduler(store, KVStoreConfig(lookup_budget_s=5.0, lookup_budget_per_block_s=None,
+                                             lookup_grace_s=0.2))
+    waited = []
+    for i in range(3):
+        request = FakeRequest(f"r{i}", tokens)
+        side.on_new_request(request)
+        began = time.perf_counter()
+        assert side.get_num_new_matched_tokens(request, BS) is None
+        waited.append(time.perf_counter() - began)
+    assert waited[0] >= 0.19 and waited[1] + waited[2] < 0.05, waited
+    for _ in range(40):  # steps of 20 ms, as the engine's own timing would see them
+        side._pricing.observe_step(64, 0.02, 4)
+    side.add_to_meta(RayfleetConnectorMetadata(), FakeOutput({}))  # the next schedule
+    request = FakeRequest("r-next", tokens)
+    side.on_new_request(request)
+    began = time.perf_counter()
+    assert side.get_num_new_matched_tokens(request, BS) is None
+    assert 0.001 <= time.perf_counter() - began < 0.05
+    store.gate.set()
+
+
 def test_short_hits_wait_at_most_what_their_prefill_costs():
     """The per-block budget: one claimable block may make its request wait only one block's budget."""
     store = FakeStore()

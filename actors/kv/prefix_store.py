@@ -19,9 +19,10 @@
   can load it.
 
 With ``async_loads`` (the default) neither the lookup nor the load runs on the engine's step. The lookup goes
-to a thread at the request's first admission attempt; until it answers, ``get_num_new_matched_tokens`` says
-"ask again" (None: the scheduler skips the request and steps on with the others), for at most the lookup
-budget (``lookup_budget_s``, and ``lookup_budget_per_block_s`` per block it could supply: waiting never
+to a thread at the request's first admission attempt, and that schedule waits for it a little
+(``lookup_grace_s``: a store answers in milliseconds, a skipped request waits a whole step); until it answers,
+``get_num_new_matched_tokens`` says "ask again" (None: the scheduler skips the request and steps on with the
+others), for at most the lookup budget (``lookup_budget_s``, and ``lookup_budget_per_block_s`` per block it could supply: waiting never
 costs more than the prefill a hit saves); then the request is computed. A hit is claimed as an async load
 (vLLM's ``WAITING_FOR_REMOTE_KVS``): a thread gets the blocks, the worker scatters them between steps and
 reports the request in ``get_finished``; a load slower than ``load_budget_s`` or failing (a shard slow,
@@ -44,7 +45,7 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -154,6 +155,8 @@ class SchedulerPrefixStore:
         self._reads, self._writes = config.access != "write_only", config.access != "read_only"
         self._lookup_budget_s = config.lookup_budget_s
         self._lookup_budget_per_block_s = config.lookup_budget_per_block_s
+        self._lookup_grace_s = config.lookup_grace_s
+        self._grace_left_s = config.lookup_grace_s  # of this schedule's
         self._kv_cache_manager = None
         self._requests: dict[str, Request] = {}  # eligible live requests
         self._hashes: dict[str, list[BlockHash]] = {}  # chain of each request's full blocks, grown lazily
@@ -249,6 +252,19 @@ class SchedulerPrefixStore:
         self._count(store_lookups_priced_out=1)
         return False
 
+    def _wait_grace(self, lookup: Future, budget_s: float) -> None:
+        """Wait a little for a lookup this schedule started: a store answers in a few milliseconds, and a request
+        whose lookup is not answered now joins the next schedule, a whole step later (tens of milliseconds to
+        seconds). The wait holds up the step for every running request, so a schedule waits at most
+        `lookup_grace_s` for all its lookups together, and at most a tenth of the engine's measured step."""
+        began = time.perf_counter()
+        wait([lookup], timeout=min(self._grace_left_s, budget_s))
+        self._grace_left_s -= time.perf_counter() - began
+
+    def _new_schedule_grace(self) -> float:
+        step_s = self._pricing.steps.mean_y if self._pricing is not None and self._pricing.steps.points else None
+        return self._lookup_grace_s if step_s is None else min(self._lookup_grace_s, step_s / 10)
+
     def _async_hit(self, request: Request, local_blocks: int, claimable: int) -> int | None:
         pending = self._pending.get(request.request_id)
         if pending is None:
@@ -256,6 +272,7 @@ class SchedulerPrefixStore:
             budget = self._budget(len(chain))
             pending = self._pending[request.request_id] = _PendingLookup(
                 self._lookup_threads.submit(self._contains, chain, budget), local_blocks, len(chain))
+            self._wait_grace(pending.future, budget)
         done = pending.future.done()
         if not done and time.monotonic() - pending.started < self._budget(pending.asked_blocks):
             return None
@@ -328,6 +345,7 @@ class SchedulerPrefixStore:
         """Fill ``meta.store_loads``, ``meta.store_saves`` and ``meta.store_counts`` for this step."""
         if self._pricing is not None:
             self._observe_step(scheduler_output.num_scheduled_tokens)
+        self._grace_left_s = self._new_schedule_grace()  # for the next schedule's lookups
         meta.store_loads, self._loads = self._loads, []
         with self._counts_lock:
             meta.store_counts, self._lookup_counts = dict(self._lookup_counts), Counter()

@@ -46,6 +46,10 @@ class KVStoreConfig(BaseModel):
         0.002, gt=0, description="Tighter wait for short hits: at most this per block the store could supply "
         "(about a block's prefill time), so a lookup never costs more than the compute it may save. None: "
         "lookup_budget_s alone.")
+    lookup_grace_s: float = Field(
+        0.01, ge=0, description="With async_loads: how long a schedule may wait for the lookups it starts (all of "
+        "them together, and with a measured step time at most a tenth of a step), so that a lookup the store answers "
+        "at once lets its request into this step instead of the next one. 0: never wait.")
     load_budget_s: float = Field(
         1.0, gt=0, description="Longest an async load may take; a slower (or dead) shard's blocks are recomputed.")
     priced: bool = Field(
@@ -60,7 +64,7 @@ class KVStoreConfig(BaseModel):
         "up (a pool that fills the store for others). 'read_write': both.")
 
     CLIENT_FIELDS: ClassVar[tuple[str, ...]] = ("async_loads", "lookup_budget_s", "lookup_budget_per_block_s",
-                                                "load_budget_s", "priced", "access")
+                                                "lookup_grace_s", "load_budget_s", "priced", "access")
 
     @field_validator("disk_dir")
     @classmethod
