@@ -48,8 +48,8 @@ from rayfleet.policies.base import (
     MigrationRecord,
     PoolRole,
     PoolSnapshot,
-    ReplicaSnapshot,
     RemembersHistory,
+    ReplicaSnapshot,
     ReplicaState,
 )
 

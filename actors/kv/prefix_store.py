@@ -22,13 +22,13 @@ With ``async_loads`` (the default) neither the lookup nor the load runs on the e
 to a thread at the request's first admission attempt, and that schedule waits for it a little
 (``lookup_grace_s``: a store answers in milliseconds, a skipped request waits a whole step); until it answers,
 ``get_num_new_matched_tokens`` says "ask again" (None: the scheduler skips the request and steps on with the
-others), for at most the lookup budget (``lookup_budget_s``, and ``lookup_budget_per_block_s`` per block it could supply: waiting never
-costs more than the prefill a hit saves); then the request is computed. A hit is claimed as an async load
-(vLLM's ``WAITING_FOR_REMOTE_KVS``): a thread gets the blocks, the worker scatters them between steps and
-reports the request in ``get_finished``; a load slower than ``load_budget_s`` or failing (a shard slow,
-restarting or gone) reports its blocks as load errors, and vLLM recomputes them. A store that misbehaves
-costs recomputation, never an engine. ``async_loads: false`` keeps the first, synchronous design (the store
-round trips on the step) for comparison.
+others), for at most the lookup budget (``lookup_budget_s``, and ``lookup_budget_per_block_s`` per block it
+could supply: waiting never costs more than the prefill a hit saves); then the request is computed. A hit is
+claimed as an async load (vLLM's ``WAITING_FOR_REMOTE_KVS``): a thread gets the blocks, the worker scatters them
+between steps and reports the request in ``get_finished``; a load slower than ``load_budget_s`` or failing (a
+shard slow, restarting or gone) reports its blocks as load errors, and vLLM recomputes them. A store that
+misbehaves costs recomputation, never an engine. ``async_loads: false`` keeps the first, synchronous design
+(the store round trips on the step) for comparison.
 
 With ``priced`` (the default, async loads only) the scheduler side also prices each lookup and load
 (``policies/kv_pricing.py``): it times the engine's own steps against the tokens they schedule and the loads it
