@@ -298,8 +298,8 @@ def test_seasonal_scaler_provisions_a_recurring_crowd_before_it_starts_on_the_se
 
 def test_seasonal_history_survives_a_restart_through_its_state_dict():
     """The controller keeps `state_dict()` in its store (JSON) and gives it to the new scaler after a restart: on
-    the second day, a scaler restarted at midnight with yesterday's history provisions the recurring crowd ahead
-    as one that never restarted does; restarted without it, it sees nothing coming."""
+    the second day, a scaler restarted at midnight with yesterday's history provisions the recurring crowd ahead;
+    restarted without it, it sees nothing coming."""
     crowds = [120.0, 315.0]
     season = dict(season_s=200.0, season_bin_s=10.0, season_jitter_s=10.0)
     before_restart = seasonal_scaler(**season)
