@@ -1,14 +1,16 @@
 """Whether a KV store lookup or load can pay: the engine's own prefill time against the wait the store costs.
 
-A request that asks the fleet's KV store for its prefix waits: at least one engine step while the lookup runs
-(the scheduler skips it and steps on), and on a hit until its blocks are loaded (vLLM's
-`WAITING_FOR_REMOTE_KVS`). Computing those blocks instead costs their prefill, and not only to that request: a
+A request that asks the fleet's KV store for its prefix waits for the lookup, and on a hit until its blocks are
+loaded (vLLM's `WAITING_FOR_REMOTE_KVS`). A schedule holds its step a little for the lookups it starts (the
+grace: `lookup_grace_s`, at most a tenth of a step); a lookup the store answers within it costs its time to
+every request of the step it holds, one that is not answered costs the grace to them and a whole step to the
+asking request, which the scheduler skips and steps on. Computing those blocks instead costs their prefill, and not only to that request: a
 step that prefills them is longer for every request in the batch (prefill interference), so their prefill time
 counts once per request in the engine's usual batch. A lookup pays only when that exceeds the wait, and a load
 only when it exceeds the load's. Both sides are measured on the engine that decides: its step time as a line
 in the tokens a step schedules (the slope is the price of a prefill token, fitted by exponentially weighted
-least squares so it follows the load), the requests per step, and the store's load latency as the engine saw
-it.
+least squares so it follows the load), the requests per step, and the store's lookup and load latencies as the
+engine saw them.
 
 Measured (docs/benchmarks-kv-store.md): a small model on a loaded CPU prefills a 32-token block in a few
 milliseconds while a lookup costs a step, so most lookups (a chat turn's few new blocks) cannot pay and the
@@ -75,10 +77,12 @@ class StorePricing:
     """
 
     block_size: int
+    grace_s: float = 0.0  # the most a schedule waits for its lookups (KVStoreConfig.lookup_grace_s)
     min_steps: int = 32
     explore_every: int = 16
     steps: WeightedLine = field(default_factory=WeightedLine)
     batch: Ewma = field(default_factory=Ewma)  # requests per step
+    lookup_s: Ewma = field(default_factory=Ewma)
     load_s: Ewma = field(default_factory=Ewma)
     refused_loads: int = 0
 
@@ -86,6 +90,10 @@ class StorePricing:
         """One engine step that scheduled `tokens` tokens of `requests` requests took `seconds`."""
         self.steps.add(float(tokens), seconds)
         self.batch.add(float(requests))
+
+    def observe_lookup(self, seconds: float) -> None:
+        """A lookup took `seconds` from its start until the store answered (or the engine gave up on it)."""
+        self.lookup_s.add(seconds)
 
     def observe_load(self, seconds: float) -> None:
         """A load of claimed blocks took `seconds` from the claim until the engine could schedule the request."""
@@ -104,11 +112,24 @@ class StorePricing:
         prefill = self.prefill_s(blocks)
         return prefill is None or prefill > self.lookup_wait_s()
 
+    def schedule_grace_s(self) -> float:
+        """How long a schedule waits for its lookups: the grace, at most a tenth of a step (the wait holds up
+        every running request)."""
+        return min(self.grace_s, self.steps.mean_y / 10) if self.steps.points else self.grace_s
+
     def lookup_wait_s(self) -> float:
-        """What asking costs the request: a step while the lookup runs, then the load (a second step while no
-        load has been timed)."""
-        load = self.load_s.value if self.load_s.value is not None else self.steps.mean_y
-        return self.steps.mean_y + load
+        """What asking costs: the lookup (within the grace, to every request of the step it holds; beyond it,
+        the grace to them and a step to the asking request; a step while no lookup has been timed), then the
+        load (a step while no load has been timed)."""
+        grace, step = self.schedule_grace_s(), self.steps.mean_y
+        lookup = self.lookup_s.value
+        if lookup is None:
+            asking = step
+        else:
+            held = min(lookup, grace) * ((self.batch.value or 0.0) + 1)
+            asking = held + (step if lookup > grace else 0.0)
+        load = self.load_s.value if self.load_s.value is not None else step
+        return asking + load
 
     def break_even_blocks(self) -> int | None:
         """The fewest blocks a lookup must be able to bring to be made; None: no price yet (all are made)."""
@@ -121,9 +142,9 @@ class StorePricing:
         per_block = self.prefill_s(1)
         if per_block is None:
             return f"no price yet ({self.steps.points} steps timed)"
-        load = "not measured" if self.load_s.value is None else f"{self.load_s.value * 1e3:.1f} ms"
-        return (f"prefill {per_block * 1e3:.2f} ms per block, step {self.steps.mean_y * 1e3:.1f} ms, load {load}: "
-                f"lookups of >= {self.break_even_blocks()} blocks pay")
+        lookup, load = (_ms(self.lookup_s.value), _ms(self.load_s.value))
+        return (f"prefill {per_block * 1e3:.2f} ms per block, step {self.steps.mean_y * 1e3:.1f} ms, lookup "
+                f"{lookup}, load {load}: lookups of >= {self.break_even_blocks()} blocks pay")
 
     def load_pays(self, blocks: int) -> bool:
         """Is loading `blocks` blocks the store holds faster than computing them?"""
@@ -132,3 +153,7 @@ class StorePricing:
             return True
         self.refused_loads += 1
         return self.refused_loads % self.explore_every == 0
+
+
+def _ms(seconds: float | None) -> str:
+    return "not measured" if seconds is None else f"{seconds * 1e3:.1f} ms"

@@ -530,6 +530,30 @@ def test_steps_are_timed_only_while_the_engine_stays_busy():
     assert pricing.steps.points == 1 and pricing.steps.sx == 7
 
 
+def test_each_lookup_is_timed_once_as_the_scheduler_saw_it():
+    """A store answering in 5 ms inside the grace: the pricing learns ~5 ms, once, though the scheduler asks
+    again for the same request (as it does every step a request waits)."""
+    class FiveMsStore(FakeStore):
+        def contains_prefix(self, hashes, timeout_s=None):
+            time.sleep(0.005)
+            return super().contains_prefix(hashes, timeout_s)
+
+    tokens = list(range(100, 145))
+    store = FiveMsStore()
+    hold(store, tokens, 11)
+    pricing = primed_pricing()
+    timed: list[float] = []
+    pricing.observe_lookup = timed.append
+    side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0, lookup_grace_s=0.5),
+                                pricing=pricing)
+    assert pricing.grace_s == 0.5  # the config's grace, which the pricing prices
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert side.get_num_new_matched_tokens(request, 0) == 11 * BS  # answered within the grace
+    assert side.get_num_new_matched_tokens(request, 0) == 11 * BS
+    assert len(timed) == 1 and 0.005 <= timed[0] < 0.5, timed
+
+
 def test_a_finished_async_load_teaches_the_price_of_loads():
     store = FakeStore()
     tokens = list(range(100, 145))

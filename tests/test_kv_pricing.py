@@ -73,3 +73,24 @@ def test_a_load_pays_only_when_it_is_faster_than_computing_its_blocks_and_refusa
     assert pricing.load_pays(4)
     answers = [pricing.load_pays(2) for _ in range(pricing.explore_every * 2)]
     assert answers.count(True) == 2  # one in explore_every refused loads is taken to keep the latency current
+
+
+def test_a_lookup_answered_within_the_grace_is_priced_at_its_time_for_the_step_it_holds_not_at_a_step():
+    """29 ms steps of two requests, 4 ms loads, a block prefilling in 6.4 ms for the batch: a lookup priced at
+    a step needs 6 blocks to pay; one answered in 2 ms (inside the grace, a tenth of a step) holds the step for
+    both requests, 4 ms, and 2 blocks pay; one answered after the grace costs the grace to both and a step: 7."""
+    pricing = priced(0.005, 0.0001, batch=1)
+    pricing.grace_s = 0.010
+    pricing.observe_load(0.004)
+    step, grace = pricing.steps.mean_y, pricing.schedule_grace_s()
+    assert grace == pytest.approx(step / 10)
+    untimed = pricing.break_even_blocks()
+    assert pricing.lookup_wait_s() == pytest.approx(step + 0.004)
+    pricing.observe_lookup(0.002)
+    assert pricing.lookup_wait_s() == pytest.approx(0.002 * 2 + 0.004)
+    fast = pricing.break_even_blocks()
+    for _ in range(30):
+        pricing.observe_lookup(0.050)  # the store slowed down: its answers come after the grace
+    assert pricing.lookup_wait_s() == pytest.approx(grace * 2 + step + 0.004)
+    slow = pricing.break_even_blocks()
+    assert (fast, untimed, slow) == (2, 6, 7)

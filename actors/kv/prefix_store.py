@@ -140,6 +140,7 @@ class _PendingLookup:
     first_block: int
     asked_blocks: int
     started: float = field(default_factory=time.monotonic)
+    timed: bool = False  # its latency given to the pricing (once: the scheduler may ask again)
 
 
 class SchedulerPrefixStore:
@@ -168,7 +169,10 @@ class SchedulerPrefixStore:
         self._counts_lock = threading.Lock()  # lookup threads count too
         self._loads: list[StoreLoad] = []
         self._lookup_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayfleet-kv-lookup")
-        self._pricing = (pricing or StorePricing(block_size)) if config.priced and config.async_loads else None
+        self._pricing = None
+        if config.priced and config.async_loads:
+            self._pricing = pricing or StorePricing(block_size)
+            self._pricing.grace_s = config.lookup_grace_s  # the schedules' grace, which it prices
         # The last two schedules: when, tokens scheduled, which requests. The time since the last one is the
         # step it scheduled, or with async scheduling (`pipelined`: the next step is scheduled while one runs)
         # the step before it.
@@ -262,8 +266,14 @@ class SchedulerPrefixStore:
         self._grace_left_s -= time.perf_counter() - began
 
     def _new_schedule_grace(self) -> float:
-        step_s = self._pricing.steps.mean_y if self._pricing is not None and self._pricing.steps.points else None
-        return self._lookup_grace_s if step_s is None else min(self._lookup_grace_s, step_s / 10)
+        return self._lookup_grace_s if self._pricing is None else self._pricing.schedule_grace_s()
+
+    def _time_lookup(self, pending: _PendingLookup) -> None:
+        """Its latency as the scheduler saw it: exact when answered within the grace, and past the grace the
+        pricing only needs to know that it was."""
+        if self._pricing is not None and not pending.timed:
+            pending.timed = True
+            self._pricing.observe_lookup(time.monotonic() - pending.started)
 
     def _async_hit(self, request: Request, local_blocks: int, claimable: int) -> int | None:
         pending = self._pending.get(request.request_id)
@@ -276,16 +286,18 @@ class SchedulerPrefixStore:
         done = pending.future.done()
         if not done and time.monotonic() - pending.started < self._budget(pending.asked_blocks):
             return None
+        self._time_lookup(pending)
         if not done or pending.future.result() is None:  # past its budget: here, or the client's Ray timeout
             pending.future.cancel()
-            self._pending[request.request_id] = _PendingLookup(_answered(0), pending.first_block, 0)
+            self._pending[request.request_id] = _PendingLookup(_answered(0), pending.first_block, 0, timed=True)
             self._count(store_lookup_timeouts=1)
             return 0
         held_until = pending.first_block + pending.future.result()
         hit = max(0, min(held_until, claimable) - local_blocks)
         if hit and self._pricing is not None and not self._pricing.load_pays(hit):
             # Decided once: the scheduler may ask again for the same request.
-            self._pending[request.request_id] = _PendingLookup(_answered(0), local_blocks, pending.asked_blocks)
+            self._pending[request.request_id] = _PendingLookup(_answered(0), local_blocks, pending.asked_blocks,
+                                                               timed=True)
             self._count(store_loads_priced_out=1)
             return 0
         return hit
