@@ -82,7 +82,8 @@ class StorePricing:
     explore_every: int = 16
     steps: WeightedLine = field(default_factory=WeightedLine)
     batch: Ewma = field(default_factory=Ewma)  # requests per step
-    lookup_s: Ewma = field(default_factory=Ewma)
+    lookup_s: Ewma = field(default_factory=Ewma)  # of lookups answered within their schedule's grace
+    in_schedule: Ewma = field(default_factory=Ewma)  # the share of lookups answered there
     load_s: Ewma = field(default_factory=Ewma)
     refused_loads: int = 0
 
@@ -91,9 +92,12 @@ class StorePricing:
         self.steps.add(float(tokens), seconds)
         self.batch.add(float(requests))
 
-    def observe_lookup(self, seconds: float) -> None:
-        """A lookup took `seconds` from its start until the store answered (or the engine gave up on it)."""
-        self.lookup_s.add(seconds)
+    def observe_lookup(self, seconds: float, in_schedule: bool) -> None:
+        """A lookup the store answered `in_schedule` (within the grace of the schedule that asked) in `seconds`,
+        or one the asking request had to wait a step or more for."""
+        self.in_schedule.add(1.0 if in_schedule else 0.0)
+        if in_schedule:
+            self.lookup_s.add(seconds)
 
     def observe_load(self, seconds: float) -> None:
         """A load of claimed blocks took `seconds` from the claim until the engine could schedule the request."""
@@ -118,16 +122,17 @@ class StorePricing:
         return min(self.grace_s, self.steps.mean_y / 10) if self.steps.points else self.grace_s
 
     def lookup_wait_s(self) -> float:
-        """What asking costs: the lookup (within the grace, to every request of the step it holds; beyond it,
-        the grace to them and a step to the asking request; a step while no lookup has been timed), then the
-        load (a step while no load has been timed)."""
+        """What asking costs: the lookup (answered within the grace, its time to every request of the step it
+        holds; not, the grace to them and a step to the asking request; weighed by how often each happens, and a
+        step while no lookup has been timed), then the load (a step while no load has been timed)."""
         grace, step = self.schedule_grace_s(), self.steps.mean_y
-        lookup = self.lookup_s.value
-        if lookup is None:
+        share = self.in_schedule.value
+        if share is None:
             asking = step
         else:
-            held = min(lookup, grace) * ((self.batch.value or 0.0) + 1)
-            asking = held + (step if lookup > grace else 0.0)
+            riders = (self.batch.value or 0.0) + 1
+            answered = (self.lookup_s.value if self.lookup_s.value is not None else grace) * riders
+            asking = share * answered + (1 - share) * (grace * riders + step)
         load = self.load_s.value if self.load_s.value is not None else step
         return asking + load
 
@@ -142,9 +147,11 @@ class StorePricing:
         per_block = self.prefill_s(1)
         if per_block is None:
             return f"no price yet ({self.steps.points} steps timed)"
-        lookup, load = (_ms(self.lookup_s.value), _ms(self.load_s.value))
+        lookup = _ms(self.lookup_s.value)
+        if self.in_schedule.value is not None:
+            lookup += f" ({self.in_schedule.value:.0%} in the asking step)"
         return (f"prefill {per_block * 1e3:.2f} ms per block, step {self.steps.mean_y * 1e3:.1f} ms, lookup "
-                f"{lookup}, load {load}: lookups of >= {self.break_even_blocks()} blocks pay")
+                f"{lookup}, load {_ms(self.load_s.value)}: lookups of >= {self.break_even_blocks()} blocks pay")
 
     def load_pays(self, blocks: int) -> bool:
         """Is loading `blocks` blocks the store holds faster than computing them?"""

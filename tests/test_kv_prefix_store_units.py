@@ -542,8 +542,8 @@ def test_each_lookup_is_timed_once_as_the_scheduler_saw_it():
     store = FiveMsStore()
     hold(store, tokens, 11)
     pricing = primed_pricing()
-    timed: list[float] = []
-    pricing.observe_lookup = timed.append
+    timed: list[tuple[float, bool]] = []
+    pricing.observe_lookup = lambda seconds, in_schedule: timed.append((seconds, in_schedule))
     side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0, lookup_grace_s=0.5),
                                 pricing=pricing)
     assert pricing.grace_s == 0.5  # the config's grace, which the pricing prices
@@ -551,7 +551,31 @@ def test_each_lookup_is_timed_once_as_the_scheduler_saw_it():
     side.on_new_request(request)
     assert side.get_num_new_matched_tokens(request, 0) == 11 * BS  # answered within the grace
     assert side.get_num_new_matched_tokens(request, 0) == 11 * BS
-    assert len(timed) == 1 and 0.005 <= timed[0] < 0.5, timed
+    [(seconds, in_schedule)] = timed
+    assert 0.005 <= seconds < 0.5 and in_schedule
+
+
+def test_a_lookup_answered_after_the_grace_is_timed_as_not_in_the_asking_step():
+    class SlowStore(FakeStore):
+        def contains_prefix(self, hashes, timeout_s=None):
+            time.sleep(0.05)
+            return super().contains_prefix(hashes, timeout_s)
+
+    tokens = list(range(100, 145))
+    store = SlowStore()
+    hold(store, tokens, 11)
+    pricing = primed_pricing()
+    timed: list[tuple[float, bool]] = []
+    pricing.observe_lookup = lambda seconds, in_schedule: timed.append((seconds, in_schedule))
+    side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0, lookup_budget_per_block_s=None,
+                                                             lookup_grace_s=0.005),
+                                pricing=pricing)
+    request = FakeRequest("r", tokens)
+    side.on_new_request(request)
+    assert side.get_num_new_matched_tokens(request, 0) is None  # not answered within the grace: a later step
+    assert eventually(lambda: side.get_num_new_matched_tokens(request, 0)) == 11 * BS
+    [(seconds, in_schedule)] = timed
+    assert seconds >= 0.05 and not in_schedule
 
 
 def test_a_finished_async_load_teaches_the_price_of_loads():

@@ -86,11 +86,24 @@ def test_a_lookup_answered_within_the_grace_is_priced_at_its_time_for_the_step_i
     assert grace == pytest.approx(step / 10)
     untimed = pricing.break_even_blocks()
     assert pricing.lookup_wait_s() == pytest.approx(step + 0.004)
-    pricing.observe_lookup(0.002)
+    pricing.observe_lookup(0.002, in_schedule=True)
     assert pricing.lookup_wait_s() == pytest.approx(0.002 * 2 + 0.004)
     fast = pricing.break_even_blocks()
     for _ in range(30):
-        pricing.observe_lookup(0.050)  # the store slowed down: its answers come after the grace
-    assert pricing.lookup_wait_s() == pytest.approx(grace * 2 + step + 0.004)
+        pricing.observe_lookup(0.050, in_schedule=False)  # the store slowed down: answers come after the grace
+    assert pricing.lookup_wait_s() == pytest.approx(grace * 2 + step + 0.004, rel=0.01)
     slow = pricing.break_even_blocks()
     assert (fast, untimed, slow) == (2, 6, 7)
+
+
+def test_lookups_answered_in_the_asking_step_half_the_time_are_priced_between_the_two():
+    pricing = priced(0.005, 0.0001, batch=1)
+    pricing.grace_s = 0.010
+    step, grace = pricing.steps.mean_y, pricing.schedule_grace_s()
+    for _ in range(200):
+        pricing.observe_lookup(0.002, in_schedule=True)
+        pricing.observe_lookup(0.2, in_schedule=False)
+    half = pricing.in_schedule.value
+    assert 0.4 < half < 0.6
+    answered, late = 0.002 * 2, grace * 2 + step
+    assert pricing.lookup_wait_s() == pytest.approx(half * answered + (1 - half) * late + step)  # no load timed

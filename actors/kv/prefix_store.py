@@ -268,16 +268,17 @@ class SchedulerPrefixStore:
     def _new_schedule_grace(self) -> float:
         return self._lookup_grace_s if self._pricing is None else self._pricing.schedule_grace_s()
 
-    def _time_lookup(self, pending: _PendingLookup) -> None:
-        """Its latency as the scheduler saw it: exact when answered within the grace, and past the grace the
-        pricing only needs to know that it was."""
+    def _time_lookup(self, pending: _PendingLookup, in_schedule: bool) -> None:
+        """For the pricing: whether the store answered within the grace of the schedule that asked, and how
+        fast (later answers are seen a step or more late: their time is the step's, which it knows)."""
         if self._pricing is not None and not pending.timed:
             pending.timed = True
-            self._pricing.observe_lookup(time.monotonic() - pending.started)
+            self._pricing.observe_lookup(time.monotonic() - pending.started, in_schedule)
 
     def _async_hit(self, request: Request, local_blocks: int, claimable: int) -> int | None:
         pending = self._pending.get(request.request_id)
-        if pending is None:
+        asking = pending is None  # this schedule starts the lookup
+        if asking:
             chain = self._chain(request, claimable)[local_blocks:]
             budget = self._budget(len(chain))
             pending = self._pending[request.request_id] = _PendingLookup(
@@ -286,7 +287,7 @@ class SchedulerPrefixStore:
         done = pending.future.done()
         if not done and time.monotonic() - pending.started < self._budget(pending.asked_blocks):
             return None
-        self._time_lookup(pending)
+        self._time_lookup(pending, in_schedule=asking and done)
         if not done or pending.future.result() is None:  # past its budget: here, or the client's Ray timeout
             pending.future.cancel()
             self._pending[request.request_id] = _PendingLookup(_answered(0), pending.first_block, 0, timed=True)
