@@ -26,7 +26,8 @@ NS = "units"
 
 
 class FakeStore:
-    """Answers from a dict; `gate` (when set) holds every answer until it opens; `broken` makes calls fail."""
+    """Answers from a dict; `gate` (when set) holds every answer until it opens; `broken` makes calls fail;
+    `lookup_delay_s` is how long a lookup takes."""
 
     def __init__(self):
         self.blocks: dict[bytes, np.ndarray] = {}
@@ -36,6 +37,7 @@ class FakeStore:
         self.called = threading.Event()  # set by the first call that reaches the store
         self.gate: threading.Event | None = None
         self.broken = False
+        self.lookup_delay_s = 0.0
 
     def _wait(self):
         self.called.set()
@@ -47,6 +49,7 @@ class FakeStore:
     def contains_prefix(self, hashes, timeout_s=None):
         self.lookups += 1
         self._wait()
+        time.sleep(self.lookup_delay_s)
         return next((i for i, h in enumerate(hashes) if h not in self.blocks), len(hashes))
 
     def get(self, hashes, timeout_s=None):
@@ -341,14 +344,10 @@ def test_async_lookup_past_its_budget_is_computed_instead():
 def test_a_lookup_answered_within_the_grace_joins_this_schedule_not_the_next():
     """A store that answers in 5 ms: the request is admitted with its hit in the schedule that asked, instead of
     sitting out a whole step. With no grace it sits one out (None: ask again)."""
-    class FiveMsStore(FakeStore):
-        def contains_prefix(self, hashes, timeout_s=None):
-            time.sleep(0.005)
-            return super().contains_prefix(hashes, timeout_s)
-
     tokens = list(range(100, 114))
     for grace, first_answer in ((0.05, 2 * BS), (0.0, None)):
-        store = FiveMsStore()
+        store = FakeStore()
+        store.lookup_delay_s = 0.005
         hold(store, tokens, 3)
         side, _ = scheduler(store, KVStoreConfig(lookup_budget_s=5.0, lookup_budget_per_block_s=None,
                                                  lookup_grace_s=grace, priced=False))
@@ -533,13 +532,9 @@ def test_steps_are_timed_only_while_the_engine_stays_busy():
 def test_each_lookup_is_timed_once_as_the_scheduler_saw_it():
     """A store answering in 5 ms inside the grace: the pricing learns ~5 ms, once, though the scheduler asks
     again for the same request (as it does every step a request waits)."""
-    class FiveMsStore(FakeStore):
-        def contains_prefix(self, hashes, timeout_s=None):
-            time.sleep(0.005)
-            return super().contains_prefix(hashes, timeout_s)
-
     tokens = list(range(100, 145))
-    store = FiveMsStore()
+    store = FakeStore()
+    store.lookup_delay_s = 0.005
     hold(store, tokens, 11)
     pricing = primed_pricing()
     timed: list[tuple[float, bool]] = []
@@ -556,13 +551,9 @@ def test_each_lookup_is_timed_once_as_the_scheduler_saw_it():
 
 
 def test_a_lookup_answered_after_the_grace_is_timed_as_not_in_the_asking_step():
-    class SlowStore(FakeStore):
-        def contains_prefix(self, hashes, timeout_s=None):
-            time.sleep(0.05)
-            return super().contains_prefix(hashes, timeout_s)
-
     tokens = list(range(100, 145))
-    store = SlowStore()
+    store = FakeStore()
+    store.lookup_delay_s = 0.05
     hold(store, tokens, 11)
     pricing = primed_pricing()
     timed: list[tuple[float, bool]] = []
