@@ -4,9 +4,9 @@ A request that asks the fleet's KV store for its prefix waits for the lookup, an
 loaded (vLLM's `WAITING_FOR_REMOTE_KVS`). A schedule holds its step a little for the lookups it starts (the
 grace: `lookup_grace_s`, at most a tenth of a step); a lookup the store answers within it costs its time to
 every request of the step it holds, one that is not answered costs the grace to them and a whole step to the
-asking request, which the scheduler skips and steps on. Computing those blocks instead costs their prefill, and not only to that request: a
-step that prefills them is longer for every request in the batch (prefill interference), so their prefill time
-counts once per request in the engine's usual batch. A lookup pays only when that exceeds the wait, and a load
+asking request, which the scheduler skips and steps on. Computing those blocks instead costs their prefill,
+and not only to that request: a step that prefills them is longer for every request in the batch (prefill
+interference), so their prefill time counts once per request in the engine's usual batch. A lookup pays only when that exceeds the wait, and a load
 only when it exceeds the load's. Both sides are measured on the engine that decides: its step time as a line
 in the tokens a step schedules (the slope is the price of a prefill token, fitted by exponentially weighted
 least squares so it follows the load), the requests per step, and the store's lookup and load latencies as the
@@ -131,7 +131,7 @@ class StorePricing:
             asking = step
         else:
             riders = (self.batch.value or 0.0) + 1
-            answered = (self.lookup_s.value if self.lookup_s.value is not None else grace) * riders
+            answered = (self.lookup_s.value or 0.0) * riders  # none yet: no lookup was answered in time
             asking = share * answered + (1 - share) * (grace * riders + step)
         load = self.load_s.value if self.load_s.value is not None else step
         return asking + load

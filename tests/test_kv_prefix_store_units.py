@@ -529,21 +529,28 @@ def test_steps_are_timed_only_while_the_engine_stays_busy():
     assert pricing.steps.points == 1 and pricing.steps.sx == 7
 
 
-def test_each_lookup_is_timed_once_as_the_scheduler_saw_it():
-    """A store answering in 5 ms inside the grace: the pricing learns ~5 ms, once, though the scheduler asks
-    again for the same request (as it does every step a request waits)."""
+def timed_lookup(lookup_delay_s: float, grace_s: float):
+    """A scheduler side over a store whose lookups take `lookup_delay_s`, its pricing recording the lookups it
+    is told of; the side, a request whose 11 blocks the store holds, and the record."""
     tokens = list(range(100, 145))
     store = FakeStore()
-    store.lookup_delay_s = 0.005
+    store.lookup_delay_s = lookup_delay_s
     hold(store, tokens, 11)
     pricing = primed_pricing()
     timed: list[tuple[float, bool]] = []
     pricing.observe_lookup = lambda seconds, in_schedule: timed.append((seconds, in_schedule))
-    side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0, lookup_grace_s=0.5),
-                                pricing=pricing)
-    assert pricing.grace_s == 0.5  # the config's grace, which the pricing prices
+    side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0, lookup_budget_per_block_s=None,
+                                                             lookup_grace_s=grace_s), pricing=pricing)
+    assert pricing.grace_s == grace_s  # the config's grace, which the pricing prices
     request = FakeRequest("r", tokens)
     side.on_new_request(request)
+    return side, request, timed
+
+
+def test_each_lookup_is_timed_once_as_the_scheduler_saw_it():
+    """A store answering in 5 ms inside the grace: the pricing learns ~5 ms, once, though the scheduler asks
+    again for the same request (as it does every step a request waits)."""
+    side, request, timed = timed_lookup(0.005, grace_s=0.5)
     assert side.get_num_new_matched_tokens(request, 0) == 11 * BS  # answered within the grace
     assert side.get_num_new_matched_tokens(request, 0) == 11 * BS
     [(seconds, in_schedule)] = timed
@@ -551,18 +558,7 @@ def test_each_lookup_is_timed_once_as_the_scheduler_saw_it():
 
 
 def test_a_lookup_answered_after_the_grace_is_timed_as_not_in_the_asking_step():
-    tokens = list(range(100, 145))
-    store = FakeStore()
-    store.lookup_delay_s = 0.05
-    hold(store, tokens, 11)
-    pricing = primed_pricing()
-    timed: list[tuple[float, bool]] = []
-    pricing.observe_lookup = lambda seconds, in_schedule: timed.append((seconds, in_schedule))
-    side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0, lookup_budget_per_block_s=None,
-                                                             lookup_grace_s=0.005),
-                                pricing=pricing)
-    request = FakeRequest("r", tokens)
-    side.on_new_request(request)
+    side, request, timed = timed_lookup(0.05, grace_s=0.005)
     assert side.get_num_new_matched_tokens(request, 0) is None  # not answered within the grace: a later step
     assert eventually(lambda: side.get_num_new_matched_tokens(request, 0)) == 11 * BS
     [(seconds, in_schedule)] = timed
