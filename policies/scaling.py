@@ -247,6 +247,8 @@ class PredictiveScaler:
         self._pools: dict[str, _PoolForecast] = {}
 
     def desired_replicas(self, snapshot: FleetSnapshot) -> dict[str, int]:
+        for gone in self._pools.keys() - snapshot.pools.keys():  # a removed pool's history (restored ones too)
+            del self._pools[gone]
         return {name: self._decide(pool, self._state(name), snapshot.taken_at) for name, pool in snapshot.pools.items()}
 
     # ---------------------------------------------------------------- history kept across controller restarts

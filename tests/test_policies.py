@@ -318,6 +318,17 @@ def test_seasonal_history_survives_a_restart_through_its_state_dict():
     assert other_bins.state_dict() == {"bin_s": 20.0, "pools": {}}
 
 
+def test_the_history_of_a_pool_no_longer_in_the_fleet_is_dropped_at_the_next_decision():
+    """A restored history may name pools since removed from the spec: kept, it would be saved again forever."""
+    season = dict(season_s=200.0, season_bin_s=10.0, season_jitter_s=10.0)
+    scaler = seasonal_scaler(**season)
+    scaler.load_state_dict({"bin_s": 10.0, "pools": {"a": [[3, 5]], "removed": [[3, 7]]}})
+    assert set(scaler.state_dict()["pools"]) == {"a", "removed"}
+    seasonal_days(scaler, crowds=[], days=1)  # snapshots of pool "a" alone
+    assert set(scaler.state_dict()["pools"]) == {"a"}
+    assert dict(map(tuple, scaler.state_dict()["pools"]["a"]))[3] == 5 + 20  # restored, then 10 s at 2 req/s
+
+
 def test_seasonal_scaler_forgets_what_no_season_looks_back_to():
     scaler = seasonal_scaler(season_s=200.0, season_bin_s=10.0, seasons=2)
     seasonal_days(scaler, crowds=[], days=6)
