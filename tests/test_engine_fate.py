@@ -66,20 +66,12 @@ def engine_front(demo_models: Path) -> Iterator[tuple[subprocess.Popen, list[psu
         engine_files._remove(engine_files.folder_of(front.pid))
 
 
-def kill_outright(front: subprocess.Popen, engine_processes: list[psutil.Process]) -> None:
-    """SIGKILL: no shutdown code runs, and no raylet is there to reap the children."""
-    front.kill()
-    front.wait(10)
-    _, alive = psutil.wait_procs(engine_processes, timeout=30)
-    assert not alive, f"engine processes outlived their replica: {[title(p) for p in alive]}"
-
-
-def test_a_replicas_engine_processes_die_when_it_is_killed_outright(demo_models):
-    with engine_front(demo_models) as (front, engine_processes):
-        kill_outright(front, engine_processes)
-
-
-def test_a_killed_replicas_engine_sockets_and_shared_memory_go_at_the_next_sweep(demo_models):
+def test_a_replica_killed_outright_takes_its_engine_processes_along_and_the_next_sweep_removes_its_files(
+        demo_models):
+    """SIGKILL of the replica's process: no shutdown code runs and no raylet reaps its children, yet its engine
+    processes end (rayfleet's vLLM plugin); what they leave (IPC sockets, shared-memory segments) is in the
+    replica's folder and goes with the next sweep. One engine for both promises: an engine start is most of
+    this test's time."""
     with engine_front(demo_models) as (front, engine_processes):
         folder = engine_files.folder_of(front.pid)
         sockets = {c.laddr for p in [psutil.Process(front.pid), *engine_processes]
@@ -91,12 +83,16 @@ def test_a_killed_replicas_engine_sockets_and_shared_memory_go_at_the_next_sweep
         assert segments, "no shared-memory segment listed for the engine"
         assert all((engine_files.SHM_DIR / name).exists() for name in segments)
 
-        # As the raylet kills a dead worker's process tree: Python's resource tracker (a child of the front,
-        # which would otherwise unlink the segments the engine core created) goes too.
-        everything = psutil.Process(front.pid).children(recursive=True)
-        for process in everything:
-            process.kill()
-        kill_outright(front, everything)
+        # Python's resource tracker (a child of the front, not an engine process) would unlink the segments the
+        # engine core created; a raylet killing the dead worker's process tree takes it too. It goes first, so
+        # the files are left for the sweep; the engine processes themselves are left to end on their own.
+        for process in psutil.Process(front.pid).children(recursive=True):
+            if process not in engine_processes:
+                process.kill()
+        front.kill()
+        front.wait(10)
+        _, alive = psutil.wait_procs(engine_processes, timeout=30)
+        assert not alive, f"engine processes outlived their replica: {[title(p) for p in alive]}"
         assert all(Path(path).exists() for path in sockets), "the killed engine's sockets were removed by another"
         assert all((engine_files.SHM_DIR / name).exists() for name in segments), "segments removed by another"
 
