@@ -51,6 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 MODES: dict[str, tuple[dict[str, Any], str]] = {
     "shared": ({"use_kv_store": True}, "the KV store, priced"),
     "unpriced": ({"use_kv_store": True, "kv_store_priced": False}, "the KV store, every lookup made"),
+    "at_schedule": ({"use_kv_store": True, "kv_store_lookup_ahead": False},
+                    "the KV store, priced, asked when a request is first scheduled"),
     "write_only": ({"use_kv_store": True, "kv_store_access": "write_only"}, "the KV store, puts only"),
     "plain": ({"use_kv_store": False}, "no KV store"),
 }

@@ -91,6 +91,9 @@ class PoolSpec(Strict):
         None, description="Override of kv_store.priced for this pool's engines (false: every request with blocks "
         "beyond its local prefix hit asks the store, whatever the price). None: the fleet's kv_store.priced.",
     )
+    kv_store_lookup_ahead: bool | None = Field(
+        None, description="Override of kv_store.lookup_ahead for this pool's engines. None: the fleet's.",
+    )
     kv_store_access: Literal["read_write", "read_only", "write_only"] | None = Field(
         None, description="Override of kv_store.access for this pool's engines: 'read_only' loads what other pools "
         "put and puts nothing, 'write_only' puts and never looks up. None: the fleet's kv_store.access.",
@@ -161,7 +164,8 @@ class PoolSpec(Strict):
         """The fleet's KV store as this pool's engines use it (its per-pool overrides applied); None: no store."""
         if fleet_store is None or not self.use_kv_store:
             return None
-        overrides = {"priced": self.kv_store_priced, "access": self.kv_store_access}
+        overrides = {"priced": self.kv_store_priced, "access": self.kv_store_access,
+                     "lookup_ahead": self.kv_store_lookup_ahead}
         return fleet_store.model_copy(update={key: value for key, value in overrides.items() if value is not None})
 
 

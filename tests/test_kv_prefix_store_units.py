@@ -38,6 +38,7 @@ class FakeStore:
         self.gate: threading.Event | None = None
         self.broken = False
         self.lookup_delay_s = 0.0
+        self.answered = threading.Event()  # set as the first lookup returns its answer
 
     def _wait(self):
         self.called.set()
@@ -50,7 +51,9 @@ class FakeStore:
         self.lookups += 1
         self._wait()
         time.sleep(self.lookup_delay_s)
-        return next((i for i, h in enumerate(hashes) if h not in self.blocks), len(hashes))
+        held = next((i for i, h in enumerate(hashes) if h not in self.blocks), len(hashes))
+        self.answered.set()
+        return held
 
     def get(self, hashes, timeout_s=None):
         self._wait()
@@ -93,9 +96,13 @@ class FakeBlocks:
 class FakeManager:
     def __init__(self):
         self.ids: dict[str, list[int]] = {}
+        self.local_tokens: dict[str, int] = {}  # each request's local prefix hit
 
     def get_block_ids(self, req_id):
         return (self.ids[req_id],)
+
+    def get_computed_blocks(self, request):
+        return None, self.local_tokens.get(request.request_id, 0), 0
 
 
 @dataclass
@@ -529,9 +536,10 @@ def test_steps_are_timed_only_while_the_engine_stays_busy():
     assert pricing.steps.points == 1 and pricing.steps.sx == 7
 
 
-def timed_lookup(lookup_delay_s: float, grace_s: float):
+def timed_lookup(lookup_delay_s: float, grace_s: float, manager: FakeManager | None = None):
     """A scheduler side over a store whose lookups take `lookup_delay_s`, its pricing recording the lookups it
-    is told of; the side, a request whose 11 blocks the store holds, and the record."""
+    is told of (and bound to `manager`, if given: the local prefix cache); the side, a request whose 11 blocks
+    the store holds, and the record."""
     tokens = list(range(100, 145))
     store = FakeStore()
     store.lookup_delay_s = lookup_delay_s
@@ -542,6 +550,8 @@ def timed_lookup(lookup_delay_s: float, grace_s: float):
     side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0, lookup_budget_per_block_s=None,
                                                              lookup_grace_s=grace_s), pricing=pricing)
     assert pricing.grace_s == grace_s  # the config's grace, which the pricing prices
+    if manager is not None:
+        side.bind_kv_cache_manager(manager)
     request = FakeRequest("r", tokens)
     side.on_new_request(request)
     return side, request, timed
@@ -555,6 +565,53 @@ def test_each_lookup_is_timed_once_as_the_scheduler_saw_it():
     assert side.get_num_new_matched_tokens(request, 0) == 11 * BS
     [(seconds, in_schedule)] = timed
     assert 0.005 <= seconds < 0.5 and in_schedule
+
+
+def test_a_lookup_asked_as_the_request_arrives_is_in_by_its_first_schedule_which_waits_nothing_for_it():
+    """A store answering in 50 ms and a 5 ms grace: asked by the first schedule, the request sits out that step;
+    asked as it arrived (it waited for a step meanwhile), the first schedule admits it with its hit, waits only
+    for the answer's hand-over, and the pricing learns that asking cost that schedule about nothing. Asked from
+    block 0, the answer holds for the local hit the schedule finds (one block here)."""
+    side, request, timed = timed_lookup(0.05, grace_s=0.005)
+    assert side.get_num_new_matched_tokens(request, BS) is None  # asked by the schedule: not in within the grace
+
+    side, request, timed = timed_lookup(0.05, grace_s=0.005, manager=FakeManager())
+    side.ask_ahead(request)
+    assert side._store.answered.wait(5)
+    assert side.get_num_new_matched_tokens(request, BS) == 10 * BS
+    [(seconds, in_schedule)] = timed
+    assert in_schedule and seconds < 0.005
+    assert side._store.lookups == 1
+
+
+def test_nothing_is_asked_ahead_that_the_local_cache_holds_or_that_could_not_pay_or_where_it_is_off():
+    store = FakeStore()
+    tokens = list(range(100, 145))
+    hold(store, tokens, 11)
+    side, _ = scheduler(store, KVStoreConfig(lookup_ahead=False, priced=False))
+    request = FakeRequest("off", tokens)
+    side.on_new_request(request)
+    side.ask_ahead(request)
+    assert store.lookups == 0 and eventually(lambda: side.get_num_new_matched_tokens(request, 0)) == 11 * BS
+
+    manager = FakeManager()
+    side, request, _ = timed_lookup(0.0, grace_s=0.005, manager=manager)
+    manager.local_tokens[request.request_id] = request.num_tokens - 1  # every claimable block is local
+    side.ask_ahead(request)
+    assert side.get_num_new_matched_tokens(request, 11 * BS) == 0 and side._store.lookups == 0
+    store = FakeStore()
+    short = list(range(100, 110))  # 2 claimable blocks: their prefill costs less than asking (as above)
+    hold(store, short, 2)
+    side = SchedulerPrefixStore(store, NS, BS, KVStoreConfig(lookup_budget_s=5.0), pricing=primed_pricing())
+    side.bind_kv_cache_manager(FakeManager())
+    cheap = FakeRequest("cheap", short)
+    side.on_new_request(cheap)
+    side.ask_ahead(cheap)
+    assert side.get_num_new_matched_tokens(cheap, 0) == 0
+    meta = RayfleetConnectorMetadata()
+    side.add_to_meta(meta, FakeOutput({}))
+    assert meta.store_counts["store_lookups_priced_out"] == 1  # decided once, as it arrived
+    assert store.lookups == 0
 
 
 def test_a_lookup_answered_after_the_grace_is_timed_as_not_in_the_asking_step():

@@ -133,6 +133,8 @@ class RayfleetKVConnector(KVConnectorBase_V1):
         self.scheduler_state.on_new_request(request)
         if self.store_scheduler is not None:
             self.store_scheduler.on_new_request(request)
+            if self._uses_store(request):
+                self.store_scheduler.ask_ahead(request)
 
     def _uses_store(self, request: Request) -> bool:
         return self.store_scheduler is not None and not self.scheduler_state.is_migration_load(request)

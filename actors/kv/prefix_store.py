@@ -141,6 +141,7 @@ class _PendingLookup:
     asked_blocks: int
     started: float = field(default_factory=time.monotonic)
     timed: bool = False  # its latency given to the pricing (once: the scheduler may ask again)
+    seen: bool = False  # a schedule has waited its grace for it (asked ahead, none had yet)
 
 
 class SchedulerPrefixStore:
@@ -157,6 +158,7 @@ class SchedulerPrefixStore:
         self._lookup_budget_s = config.lookup_budget_s
         self._lookup_budget_per_block_s = config.lookup_budget_per_block_s
         self._lookup_grace_s = config.lookup_grace_s
+        self._lookup_ahead = config.lookup_ahead and config.async_loads and self._reads
         self._grace_left_s = config.lookup_grace_s  # of this schedule's
         self._kv_cache_manager = None
         self._requests: dict[str, Request] = {}  # eligible live requests
@@ -188,6 +190,20 @@ class SchedulerPrefixStore:
     def on_new_request(self, request: Request) -> None:
         if _store_eligible(request):
             self._requests[request.request_id] = request
+
+    def ask_ahead(self, request: Request) -> None:
+        """Ask the store as the request arrives, not when the scheduler first considers it: a request usually
+        waits a step or more for that, and its answer is in by then, where a lookup asked by that schedule holds
+        the step up for its grace or, unanswered within it, costs the request a whole step. Asked from block 0
+        (the local hit may grow or shrink before the schedule; the store answers for the leading blocks it
+        holds); not asked where the local cache holds every block already, or the lookup could not pay."""
+        if (not self._lookup_ahead or request.request_id not in self._requests or request.skip_reading_prefix_cache
+                or self._kv_cache_manager is None):
+            return
+        claimable = (request.num_tokens - 1) // self._block_size
+        local_blocks = self._kv_cache_manager.get_computed_blocks(request)[1] // self._block_size
+        if claimable > local_blocks and self._lookup_pays(request, claimable - local_blocks):
+            self._start_lookup(request, 0, claimable)
 
     def _chain(self, request: Request, num_blocks: int) -> list[BlockHash]:
         chain = self._hashes.setdefault(request.request_id, [])
@@ -256,38 +272,46 @@ class SchedulerPrefixStore:
         self._count(store_lookups_priced_out=1)
         return False
 
-    def _wait_grace(self, lookup: Future, budget_s: float) -> None:
+    def _wait_grace(self, lookup: Future, budget_s: float) -> float:
         """Wait a little for a lookup this schedule started: a store answers in a few milliseconds, and a request
         whose lookup is not answered now joins the next schedule, a whole step later (tens of milliseconds to
         seconds). The wait holds up the step for every running request, so a schedule waits at most
         `lookup_grace_s` for all its lookups together, and at most a tenth of the engine's measured step."""
         began = time.perf_counter()
         wait([lookup], timeout=min(self._grace_left_s, budget_s))
-        self._grace_left_s -= time.perf_counter() - began
+        waited = time.perf_counter() - began
+        self._grace_left_s -= waited
+        return waited
 
     def _new_schedule_grace(self) -> float:
         return self._lookup_grace_s if self._pricing is None else self._pricing.schedule_grace_s()
 
-    def _time_lookup(self, pending: _PendingLookup, in_schedule: bool) -> None:
-        """For the pricing: whether the store answered within the grace of the schedule that asked, and how
-        fast (later answers are seen a step or more late: their time is the step's, which it knows)."""
+    def _time_lookup(self, pending: _PendingLookup, waited_s: float | None) -> None:
+        """For the pricing: whether the store answered within the grace of the first schedule that wanted it, and
+        how long that schedule waited for it (nothing, when asked ahead and answered before; later answers are
+        seen a step or more late: their time is the step's, which it knows)."""
         if self._pricing is not None and not pending.timed:
             pending.timed = True
-            self._pricing.observe_lookup(time.monotonic() - pending.started, in_schedule)
+            in_schedule = waited_s is not None and pending.future.done()
+            self._pricing.observe_lookup(waited_s if in_schedule else time.monotonic() - pending.started, in_schedule)
+
+    def _start_lookup(self, request: Request, first_block: int, claimable: int) -> _PendingLookup:
+        chain = self._chain(request, claimable)[first_block:]
+        pending = self._pending[request.request_id] = _PendingLookup(
+            self._lookup_threads.submit(self._contains, chain, self._budget(len(chain))), first_block, len(chain))
+        return pending
 
     def _async_hit(self, request: Request, local_blocks: int, claimable: int) -> int | None:
-        pending = self._pending.get(request.request_id)
-        asking = pending is None  # this schedule starts the lookup
-        if asking:
-            chain = self._chain(request, claimable)[local_blocks:]
-            budget = self._budget(len(chain))
-            pending = self._pending[request.request_id] = _PendingLookup(
-                self._lookup_threads.submit(self._contains, chain, budget), local_blocks, len(chain))
-            self._wait_grace(pending.future, budget)
+        pending = self._pending.get(request.request_id) or self._start_lookup(request, local_blocks, claimable)
+        budget = self._budget(pending.asked_blocks)
+        waited = None
+        if not pending.seen:  # the first schedule that wants the answer waits its grace (none if already in)
+            pending.seen = True
+            waited = self._wait_grace(pending.future, budget)
         done = pending.future.done()
-        if not done and time.monotonic() - pending.started < self._budget(pending.asked_blocks):
+        if not done and time.monotonic() - pending.started < budget:
             return None
-        self._time_lookup(pending, in_schedule=asking and done)
+        self._time_lookup(pending, waited)
         if not done or pending.future.result() is None:  # past its budget: here, or the client's Ray timeout
             pending.future.cancel()
             self._pending[request.request_id] = _PendingLookup(_answered(0), pending.first_block, 0, timed=True)

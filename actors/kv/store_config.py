@@ -52,6 +52,11 @@ class KVStoreConfig(BaseModel):
         "at once lets its request into this step instead of the next one. 0: never wait.")
     load_budget_s: float = Field(
         1.0, gt=0, description="Longest an async load may take; a slower (or dead) shard's blocks are recomputed.")
+    lookup_ahead: bool = Field(
+        True, description="With async_loads: ask the store as a request arrives, so that the answer is in by its "
+        "first schedule (a request usually waits a step for it). False: the first schedule that considers the request "
+        "asks, and waits up to lookup_grace_s for the answer. Not asked ahead: requests whose blocks the local cache "
+        "already holds.")
     priced: bool = Field(
         True, description="With async_loads: each engine times its own steps and the loads it waits for, and asks "
         "the store only when the blocks it could bring take longer to prefill than the wait (a lookup costs at "
@@ -64,7 +69,8 @@ class KVStoreConfig(BaseModel):
         "up (a pool that fills the store for others). 'read_write': both.")
 
     CLIENT_FIELDS: ClassVar[tuple[str, ...]] = ("async_loads", "lookup_budget_s", "lookup_budget_per_block_s",
-                                                "lookup_grace_s", "load_budget_s", "priced", "access")
+                                                "lookup_grace_s", "lookup_ahead", "load_budget_s", "priced",
+                                                "access")
 
     @field_validator("disk_dir")
     @classmethod
