@@ -6,11 +6,11 @@ grace: `lookup_grace_s`, at most a tenth of a step); a lookup the store answers 
 every request of the step it holds, one that is not answered costs the grace to them and a whole step to the
 asking request, which the scheduler skips and steps on. Computing those blocks instead costs their prefill,
 and not only to that request: a step that prefills them is longer for every request in the batch (prefill
-interference), so their prefill time counts once per request in the engine's usual batch. A lookup pays only when that exceeds the wait, and a load
-only when it exceeds the load's. Both sides are measured on the engine that decides: its step time as a line
-in the tokens a step schedules (the slope is the price of a prefill token, fitted by exponentially weighted
-least squares so it follows the load), the requests per step, and the store's lookup and load latencies as the
-engine saw them.
+interference), so their prefill time counts once per request in the engine's usual batch. A lookup pays only
+when that exceeds the wait, and a load only when it exceeds the load's. Both sides are measured on the engine
+that decides: its step time as a line in the tokens a step schedules (the slope is the price of a prefill token,
+fitted by exponentially weighted least squares so it follows the load), the requests per step, and the store's
+lookup and load latencies as the engine saw them.
 
 Measured (docs/benchmarks-kv-store.md): a small model on a loaded CPU prefills a 32-token block in a few
 milliseconds while a lookup costs a step, so most lookups (a chat turn's few new blocks) cannot pay and the

@@ -158,7 +158,7 @@ class SchedulerPrefixStore:
         self._lookup_budget_s = config.lookup_budget_s
         self._lookup_budget_per_block_s = config.lookup_budget_per_block_s
         self._lookup_grace_s = config.lookup_grace_s
-        self._lookup_ahead = config.lookup_ahead and config.async_loads and self._reads
+        self._lookup_ahead = config.lookup_ahead and config.async_loads
         self._grace_left_s = config.lookup_grace_s  # of this schedule's
         self._kv_cache_manager = None
         self._requests: dict[str, Request] = {}  # eligible live requests
@@ -197,13 +197,19 @@ class SchedulerPrefixStore:
         the step up for its grace or, unanswered within it, costs the request a whole step. Asked from block 0
         (the local hit may grow or shrink before the schedule; the store answers for the leading blocks it
         holds); not asked where the local cache holds every block already, or the lookup could not pay."""
-        if (not self._lookup_ahead or request.request_id not in self._requests or request.skip_reading_prefix_cache
-                or self._kv_cache_manager is None):
+        if not self._lookup_ahead or not self._reads_prefix(request) or self._kv_cache_manager is None:
             return
-        claimable = (request.num_tokens - 1) // self._block_size
+        claimable = self._claimable_blocks(request)
         local_blocks = self._kv_cache_manager.get_computed_blocks(request)[1] // self._block_size
         if claimable > local_blocks and self._lookup_pays(request, claimable - local_blocks):
             self._start_lookup(request, 0, claimable)
+
+    def _reads_prefix(self, request: Request) -> bool:
+        return self._reads and request.request_id in self._requests and not request.skip_reading_prefix_cache
+
+    def _claimable_blocks(self, request: Request) -> int:
+        """Whole blocks only, and at least one token left to compute (vLLM asserts it)."""
+        return (request.num_tokens - 1) // self._block_size
 
     def _chain(self, request: Request, num_blocks: int) -> list[BlockHash]:
         chain = self._hashes.setdefault(request.request_id, [])
@@ -240,11 +246,10 @@ class SchedulerPrefixStore:
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int | None:
         """Tokens beyond the (block-aligned) local hit the store holds; None: ask again (lookup running).
         Only memoizes: may be called again for the same request."""
-        if request.request_id not in self._requests or request.skip_reading_prefix_cache or not self._reads:
+        if not self._reads_prefix(request):
             return 0
         local_blocks = num_computed_tokens // self._block_size
-        # Whole blocks only, and at least one token left to compute (vLLM asserts it).
-        claimable = (request.num_tokens - 1) // self._block_size
+        claimable = self._claimable_blocks(request)
         asked = max(0, claimable - local_blocks)
         hit = 0
         if asked and not self.async_loads:
